@@ -1,0 +1,103 @@
+"""Orbax checkpoints of a run: train state, data iterator, resolved config and tokenizer, in `{workdir}/checkpoints`.
+
+Saves are asynchronous; the latest `keep` checkpoints and the one with the best evaluation loss are kept, and
+Orbax deletes an old step only after a newer one is complete. A step that fails to restore (truncated, corrupt)
+is reported and the previous one is tried.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import os
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from fat5_jax.config import Config, architecture_differences
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+  """The workdir holds a checkpoint of another architecture."""
+
+
+def _tokenizer_record(tokenizer_path: Optional[str]) -> dict:
+  if not tokenizer_path:
+    return {}
+  with open(tokenizer_path, "rb") as f:
+    return {"spm_model_base64": base64.b64encode(f.read()).decode("ascii"), "name": os.path.basename(tokenizer_path)}
+
+
+class Checkpointer:
+  """One run's checkpoints. Items: `state` (pytree), `config` and `tokenizer` (JSON), `data` (Grain iterator)."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=keep),
+        checkpoint_managers.BestN(get_metric_fn=lambda m: -m["eval_loss"], n=1,
+                                  keep_checkpoints_without_metrics=False)])
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(
+            preservation_policy=policy, enable_async_checkpointing=async_save, create=True))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, *, config: Config, tokenizer_path: Optional[str] = None,
+           data_iterator=None, eval_loss: Optional[float] = None, force: bool = False) -> bool:
+    import grain  # the data pipeline's checkpoint handler
+
+    items = dict(state=ocp.args.StandardSave(state),
+                 config=ocp.args.JsonSave(dataclasses.asdict(config)),
+                 tokenizer=ocp.args.JsonSave(_tokenizer_record(tokenizer_path)))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
+    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+  def saved_config(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def check_architecture(self, config: Config):
+    """Refuses to resume a run whose model differs from the checkpoint's (the error lists the fields)."""
+    steps = self.all_steps()
+    if not steps:
+      return
+    diff = architecture_differences(self.saved_config(steps[-1])["model"], config.model)
+    if diff:
+      raise CheckpointMismatchError(
+          f"{self.directory} holds a checkpoint of a different architecture (field: saved vs configured): "
+          + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+          + ". Use another workdir, or configure the saved architecture.")
+
+  def restore(self, abstract_state: Any, *, data_iterator=None, partial_state: bool = False):
+    """Restores the newest readable step into `abstract_state` (shapes, dtypes and shardings) -> (step, state).
+
+    With `partial_state`, only the keys the checkpoint holds are restored (an imported step 0 has params only).
+    Returns (None, None) when there is no checkpoint.
+    """
+    import grain
+
+    for step in reversed(self.all_steps()):
+      try:
+        saved_keys = self.manager.item_metadata(step)["state"].keys()
+        target = {k: v for k, v in abstract_state.items() if k in saved_keys} if partial_state else abstract_state
+        items = dict(state=ocp.args.StandardRestore(target))
+        if data_iterator is not None and "data" in self.manager.item_metadata(step):
+          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return step, self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+      except Exception as error:  # a damaged step: say so and fall back to the previous one
+        log.warning("checkpoint step %d in %s could not be restored (%s: %s); trying the previous one", step,
+                    self.directory, type(error).__name__, error)
+    return None, None
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

@@ -1,0 +1,109 @@
+"""Position encodings of a T5 stack: one module per stack, computed once and shared by all its layers.
+
+Each returns an `AttentionBias` (how positions enter the attention logits) and, for RoPE, rotates q and k.
+Distances are always measured with the per-segment positions, so packed examples never see each other's offsets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fat5_jax.attention import AttentionBias
+from fat5_jax.config import ModelConfig
+
+
+def alibi_slopes(num_heads: int) -> tuple[float, ...]:
+  """The geometric slopes of ALiBi (Press et al.), extended to head counts that are not powers of two."""
+  def powers(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  closest = 2 ** math.floor(math.log2(num_heads))
+  slopes = powers(closest)
+  if closest < num_heads:
+    slopes += powers(2 * closest)[0::2][: num_heads - closest]
+  return tuple(slopes)
+
+
+class RelativeBias(nnx.Module):
+  """T5's bucketed relative bias: a [num_buckets, heads] table (Hugging Face's `relative_attention_bias`)."""
+
+  def __init__(self, config: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+    std = config.initializer_factor * config.d_model ** -0.5
+    self.relative_attention_bias = nnx.Param(
+        std * jax.random.normal(rngs.params(), (config.relative_attention_num_buckets, config.num_heads),
+                                jnp.dtype(config.param_dtype)))
+    self.bidirectional = bidirectional
+    self.max_distance = config.relative_attention_max_distance
+
+  def __call__(self, q_positions, kv_positions) -> AttentionBias:
+    return AttentionBias(kind="t5", table=self.relative_attention_bias[...].astype(jnp.float32),
+                         bidirectional=self.bidirectional, max_distance=self.max_distance)
+
+
+class Alibi(nnx.Module):
+  """ALiBi: -slope * distance. Asymmetric gives keys after the query their own, half-step steeper slopes."""
+
+  def __init__(self, config: ModelConfig):
+    slopes = alibi_slopes(2 * config.num_heads)  # odd entries are the usual slopes of num_heads heads
+    before = slopes[1::2]
+    self.slopes = (before, slopes[0::2] if config.alibi_mode == "asymmetric" else before)
+
+  def __call__(self, q_positions, kv_positions) -> AttentionBias:
+    return AttentionBias(kind="alibi", slopes=jnp.asarray(self.slopes, jnp.float32))
+
+
+class Fire(nnx.Module):
+  """FIRE (Li et al., 2023): bias = MLP(psi(|i - j|) / psi(max(L, i))), psi(x) = log(c x + 1), c and L learned.
+
+  The encoder is bidirectional, so the normalized distance carries the sign of (i - j): keys on either side of the
+  query get different biases.
+  """
+
+  def __init__(self, config: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+    dtype, width = jnp.dtype(config.param_dtype), config.fire_mlp_width
+    self.mlp_in = nnx.Param(jax.random.normal(rngs.params(), (width,), dtype))
+    self.mlp_in_bias = nnx.Param(jnp.zeros((width,), dtype))
+    self.mlp_out = nnx.Param(jax.random.normal(rngs.params(), (width, config.num_heads), dtype) * width ** -0.5)
+    self.log_c = nnx.Param(jnp.asarray(math.log(config.fire_c), dtype))
+    self.threshold = nnx.Param(jnp.asarray(config.fire_L, dtype))
+    self.bidirectional = bidirectional
+
+  def __call__(self, q_positions, kv_positions) -> AttentionBias:
+    c = jnp.exp(self.log_c[...].astype(jnp.float32))
+    q = q_positions.astype(jnp.float32)[:, :, None]
+    relative = q - kv_positions.astype(jnp.float32)[:, None, :]  # i - j, [B, Sq, Sk]
+    psi = lambda x: jnp.log(c * x + 1.0)
+    normalized = jnp.sign(relative) * psi(jnp.abs(relative)) / psi(
+        jnp.maximum(jnp.abs(self.threshold[...].astype(jnp.float32)), q))
+    hidden = jax.nn.relu(normalized[..., None] * self.mlp_in[...] + self.mlp_in_bias[...])
+    bias = hidden.astype(jnp.float32) @ self.mlp_out[...].astype(jnp.float32)  # [B, Sq, Sk, H]
+    return AttentionBias(kind="full", bias=jnp.moveaxis(bias, -1, 1))
+
+
+def make_position_module(config: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+  """The position module of one stack, or None when positions enter only through RoPE or not at all."""
+  kind = config.position_encoding_type
+  if kind == "t5":
+    return RelativeBias(config, bidirectional=bidirectional, rngs=rngs)
+  if kind == "alibi":
+    return Alibi(config)
+  if kind == "fire":
+    return Fire(config, bidirectional=bidirectional, rngs=rngs)
+  return None
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, *, fraction: float, base: float) -> jax.Array:
+  """Rotary embedding on the first `fraction` of each head (rotate-half layout); x [B, S, H, D]."""
+  rotary = int(x.shape[-1] * fraction) // 2 * 2
+  half = rotary // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, S, 1, half]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2, rest = x[..., :half], x[..., half:rotary], x[..., rotary:]
+  x1, x2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  return jnp.concatenate([rotated, rest], axis=-1)

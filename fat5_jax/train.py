@@ -1,0 +1,277 @@
+"""Train state, the jitted and sharded train and eval steps, and the training loop of `main.py`.
+
+The train state is a plain pytree {"params", "opt_state", "step"} created directly sharded on the mesh. A step
+takes `grad_accum_steps` micro-batches stacked on a leading axis and scans over them; the dropout key of every
+micro-batch derives from (seed, step, micro-batch), so a resumed run computes exactly what a straight run does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fat5_jax import checkpoint, flops, losses, optim, sharding
+from fat5_jax.config import Config
+from fat5_jax.model import T5
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak of the chips we know, for MFU (per device).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+class Trainer:
+  """Builds the model and optimizer for a config and compiles the steps over a mesh."""
+
+  def __init__(self, config: Config, mesh: jax.sharding.Mesh):
+    self.config, self.mesh = config, mesh
+    self.tx = optim.make_optimizer(config.train, config.model.param_dtype)
+    self.schedule = optim.make_schedule(config.train)
+
+    new_model = lambda: T5(config.model, rngs=nnx.Rngs(config.train.seed))
+
+    def init_state():
+      params = nnx.state(new_model(), nnx.Param).to_pure_dict()
+      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros([], jnp.int32)}
+
+    self.graphdef = nnx.split(nnx.eval_shape(new_model), nnx.Param, ...)[0]
+    abstract_state = jax.eval_shape(init_state)
+    self.state_shardings = jax.tree.map(
+        lambda x: jax.sharding.NamedSharding(mesh, sharding.parameter_spec(x.shape, mesh.shape["fsdp"])),
+        abstract_state)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_shardings)
+    self._init = jax.jit(init_state, out_shardings=self.state_shardings)
+    # The non-parameter state: the dropout streams, reseeded every step.
+    self.rest = jax.jit(lambda: nnx.split(new_model(), nnx.Param, ...)[2].to_pure_dict())()
+    self.uses_dropout = config.model.dropout_rate > 0
+    batch = sharding.batch_sharding(mesh, leading_axes=1)
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch),
+                              out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    self.eval_step = jax.jit(self._eval_sums, in_shardings=(self.state_shardings["params"],
+                                                            sharding.batch_sharding(mesh)))
+
+  def init_state(self):
+    return self._init()
+
+  def init_opt_state(self, params):
+    """Optimizer state for given parameters (a fine-tuning start from imported weights)."""
+    shardings = self.state_shardings["opt_state"]
+    return jax.jit(self.tx.init, out_shardings=shardings)(params)
+
+  def model(self, params, dropout_key=None) -> T5:
+    model = nnx.merge(self.graphdef, params, self.rest)
+    if dropout_key is not None:
+      nnx.reseed(model, dropout=dropout_key)
+    return model
+
+  def _loss(self, params, batch, dropout_key=None):
+    tc = self.config.train
+    model = self.model(params, dropout_key)
+    logits = model(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+                   encoder_segment_ids=batch["encoder_segment_ids"], encoder_positions=batch["encoder_positions"],
+                   decoder_segment_ids=batch["decoder_segment_ids"], decoder_positions=batch["decoder_positions"])
+    return losses.cross_entropy_loss(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
+                                     z_loss=tc.z_loss, label_smoothing=tc.label_smoothing)
+
+  def _train_step(self, state, micro_batches):
+    step = state["step"]
+    num_micro = jax.tree.leaves(micro_batches)[0].shape[0]
+    base_key = jax.random.fold_in(jax.random.key(self.config.train.seed), step)
+
+    def loss_and_grad(params, indexed):
+      index, batch = indexed
+      key = jax.random.fold_in(base_key, index) if self.uses_dropout else None
+      return jax.value_and_grad(self._loss, has_aux=True)(params, batch, key)
+
+    grads, sums = optim.accumulate_gradients(loss_and_grad, state["params"], (jnp.arange(num_micro), micro_batches))
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = losses.normalize_metrics(sums)
+    metrics.update(grad_norm=optax.global_norm(grads), learning_rate=self.schedule(step),
+                   skipped_steps=optim.skipped_steps(opt_state).astype(jnp.float32))
+    return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
+
+  def _eval_sums(self, params, batch):
+    return self._loss(params, batch)[1]
+
+  def put_batch(self, batch: dict, *, micro_batches: int | None = None) -> dict:
+    """Host numpy rows -> global device arrays, split into micro-batches on a leading axis when asked."""
+    if micro_batches is not None:
+      batch = {k: v.reshape(micro_batches, v.shape[0] // micro_batches, *v.shape[1:]) for k, v in batch.items()}
+    target = sharding.batch_sharding(self.mesh, leading_axes=0 if micro_batches is None else 1)
+    return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in batch.items()}
+
+  def evaluate(self, params, eval_batches) -> dict:
+    total = None
+    for batch in eval_batches:
+      sums = self.eval_step(params, self.put_batch(batch))
+      total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+    return {k: float(v) for k, v in losses.normalize_metrics(total).items()}
+
+
+class _StopSignal:
+  """Turns SIGTERM / SIGINT (preemption, Ctrl-C) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    if self.received is not None:  # a second signal: give up waiting
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+    log.warning("%s received: saving a checkpoint, then stopping", self.received)
+
+  def restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def _restore_or_init(trainer: Trainer, checkpointer: checkpoint.Checkpointer, data_iterator):
+  """Latest checkpoint (full state, or imported parameters with a fresh optimizer), else a new state."""
+  step, restored = checkpointer.restore(trainer.abstract_state, data_iterator=data_iterator, partial_state=True)
+  if step is None:
+    return trainer.init_state()
+  if "opt_state" not in restored:
+    log.info("step %d holds parameters only (an import): starting a fresh optimizer", step)
+    restored = {"params": restored["params"], "opt_state": trainer.init_opt_state(restored["params"]),
+                "step": jnp.asarray(step, jnp.int32)}
+  log.info("resumed from step %d of %s", step, checkpointer.directory)
+  return restored
+
+
+def train(config: Config) -> dict:
+  """The main job: data -> sharded training with evaluation and checkpoints -> plot, export, sample predictions."""
+  from tqdm import tqdm
+
+  from fat5_jax import data
+  from fat5_jax.metrics import MetricWriter, plot_losses
+
+  sharding.initialize_distributed()
+  tc, workdir = config.train, config.workdir
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  tokenizer = data.load_tokenizer(config.data, workdir, config.model.vocab_size)
+  mesh = sharding.make_mesh(tc)
+  trainer = Trainer(config, mesh)
+  checkpointer = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
+  checkpointer.check_architecture(config)
+  train_iterator = data.make_train_iterator(config, tokenizer, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+  state = _restore_or_init(trainer, checkpointer, train_iterator)
+  eval_batches = list(data.make_eval_batches(config, tokenizer, tc.eval_steps))
+  writer = MetricWriter(workdir, enabled=is_main)
+  start = int(state["step"])
+  save = lambda eval_loss=None, force=False: checkpointer.save(
+      int(state["step"]), state, config=config, tokenizer_path=tokenizer.path, data_iterator=train_iterator,
+      eval_loss=eval_loss, force=force)
+  stop = _StopSignal()
+  peak = peak_flops(jax.devices()[0])
+  bar = tqdm(total=tc.steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
+  window = {"rows": 0, "tokens": 0.0, "flops": 0.0, "time": time.perf_counter()}
+  try:
+    for step in range(start, tc.steps):
+      if tc.profile_steps and step == tc.profile_steps[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+      batch = next(train_iterator)
+      rows, decoder_length = batch["decoder_input_tokens"].shape
+      state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=tc.grad_accum_steps))
+      window["rows"] += rows * jax.process_count()
+      window["flops"] += rows * jax.process_count() * flops.training_flops_per_row(
+          config.model, config.data.encoder_length, decoder_length)
+      done = step + 1
+      if tc.profile_steps and done == tc.profile_steps[0] + tc.profile_steps[1]:
+        jax.profiler.stop_trace()
+      if done % tc.log_every == 0 or done == tc.steps:
+        metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+        elapsed = time.perf_counter() - window["time"]
+        metrics.update(rows_per_s=window["rows"] / elapsed, tflops_per_s=window["flops"] / elapsed / 1e12,
+                       encoder_tokens_per_s=window["rows"] * config.data.encoder_length / elapsed)
+        if peak:
+          metrics["mfu"] = window["flops"] / elapsed / (peak * jax.device_count())
+        window = {"rows": 0, "tokens": 0.0, "flops": 0.0, "time": time.perf_counter()}
+        writer.write(done, "train", metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", rows_s=f"{metrics['rows_per_s']:.0f}",
+                        tok_s=f"{metrics['encoder_tokens_per_s']:.0f}")
+      eval_loss = None
+      if done % tc.eval_every == 0 or done == tc.steps:
+        eval_metrics = trainer.evaluate(state["params"], eval_batches)
+        writer.write(done, "eval", eval_metrics)
+        eval_loss = eval_metrics["loss"]
+        bar.write(f"step {done}: eval loss {eval_loss:.4f}, accuracy {eval_metrics['accuracy']:.3f}")
+      if done % tc.checkpoint_every == 0 or done == tc.steps or eval_loss is not None or stop.received:
+        save(eval_loss, force=stop.received is not None or done == tc.steps)
+      bar.update(1)
+      if stop.received:
+        break
+  finally:
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    stop.restore()
+  if stop.received:
+    raise SystemExit(f"stopped by {stop.received} at step {int(state['step'])}; the same command resumes")
+  if is_main:
+    _finish(config, trainer, state, tokenizer, eval_batches)
+  return state
+
+
+def _finish(config: Config, trainer: Trainer, state, tokenizer, eval_batches):
+  """Loss plot, Hugging Face export (t5 positions) and a few decoded predictions on validation examples."""
+  from fat5_jax import generate, hf
+  from fat5_jax.metrics import plot_losses
+
+  workdir = config.workdir
+  print(f"loss curves: {plot_losses(os.path.join(workdir, 'metrics.jsonl'), os.path.join(workdir, 'loss.png'))}")
+  model = trainer.model(jax.device_get(state["params"]))
+  if config.model.position_encoding_type == "t5":
+    hf.to_hf(config.model, model, os.path.join(workdir, "hf"))
+    print(f"Hugging Face export: {os.path.join(workdir, 'hf')}")
+  batch = eval_batches[0]
+  first = [int(i) for i in np.flatnonzero(batch["encoder_segment_ids"][:, 0])[:3]]
+  for row in first:
+    # The first segment of a packed row, on its own.
+    length = int(np.sum(batch["encoder_segment_ids"][row] == 1))
+    inputs = batch["encoder_input_tokens"][row:row + 1, :length]
+    predicted = generate.greedy_decode(model, jnp.asarray(inputs), jnp.ones_like(inputs),
+                                       max_length=config.data.decoder_length_buckets[0])
+    target = batch["decoder_target_tokens"][row][batch["decoder_segment_ids"][row] == 1]
+    print(f"input:     {tokenizer.decode(inputs[0].tolist())}\n"
+          f"target:    {tokenizer.decode(target.tolist())}\n"
+          f"predicted: {tokenizer.decode(np.asarray(predicted[0]).tolist())}\n")
+
+
+def evaluate_latest(config: Config) -> dict:
+  """Evaluation loss of the newest checkpoint on the held-out split."""
+  from fat5_jax import data
+
+  tokenizer = data.load_tokenizer(config.data, config.workdir, config.model.vocab_size)
+  trainer = Trainer(config, sharding.make_mesh(config.train))
+  checkpointer = checkpoint.Checkpointer(config.workdir)
+  checkpointer.check_architecture(config)
+  step, state = checkpointer.restore({"params": trainer.abstract_state["params"]}, partial_state=True)
+  checkpointer.close()
+  if step is None:
+    raise SystemExit(f"no checkpoint in {checkpointer.directory}")
+  metrics = trainer.evaluate(state["params"], data.make_eval_batches(config, tokenizer, config.train.eval_steps))
+  print(json.dumps({"step": step, **metrics}, indent=1))
+  return metrics
