@@ -30,10 +30,10 @@ _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export_hf: output directo
 def parameter_table(model) -> list[tuple[str, int]]:
   """Parameters per module, grouping the layers of a stack (e.g. `encoder.blocks.*.mlp`)."""
   import jax
-  from flax import nnx
+  from fat5_jax import model as model_lib
 
   counts = collections.OrderedDict()
-  for path, leaf in jax.tree.leaves_with_path(nnx.state(model, nnx.Param).to_pure_dict()):
+  for path, leaf in jax.tree.leaves_with_path(model_lib.parameters(model)):
     keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
     if len(keys) > 2 and keys[1] == "blocks":
       keys = keys[:2] + ["*"] + keys[3:4]
@@ -60,8 +60,7 @@ def summary(config):
 
 
 def import_hf(config, hf_dir: str):
-  from flax import nnx
-  from fat5_jax import checkpoint, hf
+  from fat5_jax import checkpoint, hf, model as model_lib
   from fat5_jax.config import architecture_differences
 
   keep = {k: getattr(config.model, k) for k in ("param_dtype", "dtype", "attention_impl", "kernel_impl")}
@@ -75,7 +74,7 @@ def import_hf(config, hf_dir: str):
     raise SystemExit(f"{checkpointer.directory} already holds checkpoints {checkpointer.all_steps()}; "
                      "import into an empty workdir")
   config = dataclasses.replace(config, model=model_config)
-  checkpointer.save(0, {"params": nnx.state(model, nnx.Param).to_pure_dict()}, config=config, force=True)
+  checkpointer.save(0, {"params": model_lib.parameters(model)}, config=config, force=True)
   checkpointer.close()
   print(f"imported {hf_dir} as step 0 of {checkpointer.directory}")
 
@@ -90,7 +89,7 @@ def restore_model(config):
   checkpointer.check_architecture(config)
   model = model_lib.T5(config.model, rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params.to_pure_dict())}
+  abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))}
   step, state = checkpointer.restore(abstract, partial_state=True)
   checkpointer.close()
   if step is None:

@@ -193,5 +193,10 @@ class T5(nnx.Module):
     return hidden @ self.lm_head_kernel()
 
 
+def parameters(model: nnx.Module) -> dict:
+  """The parameters as a nested dict of arrays (the layout of checkpoints and of the optimizer)."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
 def count_parameters(model: nnx.Module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return sum(x.size for x in jax.tree.leaves(parameters(model)))

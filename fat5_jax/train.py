@@ -7,15 +7,11 @@ micro-batch derives from (seed, step, micro-batch), so a resumed run computes ex
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import logging
 import os
 import signal
 import time
-from typing import Any, Iterator
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +20,7 @@ from flax import nnx
 
 from fat5_jax import checkpoint, flops, losses, optim, sharding
 from fat5_jax.config import Config
-from fat5_jax.model import T5
+from fat5_jax.model import T5, parameters
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +44,7 @@ class Trainer:
     new_model = lambda: T5(config.model, rngs=nnx.Rngs(config.train.seed))
 
     def init_state():
-      params = nnx.state(new_model(), nnx.Param).to_pure_dict()
+      params = parameters(new_model())
       return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros([], jnp.int32)}
 
     self.graphdef = nnx.split(nnx.eval_shape(new_model), nnx.Param, ...)[0]
@@ -60,7 +56,7 @@ class Trainer:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_shardings)
     self._init = jax.jit(init_state, out_shardings=self.state_shardings)
     # The non-parameter state: the dropout streams, reseeded every step.
-    self.rest = jax.jit(lambda: nnx.split(new_model(), nnx.Param, ...)[2].to_pure_dict())()
+    self.rest = jax.jit(lambda: nnx.to_pure_dict(nnx.split(new_model(), nnx.Param, ...)[2]))()
     self.uses_dropout = config.model.dropout_rate > 0
     batch = sharding.batch_sharding(mesh, leading_axes=1)
     self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch),
@@ -105,7 +101,9 @@ class Trainer:
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = losses.normalize_metrics(sums)
-    metrics.update(grad_norm=optax.global_norm(grads), learning_rate=self.schedule(step),
+    # The schedule counts applied updates only, so skipped (non-finite) steps do not advance it.
+    applied = step - optim.skipped_steps(state["opt_state"])
+    metrics.update(grad_norm=optax.tree.norm(grads), learning_rate=self.schedule(applied),
                    skipped_steps=optim.skipped_steps(opt_state).astype(jnp.float32))
     return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
 
@@ -186,7 +184,7 @@ def train(config: Config) -> dict:
   stop = _StopSignal()
   peak = peak_flops(jax.devices()[0])
   bar = tqdm(total=tc.steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
-  window = {"rows": 0, "tokens": 0.0, "flops": 0.0, "time": time.perf_counter()}
+  window = {"rows": 0, "flops": 0.0, "time": time.perf_counter()}
   try:
     for step in range(start, tc.steps):
       if tc.profile_steps and step == tc.profile_steps[0]:
@@ -207,7 +205,7 @@ def train(config: Config) -> dict:
                        encoder_tokens_per_s=window["rows"] * config.data.encoder_length / elapsed)
         if peak:
           metrics["mfu"] = window["flops"] / elapsed / (peak * jax.device_count())
-        window = {"rows": 0, "tokens": 0.0, "flops": 0.0, "time": time.perf_counter()}
+        window = {"rows": 0, "flops": 0.0, "time": time.perf_counter()}
         writer.write(done, "train", metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", rows_s=f"{metrics['rows_per_s']:.0f}",
                         tok_s=f"{metrics['encoder_tokens_per_s']:.0f}")

@@ -1,0 +1,98 @@
+"""Training throughput of small_fr on one GPU, against FAT5's own PyTorch step measured on the same H100.
+
+Each variant runs the public `fat5_jax.train.Trainer` on full 512-token encoder and decoder rows (FAT5 pads its
+decoder to 512 too), 128 rows per micro-batch, bf16 parameters with Kahan-compensated AdamWScale: the small_fr
+recipe. Time per optimizer step is the median over repeats after warm-up; throughput is rows/s, encoder tokens/s,
+TFLOP/s from `fat5_jax.flops` and MFU against the chip's dense bf16 peak.
+
+  python benchmarks/train_step.py [--steps 10] [--variants pallas/auto,cudnn/xla,xla/xla]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import numpy as np
+
+from benchmarks import common
+from configs import small_fr
+from fat5_jax import config as config_lib, flops, sharding, train
+
+# FAT5's PyTorch training step on this H100 (../shared/REFERENCE.md): 128 rows of 512/512 tokens in 0.284 s.
+FAT5_ROWS_PER_S = 451.0
+
+
+def full_rows(rows: int, encoder_length: int, decoder_length: int, vocab: int, seed: int) -> dict:
+  rng = np.random.default_rng(seed)
+  ones = lambda length: np.ones((rows, length), np.int32)
+  arange = lambda length: np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
+  tokens = lambda length: rng.integers(2, vocab, (rows, length), dtype=np.int32)
+  return dict(encoder_input_tokens=tokens(encoder_length), encoder_segment_ids=ones(encoder_length),
+              encoder_positions=arange(encoder_length), decoder_input_tokens=tokens(decoder_length),
+              decoder_target_tokens=tokens(decoder_length), decoder_segment_ids=ones(decoder_length),
+              decoder_positions=arange(decoder_length),
+              decoder_loss_weights=np.ones((rows, decoder_length), np.float32))
+
+
+def measure(attention_impl: str, kernel_impl: str, *, rows: int, accum: int, steps: int) -> dict:
+  values = small_fr.get_config()
+  values.model.update(attention_impl=attention_impl, kernel_impl=kernel_impl)
+  values.train.update(batch_size=rows, grad_accum_steps=accum)
+  config = config_lib.from_config_dict(values)
+  trainer = train.Trainer(config, sharding.make_mesh(config.train))
+  state = trainer.init_state()
+  batches = [trainer.put_batch(full_rows(rows * accum, 512, 512, config.model.vocab_size, seed), micro_batches=accum)
+             for seed in range(2)]
+  for i in range(3):  # compile and warm up
+    state, metrics = trainer.train_step(state, batches[i % 2])
+  jax.block_until_ready(state)
+  times = []
+  for i in range(steps):
+    start = time.perf_counter()
+    state, metrics = trainer.train_step(state, batches[i % 2])
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+  rows_per_s = rows * accum / step_s
+  tflops = rows_per_s * flops.training_flops_per_row(config.model, 512, 512) / 1e12
+  peak = train.peak_flops(jax.devices()[0])
+  memory = jax.devices()[0].memory_stats() or {}
+  return {"attention_impl": attention_impl, "kernel_impl": kernel_impl, "rows": rows, "grad_accum_steps": accum,
+          "step_s": step_s, "step_s_spread": [min(times), max(times)], "rows_per_s": rows_per_s,
+          "encoder_tokens_per_s": rows_per_s * 512, "tflops_per_s": tflops,
+          "mfu": tflops * 1e12 / peak if peak else None, "vs_fat5": rows_per_s / FAT5_ROWS_PER_S,
+          "peak_memory_gib": memory.get("peak_bytes_in_use", 0) / 2 ** 30, "loss": float(metrics["loss"])}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--rows", type=int, default=128)
+  parser.add_argument("--accum", type=int, default=1)
+  parser.add_argument("--variants", default="pallas/auto,cudnn/auto,xla/xla",
+                      help="comma-separated attention_impl/kernel_impl pairs")
+  parser.add_argument("--out", default="benchmarks/results/train_step.json")
+  args = parser.parse_args()
+  results = []
+  for variant in args.variants.split(","):
+    attention_impl, kernel_impl = variant.split("/")
+    try:
+      results.append(measure(attention_impl, kernel_impl, rows=args.rows, accum=args.accum, steps=args.steps))
+    except Exception as error:  # e.g. out of memory for a materialized baseline: record it and go on
+      results.append({"attention_impl": attention_impl, "kernel_impl": kernel_impl, "error": repr(error)[:500]})
+    print(results[-1], flush=True)
+  common.write_results(args.out, {"fat5_reference_rows_per_s": FAT5_ROWS_PER_S, "results": results})
+  common.print_table([r for r in results if "error" not in r],
+                     ["attention_impl", "kernel_impl", "step_s", "rows_per_s", "tflops_per_s", "mfu", "vs_fat5",
+                      "peak_memory_gib"])
+
+
+if __name__ == "__main__":
+  main()

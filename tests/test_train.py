@@ -1,0 +1,114 @@
+"""The jitted train step: accumulation, sharding over a mesh, metrics. Uses random packed batches (no corpus)."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from fat5_jax import config as config_lib, flops, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**train_overrides):
+  values = importlib.import_module("configs.tiny_fr").get_config()
+  values.model.update(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, num_decoder_layers=2)
+  values.data.update(tokenizer_vocab_size=512, encoder_length=32, decoder_length=16, decoder_length_buckets=(16,))
+  values.train.update({"batch_size": 16, "grad_accum_steps": 1, "warmup_steps": 2, "learning_rate": 1e-2,
+                       **train_overrides})
+  return config_lib.from_config_dict(values)
+
+
+def random_packed_batch(seed, rows, encoder_length, decoder_length, vocab):
+  """Rows holding two segments each, with per-segment positions and a padded tail."""
+  rng = np.random.default_rng(seed)
+
+  def segments(length):
+    cut = rng.integers(2, length - 3, size=rows)
+    end = rng.integers(cut + 2, length + 1)
+    index = np.arange(length)[None, :]
+    ids = np.where(index < cut[:, None], 1, np.where(index < end[:, None], 2, 0)).astype(np.int32)
+    positions = np.where(ids == 2, index - cut[:, None], index) * (ids > 0)
+    return ids, positions.astype(np.int32)
+
+  enc_ids, enc_pos = segments(encoder_length)
+  dec_ids, dec_pos = segments(decoder_length)
+  tokens = lambda length: rng.integers(2, vocab, size=(rows, length)).astype(np.int32)
+  return dict(encoder_input_tokens=tokens(encoder_length) * (enc_ids > 0), encoder_segment_ids=enc_ids,
+              encoder_positions=enc_pos, decoder_input_tokens=tokens(decoder_length) * (dec_ids > 0),
+              decoder_target_tokens=tokens(decoder_length) * (dec_ids > 0), decoder_segment_ids=dec_ids,
+              decoder_positions=dec_pos, decoder_loss_weights=(dec_ids > 0).astype(np.float32))
+
+
+def run_steps(config, batches, devices=None):
+  trainer = train.Trainer(config, sharding.make_mesh(config.train, devices))
+  state = trainer.init_state()
+  history = []
+  for batch in batches:
+    state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=config.train.grad_accum_steps))
+    history.append({k: float(v) for k, v in metrics.items()})
+  return jax.device_get(state["params"]), history
+
+
+def test_accumulating_four_micro_batches_equals_one_concatenated_step():
+  batch = random_packed_batch(0, 16, 32, 16, 512)
+  params_one, metrics_one = run_steps(tiny_config(grad_accum_steps=1), [batch])
+  params_four, metrics_four = run_steps(tiny_config(grad_accum_steps=4), [batch])
+  chex.assert_trees_all_close(params_four, params_one, atol=2e-6, rtol=1e-5)
+  for key in ("loss", "accuracy", "tokens", "grad_norm", "z_loss"):
+    np.testing.assert_allclose(metrics_four[0][key], metrics_one[0][key], rtol=1e-5)
+  assert metrics_one[0]["tokens"] == batch["decoder_loss_weights"].sum()
+
+
+def test_training_reduces_loss_on_a_repeated_batch():
+  batch = random_packed_batch(1, 16, 32, 16, 512)
+  _, history = run_steps(tiny_config(), [batch] * 12)
+  assert history[-1]["loss"] < 0.7 * history[0]["loss"], [h["loss"] for h in history]
+  assert all(h["skipped_steps"] == 0 for h in history)
+  assert history[0]["learning_rate"] < history[2]["learning_rate"]  # warm-up
+
+
+def test_parameter_specs_shard_large_tensors_only():
+  assert sharding.parameter_spec((512, 2048), 2) == jax.sharding.PartitionSpec(None, "fsdp")
+  assert sharding.parameter_spec((512,), 2) == jax.sharding.PartitionSpec()
+  assert sharding.parameter_spec((32, 8), 8) == jax.sharding.PartitionSpec()
+  assert sharding.parameter_spec((1000, 999), 8) == jax.sharding.PartitionSpec("fsdp", None)  # 999 % 8 != 0
+  assert sharding.parameter_spec((999, 999), 8) == jax.sharding.PartitionSpec()
+
+
+def test_mesh_must_cover_the_devices():
+  config = tiny_config(mesh_data=3, mesh_fsdp=1)
+  with pytest.raises(ValueError, match="does not cover"):
+    sharding.make_mesh(config.train)
+
+
+def test_flops_per_row_of_small_fr_matches_the_reference():
+  config = config_lib.from_config_dict(importlib.import_module("configs.small_fr").get_config())
+  assert flops.training_flops_per_row(config.model, 512, 512) == pytest.approx(448e9, rel=1e-3)
+
+
+def _sharded_run(mesh_data, mesh_fsdp):
+  """Two steps on `mesh_data x mesh_fsdp` of the 8 simulated devices and on one device; max parameter error."""
+  batches = [random_packed_batch(seed, 16, 32, 16, 512) for seed in (3, 4)]
+  reference, ref_history = run_steps(tiny_config(grad_accum_steps=2), batches, devices=jax.devices()[:1])
+  sharded, history = run_steps(tiny_config(grad_accum_steps=2, mesh_data=mesh_data, mesh_fsdp=mesh_fsdp), batches)
+  error = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(sharded)))
+  return {"max_param_error": error, "loss": [h["loss"] for h in history], "ref_loss": [h["loss"] for h in ref_history]}
+
+
+@pytest.mark.parametrize("mesh_data,mesh_fsdp", [(4, 2), (1, 8)])
+def test_sharded_step_matches_single_device(mesh_data, mesh_fsdp):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); from tests import test_train as t; "
+          f"print(json.dumps(t._sharded_run({mesh_data}, {mesh_fsdp})))")
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["max_param_error"] < 1e-5, result
+  np.testing.assert_allclose(result["loss"], result["ref_loss"], rtol=1e-5)
