@@ -45,12 +45,13 @@ class RelativeBias(nnx.Module):
 
 
 class Alibi(nnx.Module):
-  """ALiBi: -slope * distance. Asymmetric gives keys after the query their own, half-step steeper slopes."""
+  """ALiBi: -slope * distance with the standard slopes; asymmetric gives keys after the query their own set."""
 
   def __init__(self, config: ModelConfig):
-    slopes = alibi_slopes(2 * config.num_heads)  # odd entries are the usual slopes of num_heads heads
-    before = slopes[1::2]
-    self.slopes = (before, slopes[0::2] if config.alibi_mode == "asymmetric" else before)
+    before = alibi_slopes(config.num_heads)
+    # Asymmetric: the slopes of twice the heads at even places, half a step steeper than `before`'s.
+    after = alibi_slopes(2 * config.num_heads)[0::2] if config.alibi_mode == "asymmetric" else before
+    self.slopes = (before, after)
 
   def __call__(self, q_positions, kv_positions) -> AttentionBias:
     return AttentionBias(kind="alibi", slopes=jnp.asarray(self.slopes, jnp.float32))

@@ -184,6 +184,8 @@ def train(config: Config) -> dict:
   stop = _StopSignal()
   peak = peak_flops(jax.devices()[0])
   bar = tqdm(total=tc.steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
+  if start == 0:  # the starting point of the validation curve
+    writer.write(0, "eval", trainer.evaluate(state["params"], eval_batches))
   window = {"rows": 0, "flops": 0.0, "time": time.perf_counter()}
   try:
     for step in range(start, tc.steps):

@@ -1,0 +1,121 @@
+"""Model-level tests that need no Hugging Face: size, positions, packing, padding, jit, dtypes, init."""
+
+import importlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fat5_jax.config import POSITION_ENCODINGS, from_config_dict, model_config
+from fat5_jax.model import T5, count_parameters
+
+TINY = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=2, num_decoder_layers=2,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, fire_L=8.0, dtype="float32",
+            param_dtype="float32")
+
+
+def _tiny(**overrides):
+  config = model_config(**{**TINY, **overrides})
+  return config, T5(config, rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def _run(model, *args, **kwargs):
+  """One compiled call: much faster on CPU than running the model op by op."""
+  return model(*args, **kwargs)
+
+
+def _tokens(rng, *shape):
+  return jnp.asarray(rng.integers(2, TINY["vocab_size"], shape), jnp.int32)
+
+
+def test_small_fr_has_fat5_parameter_count():
+  config = from_config_dict(importlib.import_module("configs.small_fr").get_config()).model
+  abstract = nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0)))  # no allocation
+  assert count_parameters(abstract) == 146_832_896
+
+
+@pytest.mark.parametrize("kind", POSITION_ENCODINGS)
+def test_packed_row_equals_examples_alone(kind):
+  """Two examples packed in one row (segment ids, per-segment positions) compute what each computes alone, for
+  every position encoding, in the encoder and the decoder; the logits are finite."""
+  _, model = _tiny(position_encoding_type=kind)
+  rng = np.random.default_rng(1)
+  inputs, targets = [_tokens(rng, 6), _tokens(rng, 6)], [_tokens(rng, 4), _tokens(rng, 4)]  # one shape alone
+  pad = lambda n: jnp.full((n,), 7, jnp.int32)  # padding tokens that must not matter
+
+  def packed(parts, num_pad):
+    ids = jnp.concatenate([*parts, pad(num_pad)])[None]
+    segments = jnp.concatenate([jnp.full((len(p),), s + 1) for s, p in enumerate(parts)] + [jnp.zeros(num_pad)])
+    positions = jnp.concatenate([jnp.arange(len(p)) for p in parts] + [jnp.zeros(num_pad)])
+    return ids, segments.astype(jnp.int32)[None], positions.astype(jnp.int32)[None]
+
+  ids, enc_seg, enc_pos = packed(inputs, 2)
+  dec, dec_seg, dec_pos = packed(targets, 1)
+  logits = _run(model, ids, dec, encoder_segment_ids=enc_seg, encoder_positions=enc_pos, decoder_segment_ids=dec_seg,
+                 decoder_positions=dec_pos)
+  alone = _run(model, jnp.stack(inputs), jnp.stack(targets))  # each example in its own row
+  assert np.isfinite(np.asarray(logits)).all()
+  np.testing.assert_allclose(logits[0, :8].reshape(alone.shape), alone, atol=2e-5, rtol=2e-5)
+
+
+def test_padding_does_not_change_real_positions():
+  _, model = _tiny()
+  rng = np.random.default_rng(2)
+  ids, dec = _tokens(rng, 1, 9), _tokens(rng, 1, 6)
+  padded_ids = jnp.concatenate([ids, _tokens(rng, 1, 4)], axis=1)
+  padded_dec = jnp.concatenate([dec, _tokens(rng, 1, 3)], axis=1)
+  mask = jnp.arange(13)[None] < 9
+  dec_mask = jnp.arange(9)[None] < 6
+  padded = _run(model, padded_ids, padded_dec, mask, dec_mask)
+  np.testing.assert_allclose(padded[:, :6], _run(model, ids, dec), atol=2e-5, rtol=2e-5)
+
+
+def test_jit_matches_eager():
+  _, model = _tiny(num_layers=1, num_decoder_layers=1)
+  rng = np.random.default_rng(3)
+  ids, dec = _tokens(rng, 2, 8), _tokens(rng, 2, 5)
+  jitted = _run(model, ids, dec)
+  np.testing.assert_allclose(jitted, model(ids, dec), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_compute_runs_and_stays_close():
+  _, model32 = _tiny()
+  _, model16 = _tiny(dtype="bfloat16")  # same seed: same float32 parameters
+  rng = np.random.default_rng(4)
+  ids, dec = _tokens(rng, 2, 8), _tokens(rng, 2, 5)
+  logits16, logits32 = _run(model16, ids, dec), np.asarray(_run(model32, ids, dec))
+  assert logits16.dtype == jnp.bfloat16
+  error = np.abs(np.asarray(logits16, np.float32) - logits32).max()
+  assert error < 0.05 * np.abs(logits32).max(), error
+
+
+def test_tied_head_rescales_decoder_output():
+  config, model = _tiny(tie_word_embeddings=True)
+  assert not hasattr(model, "lm_head")
+  rng = np.random.default_rng(5)
+  ids, dec = _tokens(rng, 2, 8), _tokens(rng, 2, 5)
+  hidden = model.decode(dec, model.encode(ids))
+  expected = hidden @ model.shared.embedding[...].T * config.d_model ** -0.5
+  np.testing.assert_allclose(_run(model, ids, dec), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_init_standard_deviations_follow_hugging_face():
+  d_model, d_kv, heads, d_ff, factor = 256, 32, 16, 512, 1.0
+  config = model_config(vocab_size=512, d_model=d_model, d_kv=d_kv, num_heads=heads, d_ff=d_ff, num_layers=1,
+                        num_decoder_layers=1, param_dtype="float32", initializer_factor=factor)
+  model = T5(config, rngs=nnx.Rngs(0))
+  block, attention = model.encoder.blocks[0], model.encoder.blocks[0].self_attention
+  expected = {
+      "q": (attention.q, (d_model * d_kv) ** -0.5), "k": (attention.k, d_model ** -0.5),
+      "v": (attention.v, d_model ** -0.5), "o": (attention.o, (heads * d_kv) ** -0.5),
+      "wi_0": (block.mlp.wi_0, d_model ** -0.5), "wo": (block.mlp.wo, d_ff ** -0.5),
+      "cross q": (model.decoder.blocks[0].cross_attention.q, (d_model * d_kv) ** -0.5),
+      "embedding": (model.shared.embedding, factor), "lm_head": (model.lm_head, factor),
+  }
+  for name, (param, std) in expected.items():
+    assert abs(float(jnp.std(param[...])) / std - 1) < 0.1, name
+  bias = model.encoder.position.relative_attention_bias[...]  # 128 values only: looser
+  assert abs(float(jnp.std(bias)) / d_model ** -0.5 - 1) < 0.3
+  assert np.all(np.asarray(block.mlp_norm.weight[...]) == factor)
