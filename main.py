@@ -16,7 +16,7 @@ import dataclasses
 import json
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 MODES = ("train", "eval", "summary", "inspect_data", "import_hf", "export_hf")
@@ -111,6 +111,7 @@ def export_hf(config, export_dir: str):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax and Grain narrate every file at INFO
   from fat5_jax.config import ConfigError, from_config_dict
 
   try:

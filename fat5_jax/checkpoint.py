@@ -41,8 +41,13 @@ class Checkpointer:
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=lambda m: -m["eval_loss"], n=1,
                                   keep_checkpoints_without_metrics=False)])
+    import grain  # the data pipeline's checkpoint handler
+
+    # Handlers named up front, so that a fresh process can read metadata before it restores anything.
+    handlers = dict(state=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
+                    tokenizer=ocp.JsonCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(
+        self.directory, item_handlers=handlers, options=ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=async_save, create=True))
 
   def all_steps(self) -> list[int]:
@@ -50,7 +55,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, config: Config, tokenizer_path: Optional[str] = None,
            data_iterator=None, eval_loss: Optional[float] = None, force: bool = False) -> bool:
-    import grain  # the data pipeline's checkpoint handler
+    import grain
 
     items = dict(state=ocp.args.StandardSave(state),
                  config=ocp.args.JsonSave(dataclasses.asdict(config)),

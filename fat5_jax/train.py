@@ -149,10 +149,10 @@ def _restore_or_init(trainer: Trainer, checkpointer: checkpoint.Checkpointer, da
   if step is None:
     return trainer.init_state()
   if "opt_state" not in restored:
-    log.info("step %d holds parameters only (an import): starting a fresh optimizer", step)
+    print(f"step {step} holds parameters only (an import): starting a fresh optimizer")
     restored = {"params": restored["params"], "opt_state": trainer.init_opt_state(restored["params"]),
                 "step": jnp.asarray(step, jnp.int32)}
-  log.info("resumed from step %d of %s", step, checkpointer.directory)
+  print(f"resumed from step {step} of {checkpointer.directory}")
   return restored
 
 

