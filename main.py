@@ -90,7 +90,7 @@ def restore_model(config):
   model = model_lib.T5(config.model, rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))}
-  step, state = checkpointer.restore(abstract, partial_state=True)
+  step, state = checkpointer.restore(abstract)
   checkpointer.close()
   if step is None:
     raise SystemExit(f"no checkpoint in {checkpointer.directory}: train or import_hf first")

@@ -13,6 +13,6 @@ def get_config():
   config.data.update(encoder_length=128, decoder_length=64, decoder_length_buckets=(32, 64),
                      tokenizer_vocab_size=4096, tokenizer_max_sentences=200_000)
   config.train.update(steps=300, batch_size=16, grad_accum_steps=1, learning_rate=1e-2, warmup_steps=30,
-                      schedule="cosine", kahan=False, log_every=10, eval_every=100, eval_steps=4,
+                      schedule="cosine", kahan=False, log_every=10, eval_every=50, eval_steps=4,
                       checkpoint_every=100)
   return config

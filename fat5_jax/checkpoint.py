@@ -44,7 +44,7 @@ class Checkpointer:
     import grain  # the data pipeline's checkpoint handler
 
     # Handlers named up front, so that a fresh process can read metadata before it restores anything.
-    handlers = dict(state=ocp.StandardCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
+    handlers = dict(state=ocp.PyTreeCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
                     tokenizer=ocp.JsonCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
     self.manager = ocp.CheckpointManager(
         self.directory, item_handlers=handlers, options=ocp.CheckpointManagerOptions(
@@ -57,7 +57,7 @@ class Checkpointer:
            data_iterator=None, eval_loss: Optional[float] = None, force: bool = False) -> bool:
     import grain
 
-    items = dict(state=ocp.args.StandardSave(state),
+    items = dict(state=ocp.args.PyTreeSave(state),
                  config=ocp.args.JsonSave(dataclasses.asdict(config)),
                  tokenizer=ocp.args.JsonSave(_tokenizer_record(tokenizer_path)))
     if data_iterator is not None:
@@ -80,20 +80,22 @@ class Checkpointer:
           + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
           + ". Use another workdir, or configure the saved architecture.")
 
-  def restore(self, abstract_state: Any, *, data_iterator=None, partial_state: bool = False):
-    """Restores the newest readable step into `abstract_state` (shapes, dtypes and shardings) -> (step, state).
+  def restore(self, abstract_state: dict, *, data_iterator=None):
+    """Restores the newest readable step -> (step, state), or (None, None) when there is no checkpoint.
 
-    With `partial_state`, only the keys the checkpoint holds are restored (an imported step 0 has params only).
-    Returns (None, None) when there is no checkpoint.
+    `abstract_state` gives the top-level keys wanted and their shapes, dtypes and shardings (restoring onto
+    another mesh reshards). Only the wanted keys that the step holds are read: an imported step 0 holds params
+    only, and evaluation wants params only. The data iterator, when given, is restored in place.
     """
     import grain
 
     for step in reversed(self.all_steps()):
       try:
-        saved_keys = self.manager.item_metadata(step)["state"].keys()
-        target = {k: v for k, v in abstract_state.items() if k in saved_keys} if partial_state else abstract_state
-        items = dict(state=ocp.args.StandardRestore(target))
-        if data_iterator is not None and "data" in self.manager.item_metadata(step):
+        saved = self.manager.item_metadata(step)
+        target = {k: v for k, v in abstract_state.items() if k in saved["state"]}
+        items = dict(state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+        if data_iterator is not None and "data" in saved:
           items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return step, self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
       except Exception as error:  # a damaged step: say so and fall back to the previous one

@@ -145,7 +145,7 @@ class _StopSignal:
 
 def _restore_or_init(trainer: Trainer, checkpointer: checkpoint.Checkpointer, data_iterator):
   """Latest checkpoint (full state, or imported parameters with a fresh optimizer), else a new state."""
-  step, restored = checkpointer.restore(trainer.abstract_state, data_iterator=data_iterator, partial_state=True)
+  step, restored = checkpointer.restore(trainer.abstract_state, data_iterator=data_iterator)
   if step is None:
     return trainer.init_state()
   if "opt_state" not in restored:
@@ -268,7 +268,7 @@ def evaluate_latest(config: Config) -> dict:
   trainer = Trainer(config, sharding.make_mesh(config.train))
   checkpointer = checkpoint.Checkpointer(config.workdir)
   checkpointer.check_architecture(config)
-  step, state = checkpointer.restore({"params": trainer.abstract_state["params"]}, partial_state=True)
+  step, state = checkpointer.restore({"params": trainer.abstract_state["params"]})
   checkpointer.close()
   if step is None:
     raise SystemExit(f"no checkpoint in {checkpointer.directory}")

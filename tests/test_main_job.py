@@ -1,0 +1,135 @@
+"""The main job end to end, as a user runs it: `python main.py --config=...` in subprocesses, killed and resumed."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# tiny_fr made smaller still, so that each run takes seconds.
+OVERRIDES = [
+    "--config.model.d_model=64", "--config.model.d_kv=16", "--config.model.d_ff=128", "--config.model.num_heads=4",
+    "--config.model.num_layers=1", "--config.model.num_decoder_layers=1",
+    "--config.data.encoder_length=64", "--config.data.decoder_length=32", "--config.data.decoder_length_buckets=(16,32)",
+    "--config.train.batch_size=8", "--config.train.steps=16", "--config.train.log_every=1",
+    "--config.train.checkpoint_every=4", "--config.train.eval_every=8", "--config.train.eval_steps=2",
+    "--config.train.warmup_steps=4",
+]
+
+
+def command(workdir, *extra):
+  return [sys.executable, "main.py", "--config=configs/tiny_fr.py", f"--config.workdir={workdir}", *OVERRIDES, *extra]
+
+
+def run(workdir, *extra, check=True):
+  out = subprocess.run(command(workdir, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600)
+  if check:
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  return out
+
+
+def start(workdir):
+  return subprocess.Popen(command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(workdir, step, process, timeout=300):
+  marker = os.path.join(workdir, "checkpoints", str(step), "commit_success.txt")
+  deadline = time.time() + timeout
+  while not os.path.exists(marker):
+    assert process.poll() is None, f"the run ended before checkpoint {step}: {process.stderr.read()[-3000:]}"
+    assert time.time() < deadline, f"no checkpoint {step} after {timeout} s"
+    time.sleep(0.05)
+
+
+def last_value_per_step(workdir, split="train", key="loss"):
+  values = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if record["split"] == split:
+        values[record["step"]] = record[key]
+  return values
+
+
+def saved_steps(workdir):
+  """Completed steps (a killed save leaves a `N.orbax-checkpoint-tmp` directory, which does not count)."""
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  return sorted(int(name) for name in names if name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  out = run(workdir)
+  return workdir, out.stdout
+
+
+def test_straight_run_learns_and_exports_a_loadable_model(straight_run):
+  workdir, stdout = straight_run
+  evals = last_value_per_step(workdir, "eval")
+  assert sorted(evals) == [0, 8, 16]
+  assert evals[16] < 0.8 * evals[0], evals
+  assert os.path.getsize(os.path.join(workdir, "loss.png")) > 10_000
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  assert "predicted:" in stdout
+
+  import torch
+  from transformers import T5ForConditionalGeneration
+  model, info = T5ForConditionalGeneration.from_pretrained(os.path.join(workdir, "hf"), output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  with torch.no_grad():
+    logits = model(input_ids=torch.tensor([[5, 6, 7, 1]]), decoder_input_ids=torch.tensor([[0, 8]])).logits
+  assert torch.isfinite(logits).all()
+
+
+def test_resume_after_sigkill_is_bit_identical(straight_run, tmp_path):
+  reference, _ = straight_run
+  workdir = str(tmp_path)
+  process = start(workdir)
+  wait_for_checkpoint(workdir, 8, process)
+  process.kill()
+  process.wait()
+  assert saved_steps(workdir)[-1] < 16
+  run(workdir)
+  assert last_value_per_step(workdir) == last_value_per_step(reference)
+  assert last_value_per_step(workdir, "eval") == last_value_per_step(reference, "eval")
+  with open(os.path.join(workdir, "hf", "model.safetensors"), "rb") as a, \
+       open(os.path.join(reference, "hf", "model.safetensors"), "rb") as b:
+    assert a.read() == b.read()
+
+
+def test_sigterm_checkpoints_then_a_corrupt_latest_falls_back(tmp_path):
+  workdir = str(tmp_path)
+  process = start(workdir)
+  wait_for_checkpoint(workdir, 4, process)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode != 0 and "stopped by SIGTERM" in stderr, stderr[-2000:]
+  stopped_at = int(stderr.split("stopped by SIGTERM at step ")[1].split(";")[0])
+  assert saved_steps(workdir)[-1] == stopped_at
+
+  steps = saved_steps(workdir)
+  for path in glob.glob(os.path.join(workdir, "checkpoints", str(steps[-1]), "state", "**", "*"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "r+b") as f:
+        f.truncate(max(0, os.path.getsize(path) // 3))
+  out = run(workdir, "--mode=eval")
+  report = json.loads(out.stdout[out.stdout.rindex('{\n "step"'):])
+  assert report["step"] == steps[-2]
+  assert np.isfinite(report["loss"])
+  assert "could not be restored" in out.stderr
+
+
+def test_bad_config_and_mismatched_workdir_get_clear_errors(straight_run):
+  workdir, _ = straight_run
+  out = run(workdir, "--config.model.position_encoding_type=sinusoidal", check=False)
+  assert out.returncode != 0 and "position_encoding_type" in out.stderr
+  out = run(workdir, "--config.model.d_model=96", "--mode=eval", check=False)
+  assert out.returncode != 0 and "different architecture" in out.stderr and "d_model" in out.stderr
