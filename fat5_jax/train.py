@@ -112,6 +112,8 @@ class Trainer:
 
   def put_batch(self, batch: dict, *, micro_batches: int | None = None) -> dict:
     """Host numpy rows -> global device arrays, split into micro-batches on a leading axis when asked."""
+    if jax.process_count() > 1:
+      batch = _pad_decoder_to_global_length(batch)
     if micro_batches is not None:
       batch = {k: v.reshape(micro_batches, v.shape[0] // micro_batches, *v.shape[1:]) for k, v in batch.items()}
     target = sharding.batch_sharding(self.mesh, leading_axes=0 if micro_batches is None else 1)
@@ -123,6 +125,27 @@ class Trainer:
       sums = self.eval_step(params, self.put_batch(batch))
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     return {k: float(v) for k, v in losses.normalize_metrics(total).items()}
+
+
+def _pad_decoder_to_global_length(batch: dict) -> dict:
+  """Each process picks its decoder bucket from its own rows: pad every process to the longest (zeros are padding)."""
+  from jax.experimental import multihost_utils
+
+  length = batch["decoder_input_tokens"].shape[1]
+  longest = int(np.max(multihost_utils.process_allgather(np.asarray(length))))
+  pad = lambda v: np.pad(v, [(0, 0), (0, longest - length)]) if v.ndim == 2 else v
+  return {k: pad(v) if k.startswith("decoder_") else v for k, v in batch.items()}
+
+
+def _main_process_first(name: str, fn):
+  """Runs `fn` on process 0 (tokenizer training, pre-tokenization), then on the others, which find it cached."""
+  from jax.experimental import multihost_utils
+
+  if jax.process_count() == 1:
+    return fn()
+  result = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(name)
+  return result if jax.process_index() == 0 else fn()
 
 
 class _StopSignal:
@@ -167,13 +190,14 @@ def train(config: Config) -> dict:
   tc, workdir = config.train, config.workdir
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  tokenizer = data.load_tokenizer(config.data, workdir, config.model.vocab_size)
+  tokenizer = _main_process_first(
+      "tokenizer", lambda: data.load_tokenizer(config.data, workdir, config.model.vocab_size))
   mesh = sharding.make_mesh(tc)
   trainer = Trainer(config, mesh)
   checkpointer = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
   checkpointer.check_architecture(config)
-  train_iterator = data.make_train_iterator(config, tokenizer, process_index=jax.process_index(),
-                                            process_count=jax.process_count())
+  train_iterator = _main_process_first("token cache", lambda: data.make_train_iterator(
+      config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()))
   state = _restore_or_init(trainer, checkpointer, train_iterator)
   eval_batches = list(data.make_eval_batches(config, tokenizer, tc.eval_steps))
   writer = MetricWriter(workdir, enabled=is_main)

@@ -93,22 +93,42 @@ def test_flops_per_row_of_small_fr_matches_the_reference():
   assert flops.training_flops_per_row(config.model, 512, 512) == pytest.approx(448e9, rel=1e-3)
 
 
-def _sharded_run(mesh_data, mesh_fsdp):
-  """Two steps on `mesh_data x mesh_fsdp` of the 8 simulated devices and on one device; max parameter error."""
+def _max_error(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _sharded_run(mesh_data, mesh_fsdp, workdir):
+  """On the 8 simulated devices: two steps on `mesh_data x mesh_fsdp` and on one device (max parameter error), and
+  a single-device checkpoint restored onto the mesh (max error, and whether it came back sharded)."""
+  from fat5_jax import checkpoint
+
   batches = [random_packed_batch(seed, 16, 32, 16, 512) for seed in (3, 4)]
   reference, ref_history = run_steps(tiny_config(grad_accum_steps=2), batches, devices=jax.devices()[:1])
-  sharded, history = run_steps(tiny_config(grad_accum_steps=2, mesh_data=mesh_data, mesh_fsdp=mesh_fsdp), batches)
-  error = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(sharded)))
-  return {"max_param_error": error, "loss": [h["loss"] for h in history], "ref_loss": [h["loss"] for h in ref_history]}
+  config = tiny_config(grad_accum_steps=2, mesh_data=mesh_data, mesh_fsdp=mesh_fsdp)
+  sharded, history = run_steps(config, batches)
+
+  single = train.Trainer(config, sharding.make_mesh(tiny_config().train, jax.devices()[:1]))
+  saved = single.init_state()
+  checkpointer = checkpoint.Checkpointer(workdir)
+  checkpointer.save(0, saved, config=config, force=True)
+  checkpointer.wait()
+  mesh_trainer = train.Trainer(config, sharding.make_mesh(config.train))
+  _, restored = checkpointer.restore(mesh_trainer.abstract_state)
+  head = restored["params"]["lm_head"]  # large enough to be sharded
+  return {"max_param_error": _max_error(reference, sharded), "loss": [h["loss"] for h in history],
+          "ref_loss": [h["loss"] for h in ref_history], "restore_error": _max_error(saved, restored),
+          "restored_devices": len(head.sharding.device_set), "restored_spec": str(head.sharding.spec)}
 
 
 @pytest.mark.parametrize("mesh_data,mesh_fsdp", [(4, 2), (1, 8)])
-def test_sharded_step_matches_single_device(mesh_data, mesh_fsdp):
+def test_sharded_step_matches_single_device_and_restores_resharded(mesh_data, mesh_fsdp, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); from tests import test_train as t; "
-          f"print(json.dumps(t._sharded_run({mesh_data}, {mesh_fsdp})))")
+          f"print(json.dumps(t._sharded_run({mesh_data}, {mesh_fsdp}, {str(tmp_path)!r})))")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["max_param_error"] < 1e-5, result
   np.testing.assert_allclose(result["loss"], result["ref_loss"], rtol=1e-5)
+  assert result["restore_error"] == 0.0 and result["restored_devices"] == 8, result
+  assert "fsdp" in result["restored_spec"], result
