@@ -88,7 +88,8 @@ def main():
     except Exception as error:  # e.g. out of memory for a materialized baseline: record it and go on
       results.append({"attention_impl": attention_impl, "kernel_impl": kernel_impl, "error": repr(error)[:500]})
     print(results[-1], flush=True)
-  common.write_results(args.out, {"fat5_reference_rows_per_s": FAT5_ROWS_PER_S, "results": results})
+    # Written after every variant, so a run cut short keeps what it measured.
+    common.write_results(args.out, {"fat5_reference_rows_per_s": FAT5_ROWS_PER_S, "results": results})
   common.print_table([r for r in results if "error" not in r],
                      ["attention_impl", "kernel_impl", "step_s", "rows_per_s", "tflops_per_s", "mfu", "vs_fat5",
                       "peak_memory_gib"])

@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.flash_attention import flash_attention, relative_position_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,22 +31,9 @@ class AttentionBias:
   bias: Optional[jax.Array] = None
 
 
-def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> jax.Array:
-  """Hugging Face's `T5Attention._relative_position_bucket` (relative_position = key - query), bit for bit."""
-  buckets = jnp.zeros_like(relative_position)
-  if bidirectional:
-    num_buckets //= 2
-    buckets = buckets + (relative_position > 0).astype(relative_position.dtype) * num_buckets
-    distance = jnp.abs(relative_position)
-  else:
-    distance = -jnp.minimum(relative_position, 0)
-  max_exact = num_buckets // 2
-  # float32 log as in PyTorch, then truncation toward zero; the max() only guards log(0) in the unused branch.
-  scaled = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
-            / math.log(max_distance / max_exact) * (num_buckets - max_exact))
-  large = jnp.minimum(max_exact + scaled.astype(relative_position.dtype), num_buckets - 1)
-  return buckets + jnp.where(distance < max_exact, distance, large)
+def index_positions(segment_ids: jax.Array) -> jax.Array:
+  """Positions 0..S-1 of every row: within a contiguous segment their differences are the true distances."""
+  return jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
 
 
 def materialize_bias(bias: Optional[AttentionBias], q_positions, kv_positions) -> Optional[jax.Array]:
@@ -56,8 +44,7 @@ def materialize_bias(bias: Optional[AttentionBias], q_positions, kv_positions) -
     return bias.bias.astype(jnp.float32)
   relative = kv_positions[:, None, :] - q_positions[:, :, None]  # key - query, [B, Sq, Sk]
   if bias.kind == "t5":
-    buckets = relative_position_bucket(relative, bidirectional=bias.bidirectional,
-                                       num_buckets=bias.table.shape[0], max_distance=bias.max_distance)
+    buckets = relative_position_bucket(relative, bias.bidirectional, bias.table.shape[0], bias.max_distance)
     return jnp.moveaxis(bias.table[buckets], -1, 1)
   if bias.kind == "alibi":
     distance = relative.astype(jnp.float32)[:, None]
@@ -80,12 +67,16 @@ def dot_product_attention(q, k, v, *, bias: Optional[AttentionBias], q_segment_i
   """Attention over q [B, Sq, H, D], k and v [B, Sk, H, D] -> [B, Sq, H, D].
 
   Segment ids (0 = padding) confine each query to keys of its own segment; a query with no visible key (padding)
-  returns zeros. Positions are per-segment, so relative distances never cross segments.
+  returns zeros. Positions (per-segment) give the relative distances; None means index differences, which are
+  the same distances when every segment is contiguous and starts its positions at 0, and lets the flash kernel
+  skip reading positions.
   """
   if impl == "pallas":
     return _pallas_attention(q, k, v, bias=bias, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                              q_positions=q_positions, kv_positions=kv_positions, causal=causal, scale=scale)
   mask = attention_mask(q_segment_ids, kv_segment_ids, causal=causal)
+  if q_positions is None:
+    q_positions, kv_positions = index_positions(q_segment_ids), index_positions(kv_segment_ids)
   dense_bias = materialize_bias(bias, q_positions, kv_positions)
   if impl == "cudnn":
     out = jax.nn.dot_product_attention(
@@ -103,12 +94,12 @@ def dot_product_attention(q, k, v, *, bias: Optional[AttentionBias], q_segment_i
 
 
 def _pallas_attention(q, k, v, *, bias, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal, scale):
-  from pallas_kernels.flash_attention import flash_attention  # GPU kernel; interpret mode elsewhere
-
   kwargs = {}
   if bias is not None and bias.kind == "t5":
     kwargs.update(rpe_table=bias.table, rpe_bidirectional=bias.bidirectional, rpe_max_distance=bias.max_distance)
+  elif bias is not None and bias.kind == "alibi":
+    kwargs.update(alibi_slopes=bias.slopes)
   elif bias is not None:
-    kwargs.update(bias=materialize_bias(bias, q_positions, kv_positions))
+    kwargs.update(bias=bias.bias)
   return flash_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                          q_positions=q_positions, kv_positions=kv_positions, scale=scale, **kwargs)

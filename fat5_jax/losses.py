@@ -14,7 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-LOSS_IMPLS = ("xla",)  # The fused kernels plug in through `_token_losses`.
+import pallas_kernels
+
+LOSS_IMPLS = ("xla", "pallas", "triton")
 
 
 def _token_losses_xla(logits, targets, *, z_loss: float, label_smoothing: float):
@@ -33,7 +35,14 @@ def _token_losses(logits, targets, *, z_loss: float, label_smoothing: float, imp
   """Per-token (loss with z-loss, z-loss term, correct) in float32: the one place that picks an implementation."""
   if impl == "xla":
     return _token_losses_xla(logits, targets, z_loss=z_loss, label_smoothing=label_smoothing)
-  raise ValueError(f"cross_entropy_loss: impl={impl!r} is not one of {', '.join(LOSS_IMPLS)}")
+  if impl not in LOSS_IMPLS:
+    raise ValueError(f"cross_entropy_loss: impl={impl!r} is not one of {', '.join(LOSS_IMPLS)}")
+  flat = logits.reshape(-1, logits.shape[-1])
+  loss, lse = pallas_kernels.cross_entropy(
+      flat, targets.reshape(-1), z_loss=z_loss, label_smoothing=label_smoothing, impl=impl)
+  correct = jnp.argmax(logits, axis=-1) == targets
+  reshape = lambda x: x.reshape(targets.shape)
+  return reshape(loss), reshape(z_loss * jnp.square(lse)), correct
 
 
 def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array, *, z_loss: float = 1e-4,
@@ -67,6 +76,23 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
   metrics = {"loss": loss_sum, "z_loss": weighted_sum(z_term), "correct": weighted_sum(correct.astype(jnp.float32)),
              "tokens": jnp.sum(weights)}
   return loss_sum, metrics
+
+
+def lm_head_loss(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, *,
+                 z_loss: float = 1e-4, label_smoothing: float = 0.0,
+                 impl: str = "xla") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`cross_entropy_loss` of the logits `hidden [B, T, d] @ kernel [d, V]`, same returns.
+
+  impl "xla" materializes the [B, T, V] logits (the reference). "pallas" / "triton" run the fused kernel over chunks
+  of tokens and never hold more than one chunk of logits, forward or backward.
+  """
+  if impl == "xla":
+    return cross_entropy_loss(hidden @ kernel, targets, weights, z_loss=z_loss, label_smoothing=label_smoothing)
+  weights = weights.astype(jnp.float32)
+  sums = pallas_kernels.chunked_lm_head_cross_entropy(
+      hidden.reshape(-1, hidden.shape[-1]), kernel, targets.reshape(-1), weights.reshape(-1), z_loss=z_loss,
+      label_smoothing=label_smoothing, impl=impl)
+  return sums.loss, {"loss": sums.loss, "z_loss": sums.z_loss, "correct": sums.correct, "tokens": jnp.sum(weights)}
 
 
 def normalize_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
+from pallas_kernels.rms_norm import default_impl as fastest_rms_norm_impl
 from fat5_jax import positions
-from fat5_jax.attention import AttentionBias, dot_product_attention
+from fat5_jax.attention import AttentionBias, dot_product_attention, index_positions
 from fat5_jax.config import ModelConfig
 
 ACTIVATIONS = {
@@ -29,8 +31,20 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  """T5 RMSNorm: no mean, no bias, variance in float32; returns x's dtype."""
+def resolve_kernel_impl(requested: str, fastest_on_gpu: str) -> str:
+  """The kernel to run for `model.kernel_impl`: `auto` is the family's faster kernel on the H100 on GPU, else xla."""
+  on_gpu = jax.default_backend() == "gpu"
+  if requested == "auto":
+    return fastest_on_gpu if on_gpu else "xla"
+  if requested == "triton" and not on_gpu:
+    raise ValueError("model.kernel_impl='triton' needs a GPU (jax-triton); use pallas (interpreted off GPU) or xla")
+  return requested
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, impl: str = "xla") -> jax.Array:
+  """T5 RMSNorm: no mean, no bias, variance in float32; returns x's dtype. `impl`: xla, pallas or triton."""
+  if impl != "xla":
+    return pallas_kernels.rms_norm(x, weight, eps, impl=impl)
   xf = x.astype(jnp.float32)
   normalized = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
   return (normalized * weight.astype(jnp.float32)).astype(x.dtype)
@@ -40,9 +54,10 @@ class RMSNorm(nnx.Module):
   def __init__(self, config: ModelConfig):
     self.weight = nnx.Param(jnp.full((config.d_model,), config.initializer_factor, config.param_dtype))  # std: const
     self.eps = config.layer_norm_epsilon
+    self.impl = resolve_kernel_impl(config.kernel_impl, fastest_rms_norm_impl())
 
   def __call__(self, x):
-    return rms_norm(x, self.weight[...], self.eps)
+    return rms_norm(x, self.weight[...], self.eps, self.impl)
 
 
 class Attention(nnx.Module):
@@ -61,9 +76,10 @@ class Attention(nnx.Module):
     cfg, dtype = self.config, jnp.dtype(self.config.dtype)
     heads = lambda t, w: (t @ w[...].astype(dtype)).reshape(*t.shape[:2], cfg.num_heads, cfg.d_kv)
     q, k, v = heads(x, self.q), heads(kv_input, self.k), heads(kv_input, self.v)
-    if self.rotary:
-      rope = lambda t, pos: positions.apply_rope(t, pos, fraction=cfg.rope_fraction, base=cfg.rope_base)
-      q, k = rope(q, q_positions), rope(k, kv_positions)
+    if self.rotary:  # a relative encoding: index positions rotate packed segments correctly too
+      rope = lambda t, pos, ids: positions.apply_rope(t, index_positions(ids) if pos is None else pos,
+                                                      fraction=cfg.rope_fraction, base=cfg.rope_base)
+      q, k = rope(q, q_positions, q_segment_ids), rope(k, kv_positions, kv_segment_ids)
     out = dot_product_attention(q, k, v, bias=bias, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                                 q_positions=q_positions, kv_positions=kv_positions, causal=self.causal,
                                 scale=cfg.attention_scale, impl=cfg.attention_impl)
@@ -131,24 +147,32 @@ class Stack(nnx.Module):
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
 
   def __call__(self, x, *, segment_ids, positions, **cross_inputs):
-    bias = None if self.position is None else self.position(positions, positions)
+    if self.position is None:
+      bias = None
+    else:
+      bias_positions = index_positions(segment_ids) if positions is None else positions
+      bias = self.position(bias_positions, bias_positions)
     x = self.dropout(x)
     for block in self.blocks:
       x = block(x, bias=bias, segment_ids=segment_ids, positions=positions, **cross_inputs)
     return self.dropout(self.final_norm(x))
 
 
-def _segments_and_positions(tokens, mask, segment_ids, positions):
-  """Defaults for unpacked rows: one segment of the non-masked tokens, positions 0..S-1."""
+def _segment_ids(tokens, mask, segment_ids):
+  """Default for unpacked rows: one segment of the non-masked tokens."""
   if segment_ids is None:
     segment_ids = jnp.ones_like(tokens, jnp.int32) if mask is None else mask.astype(jnp.int32)
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  return segment_ids, positions
+  return segment_ids
 
 
 class T5(nnx.Module):
-  """Encoder-decoder T5, called like Hugging Face's `T5ForConditionalGeneration` and returning logits."""
+  """Encoder-decoder T5, called like Hugging Face's `T5ForConditionalGeneration` and returning logits.
+
+  Packed rows pass `*_segment_ids` (0 = padding). Per-segment `*_positions` are needed only when a segment's
+  positions are not its indices minus its start (e.g. non-contiguous segments), or for FIRE, whose normalizer
+  reads the absolute query position; otherwise leave them out: index differences give the same distances, and the
+  flash kernel runs faster without them.
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
@@ -162,17 +186,15 @@ class T5(nnx.Module):
       self.lm_head = _normal(rngs, (config.d_model, config.vocab_size), c * 1.0, config.param_dtype)  # std: factor
 
   def encode(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None):
-    segment_ids, positions = _segments_and_positions(input_ids, attention_mask, segment_ids, positions)
+    segment_ids = _segment_ids(input_ids, attention_mask, segment_ids)
     return self.encoder(self.shared(input_ids), segment_ids=segment_ids, positions=positions)
 
   def decode(self, decoder_input_ids, encoded, *, attention_mask=None, decoder_attention_mask=None,
              encoder_segment_ids=None, encoder_positions=None, decoder_segment_ids=None, decoder_positions=None):
     """Final decoder hidden states [B, T, d_model], before the lm_head."""
-    encoder_segment_ids, encoder_positions = _segments_and_positions(
-        encoded[..., 0], attention_mask, encoder_segment_ids, encoder_positions)
-    segment_ids, positions = _segments_and_positions(
-        decoder_input_ids, decoder_attention_mask, decoder_segment_ids, decoder_positions)
-    return self.decoder(self.shared(decoder_input_ids), segment_ids=segment_ids, positions=positions,
+    encoder_segment_ids = _segment_ids(encoded[..., 0], attention_mask, encoder_segment_ids)
+    segment_ids = _segment_ids(decoder_input_ids, decoder_attention_mask, decoder_segment_ids)
+    return self.decoder(self.shared(decoder_input_ids), segment_ids=segment_ids, positions=decoder_positions,
                         encoded=encoded, encoder_segment_ids=encoder_segment_ids,
                         encoder_positions=encoder_positions)
 

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,8 @@ from flax import nnx
 
 from fat5_jax import checkpoint, flops, losses, optim, sharding
 from fat5_jax.config import Config
-from fat5_jax.model import T5, parameters
+from fat5_jax.model import T5, parameters, resolve_kernel_impl
+from pallas_kernels.cross_entropy import default_impl as fastest_cross_entropy_impl
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class Trainer:
   def __init__(self, config: Config, mesh: jax.sharding.Mesh):
     self.config, self.mesh = config, mesh
     self.tx = optim.make_optimizer(config.train, config.model.param_dtype)
+    self.loss_impl = resolve_kernel_impl(config.model.kernel_impl, fastest_cross_entropy_impl())
     self.schedule = optim.make_schedule(config.train)
 
     new_model = lambda: T5(config.model, rngs=nnx.Rngs(config.train.seed))
@@ -81,11 +84,18 @@ class Trainer:
   def _loss(self, params, batch, dropout_key=None):
     tc = self.config.train
     model = self.model(params, dropout_key)
-    logits = model(batch["encoder_input_tokens"], batch["decoder_input_tokens"],
-                   encoder_segment_ids=batch["encoder_segment_ids"], encoder_positions=batch["encoder_positions"],
-                   decoder_segment_ids=batch["decoder_segment_ids"], decoder_positions=batch["decoder_positions"])
-    return losses.cross_entropy_loss(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
-                                     z_loss=tc.z_loss, label_smoothing=tc.label_smoothing)
+    # Packed segments are contiguous with positions restarting at 0, so only FIRE (absolute query positions) needs
+    # them; without them the flash kernel takes its faster path.
+    positions = lambda key: batch[key] if self.config.model.position_encoding_type == "fire" else None
+    encoded = model.encode(batch["encoder_input_tokens"], segment_ids=batch["encoder_segment_ids"],
+                           positions=positions("encoder_positions"))
+    hidden = model.decode(batch["decoder_input_tokens"], encoded, encoder_segment_ids=batch["encoder_segment_ids"],
+                          encoder_positions=positions("encoder_positions"),
+                          decoder_segment_ids=batch["decoder_segment_ids"],
+                          decoder_positions=positions("decoder_positions"))
+    return losses.lm_head_loss(hidden, model.lm_head_kernel(), batch["decoder_target_tokens"],
+                               batch["decoder_loss_weights"], z_loss=tc.z_loss, label_smoothing=tc.label_smoothing,
+                               impl=self.loss_impl)
 
   def _train_step(self, state, micro_batches):
     step = state["step"]

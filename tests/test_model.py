@@ -58,6 +58,9 @@ def test_packed_row_equals_examples_alone(kind):
   alone = _run(model, jnp.stack(inputs), jnp.stack(targets))  # each example in its own row
   assert np.isfinite(np.asarray(logits)).all()
   np.testing.assert_allclose(logits[0, :8].reshape(alone.shape), alone, atol=2e-5, rtol=2e-5)
+  if kind != "fire":  # relative encodings: segment ids alone give the same distances (the trainer's fast path)
+    without_positions = _run(model, ids, dec, encoder_segment_ids=enc_seg, decoder_segment_ids=dec_seg)
+    np.testing.assert_allclose(without_positions[0, :8], logits[0, :8], atol=2e-5, rtol=2e-5)
 
 
 def test_padding_does_not_change_real_positions():
@@ -119,3 +122,37 @@ def test_init_standard_deviations_follow_hugging_face():
   bias = model.encoder.position.relative_attention_bias[...]  # 128 values only: looser
   assert abs(float(jnp.std(bias)) / d_model ** -0.5 - 1) < 0.3
   assert np.all(np.asarray(block.mlp_norm.weight[...]) == factor)
+
+
+@pytest.mark.parametrize("kind", ["t5", "alibi", "fire"])
+def test_pallas_kernels_match_xla_in_the_model(kind):
+  """attention_impl and kernel_impl 'pallas' (interpret mode off GPU): same logits and parameter gradients."""
+  import chex
+  import jax
+
+  rng = np.random.default_rng(5)
+  make = lambda impl: T5(model_config(vocab_size=64, d_model=64, d_kv=32, d_ff=96, num_heads=2, num_layers=1,
+                                      num_decoder_layers=1, position_encoding_type=kind, dtype="float32",
+                                      attention_impl=impl, kernel_impl=impl), rngs=nnx.Rngs(3))
+  enc_ids = jnp.asarray([[1] * 9 + [2] * 8 + [0] * 3, [1] * 20])
+  enc_pos = jnp.asarray([list(range(9)) + list(range(8)) + [0] * 3, list(range(20))])
+  dec_ids = jnp.asarray([[1] * 5 + [2] * 6, [1] * 11])
+  dec_pos = jnp.asarray([list(range(5)) + list(range(6)), list(range(11))])
+  inputs, decoder_inputs = _tokens(rng, 2, 20), _tokens(rng, 2, 11)
+  cotangent = jnp.asarray(rng.normal(size=(2, 11, 64)), jnp.float32) * (dec_ids > 0)[..., None]
+
+  def logits_and_grads(model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def projected(params):
+      logits = nnx.merge(graphdef, params, rest)(
+          inputs, decoder_inputs, encoder_segment_ids=enc_ids, encoder_positions=enc_pos,
+          decoder_segment_ids=dec_ids, decoder_positions=dec_pos)
+      return jnp.sum(logits * cotangent), logits
+
+    (_, logits), grads = jax.value_and_grad(projected, has_aux=True)(params)
+    return logits * (dec_ids > 0)[..., None], nnx.to_pure_dict(grads)
+
+  tolerance = 2e-4 if jax.default_backend() == "cpu" else 2e-2  # the GPU's float32 dots run in TF32
+  chex.assert_trees_all_close(logits_and_grads(make("pallas")), logits_and_grads(make("xla")), rtol=tolerance,
+                              atol=tolerance)

@@ -1,0 +1,108 @@
+"""Shared benchmark helpers: timing (warm-up + median), random inputs and cotangents, copy bandwidth, compiled
+memory, and the JSON results writer.
+
+Timing: each sample launches `calls` back-to-back executions of a jitted function (rotating among input sets so
+that no run reads what the previous one left in L2), blocks once, and divides; the reported time is the median
+over samples, after warm-up calls that also absorb compilation.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def time_ms(fn: Callable, arg_sets: Sequence[tuple], *, warmup: int = 3, samples: int = 15,
+            calls: int = 10) -> dict[str, float]:
+  """Median and spread (milliseconds per call) of `fn(*args)` over `samples` samples of `calls` calls each."""
+  for i in range(warmup):
+    jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+  per_call = []
+  for _ in range(samples):
+    start = time.perf_counter()
+    outs = [fn(*arg_sets[i % len(arg_sets)]) for i in range(calls)]
+    jax.block_until_ready(outs)
+    per_call.append((time.perf_counter() - start) * 1e3 / calls)
+  return {"median_ms": statistics.median(per_call), "min_ms": min(per_call), "max_ms": max(per_call)}
+
+
+def random_like(key: jax.Array, tree: Any, scale: float = 1.0) -> Any:
+  """A random normal pytree shaped like `tree` (arrays or ShapeDtypeStructs): the cotangents of fwd+bwd timing,
+  so that XLA cannot exploit a constant one."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([(scale * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
+                            for k, leaf in zip(keys, leaves)])
+
+
+def copy_bandwidth_tbs(nbytes: int = 1 << 30) -> float:
+  """Device-memory bandwidth of a large elementwise copy (bytes read + written) in TB/s."""
+  x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
+  copy = jax.jit(lambda x: -x)  # a negation cannot be elided, unlike x * 1
+  t = time_ms(copy, [(x,)], samples=21)["median_ms"]
+  return 2 * nbytes / (t * 1e-3) / 1e12
+
+
+def compiled_memory(fn: Callable, *args) -> dict[str, int]:
+  """XLA's memory analysis of `jax.jit(fn)` on these arguments: temp (scratch) bytes is the extra peak."""
+  analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+  return {"temp_bytes": int(analysis.temp_size_in_bytes), "output_bytes": int(analysis.output_size_in_bytes),
+          "argument_bytes": int(analysis.argument_size_in_bytes)}
+
+
+def environment() -> dict[str, str]:
+  device = jax.devices()[0]
+  return {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
+          "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+          "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+
+
+def write_results(path: str, results: dict[str, Any]) -> None:
+  """Write `results` with the environment (device, date, jax version, command) as indented JSON."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump({"environment": environment(), **results}, f, indent=1)
+  print(f"wrote {path}")
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+  """A Markdown table of `rows` (floats with 3 decimals)."""
+  def fmt(v):
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+  print("| " + " | ".join(columns) + " |")
+  print("|" + "---|" * len(columns))
+  for row in rows:
+    print("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |")
+
+
+def save_bar_chart(path: str, title: str, categories: Sequence[str], series: dict[str, Sequence[float]],
+                   ylabel: str, lines: dict[str, float] | None = None) -> None:
+  """Grouped bars (one group per category, one bar per series) with optional horizontal reference lines."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(categories) * max(1, len(series)) / 2, 3.6))
+  width = 0.8 / max(1, len(series))
+  for i, (name, values) in enumerate(series.items()):
+    xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
+    bars = ax.bar(xs, values, width, label=name)
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+  for j, (label, value) in enumerate((lines or {}).items()):
+    ax.axhline(value, color=f"C{len(series) + j}", linestyle="--", linewidth=1, label=label)
+  ax.set_xticks(range(len(categories)), categories)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f"wrote {path}")

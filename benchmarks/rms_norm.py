@@ -1,0 +1,159 @@
+"""RMSNorm forward and backward: XLA (the jnp reference under jit) vs the Pallas and jax-triton kernels.
+
+  python benchmarks/rms_norm.py [--sweep] [--rows 65536] [--widths 512 1024]
+
+Bandwidth counts the bytes each pass must move: forward reads x and writes y, backward reads x and dy and writes
+dx (the weight and its partial gradients are negligible). Copy bandwidth is measured in the same run, on 1 GiB and
+on a copy of one [rows, width] tensor (the same bytes as the forward: launch and tail costs included alike).
+--sweep times several block sizes per kernel first and reports each kernel at its best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # pylint: disable=wrong-import-position
+from pallas_kernels.rms_norm import BlockSizes, rms_norm, rms_norm_reference  # pylint: disable=wrong-import-position
+
+FWD_SWEEP = [dict(block_rows=r, num_warps=w) for r in (2, 4, 8, 16) for w in (4, 8)]
+BWD_SWEEP = [dict(bwd_block_rows=r, bwd_num_warps=w, bwd_programs=p)
+             for r in (1, 2, 4, 8) for w in (2, 4) for p in (1056, 2112)]
+STAGES = [dict(num_stages=s) for s in (1, 2, 3)]
+
+
+def _impl_fn(impl, block_sizes=None):
+  if impl == "xla":
+    return rms_norm_reference
+  return lambda x, w: rms_norm(x, w, block_sizes=block_sizes, impl=impl, interpret=False)
+
+
+def _timers(f):
+  fwd = jax.jit(f)
+  bwd = jax.jit(lambda x, w, dy: jax.vjp(f, x, w)[1](dy))
+  both = jax.jit(lambda x, w, dy: (lambda y, vjp: (y, vjp(dy)))(*jax.vjp(f, x, w)))
+  return fwd, bwd, both
+
+
+def _kernel_launches(jitted, *args):
+  """Kernel custom calls in the compiled program (shows that a backward timing runs no forward kernel)."""
+  return jitted.lower(*args).compile().as_text().count("custom_call_target=")
+
+
+def _inputs(rows, width, count):
+  sets = []
+  for i in range(count):
+    kx, kw, kd = jax.random.split(jax.random.key(i), 3)
+    x = jax.random.normal(kx, (rows, width), jnp.bfloat16)
+    w = 1.0 + 0.1 * jax.random.normal(kw, (width,), jnp.float32)
+    sets.append((x, w, common.random_like(kd, x)))
+  return sets
+
+
+def _check(f, inputs):
+  x, w, dy = inputs[0]
+  y, (dx, dw) = jax.jit(lambda x, w, dy: (lambda y, vjp: (y, vjp(dy)))(*jax.vjp(f, x, w)))(x, w, dy)
+  ry, (rdx, rdw) = jax.jit(lambda x, w, dy: (lambda y, vjp: (y, vjp(dy)))(
+      *jax.vjp(rms_norm_reference, x, w)))(x.astype(jnp.float32), w, dy.astype(jnp.float32))
+  rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b)) / jnp.linalg.norm(b))
+  return {"rel_err_y": rel(y, ry), "rel_err_dx": rel(dx, rdx), "rel_err_dw": rel(dw, rdw)}
+
+
+def _sweep(impl, inputs, base):
+  """Best forward and backward BlockSizes for this kernel, and every timing."""
+  trials = []
+  fwd_args = [a[:2] for a in inputs]
+  best_fwd = min(FWD_SWEEP, key=lambda cfg: _record(
+      trials, "fwd", cfg, jax.jit(_impl_fn(impl, dataclasses.replace(base, **cfg))), fwd_args))
+  best_bwd = min(BWD_SWEEP, key=lambda cfg: _record(
+      trials, "bwd", cfg, _timers(_impl_fn(impl, dataclasses.replace(base, **cfg)))[1], inputs))
+  base = dataclasses.replace(base, **best_fwd, **best_bwd)
+  best_stages = min(STAGES, key=lambda cfg: _record(
+      trials, "bwd", cfg, _timers(_impl_fn(impl, dataclasses.replace(base, **cfg)))[1], inputs))
+  return dataclasses.replace(base, **best_stages), trials
+
+
+def _record(trials, kind, cfg, fn, args):
+  try:
+    t = common.time_ms(fn, args, warmup=2, samples=5, calls=10)["median_ms"]
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"{kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
+    t = float("inf")
+  trials.append({"pass": kind, **cfg, "ms": t})
+  print(f"  {kind} {cfg}: {t:.4f} ms", flush=True)
+  return t
+
+
+def plot(results, path):
+  rows = results["results"]
+  categories = [f"{p} {w}" for w in sorted({r["width"] for r in rows}) for p in ("fwd", "bwd")]
+  series = {}
+  for impl in dict.fromkeys(r["impl"] for r in rows):
+    by_width = {r["width"]: r for r in rows if r["impl"] == impl}
+    series[impl] = [by_width[int(c.split()[1])][f"{c.split()[0]}_TBps"] for c in categories]
+  common.save_bar_chart(path, f"RMSNorm, {rows[0]['rows']} rows bf16: achieved bandwidth", categories, series,
+                        "TB/s (bytes read + written)", {"copy 1 GiB": results["copy_TBps"]})
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--rows", type=int, default=65536)
+  parser.add_argument("--widths", type=int, nargs="+", default=[512, 1024])
+  parser.add_argument("--impls", nargs="+", default=["xla", "pallas", "triton"])
+  parser.add_argument("--sweep", action="store_true")
+  parser.add_argument("--out", default="benchmarks/results/rms_norm.json")
+  parser.add_argument("--plot", default="benchmarks/rms_norm.png")
+  parser.add_argument("--plot-from", help="only draw --plot from this results JSON")
+  args = parser.parse_args()
+  if args.plot_from:
+    with open(args.plot_from) as f:
+      plot(json.load(f), args.plot)
+    return
+
+  copy_tbs = common.copy_bandwidth_tbs()
+  print(f"copy bandwidth: {copy_tbs:.3f} TB/s")
+  rows_out, sweeps = [], {}
+  for width in args.widths:
+    inputs = _inputs(args.rows, width, count=2)
+    tensor_bytes = args.rows * width * 2
+    same_size_copy_tbs = common.copy_bandwidth_tbs(tensor_bytes)
+    for impl in args.impls:
+      block_sizes = None
+      if impl != "xla":
+        block_sizes = BlockSizes.for_width(width)
+        if args.sweep:
+          block_sizes, sweeps[f"{impl}_{width}"] = _sweep(impl, inputs, block_sizes)
+      f = _impl_fn(impl, block_sizes)
+      fwd, bwd, both = _timers(f)
+      t_fwd = common.time_ms(fwd, [a[:2] for a in inputs])
+      t_bwd = common.time_ms(bwd, inputs)
+      t_both = common.time_ms(both, inputs)
+      fwd_tbs = 2 * tensor_bytes / (t_fwd["median_ms"] * 1e-3) / 1e12
+      bwd_tbs = 3 * tensor_bytes / (t_bwd["median_ms"] * 1e-3) / 1e12
+      row = {"rows": args.rows, "width": width, "impl": impl, "fwd_ms": t_fwd["median_ms"],
+             "fwd_TBps": fwd_tbs, "fwd_pct_copy": 100 * fwd_tbs / copy_tbs,
+             "fwd_pct_same_size_copy": 100 * fwd_tbs / same_size_copy_tbs, "bwd_ms": t_bwd["median_ms"],
+             "bwd_TBps": bwd_tbs, "bwd_pct_copy": 100 * bwd_tbs / copy_tbs,
+             "bwd_pct_same_size_copy": 100 * bwd_tbs / same_size_copy_tbs,
+             "same_size_copy_TBps": same_size_copy_tbs, "fwd_bwd_ms": t_both["median_ms"],
+             "spread_fwd": t_fwd, "spread_bwd": t_bwd, "spread_fwd_bwd": t_both,
+             "bwd_launches": _kernel_launches(bwd, *inputs[0]), **_check(f, inputs),
+             "block_sizes": dataclasses.asdict(block_sizes) if block_sizes else None}
+      rows_out.append(row)
+      print({k: v for k, v in row.items() if not k.startswith("spread")}, flush=True)
+  results = {"copy_TBps": copy_tbs, "results": rows_out, "sweeps": sweeps}
+  common.write_results(args.out, results)
+  plot(results, args.plot)
+  common.print_table(rows_out, ["width", "impl", "fwd_ms", "fwd_pct_copy", "fwd_pct_same_size_copy", "bwd_ms",
+                                "bwd_pct_copy", "bwd_pct_same_size_copy", "fwd_bwd_ms", "rel_err_dx"])
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,320 @@
+"""RMSNorm and cross-entropy as raw Triton kernels called through jax-triton (GPU only).
+
+The same algorithms, block sizes and launch shapes as the Pallas kernels in rms_norm.py and cross_entropy.py (see
+their docstrings); this is the path JAX names for Triton users now that the Pallas Triton backend is
+deprecated. Import this module lazily: triton and jax_triton do not import on a CPU-only jaxlib. Row offsets are
+computed in int64, so [tokens, vocab] arrays past 2**31 elements work.
+"""
+
+import jax
+import jax.numpy as jnp
+import jax_triton as jt
+import triton
+import triton.language as tl
+
+_FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)
+_LOG2E = tl.constexpr(1.4426950408889634)  # base 2 throughout: exp2 is one hardware instruction
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+def _next_power_of_2(n):
+  return triton.next_power_of_2(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RMSNorm.
+
+
+@triton.jit
+def _rms_load(pointers, mask, MASKED: tl.constexpr):
+  if MASKED:
+    return tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+  return tl.load(pointers).to(tl.float32)
+
+
+@triton.jit
+def _rms_store(pointers, value, mask, MASKED: tl.constexpr):
+  if MASKED:
+    tl.store(pointers, value.to(pointers.dtype.element_ty), mask=mask)
+  else:
+    tl.store(pointers, value.to(pointers.dtype.element_ty))
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr, EPS: tl.constexpr,
+                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, MASKED: tl.constexpr):
+  rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+  cols = tl.arange(0, BLOCK_COLS)
+  mask = (rows[:, None] < NUM_ROWS) & (cols[None, :] < WIDTH)
+  offsets = rows[:, None].to(tl.int64) * WIDTH + cols[None, :]
+  x = _rms_load(x_ptr + offsets, mask, MASKED)
+  w = tl.load(w_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
+  rstd = tl.rsqrt(tl.sum(x * x, axis=1) / WIDTH + EPS)
+  y = x * rstd[:, None] * w[None, :]
+  _rms_store(y_ptr + offsets, y, mask, MASKED)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr,
+                         EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                         NUM_PROGRAMS: tl.constexpr, NUM_ITERS: tl.constexpr, MASKED: tl.constexpr):
+  pid = tl.program_id(0)
+  cols = tl.arange(0, BLOCK_COLS)
+  w = tl.load(w_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
+  dw = tl.zeros([BLOCK_COLS], dtype=tl.float32)
+  for i in range(NUM_ITERS):
+    rows = (pid + i * NUM_PROGRAMS) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    mask = (rows[:, None] < NUM_ROWS) & (cols[None, :] < WIDTH)
+    offsets = rows[:, None].to(tl.int64) * WIDTH + cols[None, :]
+    x = _rms_load(x_ptr + offsets, mask, MASKED)
+    dy = _rms_load(dy_ptr + offsets, mask, MASKED)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / WIDTH + EPS)[:, None]
+    x_hat = x * rstd
+    g = dy * w[None, :]
+    dx = (g - x_hat * (tl.sum(g * x_hat, axis=1) / WIDTH)[:, None]) * rstd
+    _rms_store(dx_ptr + offsets, dx, mask, MASKED)
+    dw += tl.sum(dy * x_hat, axis=0)
+  tl.store(dw_ptr + pid * WIDTH + cols, dw, mask=cols < WIDTH)
+
+
+def rms_norm_fwd(x, weight, eps, bs):
+  num_rows, width = x.shape
+  return jt.triton_call(
+      x, weight, kernel=_rms_norm_fwd_kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      grid=(triton.cdiv(num_rows, bs.block_rows),), num_warps=bs.num_warps, num_stages=bs.num_stages,
+      NUM_ROWS=num_rows, WIDTH=width, EPS=eps, BLOCK_ROWS=bs.block_rows, BLOCK_COLS=_next_power_of_2(width),
+      MASKED=bool(num_rows % bs.block_rows or width != _next_power_of_2(width)))
+
+
+def rms_norm_bwd(x, weight, dy, eps, bs):
+  """(dx, partial weight gradients [programs, width] float32)."""
+  num_rows, width = x.shape
+  num_blocks = triton.cdiv(num_rows, bs.bwd_block_rows)
+  num_programs = min(bs.bwd_programs, num_blocks)
+  out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((num_programs, width), jnp.float32))
+  return jt.triton_call(
+      x, weight, dy, kernel=_rms_norm_bwd_kernel, out_shape=out_shape, grid=(num_programs,),
+      num_warps=bs.bwd_num_warps, num_stages=bs.num_stages, NUM_ROWS=num_rows, WIDTH=width, EPS=eps,
+      BLOCK_ROWS=bs.bwd_block_rows, BLOCK_COLS=_next_power_of_2(width), NUM_PROGRAMS=num_programs,
+      NUM_ITERS=triton.cdiv(num_blocks, num_programs),
+      MASKED=bool(num_rows % bs.bwd_block_rows or width != _next_power_of_2(width) or num_blocks % num_programs))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cross-entropy.
+
+
+@triton.jit
+def _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr,
+               OTHER: tl.constexpr, MASKED: tl.constexpr):
+  pointers = logits_ptr + row_offsets[:, None] + cols[None, :]
+  if MASKED:
+    x = tl.load(pointers, mask=(rows < NUM_TOKENS)[:, None] & (cols < VOCAB)[None, :], other=OTHER)
+  else:
+    x = tl.load(pointers)
+  return x.to(tl.float32)
+
+
+@triton.jit
+def _target_logit(logits_ptr, row_offsets, rows, targets, NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr):
+  valid = (rows < NUM_TOKENS) & (targets >= 0) & (targets < VOCAB)
+  target_logit = tl.load(logits_ptr + row_offsets + tl.where(valid, targets, 0), mask=valid, other=0.0)
+  return target_logit.to(tl.float32), valid
+
+
+@triton.jit
+def _stats_finish(running_max, sum_exp, logit_sum, best, argmax, target_logit, valid, VOCAB: tl.constexpr,
+                  Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, WITH_ARGMAX: tl.constexpr):
+  lse = (running_max + tl.log2(tl.sum(sum_exp, axis=1))) * _LN2
+  loss = (1 - LABEL_SMOOTHING) * (lse - target_logit) + Z_LOSS * lse * lse
+  if LABEL_SMOOTHING > 0:
+    loss += LABEL_SMOOTHING * (lse - tl.sum(logit_sum, axis=1) / VOCAB)
+  first = tl.zeros_like(running_max).to(tl.int32)
+  if WITH_ARGMAX:
+    row_best = tl.max(best, axis=1)
+    first = tl.min(tl.where(best == row_best[:, None], argmax, VOCAB), axis=1)
+  return tl.where(valid, loss, 0.0), lse, first
+
+
+@triton.jit
+def _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr,
+               Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
+               BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr, WITH_ARGMAX: tl.constexpr):
+  """Online (loss, lse, first argmax) over vocab blocks; per-element accumulators, one max reduction a block."""
+  running_max = tl.full([BLOCK_TOKENS], _FLOAT32_MIN, tl.float32)
+  sum_exp = tl.zeros([BLOCK_TOKENS, BLOCK_VOCAB], tl.float32)
+  logit_sum = tl.zeros([BLOCK_TOKENS, BLOCK_VOCAB], tl.float32)
+  best = tl.full([BLOCK_TOKENS, BLOCK_VOCAB], float("-inf"), tl.float32)
+  argmax = tl.zeros([BLOCK_TOKENS, BLOCK_VOCAB], tl.int32)
+  for start in range(0, VOCAB, BLOCK_VOCAB):
+    cols = start + tl.arange(0, BLOCK_VOCAB)
+    x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, float("-inf"), MASKED)
+    x2 = x * _LOG2E
+    new_max = tl.maximum(running_max, tl.max(x2, axis=1))
+    sum_exp = sum_exp * tl.exp2(running_max - new_max)[:, None] + tl.exp2(x2 - new_max[:, None])
+    running_max = new_max
+    if LABEL_SMOOTHING > 0:
+      if MASKED:
+        logit_sum += tl.where((rows < NUM_TOKENS)[:, None] & (cols < VOCAB)[None, :], x, 0.0)
+      else:
+        logit_sum += x
+    if WITH_ARGMAX:
+      argmax = tl.where(x > best, cols[None, :], argmax)
+      best = tl.maximum(best, x)
+  target_logit, valid = _target_logit(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB)
+  return _stats_finish(running_max, sum_exp, logit_sum, best, argmax, target_logit, valid, VOCAB, Z_LOSS,
+                       LABEL_SMOOTHING, WITH_ARGMAX)
+
+
+@triton.jit
+def _grad_coefficients(targets, lse, dloss, dlse, VOCAB: tl.constexpr, Z_LOSS: tl.constexpr,
+                       LABEL_SMOOTHING: tl.constexpr):
+  dloss = tl.where((targets >= 0) & (targets < VOCAB), dloss, 0.0)
+  c1 = dloss * (1 + 2 * Z_LOSS * lse) + dlse
+  return c1[:, None], (dloss * (1 - LABEL_SMOOTHING))[:, None], (dloss * (LABEL_SMOOTHING / VOCAB))[:, None]
+
+
+@triton.jit
+def _grad_block(x, cols, targets, lse, c1, c2, c3):
+  softmax = tl.exp2(x * _LOG2E - (lse * _LOG2E)[:, None])
+  return c1 * softmax - tl.where(cols[None, :] == targets[:, None], c2, 0.0) - c3
+
+
+@triton.jit
+def _store_tile(dlogits_ptr, row_offsets, rows, cols, d, NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr,
+                MASKED: tl.constexpr):
+  pointers = dlogits_ptr + row_offsets[:, None] + cols[None, :]
+  d = d.to(dlogits_ptr.dtype.element_ty)
+  if MASKED:
+    tl.store(pointers, d, mask=(rows < NUM_TOKENS)[:, None] & (cols < VOCAB)[None, :])
+  else:
+    tl.store(pointers, d)
+
+
+@triton.jit
+def _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, NUM_TOKENS: tl.constexpr,
+                VOCAB: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr):
+  for start in range(0, VOCAB, BLOCK_VOCAB):
+    cols = start + tl.arange(0, BLOCK_VOCAB)
+    x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, 0.0, MASKED)
+    _store_tile(dlogits_ptr, row_offsets, rows, cols, _grad_block(x, cols, targets, lse, c1, c2, c3), NUM_TOKENS,
+                VOCAB, MASKED)
+
+
+@triton.jit
+def _rows(NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
+  rows = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+  return rows, rows.to(tl.int64) * VOCAB
+
+
+@triton.jit
+def _load_rows(pointer, rows, NUM_TOKENS: tl.constexpr, OTHER: tl.constexpr):
+  return tl.load(pointer + rows, mask=rows < NUM_TOKENS, other=OTHER)
+
+
+@triton.jit
+def _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS: tl.constexpr,
+                 WITH_ARGMAX: tl.constexpr):
+  tl.store(loss_ptr + rows, loss, mask=rows < NUM_TOKENS)
+  tl.store(lse_ptr + rows, lse, mask=rows < NUM_TOKENS)
+  if WITH_ARGMAX:
+    tl.store(argmax_ptr + rows, argmax, mask=rows < NUM_TOKENS)
+
+
+@triton.jit
+def _ce_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, argmax_ptr, NUM_TOKENS: tl.constexpr,
+                   VOCAB: tl.constexpr, Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
+                   BLOCK_TOKENS: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr,
+                   WITH_ARGMAX: tl.constexpr):
+  rows, row_offsets = _rows(NUM_TOKENS, VOCAB, BLOCK_TOKENS)
+  targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
+  loss, lse, argmax = _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB, Z_LOSS,
+                                 LABEL_SMOOTHING, BLOCK_TOKENS, BLOCK_VOCAB, MASKED, WITH_ARGMAX)
+  _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS, WITH_ARGMAX)
+
+
+@triton.jit
+def _ce_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, dloss_ptr, dlse_ptr, dlogits_ptr, NUM_TOKENS: tl.constexpr,
+                   VOCAB: tl.constexpr, Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
+                   BLOCK_TOKENS: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr):
+  rows, row_offsets = _rows(NUM_TOKENS, VOCAB, BLOCK_TOKENS)
+  targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
+  lse = _load_rows(lse_ptr, rows, NUM_TOKENS, 0.0)
+  c1, c2, c3 = _grad_coefficients(targets, lse, _load_rows(dloss_ptr, rows, NUM_TOKENS, 0.0),
+                                  _load_rows(dlse_ptr, rows, NUM_TOKENS, 0.0), VOCAB, Z_LOSS, LABEL_SMOOTHING)
+  _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, NUM_TOKENS, VOCAB,
+              BLOCK_VOCAB, MASKED)
+
+
+@triton.jit
+def _ce_fused_kernel(logits_ptr, targets_ptr, dloss_ptr, loss_ptr, lse_ptr, argmax_ptr, dlogits_ptr,
+                     NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr, Z_LOSS: tl.constexpr,
+                     LABEL_SMOOTHING: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_VOCAB: tl.constexpr,
+                     MASKED: tl.constexpr):
+  rows, row_offsets = _rows(NUM_TOKENS, VOCAB, BLOCK_TOKENS)
+  targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
+  dloss = _load_rows(dloss_ptr, rows, NUM_TOKENS, 0.0)
+  if BLOCK_VOCAB >= VOCAB:
+    # The whole row fits one block: read it once, keep it in registers for the gradient.
+    cols = tl.arange(0, BLOCK_VOCAB)
+    x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, float("-inf"), MASKED)
+    x2 = x * _LOG2E
+    row_max = tl.max(x2, axis=1)
+    sum_exp = tl.exp2(x2 - row_max[:, None])
+    logit_sum = tl.where(x > float("-inf"), x, 0.0)
+    target_logit, valid = _target_logit(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB)
+    loss, lse, argmax = _stats_finish(row_max, sum_exp, logit_sum, x, cols[None, :] + tl.zeros_like(x).to(tl.int32),
+                                      target_logit, valid, VOCAB, Z_LOSS, LABEL_SMOOTHING, True)
+    c1, c2, c3 = _grad_coefficients(targets, lse, dloss, tl.zeros_like(lse), VOCAB, Z_LOSS, LABEL_SMOOTHING)
+    _store_tile(dlogits_ptr, row_offsets, rows, cols, _grad_block(x, cols, targets, lse, c1, c2, c3), NUM_TOKENS,
+                VOCAB, MASKED)
+  else:
+    loss, lse, argmax = _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB, Z_LOSS,
+                                   LABEL_SMOOTHING, BLOCK_TOKENS, BLOCK_VOCAB, MASKED, True)
+    c1, c2, c3 = _grad_coefficients(targets, lse, dloss, tl.zeros_like(lse), VOCAB, Z_LOSS, LABEL_SMOOTHING)
+    _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, NUM_TOKENS, VOCAB,
+                BLOCK_VOCAB, MASKED)
+  _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS, True)
+
+
+def _stats_shapes(num_tokens, with_argmax=True):
+  shapes = (jax.ShapeDtypeStruct((num_tokens,), jnp.float32), jax.ShapeDtypeStruct((num_tokens,), jnp.float32))
+  return shapes + ((jax.ShapeDtypeStruct((num_tokens,), jnp.int32),) if with_argmax else ())
+
+
+def _call(kernel, args, out_shape, tiles, options, **constants):
+  (num_tokens, vocab), (block_tokens, block_vocab, num_warps) = args[0].shape, tiles
+  masked = bool(num_tokens % block_tokens or vocab % block_vocab)
+  return jt.triton_call(
+      *args, kernel=kernel, out_shape=out_shape, grid=(triton.cdiv(num_tokens, block_tokens),),
+      num_warps=num_warps, num_stages=options.block_sizes.num_stages, NUM_TOKENS=num_tokens, VOCAB=vocab,
+      Z_LOSS=options.z_loss, LABEL_SMOOTHING=options.label_smoothing, BLOCK_TOKENS=block_tokens,
+      BLOCK_VOCAB=block_vocab, MASKED=masked, **constants)
+
+
+class CrossEntropyKernels:
+  """Launchers with the interface of cross_entropy._PallasKernels."""
+
+  @staticmethod
+  def forward(logits, targets, options, with_argmax):
+    bs = options.block_sizes
+    out_shape = _stats_shapes(logits.shape[0], with_argmax)
+    if not with_argmax:  # the kernel's argmax pointer then points at a dummy output it never writes
+      out_shape += (jax.ShapeDtypeStruct((1,), jnp.int32),)
+    loss, lse, argmax = _call(_ce_fwd_kernel, (logits, targets), out_shape,
+                              (bs.block_tokens, bs.block_vocab, bs.num_warps), options, WITH_ARGMAX=with_argmax)
+    return loss, lse, argmax if with_argmax else None
+
+  @staticmethod
+  def backward(logits, targets, lse, dloss, dlse, options):
+    bs = options.block_sizes
+    args = (logits, targets, lse, dloss.astype(jnp.float32), dlse.astype(jnp.float32))
+    return _call(_ce_bwd_kernel, args, jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+                 (bs.bwd_block_tokens, bs.bwd_block_vocab, bs.bwd_num_warps), options)
+
+  @staticmethod
+  def fused(logits, targets, dloss, options):
+    from pallas_kernels.cross_entropy import fused_tiles  # pylint: disable=import-outside-toplevel
+    out_shape = _stats_shapes(logits.shape[0]) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
+    return _call(_ce_fused_kernel, (logits, targets, dloss.astype(jnp.float32)), out_shape,
+                 fused_tiles(options.block_sizes, logits.shape[1]), options)
