@@ -71,6 +71,29 @@ def measure(attention_impl: str, kernel_impl: str, *, rows: int, accum: int, ste
           "peak_memory_gib": memory.get("peak_bytes_in_use", 0) / 2 ** 30, "loss": float(metrics["loss"])}
 
 
+def plot(results_path: str, out_path: str):
+  """Rows/s of each measured variant beside FAT5's PyTorch step on the same H100."""
+  import json
+
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  with open(results_path) as f:
+    measured = [r for r in json.load(f)["results"] if "error" not in r]
+  names = ["FAT5 (PyTorch, Triton kernels)"] + [f"ours: attention {r['attention_impl']}, kernels {r['kernel_impl']}"
+                                                for r in measured]
+  rows = [FAT5_ROWS_PER_S] + [r["rows_per_s"] for r in measured]
+  fig, ax = plt.subplots(figsize=(9, 2.8))
+  bars = ax.barh(names, rows, color=["grey"] + ["tab:blue"] * len(measured))
+  ax.bar_label(bars, [f"{r:.0f}" for r in rows], padding=3)
+  ax.set_xlabel("small_fr training rows/s, 512 + 512 tokens, one H100")
+  ax.invert_yaxis()
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=120)
+  print(f"wrote {out_path}")
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=10)
@@ -79,7 +102,10 @@ def main():
   parser.add_argument("--variants", default="pallas/auto,cudnn/auto,xla/xla",
                       help="comma-separated attention_impl/kernel_impl pairs")
   parser.add_argument("--out", default="benchmarks/results/train_step.json")
+  parser.add_argument("--plot-from", help="only draw benchmarks/train_step.png from this results JSON")
   args = parser.parse_args()
+  if args.plot_from:
+    return plot(args.plot_from, "benchmarks/train_step.png")
   results = []
   for variant in args.variants.split(","):
     attention_impl, kernel_impl = variant.split("/")
