@@ -1,18 +1,7 @@
-"""FLAN-T5-small architecture (vocab 32128, GEGLU, untied) for continued pretraining from imported weights.
+"""FLAN-T5-small (see configs/flan_t5.py)."""
 
-Import the weights first: python main.py --config=configs/flan_t5_small.py --mode=import_hf --hf_dir=DIR
-"""
-
-from fat5_jax.config import to_config_dict
+from configs import flan_t5
 
 
 def get_config():
-  config = to_config_dict()
-  config.workdir = "runs/flan_t5_small"
-  config.model.update(
-      vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_heads=6, num_layers=8, num_decoder_layers=8,
-      feed_forward_proj="gated-gelu", position_encoding_type="t5", relative_attention_num_buckets=32,
-      relative_attention_max_distance=128, tie_word_embeddings=False, param_dtype="float32", dtype="bfloat16")
-  config.data.update(tokenizer_vocab_size=32100, num_sentinels=100)
-  config.train.update(learning_rate=1e-3, warmup_steps=1000)
-  return config
+  return flan_t5.get_config("small")

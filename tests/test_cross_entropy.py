@@ -6,34 +6,21 @@ is filled with NaN before each call.
 """
 
 import dataclasses
-import os
 
 import chex
 import jax
 import jax.numpy as jnp
 import pytest
 
+from tests.kernel_checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
 from pallas_kernels.cross_entropy import (BlockSizes, chunked_lm_head_cross_entropy, cross_entropy,
                                           cross_entropy_and_grad, cross_entropy_reference,
                                           lm_head_cross_entropy_reference)
 
-INTERPRET = {"0": False, "1": True}.get(os.environ.get("FAT5_INTERPRET", ""))
-ON_GPU = jax.default_backend() == "gpu"
 ON_GPU_ONLY = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 IMPLS = ["pallas", pytest.param("triton", marks=ON_GPU_ONLY)]
 TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5}
 SMALL_BLOCKS = BlockSizes(block_tokens=4, block_vocab=256, bwd_block_tokens=2, bwd_block_vocab=128)
-
-
-def relative_error(actual, expected):
-  actual, expected = jnp.asarray(actual, jnp.float64), jnp.asarray(expected, jnp.float64)
-  return float(jnp.linalg.norm(actual - expected) / jnp.linalg.norm(expected))
-
-
-def poison_device_memory():
-  """Fill memory the allocator will hand out next with NaN (on CPU interpret mode poisons outputs itself)."""
-  if ON_GPU:
-    jnp.full((1 << 26,), jnp.nan, jnp.float32).block_until_ready().delete()
 
 
 def _targets(key, num_tokens, vocab):

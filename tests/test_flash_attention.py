@@ -4,8 +4,6 @@ Interpret mode on CPU (default). On a GPU the same module runs the compiled kern
 Triton lowering, FAT5_INTERPRET=1 the interpreter; unset means interpret off GPU only.
 """
 
-import os
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -14,17 +12,10 @@ import pytest
 
 from pallas_kernels.flash_attention import (flash_attention, flash_attention_reference,
                                             relative_position_bucket)
+from tests.kernel_checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
 
-_ENV = os.environ.get("FAT5_INTERPRET")
-INTERPRET = None if _ENV is None else _ENV != "0"
-ON_GPU = jax.default_backend() == "gpu" and INTERPRET is not True
 # float32 in the interpreter is exact up to rounding; the GPU's float32 dots run in tf32.
-TOL = 5e-3 if ON_GPU else 1e-4
-
-
-def _rel_err(x, ref):
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
+TOL = 5e-3 if ON_GPU and INTERPRET is not True else 1e-4
 
 
 def _assert_close(tree, ref_tree, tol):
@@ -32,7 +23,7 @@ def _assert_close(tree, ref_tree, tol):
   chex.assert_tree_all_finite(tree)
   for path, (x, ref) in zip(jax.tree_util.tree_leaves_with_path(tree), zip(jax.tree.leaves(tree),
                                                                           jax.tree.leaves(ref_tree))):
-    assert _rel_err(x, ref) < tol, (jax.tree_util.keystr(path[0]), _rel_err(x, ref))
+    assert relative_error(x, ref) < tol, (jax.tree_util.keystr(path[0]), relative_error(x, ref))
 
 
 @pytest.mark.parametrize("bidirectional,num_buckets,max_distance",
@@ -116,17 +107,35 @@ def _run(fn, qkv, bias, kwargs, cts):
     out, lse = fn(*qkv, return_lse=True, **kwargs, **extra)
     finite_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     return jnp.sum(out * cts[0]) + jnp.sum(finite_lse * cts[1]), (out, lse)
+  poison_device_memory()
   grads, (out, lse) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(qkv, None if bias is None else bias[1])
   return out, lse, grads
 
 
+def _kernel(*args, **kwargs):
+  return flash_attention(*args, interpret=INTERPRET, **kwargs)
+
+
+def _fresh_seed(case):
+  return abs(hash(case)) % 1000 + int(np.random.default_rng().integers(1 << 20))  # fresh inputs every run
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_reference(case):
-  seed = abs(hash(case)) % 1000 + int(np.random.default_rng().integers(1 << 20))  # fresh inputs every run
-  qkv, bias, kwargs, cts = _inputs(seed, case)
-  kernel = lambda *a, **kw: flash_attention(*a, interpret=INTERPRET, **kw)
-  out, lse, grads = _run(kernel, qkv, bias, kwargs, cts)
-  ref_out, ref_lse, ref_grads = _run(flash_attention_reference, qkv, bias, kwargs, cts)
+  qkv, bias, kwargs, cts = _inputs(_fresh_seed(case), case)
+  _check(_run(_kernel, qkv, bias, kwargs, cts), _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
+
+
+@pytest.mark.parametrize("case", ["t5_packed", "t5_packed_causal", "alibi_asymmetric_packed"])
+def test_packed_segment_ids_alone_match_per_segment_positions(case):
+  """The trainer's fast path: contiguous segments whose positions restart at 0 need no positions."""
+  qkv, bias, kwargs, cts = _inputs(_fresh_seed(case), case)
+  ids_only = {k: v for k, v in kwargs.items() if k not in ("q_positions", "kv_positions")}
+  _check(_run(_kernel, qkv, bias, ids_only, cts), _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
+
+
+def _check(result, reference, kwargs):
+  (out, lse, grads), (ref_out, ref_lse, ref_grads) = result, reference
   # lse is -inf exactly where a query sees no key; elsewhere finite and close.
   np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
   finite = np.isfinite(np.asarray(ref_lse))
@@ -140,11 +149,10 @@ def test_matches_reference(case):
 
 def test_bf16_close_to_float32_reference():
   qkv, bias, kwargs, cts = _inputs(int(np.random.default_rng().integers(1 << 20)), "t5_bidirectional")
-  kernel = lambda *a, **kw: flash_attention(*a, interpret=INTERPRET, **kw)
-  out = kernel(*(x.astype(jnp.bfloat16) for x in qkv), rpe_table=bias[1], **kwargs)
+  out = _kernel(*(x.astype(jnp.bfloat16) for x in qkv), rpe_table=bias[1], **kwargs)
   ref = flash_attention_reference(*qkv, rpe_table=bias[1], **kwargs)
   assert out.dtype == jnp.bfloat16
-  assert _rel_err(out, ref) < 2e-2
+  assert relative_error(out, ref) < 2e-2
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -5,30 +5,17 @@ unwritten element fails). On a GPU, FAT5_INTERPRET=0 compiles them, the jax-trit
 device memory is filled with NaN before each call so that stale buffers would show.
 """
 
-import os
 
 import chex
 import jax
 import jax.numpy as jnp
 import pytest
 
+from tests.kernel_checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
 from pallas_kernels.rms_norm import BlockSizes, rms_norm, rms_norm_reference
 
-INTERPRET = {"0": False, "1": True}.get(os.environ.get("FAT5_INTERPRET", ""))
-ON_GPU = jax.default_backend() == "gpu"
 IMPLS = ["pallas", pytest.param("triton", marks=pytest.mark.skipif(not ON_GPU, reason="jax-triton needs a GPU"))]
 TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5}
-
-
-def relative_error(actual, expected):
-  actual, expected = jnp.asarray(actual, jnp.float64), jnp.asarray(expected, jnp.float64)
-  return float(jnp.linalg.norm(actual - expected) / jnp.linalg.norm(expected))
-
-
-def poison_device_memory():
-  """Fill memory the allocator will hand out next with NaN (on CPU interpret mode poisons outputs itself)."""
-  if ON_GPU:
-    jnp.full((1 << 26,), jnp.nan, jnp.float32).block_until_ready().delete()
 
 
 def _inputs(seed, shape, dtype, weight_dtype):
