@@ -44,7 +44,8 @@ def _measure(config, tokenizer, seconds: float) -> dict:
   rows = sum(len(b["encoder_input_tokens"]) for b in batches)
   padding = [data.padding_fractions(b) for b in batches]
   buckets = [int(b["decoder_target_tokens"].shape[1]) for b in batches]
-  return {"rows_per_second": rows / elapsed, "batches": len(batches), "rows_per_batch": len(batches[0]["encoder_input_tokens"]),
+  return {"rows_per_second": rows / elapsed, "batches": len(batches),
+          "rows_per_batch": len(batches[0]["encoder_input_tokens"]),
           "encoder_padding": float(np.mean([p["encoder_padding"] for p in padding])),
           "decoder_padding": float(np.mean([p["decoder_padding"] for p in padding])),
           "mean_decoder_length": float(np.mean(buckets)),
@@ -70,8 +71,9 @@ def main():
                                  num_workers=workers, tokenizer_path=tokenizer.path)
       result = _measure(dataclasses.replace(config, data=case), tokenizer, args.seconds)
       cores = max(workers, 1)
-      result.update(corpus=name, pack=pack, num_workers=workers, rows_per_second_per_core=result["rows_per_second"] / cores,
-                    workers_for_target=int(np.ceil(TARGET_ROWS_PER_SECOND / (result["rows_per_second"] / cores))))
+      per_core = result["rows_per_second"] / cores
+      result.update(corpus=name, pack=pack, num_workers=workers, rows_per_second_per_core=per_core,
+                    workers_for_target=int(np.ceil(TARGET_ROWS_PER_SECOND / per_core)))
       results.append(result)
       print(json.dumps(result))
   report = {"benchmark": "data_pipeline", "shapes": "small_fr: encoder 512, decoder buckets (128, 256, 512), "

@@ -194,7 +194,7 @@ def train(config: Config) -> dict:
   from tqdm import tqdm
 
   from fat5_jax import data
-  from fat5_jax.metrics import MetricWriter, plot_losses
+  from fat5_jax.metrics import MetricWriter
 
   sharding.initialize_distributed()
   tc, workdir = config.train, config.workdir

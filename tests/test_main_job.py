@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [
     "--config.model.d_model=64", "--config.model.d_kv=16", "--config.model.d_ff=128", "--config.model.num_heads=4",
     "--config.model.num_layers=1", "--config.model.num_decoder_layers=1",
-    "--config.data.encoder_length=64", "--config.data.decoder_length=32", "--config.data.decoder_length_buckets=(16,32)",
+    "--config.data.encoder_length=64", "--config.data.decoder_length=32",
+    "--config.data.decoder_length_buckets=(16,32)",
     "--config.train.batch_size=8", "--config.train.steps=16", "--config.train.log_every=1",
     "--config.train.checkpoint_every=4", "--config.train.eval_every=8", "--config.train.eval_steps=2",
     "--config.train.warmup_steps=4",

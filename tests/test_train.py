@@ -94,7 +94,8 @@ def test_flops_per_row_of_small_fr_matches_the_reference():
 
 
 def _max_error(a, b):
-  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs)
 
 
 def _sharded_run(mesh_data, mesh_fsdp, workdir):
