@@ -16,6 +16,7 @@ from flax import nnx
 import pallas_kernels
 from pallas_kernels.rms_norm import default_impl as fastest_rms_norm_impl
 from fat5_jax import positions
+from fat5_jax.positions import apply_rope
 from fat5_jax.attention import AttentionBias, dot_product_attention, index_positions
 from fat5_jax.config import ModelConfig
 
@@ -73,17 +74,34 @@ class Attention(nnx.Module):
 
   def __call__(self, x, kv_input, *, bias: Optional[AttentionBias], q_segment_ids, kv_segment_ids, q_positions,
                kv_positions):
-    cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-    heads = lambda t, w: (t @ w[...].astype(dtype)).reshape(*t.shape[:2], cfg.num_heads, cfg.d_kv)
-    q, k, v = heads(x, self.q), heads(kv_input, self.k), heads(kv_input, self.v)
-    if self.rotary:  # a relative encoding: index positions rotate packed segments correctly too
-      rope = lambda t, pos, ids: positions.apply_rope(t, index_positions(ids) if pos is None else pos,
-                                                      fraction=cfg.rope_fraction, base=cfg.rope_base)
-      q, k = rope(q, q_positions, q_segment_ids), rope(k, kv_positions, kv_segment_ids)
-    out = dot_product_attention(q, k, v, bias=bias, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                q_positions=q_positions, kv_positions=kv_positions, causal=self.causal,
-                                scale=cfg.attention_scale, impl=cfg.attention_impl)
-    return out.reshape(*out.shape[:2], -1) @ self.o[...].astype(dtype)
+    q = self.queries(x, q_positions, q_segment_ids)
+    k, v = self.keys_values(kv_input, kv_positions, kv_segment_ids)
+    return self.attend(q, k, v, bias=bias, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                       q_positions=q_positions, kv_positions=kv_positions, causal=self.causal,
+                       impl=self.config.attention_impl)
+
+  def _heads(self, x, weight):
+    cfg = self.config
+    return (x @ weight[...].astype(cfg.dtype)).reshape(*x.shape[:2], cfg.num_heads, cfg.d_kv)
+
+  def _rotate(self, x, positions, segment_ids):
+    if not self.rotary:
+      return x
+    # A relative encoding: index positions rotate packed segments correctly too.
+    positions = index_positions(segment_ids) if positions is None else positions
+    return apply_rope(x, positions, fraction=self.config.rope_fraction, base=self.config.rope_base)
+
+  def queries(self, x, positions, segment_ids):
+    return self._rotate(self._heads(x, self.q), positions, segment_ids)
+
+  def keys_values(self, x, positions, segment_ids):
+    """[B, S, H, D] keys (rotated under RoPE) and values: what a decoding cache holds."""
+    return self._rotate(self._heads(x, self.k), positions, segment_ids), self._heads(x, self.v)
+
+  def attend(self, q, k, v, *, causal: bool, impl: str, **masks_and_bias):
+    out = dot_product_attention(q, k, v, causal=causal, scale=self.config.attention_scale, impl=impl,
+                                **masks_and_bias)
+    return out.reshape(*out.shape[:2], -1) @ self.o[...].astype(self.config.dtype)
 
 
 class FeedForward(nnx.Module):
@@ -134,6 +152,28 @@ class Block(nnx.Module):
           h, encoded, bias=None, q_segment_ids=segment_ids, kv_segment_ids=encoder_segment_ids,
           q_positions=positions, kv_positions=encoder_positions))
     return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+  def decode_step(self, x, cache: dict, *, step, bias, encoder_segment_ids):
+    """Decoder layer for one new token per row, x [B, 1, d], at position `step`: writes its key and value into the
+    cache (`k`, `v` [B, max_length, H, D]) and attends to what is written and to the encoder (`cross_k`, `cross_v`)."""
+    batch, max_length = cache["k"].shape[:2]
+    ones = jnp.ones((batch, 1), jnp.int32)
+    position = jnp.full((batch, 1), step, jnp.int32)
+    cache_positions = index_positions(jnp.zeros((batch, max_length), jnp.int32))
+    h = self.self_attention_norm(x)
+    k, v = self.self_attention.keys_values(h, position, ones)
+    write = lambda buffer, new: jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), step, axis=1)
+    cache = dict(cache, k=write(cache["k"], k), v=write(cache["v"], v))
+    x = x + self.self_attention.attend(
+        self.self_attention.queries(h, position, ones), cache["k"], cache["v"], bias=bias, q_segment_ids=ones,
+        kv_segment_ids=(cache_positions <= step).astype(jnp.int32), q_positions=position,
+        kv_positions=cache_positions, causal=False, impl="xla")
+    h = self.cross_attention_norm(x)
+    x = x + self.cross_attention.attend(
+        self.cross_attention.queries(h, position, ones), cache["cross_k"], cache["cross_v"], bias=None,
+        q_segment_ids=ones, kv_segment_ids=encoder_segment_ids, q_positions=None, kv_positions=None, causal=False,
+        impl="xla")
+    return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class Stack(nnx.Module):
@@ -204,6 +244,34 @@ class T5(nnx.Module):
     if self.config.tie_word_embeddings:
       return (self.shared.embedding[...].T * self.config.d_model ** -0.5).astype(dtype)
     return self.lm_head[...].astype(dtype)
+
+  def init_cache(self, encoded, attention_mask, max_length: int) -> list[dict]:
+    """Per decoder layer: room for `max_length` self-attention keys and values, and the cross-attention ones."""
+    encoder_segment_ids = _segment_ids(encoded[..., 0], attention_mask, None)
+    cache = []
+    for block in self.decoder.blocks:
+      cross_k, cross_v = block.cross_attention.keys_values(encoded, None, encoder_segment_ids)
+      empty = jnp.zeros((encoded.shape[0], max_length, *cross_k.shape[2:]), cross_k.dtype)
+      cache.append({"k": empty, "v": empty, "cross_k": cross_k, "cross_v": cross_v})
+    return cache
+
+  def decode_step(self, tokens, step, cache: list[dict], attention_mask=None):
+    """Logits [B, vocab] following `tokens` [B] placed at decoder position `step`, and the updated cache.
+
+    Feeding the decoder inputs one at a time gives the logits `__call__` computes for them all at once.
+    """
+    encoder_segment_ids = _segment_ids(cache[0]["cross_k"][..., 0, 0], attention_mask, None)
+    batch, max_length = cache[0]["k"].shape[:2]
+    bias = None
+    if self.decoder.position is not None:
+      bias = self.decoder.position(jnp.full((batch, 1), step, jnp.int32),
+                                   index_positions(jnp.zeros((batch, max_length), jnp.int32)))
+    x, new_cache = self.shared(tokens[:, None]), []
+    for block, layer_cache in zip(self.decoder.blocks, cache):
+      x, layer_cache = block.decode_step(x, layer_cache, step=step, bias=bias,
+                                         encoder_segment_ids=encoder_segment_ids)
+      new_cache.append(layer_cache)
+    return (self.decoder.final_norm(x) @ self.lm_head_kernel())[:, 0], new_cache
 
   def __call__(self, input_ids, decoder_input_ids, attention_mask=None, decoder_attention_mask=None, *,
                encoder_segment_ids=None, encoder_positions=None, decoder_segment_ids=None, decoder_positions=None):
