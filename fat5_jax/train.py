@@ -44,7 +44,8 @@ class Trainer:
     self.loss_impl = resolve_kernel_impl(config.model.kernel_impl, fastest_cross_entropy_impl())
     self.schedule = optim.make_schedule(config.train)
 
-    new_model = lambda: T5(config.model, rngs=nnx.Rngs(config.train.seed))
+    seed = config.train.seed
+    new_model = lambda: T5(config.model, rngs=nnx.Rngs(params=seed, dropout=seed))
 
     def init_state():
       params = parameters(new_model())
@@ -76,8 +77,11 @@ class Trainer:
     return jax.jit(self.tx.init, out_shardings=shardings)(params)
 
   def model(self, params, dropout_key=None) -> T5:
+    """The model over `params`: training mode with dropout drawn from `dropout_key`, else deterministic."""
     model = nnx.merge(self.graphdef, params, self.rest)
-    if dropout_key is not None:
+    if dropout_key is None:
+      model.eval()
+    else:
       nnx.reseed(model, dropout=dropout_key)
     return model
 

@@ -16,9 +16,10 @@ from fat5_jax import config as config_lib, flops, sharding, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**train_overrides):
+def tiny_config(model_overrides=None, **train_overrides):
   values = importlib.import_module("configs.tiny_fr").get_config()
-  values.model.update(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, num_decoder_layers=2)
+  values.model.update(vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_heads=4, num_layers=2, num_decoder_layers=2,
+                      **(model_overrides or {}))
   values.data.update(tokenizer_vocab_size=512, encoder_length=32, decoder_length=16, decoder_length_buckets=(16,))
   values.train.update({"batch_size": 16, "grad_accum_steps": 1, "warmup_steps": 2, "learning_rate": 1e-2,
                        **train_overrides})
@@ -133,3 +134,14 @@ def test_sharded_step_matches_single_device_and_restores_resharded(mesh_data, me
   np.testing.assert_allclose(result["loss"], result["ref_loss"], rtol=1e-5)
   assert result["restore_error"] == 0.0 and result["restored_devices"] == 8, result
   assert "fsdp" in result["restored_spec"], result
+
+
+def test_dropout_trains_stochastically_and_evaluates_deterministically():
+  config = tiny_config({"dropout_rate": 0.3})
+  trainer = train.Trainer(config, sharding.make_mesh(config.train))
+  params = trainer.init_state()["params"]
+  batch = trainer.put_batch(random_packed_batch(5, 16, 32, 16, 512))
+  deterministic = [float(trainer._loss(params, batch)[0]) for _ in range(2)]
+  keyed = [float(trainer._loss(params, batch, jax.random.key(i))[0]) for i in range(2)]
+  assert deterministic[0] == deterministic[1]
+  assert len({keyed[0], keyed[1], deterministic[0]}) == 3
