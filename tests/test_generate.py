@@ -53,3 +53,12 @@ def test_greedy_decode_matches_argmax_of_the_full_decoder(kind):
     end = eos[0] + 1 if eos.size else expected.shape[1]
     np.testing.assert_array_equal(generated[row, :end], expected[row, :end])
     assert (generated[row, end:] == model.config.pad_token_id).all()
+
+
+def test_greedy_decode_pads_after_eos():
+  first = np.asarray(greedy_decode(_model("t5", seed=4), *_inputs(5)[1:], max_length=6))
+  eos = int(first[0, 2])  # make the third token of row 0 the end of sequence: same weights, other eos id
+  stopped = np.asarray(greedy_decode(_model("t5", seed=4, eos_token_id=eos), *_inputs(5)[1:], max_length=6))
+  end = int(np.flatnonzero(first[0] == eos)[0]) + 1
+  np.testing.assert_array_equal(stopped[0, :end], first[0, :end])
+  assert (stopped[0, end:] == 0).all() and end < 6
