@@ -145,3 +145,18 @@ def test_dropout_trains_stochastically_and_evaluates_deterministically():
   keyed = [float(trainer._loss(params, batch, jax.random.key(i))[0]) for i in range(2)]
   assert deterministic[0] == deterministic[1]
   assert len({keyed[0], keyed[1], deterministic[0]}) == 3
+
+
+def test_decoder_buckets_are_padded_to_the_longest_process(monkeypatch):
+  from jax.experimental import multihost_utils
+
+  batch = random_packed_batch(6, 4, 32, 16, 512)
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.asarray([16, 32, 16]))  # 3 processes
+  padded = train._pad_decoder_to_global_length(batch)
+  for key, value in padded.items():
+    if key.startswith("decoder_"):
+      assert value.shape == (4, 32)
+      np.testing.assert_array_equal(value[:, :16], batch[key])
+      assert not value[:, 16:].any()  # zeros: padding segment, no loss weight
+    else:
+      assert value is batch[key]
