@@ -12,7 +12,9 @@ def get_config():
       attention_impl="xla", kernel_impl="xla")
   config.data.update(encoder_length=128, decoder_length=64, decoder_length_buckets=(32, 64),
                      tokenizer_vocab_size=4096, tokenizer_max_sentences=200_000)
-  config.train.update(steps=300, batch_size=16, grad_accum_steps=1, learning_rate=1e-2, warmup_steps=30,
-                      schedule="cosine", kahan=False, log_every=10, eval_every=50, eval_steps=4,
-                      checkpoint_every=100)
+  # AdamWScale scales each step by the tensor's RMS, so small models want a large rate: 5e-2 reached the lowest
+  # validation loss of 3e-3 ... 1e-1 in a sweep on this config.
+  config.train.update(steps=600, batch_size=16, grad_accum_steps=1, learning_rate=5e-2, warmup_steps=60,
+                      schedule="cosine", kahan=False, log_every=10, eval_every=100, eval_steps=4,
+                      checkpoint_every=200)
   return config
