@@ -5,7 +5,7 @@
 The data section expects T5's own tokenizer: --config.data.tokenizer_path=DIR/spiece.model.
 """
 
-from fat5_jax.config import to_config_dict
+from fat5_jax.config import DEFAULT_DENOISERS, to_config_dict
 
 # From the published config.json of google/flan-t5-{size}.
 SIZES = {
@@ -24,6 +24,8 @@ def get_config(size: str = "base"):
       vocab_size=32128, feed_forward_proj="gated-gelu", position_encoding_type="t5",
       relative_attention_num_buckets=32, relative_attention_max_distance=128, tie_word_embeddings=False,
       param_dtype="float32", dtype="bfloat16", **SIZES[size])
-  config.data.update(tokenizer_vocab_size=32100, num_sentinels=100)
+  # T5's spiece.model has no [R]/[S]/[X] pieces: the same UL2 mixture without prefix tokens.
+  config.data.update(tokenizer_vocab_size=32100, num_sentinels=100,
+                     denoisers=tuple((mu, r, spans, "") for mu, r, spans, _ in DEFAULT_DENOISERS))
   config.train.update(learning_rate=1e-3, warmup_steps=1000)
   return config

@@ -92,6 +92,7 @@ def test_tokenizer_layout(run):
   assert [tokenizer.prefix_id(p) for p in ("[R]", "[S]", "[X]")] == [3, 4, 5]
   assert tokenizer.sentinel_id(0) == VOCAB - 1 and tokenizer.sentinel_id(63) == VOCAB - 64
   assert tokenizer.decode([tokenizer.sentinel_id(5)]) == "<extra_id_5>"
+  assert tokenizer.decode([VOCAB + 3]) == f"<unused_{VOCAB + 3}>"  # a model row past the tokenizer
   digits = tokenizer._sp.encode("année 2024", out_type=str)
   assert digits[-4:] == ["2", "0", "2", "4"]
   assert tokenizer.unk_id not in tokenizer.encode("漢字 😀")  # Byte fallback.

@@ -82,6 +82,8 @@ class Tokenizer:
     return i
 
   def _special_text(self, i: int, show_special: bool) -> str | None:
+    if i >= self.vocab_size:  # model rows past the tokenizer (e.g. T5's 32,128 > 32,100): no text of their own
+      return f"<unused_{i}>"
     if i >= self.num_pieces:
       return f"<extra_id_{self.vocab_size - 1 - i}>"
     if show_special and i in (self.pad_id, self.eos_id):
