@@ -63,7 +63,9 @@ def import_hf(config, hf_dir: str):
   from fat5_jax import checkpoint, hf, model as model_lib
   from fat5_jax.config import architecture_differences
 
-  keep = {k: getattr(config.model, k) for k in ("param_dtype", "dtype", "attention_impl", "kernel_impl")}
+  # The run's choices, not the checkpoint's: dtypes, implementations, dropout (HF configs carry 0.1).
+  run_fields = ("param_dtype", "dtype", "attention_impl", "kernel_impl", "dropout_rate")
+  keep = {k: getattr(config.model, k) for k in run_fields}
   model_config, model = hf.from_hf(hf_dir, **keep)
   diff = architecture_differences(dataclasses.asdict(model_config), config.model)
   if diff:
