@@ -14,11 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from pallas_kernels.rms_norm import default_impl as fastest_rms_norm_impl
 from fat5_jax import positions
-from fat5_jax.positions import apply_rope
 from fat5_jax.attention import AttentionBias, dot_product_attention, index_positions
 from fat5_jax.config import ModelConfig
+from fat5_jax.positions import apply_rope
+from pallas_kernels.rms_norm import default_impl as fastest_rms_norm_impl
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
