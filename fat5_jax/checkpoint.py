@@ -89,6 +89,7 @@ class Checkpointer:
     """
     import grain
 
+    errors = []
     for step in reversed(self.all_steps()):
       try:
         saved = self.manager.item_metadata(step)
@@ -101,7 +102,17 @@ class Checkpointer:
       except Exception as error:  # a damaged step: say so and fall back to the previous one
         log.warning("checkpoint step %d in %s could not be restored (%s: %s); trying the previous one", step,
                     self.directory, type(error).__name__, error)
+        errors.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
+    if errors:
+      raise RuntimeError(f"no step of {self.directory} could be restored into this run's state (did the "
+                         "optimizer or batch settings change?):\n" + "\n".join(errors))
     return None, None
+
+  def discard_newer_than(self, step: int):
+    """Deletes the steps after `step` (ones that failed to restore), so that training can save over them."""
+    for newer in [s for s in self.all_steps() if s > step]:
+      log.warning("deleting checkpoint step %d of %s, which could not be restored", newer, self.directory)
+      self.manager.delete(newer)
 
   def wait(self):
     self.manager.wait_until_finished()

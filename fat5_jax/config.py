@@ -272,11 +272,12 @@ def _validate_train(t: TrainConfig):
 
 ARCHITECTURE_FIELDS = (
     "vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers", "num_decoder_layers", "feed_forward_proj",
-    "position_encoding_type", "relative_attention_num_buckets", "tie_word_embeddings", "fire_mlp_width")
+    "position_encoding_type", "relative_attention_num_buckets", "relative_attention_max_distance", "alibi_mode",
+    "rope_fraction", "rope_base", "attention_scale", "layer_norm_epsilon", "tie_word_embeddings", "fire_mlp_width")
 
 
 def architecture_differences(saved: dict, configured: ModelConfig) -> dict:
-  """{field: (saved, configured)} for the fields that change parameter shapes or meaning."""
+  """{field: (saved, configured)} for the fields that change parameter shapes or what the model computes."""
   ours = dataclasses.asdict(configured)
   return {k: (saved.get(k), ours[k]) for k in ARCHITECTURE_FIELDS if saved.get(k) != ours[k]}
 

@@ -141,16 +141,16 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
     self.is_decoder = is_decoder
 
-  def __call__(self, x, *, bias, segment_ids, positions, encoded=None, encoder_segment_ids=None,
-               encoder_positions=None):
+  def __call__(self, x, *, bias, segment_ids, positions, encoded=None, encoder_segment_ids=None):
     h = self.self_attention_norm(x)
     x = x + self.dropout(self.self_attention(h, h, bias=bias, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                              q_positions=positions, kv_positions=positions))
     if self.is_decoder:
       h = self.cross_attention_norm(x)
+      # No position bias across stacks: positions would only slow the flash kernel down.
       x = x + self.dropout(self.cross_attention(
-          h, encoded, bias=None, q_segment_ids=segment_ids, kv_segment_ids=encoder_segment_ids,
-          q_positions=positions, kv_positions=encoder_positions))
+          h, encoded, bias=None, q_segment_ids=segment_ids, kv_segment_ids=encoder_segment_ids, q_positions=None,
+          kv_positions=None))
     return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
   def decode_step(self, x, cache: dict, *, step, bias, encoder_segment_ids):
@@ -230,13 +230,12 @@ class T5(nnx.Module):
     return self.encoder(self.shared(input_ids), segment_ids=segment_ids, positions=positions)
 
   def decode(self, decoder_input_ids, encoded, *, attention_mask=None, decoder_attention_mask=None,
-             encoder_segment_ids=None, encoder_positions=None, decoder_segment_ids=None, decoder_positions=None):
+             encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None):
     """Final decoder hidden states [B, T, d_model], before the lm_head."""
     encoder_segment_ids = _segment_ids(encoded[..., 0], attention_mask, encoder_segment_ids)
     segment_ids = _segment_ids(decoder_input_ids, decoder_attention_mask, decoder_segment_ids)
     return self.decoder(self.shared(decoder_input_ids), segment_ids=segment_ids, positions=decoder_positions,
-                        encoded=encoded, encoder_segment_ids=encoder_segment_ids,
-                        encoder_positions=encoder_positions)
+                        encoded=encoded, encoder_segment_ids=encoder_segment_ids)
 
   def lm_head_kernel(self) -> jax.Array:
     """[d_model, vocab] in the compute dtype; tied heads carry Hugging Face's d_model**-0.5 output rescaling."""
@@ -278,8 +277,7 @@ class T5(nnx.Module):
     encoded = self.encode(input_ids, attention_mask, segment_ids=encoder_segment_ids, positions=encoder_positions)
     hidden = self.decode(decoder_input_ids, encoded, attention_mask=attention_mask,
                          decoder_attention_mask=decoder_attention_mask, encoder_segment_ids=encoder_segment_ids,
-                         encoder_positions=encoder_positions, decoder_segment_ids=decoder_segment_ids,
-                         decoder_positions=decoder_positions)
+                         decoder_segment_ids=decoder_segment_ids, decoder_positions=decoder_positions)
     return hidden @ self.lm_head_kernel()
 
 

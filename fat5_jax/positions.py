@@ -60,18 +60,17 @@ class Alibi(nnx.Module):
 class Fire(nnx.Module):
   """FIRE (Li et al., 2023): bias = MLP(psi(|i - j|) / psi(max(L, i))), psi(x) = log(c x + 1), c and L learned.
 
-  The encoder is bidirectional, so the normalized distance carries the sign of (i - j): keys on either side of the
-  query get different biases.
+  The normalized distance keeps the sign of (i - j), so that in the bidirectional encoder keys on either side of
+  the query get different biases.
   """
 
-  def __init__(self, config: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     dtype, width = jnp.dtype(config.param_dtype), config.fire_mlp_width
     self.mlp_in = nnx.Param(jax.random.normal(rngs.params(), (width,), dtype))
     self.mlp_in_bias = nnx.Param(jnp.zeros((width,), dtype))
     self.mlp_out = nnx.Param(jax.random.normal(rngs.params(), (width, config.num_heads), dtype) * width ** -0.5)
     self.log_c = nnx.Param(jnp.asarray(math.log(config.fire_c), dtype))
     self.threshold = nnx.Param(jnp.asarray(config.fire_L, dtype))
-    self.bidirectional = bidirectional
 
   def __call__(self, q_positions, kv_positions) -> AttentionBias:
     c = jnp.exp(self.log_c[...].astype(jnp.float32))
@@ -93,7 +92,7 @@ def make_position_module(config: ModelConfig, *, bidirectional: bool, rngs: nnx.
   if kind == "alibi":
     return Alibi(config)
   if kind == "fire":
-    return Fire(config, bidirectional=bidirectional, rngs=rngs)
+    return Fire(config, rngs=rngs)
   return None
 
 

@@ -48,6 +48,7 @@ def parameter_spec(shape, fsdp_size: int) -> P:
 
 
 def parameter_shardings(abstract_params, mesh: Mesh):
+  """Shardings of a pytree of parameters, or of anything shaped like them (optimizer moments)."""
   fsdp = mesh.shape["fsdp"]
   return jax.tree.map(lambda x: NamedSharding(mesh, parameter_spec(x.shape, fsdp)), abstract_params)
 

@@ -39,6 +39,9 @@ class Trainer:
   """Builds the model and optimizer for a config and compiles the steps over a mesh."""
 
   def __init__(self, config: Config, mesh: jax.sharding.Mesh):
+    if config.train.batch_size % mesh.size:
+      raise ValueError(f"train.batch_size={config.train.batch_size} rows cannot be split evenly over the "
+                       f"{mesh.size} devices of the mesh")
     self.config, self.mesh = config, mesh
     self.tx = optim.make_optimizer(config.train, config.model.param_dtype)
     self.loss_impl = resolve_kernel_impl(config.model.kernel_impl, fastest_cross_entropy_impl())
@@ -53,9 +56,7 @@ class Trainer:
 
     self.graphdef = nnx.split(nnx.eval_shape(new_model), nnx.Param, ...)[0]
     abstract_state = jax.eval_shape(init_state)
-    self.state_shardings = jax.tree.map(
-        lambda x: jax.sharding.NamedSharding(mesh, sharding.parameter_spec(x.shape, mesh.shape["fsdp"])),
-        abstract_state)
+    self.state_shardings = sharding.parameter_shardings(abstract_state, mesh)  # moments follow their parameter
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_shardings)
     self._init = jax.jit(init_state, out_shardings=self.state_shardings)
@@ -94,7 +95,6 @@ class Trainer:
     encoded = model.encode(batch["encoder_input_tokens"], segment_ids=batch["encoder_segment_ids"],
                            positions=positions("encoder_positions"))
     hidden = model.decode(batch["decoder_input_tokens"], encoded, encoder_segment_ids=batch["encoder_segment_ids"],
-                          encoder_positions=positions("encoder_positions"),
                           decoder_segment_ids=batch["decoder_segment_ids"],
                           decoder_positions=positions("decoder_positions"))
     return losses.lm_head_loss(hidden, model.lm_head_kernel(), batch["decoder_target_tokens"],
@@ -185,6 +185,7 @@ def _restore_or_init(trainer: Trainer, checkpointer: checkpoint.Checkpointer, da
   step, restored = checkpointer.restore(trainer.abstract_state, data_iterator=data_iterator)
   if step is None:
     return trainer.init_state()
+  checkpointer.discard_newer_than(step)
   if "opt_state" not in restored:
     print(f"step {step} holds parameters only (an import): starting a fresh optimizer")
     restored = {"params": restored["params"], "opt_state": trainer.init_opt_state(restored["params"]),
@@ -225,10 +226,12 @@ def train(config: Config) -> dict:
   if start == 0:  # the starting point of the validation curve
     writer.write(0, "eval", trainer.evaluate(state["params"], eval_batches))
   window = {"rows": 0, "flops": 0.0, "time": time.perf_counter()}
+  tracing = False
   try:
     for step in range(start, tc.steps):
       if tc.profile_steps and step == tc.profile_steps[0]:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        tracing = True
       batch = next(train_iterator)
       rows, decoder_length = batch["decoder_input_tokens"].shape
       state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=tc.grad_accum_steps))
@@ -236,8 +239,9 @@ def train(config: Config) -> dict:
       window["flops"] += rows * jax.process_count() * flops.training_flops_per_row(
           config.model, config.data.encoder_length, decoder_length)
       done = step + 1
-      if tc.profile_steps and done == tc.profile_steps[0] + tc.profile_steps[1]:
+      if tracing and done == tc.profile_steps[0] + tc.profile_steps[1]:
         jax.profiler.stop_trace()
+        tracing = False
       if done % tc.log_every == 0 or done == tc.steps:
         metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
         elapsed = time.perf_counter() - window["time"]
@@ -261,6 +265,8 @@ def train(config: Config) -> dict:
       if stop.received:
         break
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
     bar.close()
     checkpointer.wait()
     checkpointer.close()
@@ -268,22 +274,26 @@ def train(config: Config) -> dict:
     stop.restore()
   if stop.received:
     raise SystemExit(f"stopped by {stop.received} at step {int(state['step'])}; the same command resumes")
+  # Every process takes part in gathering FSDP-sharded parameters; the main one then exports and predicts.
+  params = jax.device_get(jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state["params"]))
   if is_main:
-    _finish(config, trainer, state, tokenizer, eval_batches)
+    _finish(config, trainer, params, tokenizer, eval_batches)
   return state
 
 
-def _finish(config: Config, trainer: Trainer, state, tokenizer, eval_batches):
-  """Loss plot, Hugging Face export (t5 positions) and a few decoded predictions on validation examples."""
+def _finish(config: Config, trainer: Trainer, params, tokenizer, eval_batches):
+  """Loss plot, Hugging Face export (when the architecture has one) and decoded predictions on validation rows."""
   from fat5_jax import generate, hf
   from fat5_jax.metrics import plot_losses
 
   workdir = config.workdir
   print(f"loss curves: {plot_losses(os.path.join(workdir, 'metrics.jsonl'), os.path.join(workdir, 'loss.png'))}")
-  model = trainer.model(jax.device_get(state["params"]))
-  if config.model.position_encoding_type == "t5":
+  model = trainer.model(params)
+  try:
     hf.to_hf(config.model, model, os.path.join(workdir, "hf"))
     print(f"Hugging Face export: {os.path.join(workdir, 'hf')}")
+  except ValueError as reason:  # e.g. ALiBi or RoPE: transformers' T5 has only the bucketed bias
+    print(f"no Hugging Face export: {reason}")
   batch = eval_batches[0]
   first = [int(i) for i in np.flatnonzero(batch["encoder_segment_ids"][:, 0])[:3]]
   for row in first:

@@ -42,7 +42,10 @@ def example_dataset(config: Config, tokenizer: Tokenizer, split: str, *, process
   source = source[process_index::process_count]
   if len(source) == 0:
     raise ValueError(f"the {split} split has fewer pieces than the {process_count} processes")
-  examples = source.shuffle(seed=data.seed).repeat(None).random_map(transform, seed=data.seed)
+  # Each process shuffles and draws noise with its own seed: with one seed, every host would pick the same denoiser
+  # and spans at each step, over neighbouring pieces of the corpus.
+  seed = data.seed + 1_000_003 * process_index
+  examples = source.shuffle(seed=seed).repeat(None).random_map(transform, seed=seed)
   return examples, transform
 
 
