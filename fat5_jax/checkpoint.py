@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Optional
 
+import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -25,6 +27,7 @@ class CheckpointMismatchError(ValueError):
   """The workdir holds a checkpoint of another architecture."""
 
 
+@functools.lru_cache(maxsize=None)  # read once per run, not at every save
 def _tokenizer_record(tokenizer_path: Optional[str]) -> dict:
   if not tokenizer_path:
     return {}
@@ -41,8 +44,6 @@ class Checkpointer:
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=lambda m: -m["eval_loss"], n=1,
                                   keep_checkpoints_without_metrics=False)])
-    import grain  # the data pipeline's checkpoint handler
-
     # Handlers named up front, so that a fresh process can read metadata before it restores anything.
     handlers = dict(state=ocp.PyTreeCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
                     tokenizer=ocp.JsonCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
@@ -55,8 +56,6 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, config: Config, tokenizer_path: Optional[str] = None,
            data_iterator=None, eval_loss: Optional[float] = None, force: bool = False) -> bool:
-    import grain
-
     items = dict(state=ocp.args.PyTreeSave(state),
                  config=ocp.args.JsonSave(dataclasses.asdict(config)),
                  tokenizer=ocp.args.JsonSave(_tokenizer_record(tokenizer_path)))
@@ -87,8 +86,6 @@ class Checkpointer:
     another mesh reshards). Only the wanted keys that the step holds are read: an imported step 0 holds params
     only, and evaluation wants params only. The data iterator, when given, is restored in place.
     """
-    import grain
-
     errors = []
     for step in reversed(self.all_steps()):
       try:
