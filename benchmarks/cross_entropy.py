@@ -1,6 +1,6 @@
 """Cross-entropy + z-loss: XLA vs the Pallas and jax-triton kernels, and the chunked lm_head loss's memory.
 
-  python benchmarks/cross_entropy.py [--sweep] [--skip-lm-head]
+  python benchmarks/cross_entropy.py [--sweep [fwd fwd_bwd fused]] [--skip-lm-head]
 
 Part 1, per-token loss on given logits (16,384 tokens x vocab 32,768, bf16, z-loss 1e-4): forward (loss, lse),
 forward + backward with random cotangents on both outputs, and the fused loss-and-gradient kernel (cotangent
@@ -32,6 +32,8 @@ TILES = [(1, 2048), (1, 4096), (1, 8192), (1, 16384), (2, 4096), (4, 2048)]
 FWD_SWEEP = [dict(block_tokens=t, block_vocab=v, num_warps=w) for t, v in TILES for w in (4, 8, 16)]
 BWD_SWEEP = [dict(bwd_block_tokens=t, bwd_block_vocab=v, bwd_num_warps=w) for t, v in TILES for w in (4, 8, 16)]
 STAGES = [dict(num_stages=s) for s in (1, 2, 3, 4)]
+FUSED_PROGRAMS_SWEEP = [dict(fused_programs_per_core=p) for p in (1, 2, 3, 4, 6, 8)]
+FUSED_TILE_SWEEP = [dict(fused_block_vocab=v, fused_num_warps=w) for v in (2048, 4096, 8192) for w in (4, 8, 16)]
 
 
 def _inputs(num_tokens, vocab, count):
@@ -93,14 +95,19 @@ def _best(trials, kind, configs, make_fn, inputs, base):
   return dataclasses.replace(base, **min(configs, key=timed))
 
 
-def _sweep(impl, inputs):
+def _sweep(impl, inputs, passes):
+  """Best BlockSizes for the per-token kernels and for the fused one (separately: they share num_stages)."""
   trials = []
   base = BlockSizes()
-  base = _best(trials, "fwd", FWD_SWEEP, lambda bs: _functions(impl, bs)["fwd"], inputs, base)
-  base = _best(trials, "fwd_bwd", BWD_SWEEP, lambda bs: _functions(impl, bs)["fwd_bwd"], inputs, base)
-  base = _best(trials, "fwd_bwd", STAGES, lambda bs: _functions(impl, bs)["fwd_bwd"], inputs, base)
-  fused_sweep = [dict(fused_num_warps=w) for w in (4, 8, 16, 32)]  # one whole row a program
-  fused_best = _best(trials, "fused", fused_sweep, lambda bs: _functions(impl, bs)["fused"], inputs, base)
+  if "fwd" in passes:
+    base = _best(trials, "fwd", FWD_SWEEP, lambda bs: _functions(impl, bs)["fwd"], inputs, base)
+  if "fwd_bwd" in passes:
+    base = _best(trials, "fwd_bwd", BWD_SWEEP, lambda bs: _functions(impl, bs)["fwd_bwd"], inputs, base)
+    base = _best(trials, "fwd_bwd", STAGES, lambda bs: _functions(impl, bs)["fwd_bwd"], inputs, base)
+  fused_best = base
+  if "fused" in passes:
+    for sweep in (FUSED_PROGRAMS_SWEEP, FUSED_TILE_SWEEP, FUSED_PROGRAMS_SWEEP):
+      fused_best = _best(trials, "fused", sweep, lambda bs: _functions(impl, bs)["fused"], inputs, fused_best)
   return base, fused_best, trials
 
 
@@ -111,8 +118,8 @@ def part1(args, copy_tbs):
   rows, sweeps = [], {}
   for impl in args.impls:
     block_sizes = fused_sizes = None if impl == "xla" else BlockSizes()
-    if impl != "xla" and args.sweep:
-      block_sizes, fused_sizes, sweeps[impl] = _sweep(impl, inputs)
+    if impl != "xla" and args.sweep is not None:
+      block_sizes, fused_sizes, sweeps[impl] = _sweep(impl, inputs, args.sweep or ["fwd", "fwd_bwd", "fused"])
     fns = _functions(impl, block_sizes)
     fused_fns = _functions(impl, fused_sizes)
     times = {"fwd": common.time_ms(fns["fwd"], inputs), "fwd_bwd": common.time_ms(fns["fwd_bwd"], inputs),
@@ -197,7 +204,8 @@ def main():
   parser.add_argument("--tokens", type=int, default=16384)
   parser.add_argument("--vocab", type=int, default=32768)
   parser.add_argument("--lm-head-tokens", type=int, default=65536)
-  parser.add_argument("--sweep", action="store_true")
+  parser.add_argument("--sweep", nargs="*", choices=["fwd", "fwd_bwd", "fused"],
+                      help="tune these kernels' block sizes first (all three when none is named)")
   parser.add_argument("--skip-lm-head", action="store_true")
   parser.add_argument("--out", default="benchmarks/results/cross_entropy.json")
   parser.add_argument("--plot", default="benchmarks/cross_entropy.png")

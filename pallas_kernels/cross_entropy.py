@@ -15,8 +15,11 @@ mT5's 250,112 included):
 - backward: one pass from the saved lse: dlogits = c1 * softmax - c2 * onehot(t) - c3 with per-row scalars
   c1 = dloss * (1 + 2 z lse) + dlse, c2 = dloss * (1 - ls), c3 = dloss * ls / V.
 - fused: the forward pass and then the backward pass for a cotangent known in advance (the per-token loss
-  weights). Its second read of the row mostly hits L2, so loss and gradient cost about one HBM read and one
-  write of the logits. `chunked_lm_head_cross_entropy` uses it.
+  weights), row after row. `chunked_lm_head_cross_entropy` uses it. Its second read of a row must hit L2 for the
+  pair to cost one HBM read and one write of the logits, so the kernel is persistent: a few programs per core
+  loop over the rows (with one program per row, ~1000 resident 64 KiB rows overflow the 50 MB L2), the first
+  read asks L2 to keep the row, the second and the gradient writes ask it to drop them, and the second pass runs
+  backwards, starting with the blocks read last.
 """
 
 from __future__ import annotations
@@ -37,9 +40,8 @@ CHUNKED_IMPLS = ("xla",) + IMPLS
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tokens per program and vocab block of the forward and backward kernels. The fused kernel reads a whole row
-  into registers when the padded vocab is at most fused_max_vocab (fused_num_warps), else it loops like the
-  backward."""
+  """Tokens per program and vocab block of the forward, backward and fused kernels; the fused kernel runs
+  fused_programs_per_core programs per GPU core (streaming multiprocessor), each looping over blocks of rows."""
 
   block_tokens: int = 1
   block_vocab: int = 4096
@@ -47,15 +49,17 @@ class BlockSizes:
   bwd_block_tokens: int = 1
   bwd_block_vocab: int = 4096
   bwd_num_warps: int = 8
-  fused_max_vocab: int = 32768
-  fused_num_warps: int = 16
+  fused_block_vocab: int = 4096
+  fused_num_warps: int = 8
+  fused_programs_per_core: int = 4
   num_stages: int = 2
 
   def validate(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if value < 1 or ("block" in field.name or "vocab" in field.name) and value & (value - 1):
-        raise ValueError(f"BlockSizes.{field.name} must be a positive power of two, got {value}")
+      if value < 1 or "block" in field.name and value & (value - 1):
+        kind = "a power of two" if "block" in field.name else "positive"
+        raise ValueError(f"BlockSizes.{field.name} must be {kind}, got {value}")
 
 
 def default_impl() -> str:
@@ -334,9 +338,10 @@ LOG2E = 1.4426950408889634  # the kernels work in base 2: exp2 is one hardware i
 LN2 = 0.6931471805599453
 
 
-def _rows(block_tokens, num_rows):
-  """This program's rows, and their mask (None when the block size divides the rows: no masking cost)."""
-  rows = pl.program_id(0) * block_tokens + jnp.arange(block_tokens)
+def _rows(block, block_tokens, num_rows):
+  """The rows of block number `block`, and their mask (None when the block size divides the rows: no masking
+  cost)."""
+  rows = block * block_tokens + jnp.arange(block_tokens)
   return rows, (rows < num_rows if num_rows % block_tokens else None)
 
 
@@ -351,8 +356,9 @@ def _tile_mask(rows, row_mask, cols, vocab):
   return row_mask[:, None] & col_mask[None, :]
 
 
-def _load_tile(logits_ref, rows, cols, mask, other):
-  x = plgpu.load(logits_ref.at[rows[:, None], cols[None, :]], mask=mask, other=None if mask is None else other)
+def _load_tile(logits_ref, rows, cols, mask, other, eviction_policy=None):
+  x = plgpu.load(logits_ref.at[rows[:, None], cols[None, :]], mask=mask, other=None if mask is None else other,
+                 eviction_policy=eviction_policy)
   return x.astype(jnp.float32)
 
 
@@ -409,14 +415,16 @@ def _target_logit(logits_ref, rows, row_mask, targets):
   return target_logit.astype(jnp.float32), valid
 
 
-def _row_stats(logits_ref, rows, row_mask, targets, *, block_vocab, z_loss, label_smoothing, with_argmax):
+def _row_stats(logits_ref, rows, row_mask, targets, *, block_vocab, z_loss, label_smoothing, with_argmax,
+               eviction_policy=None):
   """Loop over the rows' vocab blocks: (loss, lse, argmax or None)."""
   vocab = logits_ref.shape[1]
 
   def body(j, carry):
     cols = j * block_vocab + jnp.arange(block_vocab)
     mask = _tile_mask(rows, row_mask, cols, vocab)
-    return _stats_update(carry, _load_tile(logits_ref, rows, cols, mask, float("-inf")), cols, mask)
+    x = _load_tile(logits_ref, rows, cols, mask, float("-inf"), eviction_policy)
+    return _stats_update(carry, x, cols, mask)
 
   carry = lax.fori_loop(0, pl.cdiv(vocab, block_vocab), body,
                         _stats_init(rows.shape[0], block_vocab, with_argmax, label_smoothing > 0))
@@ -437,16 +445,21 @@ def _grad_block(x, cols, targets, lse, coefficients):
   return c1 * softmax - jnp.where(cols[None, :] == targets[:, None], c2, 0.0) - c3
 
 
-def _write_grad(logits_ref, dlogits_ref, rows, row_mask, targets, lse, coefficients, *, block_vocab):
-  """Loop over the rows' vocab blocks writing dlogits."""
+def _write_grad(logits_ref, dlogits_ref, rows, row_mask, targets, lse, coefficients, *, block_vocab,
+                reverse=False):
+  """Loop over the rows' vocab blocks writing dlogits (last block first if `reverse`). Neither the logits nor
+  their gradient are read again: both ask L2 to evict them first."""
   vocab = logits_ref.shape[1]
+  num_blocks = pl.cdiv(vocab, block_vocab)
 
-  @pl.loop(0, pl.cdiv(vocab, block_vocab))
+  @pl.loop(0, num_blocks)
   def _(j):
-    cols = j * block_vocab + jnp.arange(block_vocab)
+    cols = (num_blocks - 1 - j if reverse else j) * block_vocab + jnp.arange(block_vocab)
     mask = _tile_mask(rows, row_mask, cols, vocab)
-    d = _grad_block(_load_tile(logits_ref, rows, cols, mask, 0.0), cols, targets, lse, coefficients)
-    plgpu.store(dlogits_ref.at[rows[:, None], cols[None, :]], d.astype(dlogits_ref.dtype), mask=mask)
+    x = _load_tile(logits_ref, rows, cols, mask, 0.0, "evict_first")
+    d = _grad_block(x, cols, targets, lse, coefficients)
+    plgpu.store(dlogits_ref.at[rows[:, None], cols[None, :]], d.astype(dlogits_ref.dtype), mask=mask,
+                eviction_policy="evict_first")
 
 
 def _store_stats(rows, row_mask, loss_ref, lse_ref, argmax_ref, loss, lse, argmax):
@@ -458,7 +471,7 @@ def _store_stats(rows, row_mask, loss_ref, lse_ref, argmax_ref, loss, lse, argma
 
 def _fwd_kernel(logits_ref, targets_ref, loss_ref, lse_ref, argmax_ref=None, *, z_loss, label_smoothing,
                 block_tokens, block_vocab):
-  rows, row_mask = _rows(block_tokens, logits_ref.shape[0])
+  rows, row_mask = _rows(pl.program_id(0), block_tokens, logits_ref.shape[0])
   targets = _load_rows(targets_ref, rows, row_mask, -1)
   stats = _row_stats(logits_ref, rows, row_mask, targets, block_vocab=block_vocab, z_loss=z_loss,
                      label_smoothing=label_smoothing, with_argmax=argmax_ref is not None)
@@ -467,7 +480,7 @@ def _fwd_kernel(logits_ref, targets_ref, loss_ref, lse_ref, argmax_ref=None, *, 
 
 def _bwd_kernel(logits_ref, targets_ref, lse_ref, dloss_ref, dlse_ref, dlogits_ref, *, z_loss, label_smoothing,
                 block_tokens, block_vocab):
-  rows, row_mask = _rows(block_tokens, logits_ref.shape[0])
+  rows, row_mask = _rows(pl.program_id(0), block_tokens, logits_ref.shape[0])
   targets = _load_rows(targets_ref, rows, row_mask, -1)
   lse = _load_rows(lse_ref, rows, row_mask, 0.0)
   coefficients = _grad_coefficients(targets, lse, _load_rows(dloss_ref, rows, row_mask, 0.0),
@@ -477,28 +490,21 @@ def _bwd_kernel(logits_ref, targets_ref, lse_ref, dloss_ref, dlse_ref, dlogits_r
 
 
 def _fused_kernel(logits_ref, targets_ref, dloss_ref, loss_ref, lse_ref, argmax_ref, dlogits_ref, *, z_loss,
-                  label_smoothing, block_tokens, block_vocab):
-  rows, row_mask = _rows(block_tokens, logits_ref.shape[0])
-  vocab = logits_ref.shape[1]
-  targets = _load_rows(targets_ref, rows, row_mask, -1)
-  dloss = _load_rows(dloss_ref, rows, row_mask, 0.0)
-  if block_vocab >= vocab:
-    # The whole row fits one block: read it once, keep it in registers for the gradient.
-    cols = jnp.arange(block_vocab)
-    mask = _tile_mask(rows, row_mask, cols, vocab)
-    x = _load_tile(logits_ref, rows, cols, mask, float("-inf"))
-    carry = _stats_update(_stats_init(block_tokens, block_vocab, True, label_smoothing > 0), x, cols, mask)
-    target_logit, valid = _target_logit(logits_ref, rows, row_mask, targets)
-    loss, lse, argmax = _stats_finish(carry, target_logit, valid, vocab, z_loss, label_smoothing)
-    coefficients = _grad_coefficients(targets, lse, dloss, jnp.zeros_like(lse), vocab, z_loss, label_smoothing)
-    d = _grad_block(x, cols, targets, lse, coefficients)
-    plgpu.store(dlogits_ref.at[rows[:, None], cols[None, :]], d.astype(dlogits_ref.dtype), mask=mask)
-  else:
+                  label_smoothing, block_tokens, block_vocab, num_programs):
+  num_rows, vocab = logits_ref.shape
+
+  @pl.loop(pl.program_id(0), pl.cdiv(num_rows, block_tokens), step=num_programs)
+  def _(block):
+    rows, row_mask = _rows(block, block_tokens, num_rows)
+    targets = _load_rows(targets_ref, rows, row_mask, -1)
+    dloss = _load_rows(dloss_ref, rows, row_mask, 0.0)
     loss, lse, argmax = _row_stats(logits_ref, rows, row_mask, targets, block_vocab=block_vocab, z_loss=z_loss,
-                                   label_smoothing=label_smoothing, with_argmax=True)
+                                   label_smoothing=label_smoothing, with_argmax=True,
+                                   eviction_policy="evict_last")
     coefficients = _grad_coefficients(targets, lse, dloss, jnp.zeros_like(lse), vocab, z_loss, label_smoothing)
-    _write_grad(logits_ref, dlogits_ref, rows, row_mask, targets, lse, coefficients, block_vocab=block_vocab)
-  _store_stats(rows, row_mask, loss_ref, lse_ref, argmax_ref, loss, lse, argmax)
+    _write_grad(logits_ref, dlogits_ref, rows, row_mask, targets, lse, coefficients, block_vocab=block_vocab,
+                reverse=True)
+    _store_stats(rows, row_mask, loss_ref, lse_ref, argmax_ref, loss, lse, argmax)
 
 
 def _stats_shapes(num_tokens, with_argmax=True):
@@ -506,18 +512,23 @@ def _stats_shapes(num_tokens, with_argmax=True):
   return shapes + ((jax.ShapeDtypeStruct((num_tokens,), jnp.int32),) if with_argmax else ())
 
 
-def fused_tiles(block_sizes, vocab):
-  """(block_tokens, block_vocab, num_warps) of the fused kernel: the whole row in one block when it fits."""
-  if pl.next_power_of_2(vocab) <= block_sizes.fused_max_vocab:
-    return 1, pl.next_power_of_2(vocab), block_sizes.fused_num_warps
-  return block_sizes.bwd_block_tokens, block_sizes.bwd_block_vocab, block_sizes.bwd_num_warps
+def fused_num_programs(block_sizes, num_tokens):
+  """Programs of the persistent fused kernel: fused_programs_per_core per GPU core (1 core off the GPU), at most
+  one per row."""
+  cores = getattr(jax.devices()[0], "core_count", None) or 1
+  return min(block_sizes.fused_programs_per_core * cores, num_tokens)
 
 
-def _launch(kernel, out_shape, num_tokens, block_tokens, block_vocab, num_warps, options, name):
-  kernel = functools.partial(kernel, z_loss=options.z_loss, label_smoothing=options.label_smoothing,
-                             block_tokens=block_tokens, block_vocab=block_vocab)
+def _launch(kernel, out_shape, num_tokens, block_tokens, block_vocab, num_warps, options, name,
+            num_programs=None):
+  """One program per block of tokens, or num_programs looping over them (the kernel then takes num_programs)."""
+  constants = dict(z_loss=options.z_loss, label_smoothing=options.label_smoothing, block_tokens=block_tokens,
+                   block_vocab=block_vocab)
+  if num_programs is not None:
+    constants["num_programs"] = num_programs
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(pl.cdiv(num_tokens, block_tokens),),
+      functools.partial(kernel, **constants), out_shape=out_shape,
+      grid=(num_programs or pl.cdiv(num_tokens, block_tokens),),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=options.block_sizes.num_stages),
       interpret=options.interpret, name=name)
 
@@ -547,5 +558,7 @@ class _PallasKernels:
   def fused(logits, targets, dloss, options):
     num_tokens = logits.shape[0]
     out_shape = _stats_shapes(num_tokens) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
-    return _launch(_fused_kernel, out_shape, num_tokens, *fused_tiles(options.block_sizes, logits.shape[1]),
-                   options, "cross_entropy_fused")(logits, targets, dloss.astype(jnp.float32))
+    bs = options.block_sizes
+    return _launch(_fused_kernel, out_shape, num_tokens, 1, bs.fused_block_vocab, bs.fused_num_warps, options,
+                   "cross_entropy_fused", fused_num_programs(bs, num_tokens))(
+                       logits, targets, dloss.astype(jnp.float32))

@@ -106,12 +106,13 @@ def rms_norm_bwd(x, weight, dy, eps, bs):
 
 @triton.jit
 def _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr,
-               OTHER: tl.constexpr, MASKED: tl.constexpr):
+               OTHER: tl.constexpr, MASKED: tl.constexpr, EVICTION: tl.constexpr):
   pointers = logits_ptr + row_offsets[:, None] + cols[None, :]
   if MASKED:
-    x = tl.load(pointers, mask=(rows < NUM_TOKENS)[:, None] & (cols < VOCAB)[None, :], other=OTHER)
+    x = tl.load(pointers, mask=(rows < NUM_TOKENS)[:, None] & (cols < VOCAB)[None, :], other=OTHER,
+                eviction_policy=EVICTION)
   else:
-    x = tl.load(pointers)
+    x = tl.load(pointers, eviction_policy=EVICTION)
   return x.to(tl.float32)
 
 
@@ -139,7 +140,8 @@ def _stats_finish(running_max, sum_exp, logit_sum, best, argmax, target_logit, v
 @triton.jit
 def _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr,
                Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
-               BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr, WITH_ARGMAX: tl.constexpr):
+               BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr, WITH_ARGMAX: tl.constexpr,
+               EVICTION: tl.constexpr):
   """Online (loss, lse, first argmax) over vocab blocks; per-element accumulators, one max reduction a block."""
   running_max = tl.full([BLOCK_TOKENS], _FLOAT32_MIN, tl.float32)
   sum_exp = tl.zeros([BLOCK_TOKENS, BLOCK_VOCAB], tl.float32)
@@ -148,7 +150,7 @@ def _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS: tl.constexpr,
   argmax = tl.zeros([BLOCK_TOKENS, BLOCK_VOCAB], tl.int32)
   for start in range(0, VOCAB, BLOCK_VOCAB):
     cols = start + tl.arange(0, BLOCK_VOCAB)
-    x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, float("-inf"), MASKED)
+    x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, float("-inf"), MASKED, EVICTION)
     x2 = x * _LOG2E
     new_max = tl.maximum(running_max, tl.max(x2, axis=1))
     sum_exp = sum_exp * tl.exp2(running_max - new_max)[:, None] + tl.exp2(x2 - new_max[:, None])
@@ -186,24 +188,27 @@ def _store_tile(dlogits_ptr, row_offsets, rows, cols, d, NUM_TOKENS: tl.constexp
   pointers = dlogits_ptr + row_offsets[:, None] + cols[None, :]
   d = d.to(dlogits_ptr.dtype.element_ty)
   if MASKED:
-    tl.store(pointers, d, mask=(rows < NUM_TOKENS)[:, None] & (cols < VOCAB)[None, :])
+    tl.store(pointers, d, mask=(rows < NUM_TOKENS)[:, None] & (cols < VOCAB)[None, :], eviction_policy="evict_first")
   else:
-    tl.store(pointers, d)
+    tl.store(pointers, d, eviction_policy="evict_first")
 
 
 @triton.jit
 def _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, NUM_TOKENS: tl.constexpr,
-                VOCAB: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr):
-  for start in range(0, VOCAB, BLOCK_VOCAB):
-    cols = start + tl.arange(0, BLOCK_VOCAB)
-    x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, 0.0, MASKED)
+                VOCAB: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr, REVERSE: tl.constexpr):
+  """dlogits block by block (last block first if REVERSE); nothing here is read again, so L2 may drop it."""
+  num_blocks = tl.cdiv(VOCAB, BLOCK_VOCAB)
+  for j in range(0, num_blocks):
+    block = num_blocks - 1 - j if REVERSE else j
+    cols = block * BLOCK_VOCAB + tl.arange(0, BLOCK_VOCAB)
+    x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, 0.0, MASKED, "evict_first")
     _store_tile(dlogits_ptr, row_offsets, rows, cols, _grad_block(x, cols, targets, lse, c1, c2, c3), NUM_TOKENS,
                 VOCAB, MASKED)
 
 
 @triton.jit
-def _rows(NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
-  rows = tl.program_id(0) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+def _rows(block, VOCAB: tl.constexpr, BLOCK_TOKENS: tl.constexpr):
+  rows = block * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
   return rows, rows.to(tl.int64) * VOCAB
 
 
@@ -226,10 +231,10 @@ def _ce_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, argmax_ptr, NUM_T
                    VOCAB: tl.constexpr, Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
                    BLOCK_TOKENS: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr,
                    WITH_ARGMAX: tl.constexpr):
-  rows, row_offsets = _rows(NUM_TOKENS, VOCAB, BLOCK_TOKENS)
+  rows, row_offsets = _rows(tl.program_id(0), VOCAB, BLOCK_TOKENS)
   targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
   loss, lse, argmax = _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB, Z_LOSS,
-                                 LABEL_SMOOTHING, BLOCK_TOKENS, BLOCK_VOCAB, MASKED, WITH_ARGMAX)
+                                 LABEL_SMOOTHING, BLOCK_TOKENS, BLOCK_VOCAB, MASKED, WITH_ARGMAX, "")
   _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS, WITH_ARGMAX)
 
 
@@ -237,44 +242,30 @@ def _ce_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, argmax_ptr, NUM_T
 def _ce_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, dloss_ptr, dlse_ptr, dlogits_ptr, NUM_TOKENS: tl.constexpr,
                    VOCAB: tl.constexpr, Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
                    BLOCK_TOKENS: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr):
-  rows, row_offsets = _rows(NUM_TOKENS, VOCAB, BLOCK_TOKENS)
+  rows, row_offsets = _rows(tl.program_id(0), VOCAB, BLOCK_TOKENS)
   targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
   lse = _load_rows(lse_ptr, rows, NUM_TOKENS, 0.0)
   c1, c2, c3 = _grad_coefficients(targets, lse, _load_rows(dloss_ptr, rows, NUM_TOKENS, 0.0),
                                   _load_rows(dlse_ptr, rows, NUM_TOKENS, 0.0), VOCAB, Z_LOSS, LABEL_SMOOTHING)
   _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, NUM_TOKENS, VOCAB,
-              BLOCK_VOCAB, MASKED)
+              BLOCK_VOCAB, MASKED, False)
 
 
 @triton.jit
 def _ce_fused_kernel(logits_ptr, targets_ptr, dloss_ptr, loss_ptr, lse_ptr, argmax_ptr, dlogits_ptr,
                      NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr, Z_LOSS: tl.constexpr,
                      LABEL_SMOOTHING: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_VOCAB: tl.constexpr,
-                     MASKED: tl.constexpr):
-  rows, row_offsets = _rows(NUM_TOKENS, VOCAB, BLOCK_TOKENS)
-  targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
-  dloss = _load_rows(dloss_ptr, rows, NUM_TOKENS, 0.0)
-  if BLOCK_VOCAB >= VOCAB:
-    # The whole row fits one block: read it once, keep it in registers for the gradient.
-    cols = tl.arange(0, BLOCK_VOCAB)
-    x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, float("-inf"), MASKED)
-    x2 = x * _LOG2E
-    row_max = tl.max(x2, axis=1)
-    sum_exp = tl.exp2(x2 - row_max[:, None])
-    logit_sum = tl.where(x > float("-inf"), x, 0.0)
-    target_logit, valid = _target_logit(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB)
-    loss, lse, argmax = _stats_finish(row_max, sum_exp, logit_sum, x, cols[None, :] + tl.zeros_like(x).to(tl.int32),
-                                      target_logit, valid, VOCAB, Z_LOSS, LABEL_SMOOTHING, True)
-    c1, c2, c3 = _grad_coefficients(targets, lse, dloss, tl.zeros_like(lse), VOCAB, Z_LOSS, LABEL_SMOOTHING)
-    _store_tile(dlogits_ptr, row_offsets, rows, cols, _grad_block(x, cols, targets, lse, c1, c2, c3), NUM_TOKENS,
-                VOCAB, MASKED)
-  else:
+                     MASKED: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+  for block in range(tl.program_id(0), tl.cdiv(NUM_TOKENS, BLOCK_TOKENS), NUM_PROGRAMS):
+    rows, row_offsets = _rows(block, VOCAB, BLOCK_TOKENS)
+    targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
+    dloss = _load_rows(dloss_ptr, rows, NUM_TOKENS, 0.0)
     loss, lse, argmax = _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB, Z_LOSS,
-                                   LABEL_SMOOTHING, BLOCK_TOKENS, BLOCK_VOCAB, MASKED, True)
+                                   LABEL_SMOOTHING, BLOCK_TOKENS, BLOCK_VOCAB, MASKED, True, "evict_last")
     c1, c2, c3 = _grad_coefficients(targets, lse, dloss, tl.zeros_like(lse), VOCAB, Z_LOSS, LABEL_SMOOTHING)
     _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, NUM_TOKENS, VOCAB,
-                BLOCK_VOCAB, MASKED)
-  _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS, True)
+                BLOCK_VOCAB, MASKED, True)
+    _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS, True)
 
 
 def _stats_shapes(num_tokens, with_argmax=True):
@@ -282,11 +273,15 @@ def _stats_shapes(num_tokens, with_argmax=True):
   return shapes + ((jax.ShapeDtypeStruct((num_tokens,), jnp.int32),) if with_argmax else ())
 
 
-def _call(kernel, args, out_shape, tiles, options, **constants):
+def _call(kernel, args, out_shape, tiles, options, num_programs=None, **constants):
+  """One program per block of tokens, or num_programs looping over them (passed as NUM_PROGRAMS)."""
   (num_tokens, vocab), (block_tokens, block_vocab, num_warps) = args[0].shape, tiles
   masked = bool(num_tokens % block_tokens or vocab % block_vocab)
+  if num_programs is not None:
+    constants["NUM_PROGRAMS"] = num_programs
   return jt.triton_call(
-      *args, kernel=kernel, out_shape=out_shape, grid=(triton.cdiv(num_tokens, block_tokens),),
+      *args, kernel=kernel, out_shape=out_shape,
+      grid=(num_programs or triton.cdiv(num_tokens, block_tokens),),
       num_warps=num_warps, num_stages=options.block_sizes.num_stages, NUM_TOKENS=num_tokens, VOCAB=vocab,
       Z_LOSS=options.z_loss, LABEL_SMOOTHING=options.label_smoothing, BLOCK_TOKENS=block_tokens,
       BLOCK_VOCAB=block_vocab, MASKED=masked, **constants)
@@ -314,7 +309,8 @@ class CrossEntropyKernels:
 
   @staticmethod
   def fused(logits, targets, dloss, options):
-    from pallas_kernels.cross_entropy import fused_tiles  # pylint: disable=import-outside-toplevel
+    from pallas_kernels.cross_entropy import fused_num_programs  # pylint: disable=import-outside-toplevel
+    bs = options.block_sizes
     out_shape = _stats_shapes(logits.shape[0]) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
     return _call(_ce_fused_kernel, (logits, targets, dloss.astype(jnp.float32)), out_shape,
-                 fused_tiles(options.block_sizes, logits.shape[1]), options)
+                 (1, bs.fused_block_vocab, bs.fused_num_warps), options, fused_num_programs(bs, logits.shape[0]))

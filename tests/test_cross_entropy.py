@@ -66,21 +66,26 @@ def test_matches_float64_reference(impl, num_tokens, vocab, dtype, z_loss, label
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas", pytest.param("triton", marks=ON_GPU_ONLY)])
-@pytest.mark.parametrize("fused_max_vocab", [512, 1024])  # vocab 777: a loop over blocks, or one block
-def test_cross_entropy_and_grad_matches_reference_vjp(impl, fused_max_vocab):
-  keys = jax.random.split(jax.random.key(11), 3)
-  logits = (4.0 * jax.random.normal(keys[0], (21, 777))).astype(jnp.bfloat16)
-  targets = _targets(keys[1], 21, 777).at[0].set(jnp.argmax(logits[0]))
-  dloss = jax.random.uniform(keys[2], (21,))
+# Vocab 777: a loop over vocab blocks, or one block. Off the GPU the persistent kernel runs 4 or 3 programs (one
+# "core"), so programs loop over different numbers of the 21 rows; the GPU case gives 2 or 3 rows to a program.
+@pytest.mark.parametrize("num_tokens,vocab,fused_block_vocab,fused_programs_per_core", [
+    (21, 777, 128, 4), (21, 777, 1024, 3), pytest.param(1500, 32000, 4096, 4, marks=ON_GPU_ONLY)])
+def test_cross_entropy_and_grad_matches_reference_vjp(impl, num_tokens, vocab, fused_block_vocab,
+                                                      fused_programs_per_core):
+  keys = jax.random.split(jax.random.key(num_tokens), 3)
+  logits = (4.0 * jax.random.normal(keys[0], (num_tokens, vocab))).astype(jnp.bfloat16)
+  targets = _targets(keys[1], num_tokens, vocab).at[0].set(jnp.argmax(logits[0]))
+  dloss = jax.random.uniform(keys[2], (num_tokens,))
   kwargs = dict(z_loss=1e-3, label_smoothing=0.1)
   poison_device_memory()
-  block_sizes = dataclasses.replace(SMALL_BLOCKS, fused_max_vocab=fused_max_vocab)
+  block_sizes = dataclasses.replace(SMALL_BLOCKS, fused_block_vocab=fused_block_vocab,
+                                    fused_programs_per_core=fused_programs_per_core)
   loss, lse, argmax, dlogits = cross_entropy_and_grad(logits, targets, dloss, block_sizes=block_sizes, impl=impl,
                                                       interpret=INTERPRET, **kwargs)
   with jax.enable_x64(True):
     (ref_loss, ref_lse), ref_vjp = jax.vjp(lambda x: cross_entropy_reference(x, targets, **kwargs),
                                            logits.astype(jnp.float64))
-    (ref_dlogits,) = ref_vjp((dloss.astype(jnp.float64), jnp.zeros(21, jnp.float64)))
+    (ref_dlogits,) = ref_vjp((dloss.astype(jnp.float64), jnp.zeros(num_tokens, jnp.float64)))
     chex.assert_type([loss, lse, argmax, dlogits], [jnp.float32, jnp.float32, jnp.int32, jnp.bfloat16])
     chex.assert_trees_all_equal(argmax, jnp.argmax(logits, axis=-1).astype(jnp.int32))
     for actual, expected in [(loss, ref_loss), (lse, ref_lse), (dlogits, ref_dlogits)]:
