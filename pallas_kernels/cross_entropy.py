@@ -11,7 +11,9 @@ real tokens (see `chunked_lm_head_cross_entropy`, which returns sums and the wei
 Kernels (one program per block of tokens, looping over vocab blocks so that any V works, 32,128, 32,768 and
 mT5's 250,112 included):
 - forward: one pass over the row: online max / sum-exp, the sum of the logits (for smoothing), the target logit
-  and the first argmax (for accuracy); writes loss, lse, argmax.
+  and the block holding the first maximum; the argmax (for accuracy) comes from one more read of that block
+  (one per-block comparison instead of three per-element operations and two per-element accumulators). Writes
+  loss, lse, argmax.
 - backward: one pass from the saved lse: dlogits = c1 * softmax - c2 * onehot(t) - c3 with per-row scalars
   c1 = dloss * (1 + 2 z lse) + dlse, c2 = dloss * (1 - ls), c3 = dloss * ls / V.
 - fused: the forward pass and then the backward pass for a cotangent known in advance (the per-token loss
@@ -19,7 +21,7 @@ mT5's 250,112 included):
   pair to cost one HBM read and one write of the logits, so the kernel is persistent: a few programs per core
   loop over the rows (with one program per row, ~1000 resident 64 KiB rows overflow the 50 MB L2), the first
   read asks L2 to keep the row, the second and the gradient writes ask it to drop them, and the second pass runs
-  backwards, starting with the blocks read last.
+  backwards, starting with the blocks read last, looking for the argmax in the block that holds it.
 """
 
 from __future__ import annotations
@@ -373,37 +375,51 @@ def _stats_init(block_tokens, block_vocab, with_argmax, with_logit_sum):
   if with_logit_sum:
     carry["logit_sum"] = jnp.zeros(tile, jnp.float32)
   if with_argmax:
-    carry["best"] = jnp.full(tile, -jnp.inf, jnp.float32)
-    carry["argmax"] = jnp.zeros(tile, jnp.int32)
+    carry["best_block"] = jnp.zeros((block_tokens,), jnp.int32)
   return carry
 
 
-def _stats_update(carry, x, cols, mask):
-  """Online update with one block of logits (masked entries -inf). Accumulators stay per element, so a block
-  costs one cross-thread reduction (the max); the rest are reduced once at the end."""
+def _stats_update(carry, x, block, mask):
+  """Online update with vocab block number `block` (masked entries -inf). Accumulators stay per element, so a
+  block costs one cross-thread reduction (the max); the rest are reduced once at the end. For the argmax only
+  the block holding the first maximum is tracked (strict >): the index inside it is found on a later read."""
   x2 = x * LOG2E
-  new_max = jnp.maximum(carry["max"], jnp.max(x2, axis=1))
+  block_max = jnp.max(x2, axis=1)
+  new_max = jnp.maximum(carry["max"], block_max)
   out = {"max": new_max, "sum_exp": (carry["sum_exp"] * jnp.exp2(carry["max"] - new_max)[:, None]
                                      + jnp.exp2(x2 - new_max[:, None]))}
   if "logit_sum" in carry:
     out["logit_sum"] = carry["logit_sum"] + (x if mask is None else jnp.where(mask, x, 0.0))
-  if "best" in carry:  # strict > keeps each lane's first maximum
-    out["argmax"] = jnp.where(x > carry["best"], cols[None, :], carry["argmax"])
-    out["best"] = jnp.maximum(carry["best"], x)
+  if "best_block" in carry:
+    out["best_block"] = jnp.where(block_max > carry["max"], block, carry["best_block"])
   return out
 
 
 def _stats_finish(carry, target_logit, valid, vocab, z_loss, label_smoothing):
-  """(loss, lse, argmax or None) from the accumulators."""
+  """(loss, lse, argmax locator or None) from the accumulators; the locator is (block of the first maximum,
+  maximum of logits * log2(e))."""
   lse = (carry["max"] + jnp.log2(jnp.sum(carry["sum_exp"], axis=1))) * LN2
   loss = (1 - label_smoothing) * (lse - target_logit) + z_loss * lse * lse
   if "logit_sum" in carry:
     loss += label_smoothing * (lse - jnp.sum(carry["logit_sum"], axis=1) / vocab)
-  argmax = None
-  if "best" in carry:
-    best = jnp.max(carry["best"], axis=1)
-    argmax = jnp.min(jnp.where(carry["best"] == best[:, None], carry["argmax"], vocab), axis=1)
-  return jnp.where(valid, loss, 0.0), lse, argmax
+  locator = (carry["best_block"], carry["max"]) if "best_block" in carry else None
+  return jnp.where(valid, loss, 0.0), lse, locator
+
+
+def _first_max(x, cols, row_max2, vocab):
+  """Per row, the first column whose logit * log2(e) equals the row's maximum (computed the same way in the
+  first pass, so the comparison is exact); vocab where there is none."""
+  return jnp.min(jnp.where(x * LOG2E == row_max2[:, None], cols, vocab), axis=1)
+
+
+def _argmax(logits_ref, rows, row_mask, locator, block_vocab):
+  """First argmax per row, from one more read of the block that holds the maximum."""
+  best_block, row_max2 = locator
+  vocab = logits_ref.shape[1]
+  cols = best_block[:, None] * block_vocab + jnp.arange(block_vocab)[None, :]
+  mask = (cols < vocab) if row_mask is None else (cols < vocab) & row_mask[:, None]
+  x = plgpu.load(logits_ref.at[rows[:, None], cols], mask=mask, other=float("-inf"))
+  return _first_max(x.astype(jnp.float32), cols, row_max2, vocab)
 
 
 def _target_logit(logits_ref, rows, row_mask, targets):
@@ -417,14 +433,14 @@ def _target_logit(logits_ref, rows, row_mask, targets):
 
 def _row_stats(logits_ref, rows, row_mask, targets, *, block_vocab, z_loss, label_smoothing, with_argmax,
                eviction_policy=None):
-  """Loop over the rows' vocab blocks: (loss, lse, argmax or None)."""
+  """Loop over the rows' vocab blocks: (loss, lse, argmax locator or None)."""
   vocab = logits_ref.shape[1]
 
   def body(j, carry):
     cols = j * block_vocab + jnp.arange(block_vocab)
     mask = _tile_mask(rows, row_mask, cols, vocab)
     x = _load_tile(logits_ref, rows, cols, mask, float("-inf"), eviction_policy)
-    return _stats_update(carry, x, cols, mask)
+    return _stats_update(carry, x, j, mask)
 
   carry = lax.fori_loop(0, pl.cdiv(vocab, block_vocab), body,
                         _stats_init(rows.shape[0], block_vocab, with_argmax, label_smoothing > 0))
@@ -446,20 +462,30 @@ def _grad_block(x, cols, targets, lse, coefficients):
 
 
 def _write_grad(logits_ref, dlogits_ref, rows, row_mask, targets, lse, coefficients, *, block_vocab,
-                reverse=False):
+                reverse=False, argmax_locator=None):
   """Loop over the rows' vocab blocks writing dlogits (last block first if `reverse`). Neither the logits nor
-  their gradient are read again: both ask L2 to evict them first."""
+  their gradient are read again: both ask L2 to evict them first. With an argmax locator, returns the first
+  argmax, looked for in the block that holds it."""
   vocab = logits_ref.shape[1]
   num_blocks = pl.cdiv(vocab, block_vocab)
 
-  @pl.loop(0, num_blocks)
-  def _(j):
-    cols = (num_blocks - 1 - j if reverse else j) * block_vocab + jnp.arange(block_vocab)
+  def body(j, argmax):
+    block = num_blocks - 1 - j if reverse else j
+    cols = block * block_vocab + jnp.arange(block_vocab)
     mask = _tile_mask(rows, row_mask, cols, vocab)
     x = _load_tile(logits_ref, rows, cols, mask, 0.0, "evict_first")
     d = _grad_block(x, cols, targets, lse, coefficients)
     plgpu.store(dlogits_ref.at[rows[:, None], cols[None, :]], d.astype(dlogits_ref.dtype), mask=mask,
                 eviction_policy="evict_first")
+    if argmax_locator is None:
+      return argmax
+    best_block, row_max2 = argmax_locator
+    here = best_block == block
+    return lax.cond(jnp.max(here.astype(jnp.int32)) > 0,
+                    lambda: jnp.where(here, _first_max(x, cols[None, :], row_max2, vocab), argmax),
+                    lambda: argmax)
+
+  return lax.fori_loop(0, num_blocks, body, jnp.zeros(rows.shape, jnp.int32))
 
 
 def _store_stats(rows, row_mask, loss_ref, lse_ref, argmax_ref, loss, lse, argmax):
@@ -473,9 +499,10 @@ def _fwd_kernel(logits_ref, targets_ref, loss_ref, lse_ref, argmax_ref=None, *, 
                 block_tokens, block_vocab):
   rows, row_mask = _rows(pl.program_id(0), block_tokens, logits_ref.shape[0])
   targets = _load_rows(targets_ref, rows, row_mask, -1)
-  stats = _row_stats(logits_ref, rows, row_mask, targets, block_vocab=block_vocab, z_loss=z_loss,
-                     label_smoothing=label_smoothing, with_argmax=argmax_ref is not None)
-  _store_stats(rows, row_mask, loss_ref, lse_ref, argmax_ref, *stats)
+  loss, lse, locator = _row_stats(logits_ref, rows, row_mask, targets, block_vocab=block_vocab, z_loss=z_loss,
+                                  label_smoothing=label_smoothing, with_argmax=argmax_ref is not None)
+  argmax = None if locator is None else _argmax(logits_ref, rows, row_mask, locator, block_vocab)
+  _store_stats(rows, row_mask, loss_ref, lse_ref, argmax_ref, loss, lse, argmax)
 
 
 def _bwd_kernel(logits_ref, targets_ref, lse_ref, dloss_ref, dlse_ref, dlogits_ref, *, z_loss, label_smoothing,
@@ -498,12 +525,12 @@ def _fused_kernel(logits_ref, targets_ref, dloss_ref, loss_ref, lse_ref, argmax_
     rows, row_mask = _rows(block, block_tokens, num_rows)
     targets = _load_rows(targets_ref, rows, row_mask, -1)
     dloss = _load_rows(dloss_ref, rows, row_mask, 0.0)
-    loss, lse, argmax = _row_stats(logits_ref, rows, row_mask, targets, block_vocab=block_vocab, z_loss=z_loss,
-                                   label_smoothing=label_smoothing, with_argmax=True,
-                                   eviction_policy="evict_last")
+    loss, lse, locator = _row_stats(logits_ref, rows, row_mask, targets, block_vocab=block_vocab, z_loss=z_loss,
+                                    label_smoothing=label_smoothing, with_argmax=True,
+                                    eviction_policy="evict_last")
     coefficients = _grad_coefficients(targets, lse, dloss, jnp.zeros_like(lse), vocab, z_loss, label_smoothing)
-    _write_grad(logits_ref, dlogits_ref, rows, row_mask, targets, lse, coefficients, block_vocab=block_vocab,
-                reverse=True)
+    argmax = _write_grad(logits_ref, dlogits_ref, rows, row_mask, targets, lse, coefficients,
+                         block_vocab=block_vocab, reverse=True, argmax_locator=locator)
     _store_stats(rows, row_mask, loss_ref, lse_ref, argmax_ref, loss, lse, argmax)
 
 

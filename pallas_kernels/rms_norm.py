@@ -36,18 +36,19 @@ class BlockSizes:
 
   block_rows: int = 4
   num_warps: int = 4
-  bwd_block_rows: int = 2
+  bwd_block_rows: int = 1
   bwd_num_warps: int = 4
   bwd_programs: int = 1056  # 8 per H100 SM; the partial weight-gradient buffer has this many rows
   num_stages: int = 2
 
   @classmethod
   def for_width(cls, width: int) -> BlockSizes:
-    """About 2K (forward) / 1K (backward) elements per program: the best of the sweep on the H100 at widths 512
-    and 1024 (benchmarks/results/rms_norm_v1.json)."""
+    """The best of the sweeps on the H100 at widths 512 and 1024 (benchmarks/results/rms_norm_sweep.json):
+    about 2K elements per forward program, one row per backward step, more programs for narrow rows."""
     padded = pl.next_power_of_2(width)
-    return cls(block_rows=max(1, 2048 // padded), bwd_block_rows=max(1, 1024 // padded),
-               num_warps=4 if padded <= 2048 else 8, bwd_num_warps=4 if padded <= 2048 else 8)
+    return cls(block_rows=max(1, 2048 // padded), num_warps=8 if padded <= 512 or padded > 2048 else 4,
+               bwd_block_rows=1, bwd_num_warps=4 if padded <= 2048 else 8,
+               bwd_programs=1584 if padded <= 512 else 1056)
 
   def validate(self):
     for name in ("block_rows", "bwd_block_rows"):

@@ -124,17 +124,13 @@ def _target_logit(logits_ptr, row_offsets, rows, targets, NUM_TOKENS: tl.constex
 
 
 @triton.jit
-def _stats_finish(running_max, sum_exp, logit_sum, best, argmax, target_logit, valid, VOCAB: tl.constexpr,
-                  Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, WITH_ARGMAX: tl.constexpr):
+def _stats_finish(running_max, sum_exp, logit_sum, target_logit, valid, VOCAB: tl.constexpr, Z_LOSS: tl.constexpr,
+                  LABEL_SMOOTHING: tl.constexpr):
   lse = (running_max + tl.log2(tl.sum(sum_exp, axis=1))) * _LN2
   loss = (1 - LABEL_SMOOTHING) * (lse - target_logit) + Z_LOSS * lse * lse
   if LABEL_SMOOTHING > 0:
     loss += LABEL_SMOOTHING * (lse - tl.sum(logit_sum, axis=1) / VOCAB)
-  first = tl.zeros_like(running_max).to(tl.int32)
-  if WITH_ARGMAX:
-    row_best = tl.max(best, axis=1)
-    first = tl.min(tl.where(best == row_best[:, None], argmax, VOCAB), axis=1)
-  return tl.where(valid, loss, 0.0), lse, first
+  return tl.where(valid, loss, 0.0), lse
 
 
 @triton.jit
@@ -142,30 +138,47 @@ def _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS: tl.constexpr,
                Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
                BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr, WITH_ARGMAX: tl.constexpr,
                EVICTION: tl.constexpr):
-  """Online (loss, lse, first argmax) over vocab blocks; per-element accumulators, one max reduction a block."""
+  """Online (loss, lse, block of the first maximum, maximum in base 2) over vocab blocks; per-element
+  accumulators, one max reduction a block."""
   running_max = tl.full([BLOCK_TOKENS], _FLOAT32_MIN, tl.float32)
   sum_exp = tl.zeros([BLOCK_TOKENS, BLOCK_VOCAB], tl.float32)
   logit_sum = tl.zeros([BLOCK_TOKENS, BLOCK_VOCAB], tl.float32)
-  best = tl.full([BLOCK_TOKENS, BLOCK_VOCAB], float("-inf"), tl.float32)
-  argmax = tl.zeros([BLOCK_TOKENS, BLOCK_VOCAB], tl.int32)
-  for start in range(0, VOCAB, BLOCK_VOCAB):
-    cols = start + tl.arange(0, BLOCK_VOCAB)
+  best_block = tl.zeros([BLOCK_TOKENS], tl.int32)
+  for block in range(0, tl.cdiv(VOCAB, BLOCK_VOCAB)):
+    cols = block * BLOCK_VOCAB + tl.arange(0, BLOCK_VOCAB)
     x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, float("-inf"), MASKED, EVICTION)
     x2 = x * _LOG2E
-    new_max = tl.maximum(running_max, tl.max(x2, axis=1))
+    block_max = tl.max(x2, axis=1)
+    new_max = tl.maximum(running_max, block_max)
     sum_exp = sum_exp * tl.exp2(running_max - new_max)[:, None] + tl.exp2(x2 - new_max[:, None])
+    if WITH_ARGMAX:  # strict >: the first block holding the maximum
+      best_block = tl.where(block_max > running_max, block, best_block)
     running_max = new_max
     if LABEL_SMOOTHING > 0:
       if MASKED:
         logit_sum += tl.where((rows < NUM_TOKENS)[:, None] & (cols < VOCAB)[None, :], x, 0.0)
       else:
         logit_sum += x
-    if WITH_ARGMAX:
-      argmax = tl.where(x > best, cols[None, :], argmax)
-      best = tl.maximum(best, x)
   target_logit, valid = _target_logit(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB)
-  return _stats_finish(running_max, sum_exp, logit_sum, best, argmax, target_logit, valid, VOCAB, Z_LOSS,
-                       LABEL_SMOOTHING, WITH_ARGMAX)
+  loss, lse = _stats_finish(running_max, sum_exp, logit_sum, target_logit, valid, VOCAB, Z_LOSS, LABEL_SMOOTHING)
+  return loss, lse, best_block, running_max
+
+
+@triton.jit
+def _first_max(x, cols, row_max2, VOCAB: tl.constexpr):
+  """Per row, the first column whose logit * log2(e) equals the maximum found by _row_stats (same product, so
+  an exact comparison); VOCAB where there is none."""
+  return tl.min(tl.where(x * _LOG2E == row_max2[:, None], cols, VOCAB), axis=1)
+
+
+@triton.jit
+def _argmax(logits_ptr, row_offsets, rows, best_block, row_max2, NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr,
+            BLOCK_VOCAB: tl.constexpr):
+  """First argmax per row, from one more read of the block that holds the maximum."""
+  cols = best_block[:, None] * BLOCK_VOCAB + tl.arange(0, BLOCK_VOCAB)[None, :]
+  mask = (rows < NUM_TOKENS)[:, None] & (cols < VOCAB)
+  x = tl.load(logits_ptr + row_offsets[:, None] + cols, mask=mask, other=float("-inf")).to(tl.float32)
+  return _first_max(x, cols, row_max2, VOCAB)
 
 
 @triton.jit
@@ -194,16 +207,24 @@ def _store_tile(dlogits_ptr, row_offsets, rows, cols, d, NUM_TOKENS: tl.constexp
 
 
 @triton.jit
-def _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, NUM_TOKENS: tl.constexpr,
-                VOCAB: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr, REVERSE: tl.constexpr):
-  """dlogits block by block (last block first if REVERSE); nothing here is read again, so L2 may drop it."""
+def _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, best_block, row_max2,
+                NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr,
+                REVERSE: tl.constexpr, FIND_ARGMAX: tl.constexpr):
+  """dlogits block by block (last block first if REVERSE); nothing here is read again, so L2 may drop it.
+  Returns the first argmax if FIND_ARGMAX, looked for in the block `best_block` only."""
   num_blocks = tl.cdiv(VOCAB, BLOCK_VOCAB)
+  argmax = tl.zeros_like(best_block)
   for j in range(0, num_blocks):
     block = num_blocks - 1 - j if REVERSE else j
     cols = block * BLOCK_VOCAB + tl.arange(0, BLOCK_VOCAB)
     x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, 0.0, MASKED, "evict_first")
     _store_tile(dlogits_ptr, row_offsets, rows, cols, _grad_block(x, cols, targets, lse, c1, c2, c3), NUM_TOKENS,
                 VOCAB, MASKED)
+    if FIND_ARGMAX:
+      here = best_block == block
+      if tl.max(here.to(tl.int32), axis=0) > 0:
+        argmax = tl.where(here, _first_max(x, cols[None, :], row_max2, VOCAB), argmax)
+  return argmax
 
 
 @triton.jit
@@ -233,8 +254,11 @@ def _ce_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, argmax_ptr, NUM_T
                    WITH_ARGMAX: tl.constexpr):
   rows, row_offsets = _rows(tl.program_id(0), VOCAB, BLOCK_TOKENS)
   targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
-  loss, lse, argmax = _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB, Z_LOSS,
-                                 LABEL_SMOOTHING, BLOCK_TOKENS, BLOCK_VOCAB, MASKED, WITH_ARGMAX, "")
+  loss, lse, best_block, row_max2 = _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB, Z_LOSS,
+                                               LABEL_SMOOTHING, BLOCK_TOKENS, BLOCK_VOCAB, MASKED, WITH_ARGMAX, "")
+  argmax = best_block
+  if WITH_ARGMAX:
+    argmax = _argmax(logits_ptr, row_offsets, rows, best_block, row_max2, NUM_TOKENS, VOCAB, BLOCK_VOCAB)
   _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS, WITH_ARGMAX)
 
 
@@ -247,8 +271,8 @@ def _ce_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, dloss_ptr, dlse_ptr, dlogit
   lse = _load_rows(lse_ptr, rows, NUM_TOKENS, 0.0)
   c1, c2, c3 = _grad_coefficients(targets, lse, _load_rows(dloss_ptr, rows, NUM_TOKENS, 0.0),
                                   _load_rows(dlse_ptr, rows, NUM_TOKENS, 0.0), VOCAB, Z_LOSS, LABEL_SMOOTHING)
-  _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, NUM_TOKENS, VOCAB,
-              BLOCK_VOCAB, MASKED, False)
+  _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, targets, lse, NUM_TOKENS,
+              VOCAB, BLOCK_VOCAB, MASKED, False, False)
 
 
 @triton.jit
@@ -260,11 +284,12 @@ def _ce_fused_kernel(logits_ptr, targets_ptr, dloss_ptr, loss_ptr, lse_ptr, argm
     rows, row_offsets = _rows(block, VOCAB, BLOCK_TOKENS)
     targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
     dloss = _load_rows(dloss_ptr, rows, NUM_TOKENS, 0.0)
-    loss, lse, argmax = _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB, Z_LOSS,
-                                   LABEL_SMOOTHING, BLOCK_TOKENS, BLOCK_VOCAB, MASKED, True, "evict_last")
+    loss, lse, best_block, row_max2 = _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB,
+                                                 Z_LOSS, LABEL_SMOOTHING, BLOCK_TOKENS, BLOCK_VOCAB, MASKED, True,
+                                                 "evict_last")
     c1, c2, c3 = _grad_coefficients(targets, lse, dloss, tl.zeros_like(lse), VOCAB, Z_LOSS, LABEL_SMOOTHING)
-    _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, NUM_TOKENS, VOCAB,
-                BLOCK_VOCAB, MASKED, True)
+    argmax = _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2, c3, best_block,
+                         row_max2, NUM_TOKENS, VOCAB, BLOCK_VOCAB, MASKED, True, True)
     _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS, True)
 
 

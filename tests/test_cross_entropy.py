@@ -92,6 +92,26 @@ def test_cross_entropy_and_grad_matches_reference_vjp(impl, num_tokens, vocab, f
       assert relative_error(actual, expected) < 1e-2
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_argmax_is_the_first_maximum(impl):
+  """Ties inside a vocab block, across blocks and on block edges (blocks of 128 or 256): the forward kernel (one
+  more read of the block holding the maximum) and the fused one (found in its gradient pass) both report the
+  first maximum, like jnp.argmax."""
+  keys = jax.random.split(jax.random.key(5), 2)
+  logits = jax.random.normal(keys[0], (6, 700)).astype(jnp.bfloat16)
+  for row, cols in enumerate([[5, 600], [300, 301], [699], [0, 699], [130, 260, 390], [127, 128]]):
+    logits = logits.at[row, jnp.array(cols)].set(10.0)
+  first = jnp.argmax(logits, axis=-1)
+  block_sizes = dataclasses.replace(SMALL_BLOCKS, fused_block_vocab=128)
+  _, _, argmax, _ = cross_entropy_and_grad(logits, first, jax.random.uniform(keys[1], (6,)), impl=impl,
+                                           block_sizes=block_sizes, interpret=INTERPRET)
+  chex.assert_trees_all_equal(argmax, first.astype(jnp.int32))
+  # The chunked loss without gradients runs the forward kernel; an identity hidden state makes its logits exact.
+  sums = chunked_lm_head_cross_entropy(jnp.eye(6, dtype=jnp.bfloat16), logits, first, chunk_size=6, impl=impl,
+                                       block_sizes=block_sizes, interpret=INTERPRET)
+  assert float(sums.correct) == 6.0
+
+
 def test_ignored_tokens_have_no_loss_gradient():
   logits = jax.random.normal(jax.random.key(3), (9, 300))
   targets = jnp.array([5, -1, 7, -100, 0, 299, -1, 2, 3])
