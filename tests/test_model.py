@@ -153,6 +153,8 @@ def test_pallas_kernels_match_xla_in_the_model(kind):
     (_, logits), grads = jax.value_and_grad(projected, has_aux=True)(params)
     return logits * (dec_ids > 0)[..., None], nnx.to_pure_dict(grads)
 
-  tolerance = 2e-4 if jax.default_backend() == "cpu" else 2e-2  # the GPU's float32 dots run in TF32
-  chex.assert_trees_all_close(logits_and_grads(make("pallas")), logits_and_grads(make("xla")), rtol=tolerance,
-                              atol=tolerance)
+  # Full float32 dots: in TF32 (the GPU's default) a few gradient entries of 4096 differ by 4e-2.
+  with jax.default_matmul_precision("highest"):
+    pallas, xla = logits_and_grads(make("pallas")), logits_and_grads(make("xla"))
+  tolerance = 2e-4 if jax.default_backend() == "cpu" else 2e-2
+  chex.assert_trees_all_close(pallas, xla, rtol=tolerance, atol=tolerance)
