@@ -35,6 +35,16 @@ def time_ms(fn: Callable, arg_sets: Sequence[tuple], *, warmup: int = 3, samples
   return {"median_ms": statistics.median(per_call), "min_ms": min(per_call), "max_ms": max(per_call)}
 
 
+def time_ms_chained(fn: Callable, arg_sets: Sequence[tuple], *, warmup: int = 3, samples: int = 15,
+                    calls: int = 4) -> dict[str, float]:
+  """`time_ms` for kernels shorter than a host dispatch (tens of microseconds): one jitted program calls `fn`
+  once on each input set, back to back on the device, and the times are per call of `fn`. The sets must be
+  distinct arrays, or XLA merges the identical calls."""
+  chain = jax.jit(lambda sets: [fn(*args) for args in sets])
+  times = time_ms(chain, [(list(arg_sets),)], warmup=warmup, samples=samples, calls=calls)
+  return {k: v / len(arg_sets) for k, v in times.items()}
+
+
 def random_like(key: jax.Array, tree: Any, scale: float = 1.0) -> Any:
   """A random normal pytree shaped like `tree` (arrays or ShapeDtypeStructs): the cotangents of fwd+bwd timing,
   so that XLA cannot exploit a constant one."""
@@ -44,11 +54,16 @@ def random_like(key: jax.Array, tree: Any, scale: float = 1.0) -> Any:
                             for k, leaf in zip(keys, leaves)])
 
 
-def copy_bandwidth_tbs(nbytes: int = 1 << 30) -> float:
-  """Device-memory bandwidth of a large elementwise copy (bytes read + written) in TB/s."""
-  x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
+def copy_bandwidth_tbs(nbytes: int = 1 << 30, chained: bool = False) -> float:
+  """Device-memory bandwidth of an elementwise copy of `nbytes` (bytes read + written) in TB/s; `chained` times
+  it like `time_ms_chained` (for copies as short as the kernels they are compared with)."""
   copy = jax.jit(lambda x: -x)  # a negation cannot be elided, unlike x * 1
-  t = time_ms(copy, [(x,)], samples=21)["median_ms"]
+  if chained:
+    sets = [(jax.random.normal(jax.random.key(i), (nbytes // 4,), jnp.float32),) for i in range(8)]
+    t = time_ms_chained(copy, sets, samples=21)["median_ms"]
+  else:
+    x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
+    t = time_ms(copy, [(x,)], samples=21)["median_ms"]
   return 2 * nbytes / (t * 1e-3) / 1e12
 
 

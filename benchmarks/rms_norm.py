@@ -5,7 +5,8 @@
 Bandwidth counts the bytes each pass must move: forward reads x and writes y, backward reads x and dy and writes
 dx (the weight and its partial gradients are negligible). Copy bandwidth is measured in the same run, on 1 GiB and
 on copies that move the same bytes as each pass (one [rows, width] tensor for the forward, 1.5 for the backward),
-so that launch and tail costs, which weigh more on small tensors, count alike.
+so that launch and tail costs, which weigh more on small tensors, count alike. Passes take 30-170 us, about as
+long as a host dispatch, so every timing (copies included) runs 8 calls on 8 input sets inside one jitted program.
 --sweep times several block sizes per kernel first and reports each kernel at its best.
 """
 
@@ -83,7 +84,7 @@ def _sweep(impl, inputs, base):
 
 def _record(trials, kind, cfg, fn, args):
   try:
-    t = common.time_ms(fn, args, warmup=2, samples=5, calls=10)["median_ms"]
+    t = common.time_ms_chained(fn, args, warmup=2, samples=5)["median_ms"]
   except Exception as e:  # pylint: disable=broad-except
     print(f"{kind} {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
     t = float("inf")
@@ -118,14 +119,14 @@ def main():
       plot(json.load(f), args.plot)
     return
 
-  copy_tbs = common.copy_bandwidth_tbs()
+  copy_tbs = common.copy_bandwidth_tbs(chained=True)
   print(f"copy bandwidth: {copy_tbs:.3f} TB/s")
   rows_out, sweeps = [], {}
   for width in args.widths:
-    inputs = _inputs(args.rows, width, count=2)
+    inputs = _inputs(args.rows, width, count=8)
     tensor_bytes = args.rows * width * 2
-    fwd_copy_tbs = common.copy_bandwidth_tbs(tensor_bytes)
-    bwd_copy_tbs = common.copy_bandwidth_tbs(3 * tensor_bytes // 2)
+    fwd_copy_tbs = common.copy_bandwidth_tbs(tensor_bytes, chained=True)
+    bwd_copy_tbs = common.copy_bandwidth_tbs(3 * tensor_bytes // 2, chained=True)
     for impl in args.impls:
       block_sizes = None
       if impl != "xla":
@@ -134,9 +135,9 @@ def main():
           block_sizes, sweeps[f"{impl}_{width}"] = _sweep(impl, inputs, block_sizes)
       f = _impl_fn(impl, block_sizes)
       fwd, bwd, both = _timers(f)
-      t_fwd = common.time_ms(fwd, [a[:2] for a in inputs])
-      t_bwd = common.time_ms(bwd, inputs)
-      t_both = common.time_ms(both, inputs)
+      t_fwd = common.time_ms_chained(fwd, [a[:2] for a in inputs])
+      t_bwd = common.time_ms_chained(bwd, inputs)
+      t_both = common.time_ms_chained(both, inputs)
       fwd_tbs = 2 * tensor_bytes / (t_fwd["median_ms"] * 1e-3) / 1e12
       bwd_tbs = 3 * tensor_bytes / (t_bwd["median_ms"] * 1e-3) / 1e12
       row = {"rows": args.rows, "width": width, "impl": impl, "fwd_ms": t_fwd["median_ms"],
