@@ -6,7 +6,8 @@ Bandwidth counts the bytes each pass must move: forward reads x and writes y, ba
 dx (the weight and its partial gradients are negligible). Copy bandwidth is measured in the same run, on 1 GiB and
 on copies that move the same bytes as each pass (one [rows, width] tensor for the forward, 1.5 for the backward),
 so that launch and tail costs, which weigh more on small tensors, count alike. Passes take 30-170 us, about as
-long as a host dispatch, so every timing (copies included) runs 8 calls on 8 input sets inside one jitted program.
+long as a host dispatch, so these timings (and the same-bytes copies) run 8 calls on 8 input sets inside one
+jitted program.
 --sweep times several block sizes per kernel first and reports each kernel at its best.
 """
 
@@ -119,7 +120,7 @@ def main():
       plot(json.load(f), args.plot)
     return
 
-  copy_tbs = common.copy_bandwidth_tbs(chained=True)
+  copy_tbs = common.copy_bandwidth_tbs()  # 0.7 ms a copy: no dispatch gaps to hide
   print(f"copy bandwidth: {copy_tbs:.3f} TB/s")
   rows_out, sweeps = [], {}
   for width in args.widths:
