@@ -48,7 +48,7 @@ class BlockSizes:
     padded = pl.next_power_of_2(width)
     return cls(block_rows=max(1, 2048 // padded), num_warps=8 if padded <= 512 or padded > 2048 else 4,
                bwd_block_rows=1, bwd_num_warps=4 if padded <= 2048 else 8,
-               bwd_programs=1584 if padded <= 512 else 1056)
+               bwd_programs=2112 if padded <= 512 else 1056)
 
   def validate(self):
     for name in ("block_rows", "bwd_block_rows"):
