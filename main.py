@@ -121,7 +121,14 @@ def main(argv):
   except ConfigError as error:
     sys.exit(f"invalid config {flags.FLAGS['config'].value!r}: {error}")
   print(json.dumps(dataclasses.asdict(config), indent=1, default=str))
-  mode = _MODE.value
+  try:
+    run(config, _MODE.value)
+  except ConfigError as error:  # found while running (data, tokenizer): one line, no traceback
+    sys.exit(f"error: {error}")
+
+
+def run(config, mode: str):
+  """Run one --mode on a validated config."""
   if mode == "summary":
     summary(config)
   elif mode == "import_hf":

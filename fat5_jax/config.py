@@ -15,7 +15,9 @@ import ml_collections
 
 
 class ConfigError(ValueError):
-  """A configuration that cannot run; the message names the field and what is allowed."""
+  """A configuration that cannot run, including data it names that cannot be used (a missing corpus file, a
+  tokenizer without the needed pieces); the message names the field or file and what is wrong. main.py prints
+  it as one line."""
 
 
 def _field(default, doc: str, choices: tuple = ()):

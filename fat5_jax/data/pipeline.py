@@ -16,7 +16,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from fat5_jax.config import Config, DataConfig
+from fat5_jax.config import Config, ConfigError, DataConfig
 from fat5_jax.data import cache, ul2
 from fat5_jax.data.packing import PackedBatchDataset
 from fat5_jax.data.tokenizer import Tokenizer
@@ -61,7 +61,7 @@ def train_rows(config: Config, process_count: int = 1) -> int:
   """Rows per train batch on one process: one optimizer step's micro-batches, all in one decoder bucket."""
   total = config.train.batch_size * config.train.grad_accum_steps
   if total % process_count:
-    raise ValueError(f"train.batch_size * grad_accum_steps = {total} is not divisible by {process_count} processes")
+    raise ConfigError(f"train.batch_size * grad_accum_steps = {total} is not divisible by {process_count} processes")
   return total // process_count
 
 

@@ -19,7 +19,7 @@ import shutil
 import numpy as np
 import sentencepiece as spm
 
-from fat5_jax.config import DataConfig
+from fat5_jax.config import ConfigError, DataConfig
 from fat5_jax.data import corpus as corpus_lib
 
 PREFIXES = ("[R]", "[S]", "[X]")
@@ -77,7 +77,7 @@ class Tokenizer:
     """Id of a UL2 prefix piece such as "[R]"; raises if the model does not hold it as one piece."""
     i = self._sp.piece_to_id(prefix)
     if i == self.unk_id or self._sp.id_to_piece(i) != prefix:
-      raise ValueError(f"tokenizer {self.path} has no piece {prefix!r}; train one with data.tokenizer_path='' or "
+      raise ConfigError(f"tokenizer {self.path} has no piece {prefix!r}; train one with data.tokenizer_path='' or "
                        "change the denoiser prefixes")
     return i
 
@@ -98,7 +98,7 @@ def load_tokenizer(data_config: DataConfig, workdir: str, vocab_size: int) -> To
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if data_config.tokenizer_path:
       if not os.path.isfile(data_config.tokenizer_path):
-        raise ValueError(f"data.tokenizer_path={data_config.tokenizer_path!r} does not exist")
+        raise ConfigError(f"data.tokenizer_path={data_config.tokenizer_path!r} does not exist")
       shutil.copyfile(data_config.tokenizer_path, path + ".tmp")
     else:
       with open(path + ".tmp", "wb") as f:
@@ -106,10 +106,10 @@ def load_tokenizer(data_config: DataConfig, workdir: str, vocab_size: int) -> To
     os.replace(path + ".tmp", path)
   tokenizer = Tokenizer(path, data_config.num_sentinels)
   if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f"tokenizer {path} has {tokenizer.num_pieces} pieces + {tokenizer.num_sentinels} sentinels = "
+    raise ConfigError(f"tokenizer {path} has {tokenizer.num_pieces} pieces + {tokenizer.num_sentinels} sentinels = "
                      f"{tokenizer.vocab_size} ids, more than model.vocab_size={vocab_size}")
   if (tokenizer.pad_id, tokenizer.eos_id) != (0, 1):
-    raise ValueError(f"tokenizer {path} has pad={tokenizer.pad_id}, eos={tokenizer.eos_id}; FAT5 needs pad 0, eos 1")
+    raise ConfigError(f"tokenizer {path} has pad={tokenizer.pad_id}, eos={tokenizer.eos_id}; FAT5 needs pad 0, eos 1")
   return tokenizer
 
 
@@ -151,7 +151,7 @@ def sample_sentences(data_config: DataConfig) -> list[str]:
           if j < limit:
             sample[j] = piece
   if not sample:
-    raise ValueError(f"data.corpus={data_config.corpus!r} has no training text for the tokenizer")
+    raise ConfigError(f"data.corpus={data_config.corpus!r} has no training text for the tokenizer")
   return sample
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import grain
 import numpy as np
 
-from fat5_jax.config import DataConfig
+from fat5_jax.config import ConfigError, DataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ def raw_length(denoiser: Denoiser, encoder_length: int, decoder_length: int, num
   inputs, targets = example_lengths(candidates, denoiser, num_sentinels)
   fits = (inputs <= encoder_length) & (targets <= decoder_length)
   if not fits[0]:
-    raise ValueError(f"denoiser {denoiser} cannot fit even 2 tokens in encoder {encoder_length} / decoder "
+    raise ConfigError(f"denoiser {denoiser} cannot fit even 2 tokens in encoder {encoder_length} / decoder "
                      f"{decoder_length}")
   return int(candidates[-1] if fits.all() else candidates[np.argmin(fits) - 1])
 
