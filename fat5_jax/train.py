@@ -151,6 +151,11 @@ def _pad_decoder_to_global_length(batch: dict) -> dict:
   return {k: pad(v) if k.startswith("decoder_") else v for k, v in batch.items()}
 
 
+def _process_shard() -> dict[str, int]:
+  """This process's part of the data: its index and the process count."""
+  return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
 def _main_process_first(name: str, fn):
   """Runs `fn` on process 0 (tokenizer training, pre-tokenization), then on the others, which find it cached."""
   from jax.experimental import multihost_utils
@@ -212,9 +217,9 @@ def train(config: Config) -> dict:
   checkpointer = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
   checkpointer.check_architecture(config)
   train_iterator = _main_process_first("token cache", lambda: data.make_train_iterator(
-      config, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()))
+      config, tokenizer, **_process_shard()))
   state = _restore_or_init(trainer, checkpointer, train_iterator)
-  eval_batches = list(data.make_eval_batches(config, tokenizer, tc.eval_steps))
+  eval_batches = list(data.make_eval_batches(config, tokenizer, tc.eval_steps, **_process_shard()))
   writer = MetricWriter(workdir, enabled=is_main)
   start = int(state["step"])
   save = lambda eval_loss=None, force=False: checkpointer.save(
@@ -320,6 +325,7 @@ def evaluate_latest(config: Config) -> dict:
   checkpointer.close()
   if step is None:
     raise SystemExit(f"no checkpoint in {checkpointer.directory}")
-  metrics = trainer.evaluate(state["params"], data.make_eval_batches(config, tokenizer, config.train.eval_steps))
+  eval_batches = data.make_eval_batches(config, tokenizer, config.train.eval_steps, **_process_shard())
+  metrics = trainer.evaluate(state["params"], eval_batches)
   print(json.dumps({"step": step, **metrics}, indent=1))
   return metrics

@@ -180,6 +180,12 @@ def test_eval_batches_are_deterministic(run):
   assert len(a) == 3 and a[0]["encoder_input_tokens"].shape == (4, 64)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["decoder_target_tokens"], y["decoder_target_tokens"])
+  # Two processes evaluate half a batch each, from their own shards of the split: no row is evaluated twice.
+  halves = [data.make_eval_batches(config, tokenizer, 3, process_index=i, process_count=2) for i in range(2)]
+  rows = [{tuple(r) for batch in half for r in batch["encoder_input_tokens"]} for half in halves]
+  assert halves[0][0]["encoder_input_tokens"].shape == (2, 64) and rows[0] and not rows[0] & rows[1]
+  with pytest.raises(ValueError, match="train.batch_size = 4 is not divisible by 3 processes"):
+    data.make_eval_batches(config, tokenizer, 1, process_index=0, process_count=3)
 
 
 def test_inspect_data(run, tmp_path, capsys):

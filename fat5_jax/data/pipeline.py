@@ -57,12 +57,16 @@ def _batches(config: Config, tokenizer: Tokenizer, split: str, rows: int, proces
                             decoder_start_id=config.model.decoder_start_token_id)
 
 
+def _rows_per_process(total: int, what: str, process_count: int) -> int:
+  if total % process_count:
+    raise ConfigError(f"{what} = {total} is not divisible by {process_count} processes")
+  return total // process_count
+
+
 def train_rows(config: Config, process_count: int = 1) -> int:
   """Rows per train batch on one process: one optimizer step's micro-batches, all in one decoder bucket."""
-  total = config.train.batch_size * config.train.grad_accum_steps
-  if total % process_count:
-    raise ConfigError(f"train.batch_size * grad_accum_steps = {total} is not divisible by {process_count} processes")
-  return total // process_count
+  return _rows_per_process(config.train.batch_size * config.train.grad_accum_steps,
+                           "train.batch_size * grad_accum_steps", process_count)
 
 
 def make_train_iterator(config: Config, tokenizer: Tokenizer, *, process_index: int = 0,
@@ -76,7 +80,10 @@ def make_train_iterator(config: Config, tokenizer: Tokenizer, *, process_index: 
   return iter(dataset)
 
 
-def make_eval_batches(config: Config, tokenizer: Tokenizer, num_batches: int) -> list[dict[str, np.ndarray]]:
-  """The same `num_batches` batches of `train.batch_size` rows from the validation split on every call."""
-  iterator = iter(_batches(config, tokenizer, "validation", config.train.batch_size, 0, 1))
+def make_eval_batches(config: Config, tokenizer: Tokenizer, num_batches: int, *, process_index: int = 0,
+                      process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """This process's part of `num_batches` validation batches of `train.batch_size` rows, the same on every call:
+  each process reads its own shard of the split (as in training), so P processes evaluate distinct rows."""
+  rows = _rows_per_process(config.train.batch_size, "train.batch_size", process_count)
+  iterator = iter(_batches(config, tokenizer, "validation", rows, process_index, process_count))
   return [next(iterator) for _ in range(num_batches)]
