@@ -288,12 +288,23 @@ def _bias2(cfg, tile, region, rpe_refs, slopes_ref, bias_ref, ends):
 
 
 def _logits2(cfg, q, k, tile, bias):
-  """Masked logits of one tile in base 2: (scale * q.k + bias) * log2(e), MASK where hidden."""
-  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (cfg.scale * LOG2E)
-  if bias is not None:
-    s = s + bias
+  """One tile's logits in base 2, (scale * q.k + bias) * log2(e), as (raw, multiplier, offset) with logits =
+  raw * multiplier + offset. A tile with no mask and at most a scalar bias (far tiles, no bias) keeps the three
+  apart, so that callers compute `logits - row value` as one multiply-add per element; otherwise raw holds the
+  finished logits, MASK where hidden (multiplier 1, offset 0)."""
+  raw = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+  multiplier = cfg.scale * LOG2E
   mask = tile.mask()
-  return s if mask is None else jnp.where(mask, s, MASK)
+  if mask is None and (bias is None or jnp.ndim(bias) == 0):
+    return raw, multiplier, 0.0 if bias is None else bias
+  s = raw * multiplier if bias is None else raw * multiplier + bias
+  return (s if mask is None else jnp.where(mask, s, MASK)), 1.0, 0.0
+
+
+def _probabilities2(logits, row_value):
+  """exp2(logits - row_value[:, None]) for logits = (raw, multiplier, offset) from _logits2."""
+  raw, multiplier, offset = logits
+  return jnp.exp2(raw * multiplier + (offset - row_value)[:, None])
 
 
 def _diagonal_bucket_sums(cfg, ds, shift, scratch_ref, lut_ref, bucket_iota):
@@ -383,10 +394,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rpe_ref, slopes_ref, bias_ref, q_seg_ref, k
     tile = _Tile(cfg, q_start, k_start, bq, bk, (q_seg_ref, kv_seg_ref), (q_pos_ref, kv_pos_ref),
                  q_blocked=True)
     bias = _bias2(cfg, tile, region, rpe_ref, slopes_ref, bias_ref, ends)
-    s = _logits2(cfg, q, k_ref[pl.ds(k_start, bk), :], tile, bias)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    logits = _logits2(cfg, q, k_ref[pl.ds(k_start, bk), :], tile, bias)
+    raw, multiplier, offset = logits  # multiplier > 0: the row maximum of raw is that of the logits
+    m_new = jnp.maximum(m, jnp.max(raw, axis=1) * multiplier + offset)
     correction = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
+    p = _probabilities2(logits, m_new)
     v = v_ref[pl.ds(k_start, bk), :]
     acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return acc, m_new, l * correction + jnp.sum(p, axis=1)
@@ -456,7 +468,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, rpe_ref, lut_ref, slopes_ref, bias_ref, q_se
                  q_blocked=True)
     k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
     bias = _bias2(cfg, tile, region, rpe_ref, slopes_ref, bias_ref, ends)
-    p = jnp.exp2(_logits2(cfg, q, k, tile, bias) - lse[:, None])
+    p = _probabilities2(_logits2(cfg, q, k, tile, bias), lse)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
     ds = p * (dp - delta[:, None])  # gradient of the natural-log logits (and so of the bias)
     dq = dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
@@ -496,7 +508,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, rpe_ref, slopes_ref, bias_ref, q_seg_ref, k
     q, do = q_ref[pl.ds(q_start, bq), :], do_ref[pl.ds(q_start, bq), :]
     lse, delta = lse_ref[pl.ds(q_start, bq)], delta_ref[pl.ds(q_start, bq)]
     bias = _bias2(cfg, tile, region, rpe_ref, slopes_ref, bias_ref, ends)
-    p = jnp.exp2(_logits2(cfg, q, k, tile, bias) - lse[:, None])
+    p = _probabilities2(_logits2(cfg, q, k, tile, bias), lse)
     dv = dv + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
     ds = p * (jnp.dot(do, v.T, preferred_element_type=jnp.float32) - delta[:, None])
     dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
@@ -723,6 +735,8 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
   the Triton lowering on GPU. Differentiable in q, k, v, rpe_table, alibi_slopes and bias (and in the lse).
   """
   _validate(q, k, v, rpe_table, alibi_slopes, bias, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+  if not scale > 0:
+    raise ValueError(f"scale must be positive; got {scale}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   batch, q_len, heads, head_dim = q.shape

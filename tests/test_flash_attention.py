@@ -161,6 +161,7 @@ def test_bf16_close_to_float32_reference():
     (dict(q_segment_ids=jnp.ones((1, 16), jnp.int32)), "both"),
     (dict(bias=jnp.ones((1, 2, 16, 8))), "bias"),
     (dict(rpe_table=jnp.ones((32, 2)), rpe_max_distance=8), "max_distance"),
+    (dict(scale=-0.125), "scale must be positive"),  # the kernel takes row maxima before scaling
 ])
 def test_bad_input_raises(kwargs, match):
   q = jnp.ones((1, 16, 2, 32))
