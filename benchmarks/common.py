@@ -58,12 +58,8 @@ def copy_bandwidth_tbs(nbytes: int = 1 << 30, chained: bool = False) -> float:
   """Device-memory bandwidth of an elementwise copy of `nbytes` (bytes read + written) in TB/s; `chained` times
   it like `time_ms_chained` (for copies as short as the kernels they are compared with)."""
   copy = jax.jit(lambda x: -x)  # a negation cannot be elided, unlike x * 1
-  if chained:
-    sets = [(jax.random.normal(jax.random.key(i), (nbytes // 4,), jnp.float32),) for i in range(8)]
-    t = time_ms_chained(copy, sets, samples=21)["median_ms"]
-  else:
-    x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
-    t = time_ms(copy, [(x,)], samples=21)["median_ms"]
+  sets = [(jax.random.normal(jax.random.key(i), (nbytes // 4,), jnp.float32),) for i in range(8 if chained else 1)]
+  t = (time_ms_chained if chained else time_ms)(copy, sets, samples=21)["median_ms"]
   return 2 * nbytes / (t * 1e-3) / 1e12
 
 
