@@ -36,6 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels.common import LN2, LOG2E, resolve_interpret
+
 IMPLS = ("pallas", "triton")
 CHUNKED_IMPLS = ("xla",) + IMPLS
 
@@ -112,10 +114,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, *, z_loss: float = 0.0,
   only). interpret: None means interpret on CPU, compile on GPU.
   """
   _check_logits(logits, targets)
-  _check_options(z_loss, label_smoothing, impl, CHUNKED_IMPLS[1:])
-  block_sizes = block_sizes or BlockSizes()
-  block_sizes.validate()
-  options = _Options(float(z_loss), float(label_smoothing), block_sizes, impl, _resolve_interpret(interpret, impl))
+  options = _make_options(z_loss, label_smoothing, block_sizes, impl, interpret, IMPLS)
   return _cross_entropy(logits, targets.astype(jnp.int32), options)
 
 
@@ -130,11 +129,7 @@ def cross_entropy_and_grad(logits: jax.Array, targets: jax.Array, dloss: jax.Arr
   _check_logits(logits, targets)
   if dloss.shape != targets.shape:
     raise ValueError(f"dloss must have shape {targets.shape}, got {dloss.shape}")
-  _check_options(z_loss, label_smoothing, impl, CHUNKED_IMPLS)
-  block_sizes = block_sizes or BlockSizes()
-  block_sizes.validate()
-  interpret = False if impl == "xla" else _resolve_interpret(interpret, impl)
-  options = _Options(float(z_loss), float(label_smoothing), block_sizes, impl, interpret)
+  options = _make_options(z_loss, label_smoothing, block_sizes, impl, interpret, CHUNKED_IMPLS)
   return _chunk_value_and_grad(logits, targets.astype(jnp.int32), dloss.astype(jnp.float32), options)
 
 
@@ -163,11 +158,7 @@ def chunked_lm_head_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets:
     raise ValueError(f"weights must have shape {targets.shape}, got {weights.shape}")
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-  _check_options(z_loss, label_smoothing, impl, CHUNKED_IMPLS)
-  block_sizes = block_sizes or BlockSizes()
-  block_sizes.validate()
-  interpret = False if impl == "xla" else _resolve_interpret(interpret, impl)
-  options = _Options(float(z_loss), float(label_smoothing), block_sizes, impl, interpret)
+  options = _make_options(z_loss, label_smoothing, block_sizes, impl, interpret, CHUNKED_IMPLS)
   w = _token_weights(targets, weights, kernel.shape[1])
   sums = _chunked(hidden, kernel, targets.astype(jnp.int32), w, options, min(chunk_size, hidden.shape[0]),
                   jnp.dtype(kernel.dtype))
@@ -190,19 +181,16 @@ def _check_logits(logits, targets):
     raise ValueError(f"targets must be int [{logits.shape[0]}], got {targets.dtype}{list(targets.shape)}")
 
 
-def _check_options(z_loss, label_smoothing, impl, impls):
+def _make_options(z_loss, label_smoothing, block_sizes, impl, interpret, impls) -> _Options:
+  """Checked options; the xla impl runs no kernel, so it never interprets."""
   if z_loss < 0 or not 0 <= label_smoothing < 1:
     raise ValueError(f"need z_loss >= 0 and label_smoothing in [0, 1), got {z_loss} and {label_smoothing}")
   if impl not in impls:
     raise ValueError(f"impl must be one of {impls}, got {impl!r}")
-
-
-def _resolve_interpret(interpret, impl):
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  if interpret and impl == "triton":
-    raise ValueError("impl='triton' runs on a GPU only (no interpret mode)")
-  return interpret
+  block_sizes = block_sizes or BlockSizes()
+  block_sizes.validate()
+  interpret = False if impl == "xla" else resolve_interpret(interpret, impl)
+  return _Options(float(z_loss), float(label_smoothing), block_sizes, impl, interpret)
 
 
 def _accumulation_dtype(dtype):
@@ -334,10 +322,6 @@ def _chunk_value_and_grad(logits, targets, dloss, options):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pallas kernels.
-
-
-LOG2E = 1.4426950408889634  # the kernels work in base 2: exp2 is one hardware instruction
-LN2 = 0.6931471805599453
 
 
 def _rows(block, block_tokens, num_rows):
@@ -534,7 +518,7 @@ def _fused_kernel(logits_ref, targets_ref, dloss_ref, loss_ref, lse_ref, argmax_
     _store_stats(rows, row_mask, loss_ref, lse_ref, argmax_ref, loss, lse, argmax)
 
 
-def _stats_shapes(num_tokens, with_argmax=True):
+def stats_shapes(num_tokens, with_argmax=True):
   shapes = (jax.ShapeDtypeStruct((num_tokens,), jnp.float32), jax.ShapeDtypeStruct((num_tokens,), jnp.float32))
   return shapes + ((jax.ShapeDtypeStruct((num_tokens,), jnp.int32),) if with_argmax else ())
 
@@ -568,7 +552,7 @@ class _PallasKernels:
     """(loss, lse, argmax or None)."""
     bs = options.block_sizes
     num_tokens = logits.shape[0]
-    outs = _launch(_fwd_kernel, _stats_shapes(num_tokens, with_argmax), num_tokens, bs.block_tokens,
+    outs = _launch(_fwd_kernel, stats_shapes(num_tokens, with_argmax), num_tokens, bs.block_tokens,
                    bs.block_vocab, bs.num_warps, options, "cross_entropy_fwd")(logits, targets)
     return tuple(outs) + ((None,) if not with_argmax else ())
 
@@ -584,7 +568,7 @@ class _PallasKernels:
   @staticmethod
   def fused(logits, targets, dloss, options):
     num_tokens = logits.shape[0]
-    out_shape = _stats_shapes(num_tokens) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
+    out_shape = stats_shapes(num_tokens) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
     bs = options.block_sizes
     return _launch(_fused_kernel, out_shape, num_tokens, 1, bs.fused_block_vocab, bs.fused_num_warps, options,
                    "cross_entropy_fused", fused_num_programs(bs, num_tokens))(

@@ -41,8 +41,8 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 import numpy as np
 
-LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+from pallas_kernels.common import LN2, LOG2E, resolve_interpret
+
 # Finite stand-in for -inf: exp2(MASK - m) is 0 for any real m, and MASK - MASK is no NaN.
 MASK = -0.7 * float(np.finfo(np.float32).max)
 HEAD_DIMS = (32, 64, 128)
@@ -559,14 +559,19 @@ def _specs(cfg, bq, bk, q_len, kv_len, head_dim, *, q_blocked):
       bias=full, per_batch=per_batch)
 
 
+def _padded_lut(cfg):
+  """The bucket of each distance + max_distance, padded with bucket 0 to lut_size entries."""
+  lut = np.zeros((cfg.lut_size,), np.int32)
+  lut[: 2 * cfg.max_distance + 1] = _bucket_lut(cfg.bidirectional, cfg.num_buckets, cfg.max_distance)
+  return lut
+
+
 def _kernel_inputs(cfg, table, slopes, bq, bk, dtype):
   """In base-2 units: for t5, the per-head bias by distance [H, lut_size] and its band tiles (in the inputs'
   dtype: half the registers and bytes for bf16); the slopes [H, 2]."""
   rpe = slopes2 = None
   if cfg.bias_mode == "t5":
-    lut = np.zeros((cfg.lut_size,), np.int32)
-    lut[: 2 * cfg.max_distance + 1] = _bucket_lut(cfg.bidirectional, cfg.num_buckets, cfg.max_distance)
-    vector = table.astype(jnp.float32).T[:, lut] * LOG2E
+    vector = table.astype(jnp.float32).T[:, _padded_lut(cfg)] * LOG2E
     rpe = (vector, _band_tiles(cfg, vector, bq, bk).astype(dtype))
   if cfg.bias_mode == "alibi":
     slopes2 = slopes.astype(jnp.float32).T * LOG2E
@@ -621,11 +626,7 @@ def _backward(cfg, q, k, v, table, slopes, bias, q_seg, kv_seg, q_pos, kv_pos, o
   elif cfg.bias_mode == "full":
     grad_shapes.append(jax.ShapeDtypeStruct((batch, heads, q_len, kv_len), jnp.float32))
     grad_specs.append(pl.BlockSpec((None, None, bq, kv_len), lambda i, b, h: (b, h, i, 0)))
-  lut = None
-  if cfg.bias_mode == "t5":
-    lut = np.zeros((cfg.lut_size,), np.int32)
-    lut[: 2 * cfg.max_distance + 1] = _bucket_lut(cfg.bidirectional, cfg.num_buckets, cfg.max_distance)
-    lut = jnp.asarray(lut)
+  lut = jnp.asarray(_padded_lut(cfg)) if cfg.bias_mode == "t5" else None
   lut_spec = None if lut is None else pl.BlockSpec((cfg.lut_size,), lambda i, b, h: (0,))
   dq, *grads = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg),
@@ -737,8 +738,7 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
   _validate(q, k, v, rpe_table, alibi_slopes, bias, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
   if not scale > 0:
     raise ValueError(f"scale must be positive; got {scale}")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
+  interpret = resolve_interpret(interpret)
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
   blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim, interpret), q_len, kv_len)

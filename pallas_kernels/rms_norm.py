@@ -26,6 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from pallas_kernels.common import resolve_interpret
+
 MAX_WIDTH = 16384  # one padded row lives in registers: wider rows would spill
 IMPLS = ("pallas", "triton")
 
@@ -89,19 +91,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6, *, block_sizes:
     raise ValueError(f"rms_norm supports widths up to {MAX_WIDTH}, got {width}")
   if impl not in IMPLS:
     raise ValueError(f"rms_norm impl must be one of {IMPLS}, got {impl!r}")
-  interpret = _resolve_interpret(interpret, impl)
+  interpret = resolve_interpret(interpret, impl)
   block_sizes = block_sizes or BlockSizes.for_width(width)
   block_sizes.validate()
   y = _rms_norm(x.reshape(-1, width), weight, float(eps), block_sizes, impl, interpret)
   return y.reshape(x.shape)
-
-
-def _resolve_interpret(interpret: bool | None, impl: str) -> bool:
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  if interpret and impl == "triton":
-    raise ValueError("impl='triton' runs on a GPU only (no interpret mode)")
-  return interpret
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))

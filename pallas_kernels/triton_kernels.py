@@ -12,13 +12,11 @@ import jax_triton as jt
 import triton
 import triton.language as tl
 
+from pallas_kernels.cross_entropy import fused_num_programs, stats_shapes
+
 _FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)
 _LOG2E = tl.constexpr(1.4426950408889634)  # base 2 throughout: exp2 is one hardware instruction
 _LN2 = tl.constexpr(0.6931471805599453)
-
-
-def _next_power_of_2(n):
-  return triton.next_power_of_2(n)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,8 +80,8 @@ def rms_norm_fwd(x, weight, eps, bs):
   return jt.triton_call(
       x, weight, kernel=_rms_norm_fwd_kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
       grid=(triton.cdiv(num_rows, bs.block_rows),), num_warps=bs.num_warps, num_stages=bs.num_stages,
-      NUM_ROWS=num_rows, WIDTH=width, EPS=eps, BLOCK_ROWS=bs.block_rows, BLOCK_COLS=_next_power_of_2(width),
-      MASKED=bool(num_rows % bs.block_rows or width != _next_power_of_2(width)))
+      NUM_ROWS=num_rows, WIDTH=width, EPS=eps, BLOCK_ROWS=bs.block_rows, BLOCK_COLS=triton.next_power_of_2(width),
+      MASKED=bool(num_rows % bs.block_rows or width != triton.next_power_of_2(width)))
 
 
 def rms_norm_bwd(x, weight, dy, eps, bs):
@@ -95,9 +93,9 @@ def rms_norm_bwd(x, weight, dy, eps, bs):
   return jt.triton_call(
       x, weight, dy, kernel=_rms_norm_bwd_kernel, out_shape=out_shape, grid=(num_programs,),
       num_warps=bs.bwd_num_warps, num_stages=bs.num_stages, NUM_ROWS=num_rows, WIDTH=width, EPS=eps,
-      BLOCK_ROWS=bs.bwd_block_rows, BLOCK_COLS=_next_power_of_2(width), NUM_PROGRAMS=num_programs,
+      BLOCK_ROWS=bs.bwd_block_rows, BLOCK_COLS=triton.next_power_of_2(width), NUM_PROGRAMS=num_programs,
       NUM_ITERS=triton.cdiv(num_blocks, num_programs),
-      MASKED=bool(num_rows % bs.bwd_block_rows or width != _next_power_of_2(width) or num_blocks % num_programs))
+      MASKED=bool(num_rows % bs.bwd_block_rows or width != triton.next_power_of_2(width) or num_blocks % num_programs))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,11 +292,6 @@ def _ce_fused_kernel(logits_ptr, targets_ptr, dloss_ptr, loss_ptr, lse_ptr, argm
     _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS, True)
 
 
-def _stats_shapes(num_tokens, with_argmax=True):
-  shapes = (jax.ShapeDtypeStruct((num_tokens,), jnp.float32), jax.ShapeDtypeStruct((num_tokens,), jnp.float32))
-  return shapes + ((jax.ShapeDtypeStruct((num_tokens,), jnp.int32),) if with_argmax else ())
-
-
 def _call(kernel, args, out_shape, tiles, options, num_programs=None, **constants):
   """One program per block of tokens, or num_programs looping over them (passed as NUM_PROGRAMS)."""
   (num_tokens, vocab), (block_tokens, block_vocab, num_warps) = args[0].shape, tiles
@@ -319,7 +312,7 @@ class CrossEntropyKernels:
   @staticmethod
   def forward(logits, targets, options, with_argmax):
     bs = options.block_sizes
-    out_shape = _stats_shapes(logits.shape[0], with_argmax)
+    out_shape = stats_shapes(logits.shape[0], with_argmax)
     if not with_argmax:  # the kernel's argmax pointer then points at a dummy output it never writes
       out_shape += (jax.ShapeDtypeStruct((1,), jnp.int32),)
     loss, lse, argmax = _call(_ce_fwd_kernel, (logits, targets), out_shape,
@@ -335,8 +328,7 @@ class CrossEntropyKernels:
 
   @staticmethod
   def fused(logits, targets, dloss, options):
-    from pallas_kernels.cross_entropy import fused_num_programs  # pylint: disable=import-outside-toplevel
     bs = options.block_sizes
-    out_shape = _stats_shapes(logits.shape[0]) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
+    out_shape = stats_shapes(logits.shape[0]) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
     return _call(_ce_fused_kernel, (logits, targets, dloss.astype(jnp.float32)), out_shape,
                  (1, bs.fused_block_vocab, bs.fused_num_warps), options, fused_num_programs(bs, logits.shape[0]))
