@@ -89,16 +89,14 @@ def restore_model(config):
 
   checkpointer = checkpoint.Checkpointer(config.workdir)
   checkpointer.check_architecture(config)
-  model = model_lib.T5(config.model, rngs=nnx.Rngs(0))
-  params = nnx.state(model, nnx.Param)
+  params = model_lib.abstract_parameters(config.model)
   abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))}
   step, state = checkpointer.restore(abstract)
   checkpointer.close()
   if step is None:
     raise SystemExit(f"no checkpoint in {checkpointer.directory}: train or import_hf first")
   nnx.replace_by_pure_dict(params, state["params"])
-  nnx.update(model, params)
-  return step, model
+  return step, model_lib.from_parameters(config.model, params)
 
 
 def export_hf(config, export_dir: str):

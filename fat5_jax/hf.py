@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from fat5_jax.config import ModelConfig, model_config
-from fat5_jax.model import T5
+from fat5_jax.model import T5, abstract_parameters, from_parameters
 
 LAYOUTS = ("hf", "fat5")
 
@@ -134,10 +134,7 @@ FAT5_AUTO_MAP = {
     "AutoModelForSeq2SeqLM": "modeling_flash_t5.FlashT5ForConditionalGeneration",
 }
 _FAT5_POSITIONS = {"t5": "t5", "ALiBi": "alibi", "none": "none"}
-_FAT5_UNSUPPORTED_POSITIONS = {
-    "RoPE": "FAT5's RoPE also rotates the values and the cross-attention queries and keys; ours rotates self-attention "
-            "queries and keys only",
-    "FIRE": "FAT5's FIRE adds an output bias and an L multiplier that our FIRE module does not have",
+_FAT5_UNSUPPORTED_POSITIONS = {  # by lowercase name: FAT5 writes "RoPE" / "FIRE", we write "rope" / "fire"
     "rope": "FAT5's RoPE also rotates the values and the cross-attention queries and keys; ours rotates self-attention "
             "queries and keys only",
     "fire": "FAT5's FIRE adds an output bias and an L multiplier that our FIRE module does not have",
@@ -180,8 +177,9 @@ def _fat5_fields(j: dict) -> dict:
     raise ValueError("FAT5 checkpoint with use_glu_mlp=false and use_gelu_act=true uses the tanh GELU without a "
                      "gate; our plain 'gelu' is the exact one, so its outputs would change")
   kind = j.get("position_encoding_type", "t5")
-  if kind in _FAT5_UNSUPPORTED_POSITIONS:
-    raise ValueError(f"FAT5 position_encoding_type={kind!r} cannot be mapped: {_FAT5_UNSUPPORTED_POSITIONS[kind]}")
+  if kind.lower() in _FAT5_UNSUPPORTED_POSITIONS:
+    raise ValueError(f"FAT5 position_encoding_type={kind!r} cannot be mapped: "
+                     f"{_FAT5_UNSUPPORTED_POSITIONS[kind.lower()]}")
   if kind == "ALiBi" and j.get("alibi_mode", "symetric") != "symetric":
     raise ValueError("FAT5's asymmetric ALiBi (half the heads see only the past, half only the future) differs from "
                      "ours (every head has a slope for each side); only alibi_mode='symetric' maps")
@@ -411,19 +409,15 @@ def tensors_from_params(config: ModelConfig, model, layout: str) -> dict[str, np
 
 
 def _abstract_params(config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
-  abstract = nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0)))
-  return {path: v.get_value() for path, v in _flat_params(abstract).items()}
+  return {path: v.get_value() for path, v in _flat_params(abstract_parameters(config)).items()}
 
 
 def _build(config: ModelConfig, params: dict[str, np.ndarray], seed: int) -> T5:
-  """A T5 holding `params`, built without drawing random weights (only the dropout keys are made, under jit)."""
-  abstract = nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(seed)))
-  graphdef, param_state, _ = nnx.split(abstract, nnx.Param, ...)
-  # jit drops the unused random initialization and returns only the (small) dropout key state.
-  rest = jax.jit(lambda: nnx.split(T5(config, rngs=nnx.Rngs(seed)), nnx.Param, ...)[2])()
+  """A T5 holding `params` (by flat path), built without drawing random weights."""
+  param_state = abstract_parameters(config)
   for path, variable in _flat_params(param_state).items():
     variable.set_value(jax.numpy.asarray(params[path]))
-  return nnx.merge(graphdef, param_state, rest)
+  return from_parameters(config, param_state, seed)
 
 
 def from_hf(path: str, *, seed: int = 0, **config_overrides) -> tuple[ModelConfig, T5]:

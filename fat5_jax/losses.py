@@ -15,31 +15,22 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from pallas_kernels.cross_entropy import cross_entropy_reference
 
 LOSS_IMPLS = ("xla", "pallas", "triton")
 
 
-def _token_losses_xla(logits, targets, *, z_loss: float, label_smoothing: float):
-  logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  loss = (1.0 - label_smoothing) * (lse - target_logit)
-  if label_smoothing:
-    loss += label_smoothing * (lse - jnp.mean(logits, axis=-1))
-  z_term = z_loss * jnp.square(lse)
-  correct = jnp.argmax(logits, axis=-1) == targets
-  return loss + z_term, z_term, correct
-
-
 def _token_losses(logits, targets, *, z_loss: float, label_smoothing: float, impl: str):
-  """Per-token (loss with z-loss, z-loss term, correct) in float32: the one place that picks an implementation."""
-  if impl == "xla":
-    return _token_losses_xla(logits, targets, z_loss=z_loss, label_smoothing=label_smoothing)
+  """Per-token (loss with z-loss, z-loss term, correct) in float32: the one place that picks an implementation
+  (xla: the kernels' jnp reference)."""
   if impl not in LOSS_IMPLS:
     raise ValueError(f"cross_entropy_loss: impl={impl!r} is not one of {', '.join(LOSS_IMPLS)}")
   flat = logits.reshape(-1, logits.shape[-1])
-  loss, lse = pallas_kernels.cross_entropy(
-      flat, targets.reshape(-1), z_loss=z_loss, label_smoothing=label_smoothing, impl=impl)
+  kwargs = dict(z_loss=z_loss, label_smoothing=label_smoothing)
+  if impl == "xla":
+    loss, lse = cross_entropy_reference(flat.astype(jnp.float32), targets.reshape(-1), **kwargs)
+  else:
+    loss, lse = pallas_kernels.cross_entropy(flat, targets.reshape(-1), impl=impl, **kwargs)
   correct = jnp.argmax(logits, axis=-1) == targets
   reshape = lambda x: x.reshape(targets.shape)
   return reshape(loss), reshape(z_loss * jnp.square(lse)), correct

@@ -18,7 +18,7 @@ from fat5_jax import positions
 from fat5_jax.attention import AttentionBias, dot_product_attention, index_positions
 from fat5_jax.config import ModelConfig
 from fat5_jax.positions import apply_rope
-from pallas_kernels.rms_norm import default_impl as fastest_rms_norm_impl
+from pallas_kernels.rms_norm import default_impl as fastest_rms_norm_impl, rms_norm_reference
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -44,11 +44,9 @@ def resolve_kernel_impl(requested: str, fastest_on_gpu: str) -> str:
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, impl: str = "xla") -> jax.Array:
   """T5 RMSNorm: no mean, no bias, variance in float32; returns x's dtype. `impl`: xla, pallas or triton."""
-  if impl != "xla":
-    return pallas_kernels.rms_norm(x, weight, eps, impl=impl)
-  xf = x.astype(jnp.float32)
-  normalized = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (normalized * weight.astype(jnp.float32)).astype(x.dtype)
+  if impl == "xla":
+    return rms_norm_reference(x, weight, eps)
+  return pallas_kernels.rms_norm(x, weight, eps, impl=impl)
 
 
 class RMSNorm(nnx.Module):
@@ -279,6 +277,19 @@ class T5(nnx.Module):
                          decoder_attention_mask=decoder_attention_mask, encoder_segment_ids=encoder_segment_ids,
                          decoder_segment_ids=decoder_segment_ids, decoder_positions=decoder_positions)
     return hidden @ self.lm_head_kernel()
+
+
+def abstract_parameters(config: ModelConfig) -> nnx.State:
+  """The parameter state of T5(config) as shapes and dtypes, without drawing any weight."""
+  return nnx.state(nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0))), nnx.Param)
+
+
+def from_parameters(config: ModelConfig, params: nnx.State, seed: int = 0) -> T5:
+  """A T5 holding the parameter state `params`, built without drawing random weights: only the dropout keys are
+  made (under jit, which drops the unused initialization)."""
+  graphdef = nnx.split(nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(seed))), nnx.Param, ...)[0]
+  rest = jax.jit(lambda: nnx.split(T5(config, rngs=nnx.Rngs(seed)), nnx.Param, ...)[2])()
+  return nnx.merge(graphdef, params, rest)
 
 
 def parameters(model: nnx.Module) -> dict:

@@ -45,9 +45,6 @@ class RowPacker:
     self._segments = np.zeros(rows, np.int64)
     self._examples = []  # (row, inputs, targets) in insertion order.
 
-  def __len__(self) -> int:
-    return len(self._examples)
-
   def try_add(self, inputs: np.ndarray, targets: np.ndarray) -> bool:
     if len(inputs) > self.encoder_length or len(targets) > self.decoder_length:
       raise ValueError(f"example ({len(inputs)}, {len(targets)}) exceeds the row "
