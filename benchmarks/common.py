@@ -45,6 +45,12 @@ def time_ms_chained(fn: Callable, arg_sets: Sequence[tuple], *, warmup: int = 3,
   return {k: v / len(arg_sets) for k, v in times.items()}
 
 
+def relative_error(actual: jax.Array, expected: jax.Array) -> float:
+  """||actual - expected|| / ||expected|| in float32 (the accuracy figure every results JSON reports)."""
+  actual, expected = actual.astype(jnp.float32), expected.astype(jnp.float32)
+  return float(jnp.linalg.norm(actual - expected) / jnp.linalg.norm(expected))
+
+
 def random_like(key: jax.Array, tree: Any, scale: float = 1.0) -> Any:
   """A random normal pytree shaped like `tree` (arrays or ShapeDtypeStructs): the cotangents of fwd+bwd timing,
   so that XLA cannot exploit a constant one."""

@@ -76,7 +76,7 @@ def _check(fns, inputs):
   (rloss, rlse), (rdx,) = ref["fwd_bwd"](x.astype(jnp.float32), t, dl, dz)
   floss, _, _, fdx = fns["fused"](x, t, dl, dz)
   _, (rfdx,) = ref["fwd_bwd"](x.astype(jnp.float32), t, dl, jnp.zeros_like(dz))
-  rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+  rel = common.relative_error
   return {"rel_err_loss": rel(loss, rloss), "rel_err_lse": rel(lse, rlse), "rel_err_dlogits": rel(dx, rdx),
           "rel_err_fused_loss": rel(floss, rloss), "rel_err_fused_dlogits": rel(fdx, rfdx)}
 
@@ -168,7 +168,7 @@ def part2(args):
     (loss, sums), grads = jax.jit(step)(hidden, kernel)
     if reference is None:
       reference = (loss, grads)
-    rel = lambda a, b: float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32)))
+    rel = common.relative_error
     rows.append({"variant": name, "ms": t["median_ms"], "spread": t, **memory,
                  "temp_GiB": memory["temp_bytes"] / 2**30, "loss": float(loss), "accuracy_count": float(sums.correct),
                  "rel_diff_loss": rel(loss, reference[0]), "rel_diff_dhidden": rel(grads[0], reference[1][0]),

@@ -62,10 +62,9 @@ def _inputs(rows, width, count):
 
 def _check(f, inputs):
   x, w, dy = inputs[0]
-  y, (dx, dw) = jax.jit(lambda x, w, dy: (lambda y, vjp: (y, vjp(dy)))(*jax.vjp(f, x, w)))(x, w, dy)
-  ry, (rdx, rdw) = jax.jit(lambda x, w, dy: (lambda y, vjp: (y, vjp(dy)))(
-      *jax.vjp(rms_norm_reference, x, w)))(x.astype(jnp.float32), w, dy.astype(jnp.float32))
-  rel = lambda a, b: float(jnp.linalg.norm((a.astype(jnp.float32) - b)) / jnp.linalg.norm(b))
+  y, (dx, dw) = _timers(f)[2](x, w, dy)
+  ry, (rdx, rdw) = _timers(rms_norm_reference)[2](x.astype(jnp.float32), w, dy.astype(jnp.float32))
+  rel = common.relative_error
   return {"rel_err_y": rel(y, ry), "rel_err_dx": rel(dx, rdx), "rel_err_dw": rel(dw, rdw)}
 
 

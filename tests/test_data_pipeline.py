@@ -156,8 +156,7 @@ def test_train_iterator_batches(run):
 
 def test_resume_through_orbax_with_workers(run, tmp_path):
   config, tokenizer = run
-  config = config.__class__(workdir=config.workdir, model=config.model, train=config.train,
-                            data=config.data.__class__(**{**config.data.__dict__, "num_workers": 2}))
+  config = _config(config.workdir, num_workers=2)
   iterator = data.make_train_iterator(config, tokenizer)
   head = [next(iterator) for _ in range(3)]
   manager = ocp.CheckpointManager(tmp_path / "ckpt")

@@ -21,9 +21,9 @@ TOL = 5e-3 if ON_GPU and INTERPRET is not True else 1e-4
 def _assert_close(tree, ref_tree, tol):
   chex.assert_trees_all_equal_shapes(tree, ref_tree)
   chex.assert_tree_all_finite(tree)
-  for path, (x, ref) in zip(jax.tree_util.tree_leaves_with_path(tree), zip(jax.tree.leaves(tree),
-                                                                          jax.tree.leaves(ref_tree))):
-    assert relative_error(x, ref) < tol, (jax.tree_util.keystr(path[0]), relative_error(x, ref))
+  for (path, x), ref in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(ref_tree)):
+    err = relative_error(x, ref)
+    assert err < tol, (jax.tree_util.keystr(path), err)
 
 
 @pytest.mark.parametrize("bidirectional,num_buckets,max_distance",
