@@ -46,6 +46,7 @@ from pallas_kernels.common import LN2, LOG2E, resolve_interpret
 # Finite stand-in for -inf: exp2(MASK - m) is 0 for any real m, and MASK - MASK is no NaN.
 MASK = -0.7 * float(np.finfo(np.float32).max)
 HEAD_DIMS = (32, 64, 128)
+IMPLS = ("pallas", "triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +74,15 @@ _BLOCK_TABLE = {
 _INTERPRET_BLOCKS = BlockSizes(32, 32, 32, 32)
 
 
-def default_block_sizes(head_dim: int, interpret: bool) -> BlockSizes:
+def default_block_sizes(head_dim: int, interpret: bool, dtype=jnp.bfloat16) -> BlockSizes:
   if interpret:
     return _INTERPRET_BLOCKS
   major = int(float(getattr(jax.devices()[0], "compute_capability", "8.0")))
-  return _BLOCK_TABLE[min(max(major, 8), 9)][head_dim]
+  blocks = _BLOCK_TABLE[min(max(major, 8), 9)][head_dim]
+  if jnp.dtype(dtype).itemsize == 4:  # float32 tiles take twice the shared memory (tests, debugging)
+    blocks = dataclasses.replace(blocks, block_q=min(blocks.block_q, 64),
+                                 block_k=min(blocks.block_k, 32 if head_dim == 128 else 64), num_stages=2)
+  return blocks
 
 
 # ----------------------------------------------------------------------------------------------- T5 buckets
@@ -137,6 +142,7 @@ class _Config:
   max_distance: int = 0
   bias_batched: bool = False  # full bias: does it have a batch / head axis of its own
   bias_headed: bool = False
+  impl: str = "pallas"  # or "triton" (triton_attention.py)
 
   @property
   def lut_size(self) -> int:
@@ -578,11 +584,23 @@ def _kernel_inputs(cfg, table, slopes, bq, bk, dtype):
   return rpe, slopes2
 
 
+def _triton_t5_inputs(cfg, rpe, bq, bk):
+  """(band tiles, far biases [H, 2]) and the band's (first shift, step, count) for triton_attention, or Nones."""
+  if rpe is None:
+    return None, None
+  vector, band_tiles = rpe
+  return (band_tiles, vector[:, jnp.array([0, 2 * cfg.max_distance])]), _band_shifts(cfg.max_distance, bq, bk)
+
+
 def _forward(cfg, q, k, v, table, slopes, bias, q_seg, kv_seg, q_pos, kv_pos):
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
   bq = cfg.blocks.block_q
   rpe, slopes2 = _kernel_inputs(cfg, table, slopes, bq, cfg.blocks.block_k, q.dtype)
+  if cfg.impl == "triton":
+    from pallas_kernels import triton_attention  # GPU only
+    return triton_attention.attention_fwd(q, k, v, *_triton_t5_inputs(cfg, rpe, bq, cfg.blocks.block_k), q_seg,
+                                          kv_seg, scale=cfg.scale, causal=cfg.causal, blocks=cfg.blocks)
   sp = _specs(cfg, bq, cfg.blocks.block_k, q_len, kv_len, head_dim, q_blocked=True)
   in_specs = [sp["q"], sp["kv"], sp["kv"], sp["rpe"], sp["slopes"], sp["bias"], sp["per_batch"](q_seg),
               sp["per_batch"](kv_seg), sp["per_batch"](q_pos), sp["per_batch"](kv_pos)]
@@ -599,6 +617,11 @@ def _forward(cfg, q, k, v, table, slopes, bias, q_seg, kv_seg, q_pos, kv_pos):
   )(q, k, v, rpe, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos)
 
 
+def _table_grad(cfg, partials, table):
+  """The [num_buckets, H] table gradient from per-program partials [B, H, programs, buckets_padded]."""
+  return jnp.sum(partials, axis=(0, 2))[:, :cfg.num_buckets].T.astype(table.dtype)
+
+
 def _backward(cfg, q, k, v, table, slopes, bias, q_seg, kv_seg, q_pos, kv_pos, out, lse2, dout, dlse2):
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
@@ -606,6 +629,16 @@ def _backward(cfg, q, k, v, table, slopes, bias, q_seg, kv_seg, q_pos, kv_pos, o
   rpe, slopes2 = _kernel_inputs(cfg, table, slopes, bq, bk, q.dtype)
   # d lse / d logits = p, so an lse cotangent only shifts delta (natural-log units on both).
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32)) - dlse2 * LOG2E
+  if cfg.impl == "triton":
+    from pallas_kernels import triton_attention  # GPU only
+    lut = _bucket_lut(cfg.bidirectional, cfg.num_buckets, cfg.max_distance) if rpe else np.zeros(1, np.int32)
+    dq, dk, dv, partials = triton_attention.attention_bwd(
+        q, k, v, dout, lse2, delta, *_triton_t5_inputs(cfg, rpe, bq, bk),
+        jnp.asarray(_padded_lut(cfg)) if rpe else None, q_seg, kv_seg, scale=cfg.scale, causal=cfg.causal,
+        blocks=cfg.blocks, num_buckets_padded=cfg.buckets_padded, max_distance=cfg.max_distance,
+        end_buckets=(int(lut[0]), int(lut[-1])))
+    dtable = None if partials is None else _table_grad(cfg, partials, table)
+    return dq, dk, dv, dtable, None, None
   params = plgpu.CompilerParams(num_warps=cfg.blocks.num_warps_bwd, num_stages=cfg.blocks.num_stages_bwd)
   rows = lambda x, blocked, block: pl.BlockSpec(
       (None, None, block if blocked else x.shape[2]), (lambda i, b, h: (b, h, i)) if blocked
@@ -651,7 +684,7 @@ def _backward(cfg, q, k, v, table, slopes, bias, q_seg, kv_seg, q_pos, kv_pos, o
 
   dtable = dslopes = dbias = None
   if cfg.bias_mode == "t5":
-    dtable = jnp.sum(grads[0], axis=(0, 2))[:, :cfg.num_buckets].T.astype(table.dtype)
+    dtable = _table_grad(cfg, grads[0], table)
   elif cfg.bias_mode == "alibi":
     dslopes = jnp.sum(grads[0], axis=(0, 2)).T.astype(slopes.dtype)
   elif cfg.bias_mode == "full":
@@ -729,19 +762,29 @@ def _fit_blocks(blocks: BlockSizes, q_len: int, kv_len: int) -> BlockSizes:
 def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, rpe_max_distance: int = 128,
                     alibi_slopes=None, bias=None, causal: bool = False, q_segment_ids=None, kv_segment_ids=None,
                     q_positions=None, kv_positions=None, scale: float = 1.0, return_lse: bool = False,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+                    block_sizes: BlockSizes | None = None, impl: str | None = None,
+                    interpret: bool | None = None):
   """Attention over q [B, Sq, H, D], k and v [B, Sk, H, D] -> out [B, Sq, H, D] (and lse [B, H, Sq] if asked).
 
   See the module docstring for the bias kinds and masks. `interpret=None` runs the Pallas interpreter off GPU and
   the Triton lowering on GPU. Differentiable in q, k, v, rpe_table, alibi_slopes and bias (and in the lse).
+  impl: "pallas", or "triton" (raw Triton kernels through jax-triton, triton_attention.py: GPU only, no bias or
+  the T5 bias without positions); None picks "triton" where it applies on a GPU.
   """
   _validate(q, k, v, rpe_table, alibi_slopes, bias, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
   if not scale > 0:
     raise ValueError(f"scale must be positive; got {scale}")
-  interpret = resolve_interpret(interpret)
+  triton_applies = alibi_slopes is None and bias is None and q_positions is None
+  if impl is None:
+    impl = "triton" if triton_applies and not resolve_interpret(interpret) else "pallas"
+  if impl not in IMPLS:
+    raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+  if impl == "triton" and not triton_applies:
+    raise ValueError("impl='triton' takes no alibi_slopes, bias or positions")
+  interpret = resolve_interpret(interpret, impl)
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
-  blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim, interpret), q_len, kv_len)
+  blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim, interpret, q.dtype), q_len, kv_len)
   q_pad = -(-q_len // max(blocks.block_q, blocks.block_q_bwd)) * max(blocks.block_q, blocks.block_q_bwd)
   kv_pad = -(-kv_len // max(blocks.block_k, blocks.block_k_bwd)) * max(blocks.block_k, blocks.block_k_bwd)
 
@@ -763,7 +806,8 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
     q_segment_ids = jnp.ones((batch, q_len), jnp.int32)
     kv_segment_ids = jnp.ones((batch, kv_len), jnp.int32)
   cfg = _Config(bias_mode=bias_mode, causal=causal, scale=float(scale), has_segments=q_segment_ids is not None,
-                has_positions=q_positions is not None, blocks=blocks, interpret=bool(interpret), **extra)
+                has_positions=q_positions is not None, blocks=blocks, interpret=bool(interpret),
+                impl=impl, **extra)
   as_int = lambda x, length: None if x is None else _pad_axis(x.astype(jnp.int32), 1, length)
   out, lse2 = _attention(
       cfg, _pad_axis(q, 1, q_pad), _pad_axis(k, 1, kv_pad), _pad_axis(v, 1, kv_pad), rpe_table, alibi_slopes,

@@ -56,6 +56,7 @@ CASES = {
     "plain": (37, 37, 32, False, None, False, {}),
     "t5_bidirectional": (200, 200, 64, False, "t5", False, dict(rpe_max_distance=40)),
     "t5_causal": (333, 333, 32, True, "t5", False, dict(rpe_bidirectional=False, rpe_max_distance=128)),
+    "t5_head_dim_128": (150, 150, 128, False, "t5", False, dict(rpe_max_distance=40)),
     "t5_packed": (200, 200, 32, False, "t5", True, dict(rpe_max_distance=24)),
     "t5_packed_causal": (160, 160, 32, True, "t5", True, dict(rpe_bidirectional=False, rpe_max_distance=24)),
     "alibi_symmetric_causal": (100, 100, 32, True, "alibi1", False, {}),
@@ -134,6 +135,16 @@ def test_packed_segment_ids_alone_match_per_segment_positions(case):
   _check(_run(_kernel, qkv, bias, ids_only, cts), _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
 
 
+@pytest.mark.skipif(not ON_GPU or INTERPRET is True, reason="raw Triton kernels run on a GPU only")
+@pytest.mark.parametrize("case", sorted(c for c in CASES if CASES[c][4] in (None, "t5")))
+def test_triton_matches_reference(case):
+  """The raw Triton kernels (no bias or T5 bias, segment ids without positions) against the same reference."""
+  qkv, bias, kwargs, cts = _inputs(_fresh_seed(case), case)
+  ids_only = {k: v for k, v in kwargs.items() if k not in ("q_positions", "kv_positions")}
+  triton = lambda *args, **kw: flash_attention(*args, impl="triton", **kw)
+  _check(_run(triton, qkv, bias, ids_only, cts), _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
+
+
 def _check(result, reference, kwargs):
   (out, lse, grads), (ref_out, ref_lse, ref_grads) = result, reference
   # lse is -inf exactly where a query sees no key; elsewhere finite and close.
@@ -162,6 +173,8 @@ def test_bf16_close_to_float32_reference():
     (dict(bias=jnp.ones((1, 2, 16, 8))), "bias"),
     (dict(rpe_table=jnp.ones((32, 2)), rpe_max_distance=8), "max_distance"),
     (dict(scale=-0.125), "scale must be positive"),  # the kernel takes row maxima before scaling
+    (dict(impl="cuda"), "impl must be one of"),
+    (dict(impl="triton", alibi_slopes=jnp.ones((2,))), "takes no alibi_slopes"),
 ])
 def test_bad_input_raises(kwargs, match):
   q = jnp.ones((1, 16, 2, 32))
