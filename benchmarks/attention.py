@@ -1,8 +1,10 @@
 """Attention benchmark: our flash kernel with the T5 bias inside it against materialized-bias and bias-free baselines.
 
 Methods, all measured in one run on the same random inputs (bf16, B x S x H x D):
-- ours_t5:       pallas_kernels.flash_attention with rpe_table (bias computed in the kernel)
-- ours_none:     the same kernel without bias
+- ours_t5:       pallas_kernels.flash_attention with rpe_table (bias computed in the kernel); on a GPU its default
+                 impl, the raw Triton kernels (triton_attention.py)
+- ours_t5_pallas: the same with impl="pallas" (the Pallas kernels)
+- ours_none:     ours without bias
 - xla_t5:        plain XLA with the [1, H, S, S] bias materialized from the table
 - cudnn_t5:      jax.nn.dot_product_attention(implementation="cudnn") with that materialized bias
 - cudnn_none:    cuDNN without bias
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import itertools
 import json
 import statistics
 import sys
@@ -31,9 +35,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks.common import relative_error
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, relative_position_bucket
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
+METHODS = ("ours_t5", "ours_t5_pallas", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none")
 
 
 def materialized_bias(table, seq_len, causal):
@@ -58,6 +64,10 @@ def methods(causal, block_sizes=None):
   def ours_t5(q, k, v, table):
     return flash_attention(q, k, v, rpe_table=table, rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE,
                            causal=causal, block_sizes=block_sizes)
+
+  def ours_t5_pallas(q, k, v, table):
+    return flash_attention(q, k, v, rpe_table=table, rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE,
+                           causal=causal, block_sizes=block_sizes, impl="pallas")
 
   def ours_none(q, k, v, table):
     return flash_attention(q, k, v, causal=causal, block_sizes=block_sizes)
@@ -88,7 +98,7 @@ def methods(causal, block_sizes=None):
     return flash_attention(q, k, v, rpe_table=table, rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE,
                            causal=causal, block_sizes=block_sizes, **packed(q, True))
 
-  return dict(ours_t5=ours_t5, ours_none=ours_none, xla_t5=lambda q, k, v, t: xla_attention(q, k, v, t, causal),
+  return dict(ours_t5=ours_t5, ours_t5_pallas=ours_t5_pallas, ours_none=ours_none, xla_t5=lambda q, k, v, t: xla_attention(q, k, v, t, causal),
               cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none, ours_t5_packed=ours_t5_packed,
               ours_t5_packed_positions=ours_t5_packed_positions)
 
@@ -164,15 +174,14 @@ def accuracy_check():
   from pallas_kernels.flash_attention import flash_attention_reference
   s = make_inputs(jax.random.PRNGKey(7), 2, 1000, 4, 64, sets=1)[0]
   result = {}
-  for causal in (False, True):
+  for impl, causal in itertools.product(("triton", "pallas"), (False, True)):
     kw = dict(rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE, causal=causal)
     grads = []
-    for fn in (flash_attention, flash_attention_reference):
+    for fn in (functools.partial(flash_attention, impl=impl), flash_attention_reference):
       out, vjp = jax.vjp(lambda q, k, v, t: fn(q, k, v, rpe_table=t, **kw), s["q"], s["k"], s["v"], s["table"])
       grads.append((out, *vjp(s["ct"])))
-    errs = [float(jnp.linalg.norm((a.astype(jnp.float32) - b.astype(jnp.float32)).ravel())
-                  / jnp.linalg.norm(b.astype(jnp.float32).ravel())) for a, b in zip(*grads)]
-    result["causal" if causal else "bidirectional"] = dict(zip(("out", "dq", "dk", "dv", "dtable"), errs))
+    errs = [relative_error(a, b) for a, b in zip(*grads)]
+    result[f"{impl}_{'causal' if causal else 'bidirectional'}"] = dict(zip(("out", "dq", "dk", "dv", "dtable"), errs))
   print("accuracy (rel. L2 error vs float32 reference, bf16 inputs):", json.dumps(result), flush=True)
   return result
 
@@ -207,7 +216,7 @@ def print_table(rows):
   by_key = {}
   for r in rows:
     by_key.setdefault((r["head_dim"], r["seq_len"], r["causal"]), {})[r["method"]] = r
-  names = ["ours_t5", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none"]
+  names = [n for n in METHODS if any(n in g for g in by_key.values())]
   print("\nTFLOP/s fwd / fwd+bwd (B=%d, H=%d, bf16)" % (rows[0]["batch"], rows[0]["heads"]))
   print("| D | S | causal | " + " | ".join(names) + " | ours_t5 fwd / cudnn_none | ours_t5 f+b / pallas_none | "
         "ours_t5 f+b / cudnn_t5 |")
@@ -238,7 +247,7 @@ def plot(json_paths, out_dir):
   for col, (d, causal) in enumerate(panels):
     for row, mode in enumerate(("fwd", "fwd_bwd")):
       ax = axes[row][col]
-      for name in ("ours_t5", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none"):
+      for name in METHODS:
         pts = sorted((r["seq_len"], r[f"{mode}_tflops"]) for r in rows if r["method"] == name
                      and r["head_dim"] == d and r["causal"] == causal and f"{mode}_tflops" in r)
         if pts:
@@ -284,8 +293,7 @@ def main():
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
   parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
-  parser.add_argument("--methods", nargs="+", default=["ours_t5", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none",
-                                                        "pallas_none"])
+  parser.add_argument("--methods", nargs="+", default=list(METHODS))
   parser.add_argument("--blocks", type=int, nargs=8, default=None,
                       help="override BlockSizes(block_q, block_k, block_q_bwd, block_k_bwd, warps, stages, "
                            "warps_bwd, stages_bwd)")

@@ -62,13 +62,14 @@ class BlockSizes:
   num_stages_bwd: int = 2
 
 
-# Per GPU generation (compute capability major) and head_dim, tuned on an H100 (benchmarks/notes_attention.md).
-# Shared memory stays under A100's 164 KB (at most ~115 KB: q tile + 3 stages of k, v and the bias tile).
+# Per GPU generation (compute capability major) and head_dim, tuned on an H100 for the Triton kernels, the default
+# on GPU (benchmarks/notes_attention.md); the Pallas kernels use the same. Shared memory stays under A100's 164 KB
+# (at most ~115 KB: q tile + 3 stages of k, v and the bias tile).
 _BLOCK_TABLE = {
     8: {32: BlockSizes(128, 64, 64, 64, 4, 3, 4, 3), 64: BlockSizes(128, 64, 64, 64, 4, 3, 4, 3),
         128: BlockSizes(64, 64, 64, 64, 4, 2, 8, 2)},
     9: {32: BlockSizes(128, 64, 64, 64, 4, 3, 4, 3), 64: BlockSizes(128, 64, 64, 64, 4, 3, 4, 3),
-        128: BlockSizes(128, 128, 64, 32, 8, 2, 4, 2)},  # 128 x 128 forward tiles need Hopper's shared memory
+        128: BlockSizes(128, 64, 64, 64, 8, 3, 4, 2)},
 }
 # Interpret mode (CPU): small tiles, so short test sequences still span several blocks and a padded tail.
 _INTERPRET_BLOCKS = BlockSizes(32, 32, 32, 32)
