@@ -28,6 +28,7 @@ import datetime
 import functools
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,8 +36,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import relative_error
-from pallas_kernels.flash_attention import BlockSizes, flash_attention, relative_position_bucket
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import relative_error  # pylint: disable=wrong-import-position
+from pallas_kernels.flash_attention import (  # pylint: disable=wrong-import-position
+    BlockSizes, flash_attention, relative_position_bucket)
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 METHODS = ("ours_t5", "ours_t5_pallas", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none")
