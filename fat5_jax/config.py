@@ -70,7 +70,8 @@ class ModelConfig:
                       DTYPES)
   attention_impl: str = _field(
       "xla", "xla: reference with a materialized bias; cudnn: jax.nn.dot_product_attention; pallas: our flash "
-      "kernel with the bias computed inside it.", ATTENTION_IMPLS)
+      "kernels with the bias computed inside them (raw Triton on GPU where they apply, else Pallas).",
+      ATTENTION_IMPLS)
   kernel_impl: str = _field(
       "xla", "RMSNorm and cross-entropy: xla reference, pallas or triton kernels, or auto (fastest on GPU, xla on "
       "CPU).", KERNEL_IMPLS)

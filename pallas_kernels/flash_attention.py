@@ -1,5 +1,9 @@
 """Flash attention with T5's bucketed relative bias computed inside the kernel (Pallas, Triton lowering).
 
+On a GPU the common cases (no bias, or the T5 bias without positions) run the same algorithm as raw Triton kernels
+(`triton_attention.py`, faster on Hopper); `impl` picks. This module holds the public entry point, the Pallas
+kernels (every mode, and interpret mode on CPU) and the jnp reference.
+
 `flash_attention(q, k, v, ...)` takes q [B, Sq, H, D], k and v [B, Sk, H, D] and one optional bias:
 - `rpe_table` [num_buckets, H] (Hugging Face's `relative_attention_bias`): the bias of a pair is the table entry of
   the bucket of its relative position key - query. The kernel reads a per-head vector indexed by the distance clipped
