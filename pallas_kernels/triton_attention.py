@@ -18,7 +18,10 @@ import jax_triton as jt
 import triton
 import triton.language as tl
 
-_MASK = tl.constexpr(-0.7 * 3.4028234663852886e38)  # flash_attention.MASK
+from pallas_kernels.common import LOG2E
+from pallas_kernels.flash_attention import MASK
+
+_MASK = tl.constexpr(MASK)
 # Regions of the kv (or q) loop: the tiles before the T5 band (one bucket), the band, the tiles after it.
 _NO_BIAS, _FAR_LEFT, _BAND, _FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
@@ -31,30 +34,27 @@ def _logits2(raw, q_idx, k_idx, q_seg, k_seg, bias_ptr, far_bias, shift, REGION:
              MASKED: tl.constexpr, KEYS_FIRST: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
              SCALE2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BAND_FIRST: tl.constexpr,
              BAND_STEP: tl.constexpr):
-  """Base-2 logits of a tile ([queries, keys], or [keys, queries] if KEYS_FIRST), MASK where hidden; only for
-  tiles with a band bias or a mask (the others keep scale and scalar bias apart, see _probabilities2)."""
-  s = raw * SCALE2 + far_bias
+  """Base-2 logits of a tile ([queries, keys], or [keys, queries] if KEYS_FIRST), MASK where hidden. Only for band
+  or masked tiles: the others keep scale and scalar bias apart, so that `logits - row value` is one multiply-add."""
+  bias = far_bias
   if REGION == _BAND:
     offsets = (shift - BAND_FIRST) // BAND_STEP * BLOCK_Q * BLOCK_K
-    if KEYS_FIRST:  # the dk/dv kernel reads transposed tiles: coalesced, like the others
+    if KEYS_FIRST:  # the dk/dv kernel reads pre-transposed tiles: coalesced, like the others
       offsets += tl.arange(0, BLOCK_K)[:, None] * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
     else:
       offsets += tl.arange(0, BLOCK_Q)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-    s = raw * SCALE2 + tl.load(bias_ptr + offsets).to(tl.float32)
+    bias = tl.load(bias_ptr + offsets).to(tl.float32)
+  s = raw * SCALE2 + bias
   if MASKED:
     if KEYS_FIRST:
-      rows_idx, cols_idx, rows_seg, cols_seg = k_idx, q_idx, k_seg, q_seg
+      q_idx, k_idx, q_seg, k_seg = q_idx[None, :], k_idx[:, None], q_seg[None, :], k_seg[:, None]
     else:
-      rows_idx, cols_idx, rows_seg, cols_seg = q_idx, k_idx, q_seg, k_seg
+      q_idx, k_idx, q_seg, k_seg = q_idx[:, None], k_idx[None, :], q_seg[:, None], k_seg[None, :]
     visible = tl.full(s.shape, True, tl.int1)
     if HAS_SEGMENTS:
-      keys = cols_seg[None, :] if not KEYS_FIRST else rows_seg[:, None]
-      visible = (rows_seg[:, None] == cols_seg[None, :]) & (keys != 0)
+      visible = (q_seg == k_seg) & (k_seg != 0)
     if CAUSAL:
-      if KEYS_FIRST:
-        visible = visible & (cols_idx[None, :] >= rows_idx[:, None])
-      else:
-        visible = visible & (rows_idx[:, None] >= cols_idx[None, :])
+      visible = visible & (q_idx >= k_idx)
     s = tl.where(visible, s, _MASK)
   return s
 
@@ -63,6 +63,27 @@ def _logits2(raw, q_idx, k_idx, q_seg, k_seg, bias_ptr, far_bias, shift, REGION:
 def _cut(lo, hi, split):
   """Blocks [lo, hi) cut at `split`: (end of the first part, start of the second)."""
   return tl.minimum(hi, tl.maximum(split, lo)), tl.maximum(lo, tl.minimum(split, hi))
+
+
+@triton.jit
+def _kv_blocks(q_start, KV_LEN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+               CAUSAL: tl.constexpr):
+  """(end of the kv loop, first kv block that needs the causal mask) for the q block at q_start."""
+  hi = tl.full([], KV_LEN // BLOCK_K, tl.int32)
+  first_masked = hi
+  if CAUSAL:  # kv blocks from (q_start + 1) // BLOCK_K on reach past some query of the block
+    hi = tl.minimum(tl.cdiv(q_start + BLOCK_Q, BLOCK_K), hi)
+    first_masked = (q_start + 1) // BLOCK_K
+  return hi, first_masked
+
+
+@triton.jit
+def _kv_band(q_start, hi, BLOCK_K: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
+             BAND_COUNT: tl.constexpr):
+  """kv blocks [lo, hi) of the T5 band for the q block at q_start (flash_attention._kv_band), clipped to `hi`."""
+  band_last: tl.constexpr = BAND_FIRST + (BAND_COUNT - 1) * BAND_STEP
+  band_lo = tl.minimum(tl.maximum(tl.cdiv(q_start + BAND_FIRST, BLOCK_K), 0), hi)  # cdiv truncates: clamp
+  return band_lo, tl.minimum((q_start + band_last) // BLOCK_K + 1, hi)
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -140,15 +161,9 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, band_ptr, ends_ptr, q_seg_ptr, kv
   acc = tl.zeros((BLOCK_Q, HEAD_DIM), tl.float32)
   m_i = tl.full((BLOCK_Q,), _MASK, tl.float32)
   l_i = tl.zeros((BLOCK_Q,), tl.float32)
-  hi = KV_LEN // BLOCK_K
-  first_masked = hi
-  if CAUSAL:  # kv blocks from (q_start + 1) // BLOCK_K on reach past some query of the block
-    hi = tl.minimum(tl.cdiv(q_start + BLOCK_Q, BLOCK_K), hi)
-    first_masked = (q_start + 1) // BLOCK_K
+  hi, first_masked = _kv_blocks(q_start, KV_LEN, BLOCK_Q, BLOCK_K, CAUSAL)
   if T5:
-    band_last: tl.constexpr = BAND_FIRST + (BAND_COUNT - 1) * BAND_STEP
-    band_lo = tl.minimum(tl.maximum(tl.cdiv(q_start + BAND_FIRST, BLOCK_K), 0), hi)  # cdiv truncates: clamp
-    band_hi = tl.minimum((q_start + band_last) // BLOCK_K + 1, hi)
+    band_lo, band_hi = _kv_band(q_start, hi, BLOCK_K, BAND_FIRST, BAND_STEP, BAND_COUNT)
     bias_ptr = band_ptr + head * BAND_COUNT * BLOCK_Q * BLOCK_K
     acc, m_i, l_i = _fwd_region(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr,
                                 tl.load(ends_ptr + 2 * head), q_start, 0, band_lo, first_masked, _FAR_LEFT, CAUSAL,
@@ -279,15 +294,9 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_p
 
   dq = tl.zeros((BLOCK_Q, HEAD_DIM), tl.float32)
   buckets = tl.zeros((NUM_BUCKETS_PADDED,), tl.float32)
-  hi = KV_LEN // BLOCK_K
-  first_masked = hi
-  if CAUSAL:
-    hi = tl.minimum(tl.cdiv(q_start + BLOCK_Q, BLOCK_K), hi)
-    first_masked = (q_start + 1) // BLOCK_K
+  hi, first_masked = _kv_blocks(q_start, KV_LEN, BLOCK_Q, BLOCK_K, CAUSAL)
   if T5:
-    band_last: tl.constexpr = BAND_FIRST + (BAND_COUNT - 1) * BAND_STEP
-    band_lo = tl.minimum(tl.maximum(tl.cdiv(q_start + BAND_FIRST, BLOCK_K), 0), hi)
-    band_hi = tl.minimum((q_start + band_last) // BLOCK_K + 1, hi)
+    band_lo, band_hi = _kv_band(q_start, hi, BLOCK_K, BAND_FIRST, BAND_STEP, BAND_COUNT)
     bias_ptr = band_ptr + head * BAND_COUNT * BLOCK_Q * BLOCK_K
     dq, buckets, left = _dq_region(dq, buckets, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr,
                                    lut_ptr, tl.load(ends_ptr + 2 * head), q_start, 0, band_lo, first_masked,
@@ -428,7 +437,7 @@ def _common(q, k, t5_bias, q_seg, kv_seg, scale, causal, band):
   arrays = dict(band=band_tiles, ends=ends, q_seg=placeholder if q_seg is None else q_seg,
                 kv_seg=placeholder if kv_seg is None else kv_seg)
   constants = dict(Q_LEN=q.shape[1], KV_LEN=k.shape[1], HEADS=q.shape[2], HEAD_DIM=q.shape[3],
-                   SCALE2=scale * 1.4426950408889634, T5=t5_bias is not None, CAUSAL=causal,
+                   SCALE2=scale * LOG2E, T5=t5_bias is not None, CAUSAL=causal,
                    HAS_SEGMENTS=q_seg is not None, BAND_FIRST=first, BAND_STEP=step, BAND_COUNT=count,
                    PRECISION="ieee" if q.dtype == jnp.float32 else "tf32")
   return arrays, constants
