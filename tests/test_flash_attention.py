@@ -182,6 +182,13 @@ def test_bad_input_raises(kwargs, match):
     flash_attention(q, q, q, **kwargs)
 
 
+@pytest.mark.skipif(ON_GPU, reason="only off a GPU")
+def test_triton_impl_needs_a_gpu():
+  q = jnp.ones((1, 16, 2, 32))
+  with pytest.raises(ValueError, match="GPU only"):
+    flash_attention(q, q, q, impl="triton")
+
+
 def test_head_dim_must_be_supported():
   q = jnp.ones((1, 16, 2, 48))
   with pytest.raises(ValueError, match="head_dim"):
