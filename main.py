@@ -83,15 +83,13 @@ def import_hf(config, hf_dir: str):
 
 def restore_model(config):
   """The model of the latest checkpoint in the workdir."""
-  import jax
   from flax import nnx
   from fat5_jax import checkpoint, model as model_lib
 
   checkpointer = checkpoint.Checkpointer(config.workdir)
   checkpointer.check_architecture(config)
   params = model_lib.abstract_parameters(config.model)
-  abstract = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))}
-  step, state = checkpointer.restore(abstract)
+  step, state = checkpointer.restore({"params": nnx.to_pure_dict(params)})
   checkpointer.close()
   if step is None:
     raise SystemExit(f"no checkpoint in {checkpointer.directory}: train or import_hf first")

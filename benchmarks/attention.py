@@ -64,13 +64,9 @@ def xla_attention(q, k, v, table, causal):
 def methods(causal, block_sizes=None):
   from jax.experimental.pallas.ops.gpu import attention as jax_pallas
 
-  def ours_t5(q, k, v, table):
+  def ours_t5(q, k, v, table, **extra):
     return flash_attention(q, k, v, rpe_table=table, rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE,
-                           causal=causal, block_sizes=block_sizes)
-
-  def ours_t5_pallas(q, k, v, table):
-    return flash_attention(q, k, v, rpe_table=table, rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE,
-                           causal=causal, block_sizes=block_sizes, impl="pallas")
+                           causal=causal, block_sizes=block_sizes, **extra)
 
   def ours_none(q, k, v, table):
     return flash_attention(q, k, v, causal=causal, block_sizes=block_sizes)
@@ -93,17 +89,12 @@ def methods(causal, block_sizes=None):
     extra = dict(q_positions=index % (seq_len // 4), kv_positions=index % (seq_len // 4)) if with_positions else {}
     return dict(q_segment_ids=ids, kv_segment_ids=ids, **extra)
 
-  def ours_t5_packed(q, k, v, table):
-    return flash_attention(q, k, v, rpe_table=table, rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE,
-                           causal=causal, block_sizes=block_sizes, **packed(q, False))
-
-  def ours_t5_packed_positions(q, k, v, table):
-    return flash_attention(q, k, v, rpe_table=table, rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE,
-                           causal=causal, block_sizes=block_sizes, **packed(q, True))
-
-  return dict(ours_t5=ours_t5, ours_t5_pallas=ours_t5_pallas, ours_none=ours_none, xla_t5=lambda q, k, v, t: xla_attention(q, k, v, t, causal),
-              cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none, ours_t5_packed=ours_t5_packed,
-              ours_t5_packed_positions=ours_t5_packed_positions)
+  return dict(
+      ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, impl="pallas"), ours_none=ours_none,
+      xla_t5=lambda q, k, v, t: xla_attention(q, k, v, t, causal), cudnn_t5=cudnn_t5, cudnn_none=cudnn_none,
+      pallas_none=pallas_none,
+      ours_t5_packed=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, False)),
+      ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, True)))
 
 
 def make_inputs(key, batch, seq_len, heads, head_dim, sets=3):

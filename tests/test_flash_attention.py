@@ -117,6 +117,11 @@ def _kernel(*args, **kwargs):
   return flash_attention(*args, interpret=INTERPRET, **kwargs)
 
 
+def _without_positions(kwargs):
+  """The same call with segment ids alone (per-segment positions give the same result)."""
+  return {k: v for k, v in kwargs.items() if k not in ("q_positions", "kv_positions")}
+
+
 def _fresh_seed(case):
   return abs(hash(case)) % 1000 + int(np.random.default_rng().integers(1 << 20))  # fresh inputs every run
 
@@ -131,8 +136,8 @@ def test_matches_reference(case):
 def test_packed_segment_ids_alone_match_per_segment_positions(case):
   """The trainer's fast path: contiguous segments whose positions restart at 0 need no positions."""
   qkv, bias, kwargs, cts = _inputs(_fresh_seed(case), case)
-  ids_only = {k: v for k, v in kwargs.items() if k not in ("q_positions", "kv_positions")}
-  _check(_run(_kernel, qkv, bias, ids_only, cts), _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
+  _check(_run(_kernel, qkv, bias, _without_positions(kwargs), cts),
+         _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
 
 
 @pytest.mark.skipif(not ON_GPU or INTERPRET is True, reason="raw Triton kernels run on a GPU only")
@@ -140,9 +145,9 @@ def test_packed_segment_ids_alone_match_per_segment_positions(case):
 def test_triton_matches_reference(case):
   """The raw Triton kernels (no bias or T5 bias, segment ids without positions) against the same reference."""
   qkv, bias, kwargs, cts = _inputs(_fresh_seed(case), case)
-  ids_only = {k: v for k, v in kwargs.items() if k not in ("q_positions", "kv_positions")}
   triton = lambda *args, **kw: flash_attention(*args, impl="triton", **kw)
-  _check(_run(triton, qkv, bias, ids_only, cts), _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
+  _check(_run(triton, qkv, bias, _without_positions(kwargs), cts),
+         _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
 
 
 def _check(result, reference, kwargs):
