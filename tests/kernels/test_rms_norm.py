@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tests.kernel_checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
+from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
 from pallas_kernels.rms_norm import BlockSizes, rms_norm, rms_norm_reference
 
 IMPLS = ["pallas", pytest.param("triton", marks=pytest.mark.skipif(not ON_GPU, reason="jax-triton needs a GPU"))]

@@ -12,7 +12,7 @@ import pytest
 
 from pallas_kernels.flash_attention import (flash_attention, flash_attention_reference,
                                             relative_position_bucket)
-from tests.kernel_checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
+from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
 
 # float32 in the interpreter is exact up to rounding; the GPU's float32 dots run in tf32.
 TOL = 5e-3 if ON_GPU and INTERPRET is not True else 1e-4

@@ -13,7 +13,7 @@ import pytest
 
 from fat5_jax import config as config_lib, flops, sharding, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tiny_config(model_overrides=None, **train_overrides):
@@ -125,7 +125,7 @@ def _sharded_run(mesh_data, mesh_fsdp, workdir):
 @pytest.mark.parametrize("mesh_data,mesh_fsdp", [(4, 2), (1, 8)])
 def test_sharded_step_matches_single_device_and_restores_resharded(mesh_data, mesh_fsdp, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); from tests import test_train as t; "
+  code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); from tests.train import test_train as t; "
           f"print(json.dumps(t._sharded_run({mesh_data}, {mesh_fsdp}, {str(tmp_path)!r})))")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]

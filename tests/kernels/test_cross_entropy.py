@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tests.kernel_checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
+from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
 from pallas_kernels.cross_entropy import (BlockSizes, chunked_lm_head_cross_entropy, cross_entropy,
                                           cross_entropy_and_grad, cross_entropy_reference,
                                           lm_head_cross_entropy_reference)
