@@ -1,11 +1,14 @@
-"""GPU kernels in Pallas (Triton lowering), each beside a plain-jnp reference; interpreted off GPU.
+"""GPU kernels for T5, one folder per op: flash attention with the T5 bias inside the kernel, cross-entropy with
+z-loss (and a chunked lm_head loss), RMSNorm.
 
-Jax only: nothing here imports fat5_jax. The raw Triton versions (`triton_kernels`, through jax-triton) load
-lazily on GPU.
+Each op has its public function (validation, custom_vjp), `pallas.py` (Pallas kernels, Triton lowering; the
+interpreter off GPU), `triton.py` (raw Triton kernels, launched through jax-triton on a GPU or Triton's
+interpreter off it), `reference.py` (its one jnp reference) and `tuning.py` (block sizes per device). The backends
+load lazily, only when selected. Jax only: nothing here imports fat5_jax.
 """
 
+from pallas_kernels.attention import flash_attention
 from pallas_kernels.cross_entropy import chunked_lm_head_cross_entropy, cross_entropy
-from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.rms_norm import rms_norm
 
 __all__ = ["chunked_lm_head_cross_entropy", "cross_entropy", "flash_attention", "rms_norm"]
