@@ -14,7 +14,7 @@ def get_config():
       vocab_size=32768, d_model=512, d_kv=64, d_ff=2048, num_heads=8, num_layers=12, num_decoder_layers=12,
       feed_forward_proj="gated-gelu", position_encoding_type="t5", relative_attention_num_buckets=32,
       relative_attention_max_distance=128, attention_scale=1.0, tie_word_embeddings=False,
-      param_dtype="bfloat16", dtype="bfloat16", attention_impl="pallas", kernel_impl="auto")
+      param_dtype="bfloat16", dtype="bfloat16", attention_impl="flash", kernel_backend="auto")
   config.data.update(encoder_length=512, decoder_length=512, decoder_length_buckets=(128, 256, 512),
                      tokenizer_vocab_size=32768)
   config.train.update(batch_size=128, grad_accum_steps=4, learning_rate=5e-3, warmup_steps=20_000, z_loss=1e-4,

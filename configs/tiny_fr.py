@@ -9,7 +9,7 @@ def get_config():
   config.model.update(
       vocab_size=4096, d_model=128, d_kv=32, d_ff=384, num_heads=4, num_layers=2, num_decoder_layers=2,
       feed_forward_proj="gated-gelu", position_encoding_type="t5", param_dtype="float32", dtype="float32",
-      attention_impl="xla", kernel_impl="xla")
+      attention_impl="xla", kernel_backend="auto")
   config.data.update(encoder_length=128, decoder_length=64, decoder_length_buckets=(32, 64),
                      tokenizer_vocab_size=4096, tokenizer_max_sentences=200_000)
   # AdamWScale scales each step by the tensor's RMS, so small models want a large rate: 5e-2 reached the lowest

@@ -27,8 +27,8 @@ def _field(default, doc: str, choices: tuple = ()):
 
 FEED_FORWARD_PROJ = ("gated-gelu", "gated-relu", "gated-silu", "relu", "gelu", "silu")
 POSITION_ENCODINGS = ("t5", "alibi", "rope", "fire", "none")
-ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
-KERNEL_IMPLS = ("xla", "pallas", "triton", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "flash")
+KERNEL_BACKENDS = ("auto", "pallas", "triton", "xla")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -69,12 +69,15 @@ class ModelConfig:
   dtype: str = _field("bfloat16", "Dtype of activations and matmuls; norms and softmax statistics stay float32.",
                       DTYPES)
   attention_impl: str = _field(
-      "xla", "xla: reference with a materialized bias; cudnn: jax.nn.dot_product_attention; pallas: our flash "
-      "kernels with the bias computed inside them (raw Triton on GPU where they apply, else Pallas).",
+      "xla", "xla: the reference, with a materialized [B, H, Sq, Sk] bias; cudnn: jax.nn.dot_product_attention "
+      "with that bias; flash: our flash kernels, the bias computed inside them (model.kernel_backend picks which).",
       ATTENTION_IMPLS)
-  kernel_impl: str = _field(
-      "xla", "RMSNorm and cross-entropy: xla reference, pallas or triton kernels, or auto (fastest on GPU, xla on "
-      "CPU).", KERNEL_IMPLS)
+  kernel_backend: str = _field(
+      "auto", "Our kernels (flash attention, cross-entropy with the lm_head, RMSNorm): pallas (Pallas kernels), "
+      "triton (raw Triton kernels through jax-triton; attention without ALiBi or FIRE), xla (the jnp references, "
+      "no kernel), or auto: on a GPU the fastest measured kernel of each op (Triton; Pallas for the attention cases "
+      "Triton lacks), off a GPU xla. pallas or triton off a GPU run the kernels' interpreters: exact but slow.",
+      KERNEL_BACKENDS)
   pad_token_id: int = _field(0, "Padding id; also the decoder start id in T5.")
   eos_token_id: int = _field(1, "End-of-sequence id.")
   decoder_start_token_id: int = _field(0, "First decoder input token.")
@@ -178,7 +181,24 @@ def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
   return value
 
 
+# Fields and values of earlier versions, and what replaced them: rejected with a pointer to the new name.
+RENAMED = {
+    "model.kernel_impl": "model.kernel_impl was replaced by model.kernel_backend (auto | pallas | triton | xla), "
+                         "which covers attention too",
+    "model.attention_impl=pallas": "model.attention_impl='pallas' is now 'flash'; model.kernel_backend picks "
+                                   "pallas or triton kernels",
+}
+
+
+def _check_renamed(section: str, values) -> None:
+  for key, value in values.items():
+    for name in (f"{section}.{key}", f"{section}.{key}={value}"):
+      if name in RENAMED:
+        raise ConfigError(RENAMED[name])
+
+
 def _build_section(section: str, cls, values) -> Any:
+  _check_renamed(section, values)
   fields = {f.name: f for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - set(fields))
   if unknown:
@@ -224,6 +244,10 @@ def _validate_model(m: ModelConfig):
   _require(m.attention_scale > 0, f"model.attention_scale must be positive, got {m.attention_scale}")
   for name in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
     _require(0 <= getattr(m, name) < m.vocab_size, f"model.{name} is outside the vocabulary")
+  _require(not (m.attention_impl == "flash" and m.kernel_backend == "triton"
+                and m.position_encoding_type in ("alibi", "fire")),
+           f"model.kernel_backend=triton has no attention kernel for position_encoding_type="
+           f"{m.position_encoding_type}: use auto or pallas")
 
 
 def _validate_data(d: DataConfig, m: ModelConfig):

@@ -14,30 +14,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-import pallas_kernels
-from pallas_kernels.cross_entropy import cross_entropy_reference
-
-LOSS_IMPLS = ("xla", "pallas", "triton")
-
-
-def _token_losses(logits, targets, *, z_loss: float, label_smoothing: float, impl: str):
-  """Per-token (loss with z-loss, z-loss term, correct) in float32: the one place that picks an implementation
-  (xla: the kernels' jnp reference)."""
-  if impl not in LOSS_IMPLS:
-    raise ValueError(f"cross_entropy_loss: impl={impl!r} is not one of {', '.join(LOSS_IMPLS)}")
-  flat = logits.reshape(-1, logits.shape[-1])
-  kwargs = dict(z_loss=z_loss, label_smoothing=label_smoothing)
-  if impl == "xla":
-    loss, lse = cross_entropy_reference(flat.astype(jnp.float32), targets.reshape(-1), **kwargs)
-  else:
-    loss, lse = pallas_kernels.cross_entropy(flat, targets.reshape(-1), impl=impl, **kwargs)
-  correct = jnp.argmax(logits, axis=-1) == targets
-  reshape = lambda x: x.reshape(targets.shape)
-  return reshape(loss), reshape(z_loss * jnp.square(lse)), correct
+from pallas_kernels.cross_entropy import reference
 
 
 def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array, *, z_loss: float = 1e-4,
-                       label_smoothing: float = 0.0, impl: str = "xla") -> tuple[jax.Array, dict[str, jax.Array]]:
+                       label_smoothing: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted sum of the per-token loss, and metric sums.
 
   Args:
@@ -46,7 +27,6 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
     weights: [batch, length] floats, the decoder loss weights (0 on padding).
     z_loss: weight of lse^2 (FAT5 / T5: 1e-4).
     label_smoothing: in [0, 1).
-    impl: "xla" (reference in jnp).
 
   Returns:
     (loss_sum, metrics) where metrics holds float32 sums: "loss" (= loss_sum, z-loss included), "z_loss",
@@ -57,33 +37,16 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
                      f"{logits.shape}, targets {targets.shape}, weights {weights.shape}")
   if not jnp.issubdtype(targets.dtype, jnp.integer):
     raise ValueError(f"cross_entropy_loss: targets must be integers, got {targets.dtype}")
-  if z_loss < 0 or not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(f"cross_entropy_loss: need z_loss >= 0 and 0 <= label_smoothing < 1, got z_loss={z_loss}, "
-                     f"label_smoothing={label_smoothing}")
-  loss, z_term, correct = _token_losses(logits, targets, z_loss=z_loss, label_smoothing=label_smoothing, impl=impl)
+  flat_loss, lse = reference.cross_entropy(logits.reshape(-1, logits.shape[-1]).astype(jnp.float32),
+                                           targets.reshape(-1), z_loss=z_loss, label_smoothing=label_smoothing)
+  loss, z_term = flat_loss.reshape(targets.shape), z_loss * jnp.square(lse).reshape(targets.shape)
+  correct = jnp.argmax(logits, axis=-1) == targets
   weights = weights.astype(jnp.float32)
   weighted_sum = lambda x: jnp.sum(weights * x)
   loss_sum = weighted_sum(loss)
   metrics = {"loss": loss_sum, "z_loss": weighted_sum(z_term), "correct": weighted_sum(correct.astype(jnp.float32)),
              "tokens": jnp.sum(weights)}
   return loss_sum, metrics
-
-
-def lm_head_loss(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, *,
-                 z_loss: float = 1e-4, label_smoothing: float = 0.0,
-                 impl: str = "xla") -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`cross_entropy_loss` of the logits `hidden [B, T, d] @ kernel [d, V]`, same returns.
-
-  impl "xla" materializes the [B, T, V] logits (the reference). "pallas" / "triton" run the fused kernel over chunks
-  of tokens and never hold more than one chunk of logits, forward or backward.
-  """
-  if impl == "xla":
-    return cross_entropy_loss(hidden @ kernel, targets, weights, z_loss=z_loss, label_smoothing=label_smoothing)
-  weights = weights.astype(jnp.float32)
-  sums = pallas_kernels.chunked_lm_head_cross_entropy(
-      hidden.reshape(-1, hidden.shape[-1]), kernel, targets.reshape(-1), weights.reshape(-1), z_loss=z_loss,
-      label_smoothing=label_smoothing, impl=impl)
-  return sums.loss, {"loss": sums.loss, "z_loss": sums.z_loss, "correct": sums.correct, "tokens": jnp.sum(weights)}
 
 
 def normalize_metrics(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -13,12 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import pallas_kernels
 from fat5_jax import positions
-from fat5_jax.attention import AttentionBias, dot_product_attention, index_positions
 from fat5_jax.config import ModelConfig
-from fat5_jax.positions import apply_rope
-from pallas_kernels.rms_norm import default_impl as fastest_rms_norm_impl, rms_norm_reference
+from fat5_jax.ops import REFERENCE, AttentionBias, ops_for
+from fat5_jax.positions import apply_rope, index_positions
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -32,31 +30,14 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
 
 
-def resolve_kernel_impl(requested: str, fastest_on_gpu: str) -> str:
-  """The kernel to run for `model.kernel_impl`: `auto` is the family's faster kernel on the H100 on GPU, else xla."""
-  on_gpu = jax.default_backend() == "gpu"
-  if requested == "auto":
-    return fastest_on_gpu if on_gpu else "xla"
-  if requested == "triton" and not on_gpu:
-    raise ValueError("model.kernel_impl='triton' needs a GPU (jax-triton); use pallas (interpreted off GPU) or xla")
-  return requested
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float, impl: str = "xla") -> jax.Array:
-  """T5 RMSNorm: no mean, no bias, variance in float32; returns x's dtype. `impl`: xla, pallas or triton."""
-  if impl == "xla":
-    return rms_norm_reference(x, weight, eps)
-  return pallas_kernels.rms_norm(x, weight, eps, impl=impl)
-
-
 class RMSNorm(nnx.Module):
   def __init__(self, config: ModelConfig):
     self.weight = nnx.Param(jnp.full((config.d_model,), config.initializer_factor, config.param_dtype))  # std: const
     self.eps = config.layer_norm_epsilon
-    self.impl = resolve_kernel_impl(config.kernel_impl, fastest_rms_norm_impl())
+    self.ops = ops_for(config)
 
   def __call__(self, x):
-    return rms_norm(x, self.weight[...], self.eps, self.impl)
+    return self.ops.rms_norm(x, self.weight[...], self.eps)
 
 
 class Attention(nnx.Module):
@@ -76,7 +57,7 @@ class Attention(nnx.Module):
     k, v = self.keys_values(kv_input, kv_positions, kv_segment_ids)
     return self.attend(q, k, v, bias=bias, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                        q_positions=q_positions, kv_positions=kv_positions, causal=self.causal,
-                       impl=self.config.attention_impl)
+                       ops=ops_for(self.config))
 
   def _heads(self, x, weight):
     cfg = self.config
@@ -96,9 +77,8 @@ class Attention(nnx.Module):
     """[B, S, H, D] keys (rotated under RoPE) and values: what a decoding cache holds."""
     return self._rotate(self._heads(x, self.k), positions, segment_ids), self._heads(x, self.v)
 
-  def attend(self, q, k, v, *, causal: bool, impl: str, **masks_and_bias):
-    out = dot_product_attention(q, k, v, causal=causal, scale=self.config.attention_scale, impl=impl,
-                                **masks_and_bias)
+  def attend(self, q, k, v, *, causal: bool, ops, **masks_and_bias):
+    out = ops.attention(q, k, v, causal=causal, scale=self.config.attention_scale, **masks_and_bias)
     return out.reshape(*out.shape[:2], -1) @ self.o[...].astype(self.config.dtype)
 
 
@@ -165,12 +145,12 @@ class Block(nnx.Module):
     x = x + self.self_attention.attend(
         self.self_attention.queries(h, position, ones), cache["k"], cache["v"], bias=bias, q_segment_ids=ones,
         kv_segment_ids=(cache_positions <= step).astype(jnp.int32), q_positions=position,
-        kv_positions=cache_positions, causal=False, impl="xla")
+        kv_positions=cache_positions, causal=False, ops=REFERENCE)
     h = self.cross_attention_norm(x)
     x = x + self.cross_attention.attend(
         self.cross_attention.queries(h, position, ones), cache["cross_k"], cache["cross_v"], bias=None,
         q_segment_ids=ones, kv_segment_ids=encoder_segment_ids, q_positions=None, kv_positions=None, causal=False,
-        impl="xla")
+        ops=REFERENCE)
     return x + self.mlp(self.mlp_norm(x)), cache
 
 

@@ -12,8 +12,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fat5_jax.attention import AttentionBias
 from fat5_jax.config import ModelConfig
+from fat5_jax.ops import AttentionBias
+
+
+def index_positions(segment_ids: jax.Array) -> jax.Array:
+  """Positions 0..S-1 of every row: within a contiguous segment their differences are the true distances."""
+  return jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)
 
 
 def alibi_slopes(num_heads: int) -> tuple[float, ...]:

@@ -1,0 +1,82 @@
+"""The kernel seam: what each config resolves to, the loss through every backend, and the renamed config fields."""
+
+import logging
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fat5_jax import ops
+from fat5_jax.config import ConfigError, from_config_dict, model_config, to_config_dict
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+@pytest.mark.skipif(ON_GPU, reason="off-GPU resolution")
+@pytest.mark.parametrize("requested,expected", [("auto", "xla"), ("xla", "xla"), ("pallas", "pallas"),
+                                                ("triton", "triton")])
+def test_backends_off_gpu(requested, expected):
+  chosen = ops.ops_for(model_config(attention_impl="flash", kernel_backend=requested))
+  assert (chosen.attention_impl, chosen.backend, chosen.attention_fallback) == ("flash", expected, None)
+
+
+@pytest.mark.skipif(ON_GPU, reason="off-GPU message")
+def test_interpreted_kernels_are_announced_once(caplog):
+  ops._say_interpreted.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    for layers in (1, 2):  # two configs, one message
+      ops.ops_for(model_config(num_layers=layers, kernel_backend="pallas"))
+  said = [r.getMessage() for r in caplog.records if "interpreter" in r.getMessage()]
+  assert len(said) == 1 and "\n" not in said[0] and "slow" in said[0]
+
+
+@pytest.mark.parametrize("backend", ["pallas", "triton"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_lm_head_loss_of_every_backend_matches_the_reference(backend, label_smoothing):
+  """The chunked lm_head + fused cross-entropy kernel (interpreted off GPU): sums and gradients."""
+  rng = np.random.default_rng(11)
+  hidden = jnp.asarray(rng.normal(size=(3, 7, 32)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(32, 300)) * 0.2, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 300, size=(3, 7)), jnp.int32)
+  weights = jnp.asarray(rng.random((3, 7)) > 0.3, jnp.float32)
+
+  def run(chosen):
+    loss = lambda h, w: chosen.lm_head_loss(h, w, targets, weights, z_loss=1e-3, label_smoothing=label_smoothing)
+    (_, metrics), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, kernel)
+    return metrics, grads
+
+  chex.assert_trees_all_close(run(ops.Ops(backend=backend)), run(ops.REFERENCE), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_falls_back_to_pallas_for_attention_triton_lacks():
+  """ALiBi under `auto` on a GPU: the Triton choice gives way to Pallas (here both interpreted)."""
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 19, 2, 32)), jnp.float32) for _ in range(3))
+  segments = jnp.ones((1, 19), jnp.int32)
+  bias = ops.AttentionBias(kind="alibi", slopes=jnp.asarray([[0.5, 0.25], [0.5, 0.25]], jnp.float32))
+  kwargs = dict(bias=bias, q_segment_ids=segments, kv_segment_ids=segments, q_positions=None, kv_positions=None,
+                causal=True, scale=1.0)
+  auto_on_gpu = ops.Ops(attention_impl="flash", backend="triton", attention_fallback="pallas")
+  chex.assert_trees_all_close(auto_on_gpu.attention(q, k, v, **kwargs), ops.REFERENCE.attention(q, k, v, **kwargs),
+                              rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="triton"):
+    ops.Ops(attention_impl="flash", backend="triton").attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("kernel_impl", "pallas", "model.kernel_backend"),
+    ("attention_impl", "pallas", "'flash'"),
+])
+def test_old_field_names_are_rejected_with_the_new_name(field, value, message):
+  values = to_config_dict().to_dict()
+  values["model"][field] = value
+  with pytest.raises(ConfigError, match=message) as error:
+    from_config_dict(values)
+  assert "\n" not in str(error.value)
+
+
+def test_triton_attention_with_alibi_is_a_config_error():
+  with pytest.raises(ConfigError, match="kernel_backend=triton"):
+    model_config(attention_impl="flash", kernel_backend="triton", position_encoding_type="alibi")
