@@ -3,7 +3,7 @@
 Counted as matmul work only (embedding lookups, norms and softmax are noise at these sizes): 6 x parameters x tokens
 for each dense layer (forward 2, backward 4), with cross-attention's key/value projections run over the encoder
 tokens, plus attention's two S_q x S_k products per layer (3 x 4 S_q S_k heads d_kv: forward and backward), halved
-for causal self-attention. For small_fr (512/512) this is 447.7 GFLOP per row.
+for causal self-attention. For small_fr (512/512) this is 447.75 GFLOP per row.
 """
 
 from __future__ import annotations
