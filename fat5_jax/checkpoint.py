@@ -116,3 +116,20 @@ class Checkpointer:
 
   def close(self):
     self.manager.close()
+
+
+def restore_params(config: Config, abstract_params: Any) -> tuple[int, Any]:
+  """(step, parameters) of the newest readable checkpoint in `config.workdir`: what evaluation and export start from.
+
+  `abstract_params` gives the parameters' shapes, dtypes and shardings. A checkpoint of another architecture is
+  refused; a workdir without one ends the run.
+  """
+  checkpointer = Checkpointer(config.workdir)
+  try:
+    checkpointer.check_architecture(config)
+    step, state = checkpointer.restore({"params": abstract_params})
+  finally:
+    checkpointer.close()
+  if step is None:
+    raise SystemExit(f"no checkpoint in {checkpointer.directory}: train or import_hf first")
+  return step, state["params"]

@@ -264,11 +264,23 @@ def abstract_parameters(config: ModelConfig) -> nnx.State:
   return nnx.state(nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0))), nnx.Param)
 
 
-def from_parameters(config: ModelConfig, params: nnx.State, seed: int = 0) -> T5:
-  """A T5 holding the parameter state `params`, built without drawing random weights: only the dropout keys are
-  made (under jit, which drops the unused initialization)."""
-  graphdef = nnx.split(nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(seed))), nnx.Param, ...)[0]
-  rest = jax.jit(lambda: nnx.split(T5(config, rngs=nnx.Rngs(seed)), nnx.Param, ...)[2])()
+_SKELETONS: dict = {}  # (config, seed) -> (graph, dropout streams) of from_parameters, built once per process
+
+
+def from_parameters(config: ModelConfig, params, seed: int = 0) -> T5:
+  """A T5 holding `params` (an nnx.State or a nested dict of arrays), built without drawing random weights.
+
+  The graph and the non-parameter state (the dropout streams, seeded with `seed`) are made once per (config, seed)
+  and reused: the trainer calls this inside its jitted steps, at every trace.
+  """
+  if (config, seed) not in _SKELETONS:
+    new = lambda: T5(config, rngs=nnx.Rngs(params=seed, dropout=seed))
+    graphdef = nnx.split(nnx.eval_shape(new), nnx.Param, ...)[0]
+    with jax.ensure_compile_time_eval():  # concrete keys even when the first call comes from inside a trace
+      # Under jit the unused weight initialization is dropped: only the dropout keys are computed.
+      rest = jax.jit(lambda: nnx.to_pure_dict(nnx.split(new(), nnx.Param, ...)[2]))()
+    _SKELETONS[config, seed] = graphdef, rest
+  graphdef, rest = _SKELETONS[config, seed]
   return nnx.merge(graphdef, params, rest)
 
 
@@ -279,3 +291,13 @@ def parameters(model: nnx.Module) -> dict:
 
 def count_parameters(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(parameters(model)))
+
+
+def parameter_table(model: nnx.Module) -> list[tuple[str, int]]:
+  """Parameters per module, the layers of a stack grouped (e.g. `encoder.blocks.*.mlp`)."""
+  counts = {}
+  for path, leaf in jax.tree.leaves_with_path(parameters(model)):
+    keys = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+    name = ".".join([*keys[:2], "*", *keys[3:4]] if keys[1:2] == ["blocks"] else keys[:2])
+    counts[name] = counts.get(name, 0) + leaf.size
+  return list(counts.items())

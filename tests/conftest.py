@@ -1,5 +1,4 @@
-import os
-import sys
+from absl import flags
 
-# Tests import `configs.*` and `pallas_kernels` from the repository root, like main.py does.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Grain's worker processes read absl flags, which only absl.app (main.py) parses.
+flags.FLAGS.mark_as_parsed()

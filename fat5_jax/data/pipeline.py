@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import grain
 import numpy as np
-from absl import flags
 
 from fat5_jax.config import Config, ConfigError, DataConfig
 from fat5_jax.data import cache, ul2
@@ -71,11 +70,13 @@ def train_rows(config: Config, process_count: int = 1) -> int:
 
 def make_train_iterator(config: Config, tokenizer: Tokenizer, *, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
-  """Checkpointable iterator (grain.checkpoint.CheckpointSave/Restore) of this process's train batches."""
+  """Checkpointable iterator (grain.checkpoint.CheckpointSave/Restore) of this process's train batches.
+
+  With `data.num_workers > 0` Grain reads absl flags: outside `absl.app` (main.py), call
+  `absl.flags.FLAGS.mark_as_parsed()` first.
+  """
   dataset = _batches(config, tokenizer, "train", train_rows(config, process_count), process_index, process_count)
   if config.data.num_workers > 0:
-    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; callers outside absl.app have none.
-      flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return iter(dataset)
 

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from fat5_jax import config as config_lib, flops, sharding, train
+from fat5_jax import config as config_lib, flops, sharding
+from fat5_jax.train import Trainer, distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -48,7 +49,7 @@ def random_packed_batch(seed, rows, encoder_length, decoder_length, vocab):
 
 
 def run_steps(config, batches, devices=None):
-  trainer = train.Trainer(config, sharding.make_mesh(config.train, devices))
+  trainer = Trainer(config, sharding.make_mesh(config.train, devices))
   state = trainer.init_state()
   history = []
   for batch in batches:
@@ -109,12 +110,12 @@ def _sharded_run(mesh_data, mesh_fsdp, workdir):
   config = tiny_config(grad_accum_steps=2, mesh_data=mesh_data, mesh_fsdp=mesh_fsdp)
   sharded, history = run_steps(config, batches)
 
-  single = train.Trainer(config, sharding.make_mesh(tiny_config().train, jax.devices()[:1]))
+  single = Trainer(config, sharding.make_mesh(tiny_config().train, jax.devices()[:1]))
   saved = single.init_state()
   checkpointer = checkpoint.Checkpointer(workdir)
   checkpointer.save(0, saved, config=config, force=True)
   checkpointer.wait()
-  mesh_trainer = train.Trainer(config, sharding.make_mesh(config.train))
+  mesh_trainer = Trainer(config, sharding.make_mesh(config.train))
   _, restored = checkpointer.restore(mesh_trainer.abstract_state)
   head = restored["params"]["lm_head"]  # large enough to be sharded
   return {"max_param_error": _max_error(reference, sharded), "loss": [h["loss"] for h in history],
@@ -125,7 +126,7 @@ def _sharded_run(mesh_data, mesh_fsdp, workdir):
 @pytest.mark.parametrize("mesh_data,mesh_fsdp", [(4, 2), (1, 8)])
 def test_sharded_step_matches_single_device_and_restores_resharded(mesh_data, mesh_fsdp, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  code = (f"import json, sys; sys.path.insert(0, {ROOT!r}); from tests.train import test_train as t; "
+  code = ("import json; from tests.train import test_train as t; "
           f"print(json.dumps(t._sharded_run({mesh_data}, {mesh_fsdp}, {str(tmp_path)!r})))")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -138,7 +139,7 @@ def test_sharded_step_matches_single_device_and_restores_resharded(mesh_data, me
 
 def test_dropout_trains_stochastically_and_evaluates_deterministically():
   config = tiny_config({"dropout_rate": 0.3})
-  trainer = train.Trainer(config, sharding.make_mesh(config.train))
+  trainer = Trainer(config, sharding.make_mesh(config.train))
   params = trainer.init_state()["params"]
   batch = trainer.put_batch(random_packed_batch(5, 16, 32, 16, 512))
   deterministic = [float(trainer._loss(params, batch)[0]) for _ in range(2)]
@@ -152,7 +153,7 @@ def test_decoder_buckets_are_padded_to_the_longest_process(monkeypatch):
 
   batch = random_packed_batch(6, 4, 32, 16, 512)
   monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.asarray([16, 32, 16]))  # 3 processes
-  padded = train._pad_decoder_to_global_length(batch)
+  padded = distributed.pad_decoder_to_global_length(batch)
   for key, value in padded.items():
     if key.startswith("decoder_"):
       assert value.shape == (4, 32)

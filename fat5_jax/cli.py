@@ -1,0 +1,76 @@
+"""The modes of `main.py`: each takes a validated Config (and its mode's options) and does one job."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from flax import nnx
+
+from fat5_jax import checkpoint, data, flops, hf, train
+from fat5_jax import model as model_lib
+from fat5_jax.config import Config, architecture_differences
+
+MODES = ("train", "eval", "summary", "inspect_data", "import_hf", "export_hf")
+
+
+def run(mode: str, config: Config, *, hf_dir: str | None = None, export_dir: str | None = None):
+  """Runs one of MODES on a validated config. `hf_dir`: import_hf's source; `export_dir`: export_hf's target."""
+  if mode == "train":
+    train.train(config)
+  elif mode == "eval":
+    train.evaluate_latest(config)
+  elif mode == "summary":
+    summary(config)
+  elif mode == "inspect_data":
+    tokenizer = data.load_tokenizer(config.data, config.workdir, config.model.vocab_size)
+    data.inspect_data(config, tokenizer, os.path.join(config.workdir, "inspect_data.jsonl"))
+  elif mode == "import_hf":
+    import_hf(config, hf_dir)
+  elif mode == "export_hf":
+    export_hf(config, export_dir or os.path.join(config.workdir, "hf"))
+  else:
+    raise ValueError(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
+
+
+def summary(config: Config):
+  """Parameters per module and in total, and the training FLOPs of one row."""
+  model = nnx.eval_shape(lambda: model_lib.T5(config.model, rngs=nnx.Rngs(0)))
+  table = model_lib.parameter_table(model)
+  total = model_lib.count_parameters(model)
+  width = max(len(name) for name, _ in table)
+  print(f"{'module':<{width}}  {'parameters':>14}")
+  for name, count in table:
+    print(f"{name:<{width}}  {count:>14,}")
+  print(f"{'total':<{width}}  {total:>14,}")
+  row_flops = flops.training_flops_per_row(config.model, config.data.encoder_length, config.data.decoder_length)
+  print(f"training FLOPs per row ({config.data.encoder_length}/{config.data.decoder_length} tokens): "
+        f"{row_flops / 1e9:,.1f} GFLOP")
+
+
+def import_hf(config: Config, hf_dir: str):
+  """A Hugging Face or FAT5 checkpoint directory -> step 0 (parameters only) of the config's empty workdir."""
+  # The run's choices, not the checkpoint's: dtypes, implementations, dropout (HF configs carry 0.1).
+  run_fields = ("param_dtype", "dtype", "attention_impl", "kernel_backend", "dropout_rate")
+  keep = {k: getattr(config.model, k) for k in run_fields}
+  model_config, model = hf.from_hf(hf_dir, **keep)
+  diff = architecture_differences(dataclasses.asdict(model_config), config.model)
+  if diff:
+    raise SystemExit(f"{hf_dir} does not match the configured architecture (field: checkpoint vs config): "
+                     + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items()))
+  checkpointer = checkpoint.Checkpointer(config.workdir)
+  if checkpointer.all_steps():
+    raise SystemExit(f"{checkpointer.directory} already holds checkpoints {checkpointer.all_steps()}; "
+                     "import into an empty workdir")
+  config = dataclasses.replace(config, model=model_config)
+  checkpointer.save(0, {"params": model_lib.parameters(model)}, config=config, force=True)
+  checkpointer.close()
+  print(f"imported {hf_dir} as step 0 of {checkpointer.directory}")
+
+
+def export_hf(config: Config, export_dir: str):
+  """The latest checkpoint -> a Hugging Face directory."""
+  abstract_params = nnx.to_pure_dict(model_lib.abstract_parameters(config.model))
+  step, params = checkpoint.restore_params(config, abstract_params)
+  hf.to_hf(config.model, model_lib.from_parameters(config.model, params), export_dir)
+  print(f"exported step {step} to {export_dir}")

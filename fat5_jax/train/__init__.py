@@ -1,0 +1,4 @@
+"""Training: the Trainer (state, jitted steps), the loop of `main.py`, and multi-host agreement (`distributed`)."""
+
+from fat5_jax.train.loop import evaluate_latest, train
+from fat5_jax.train.trainer import Trainer

@@ -1,0 +1,150 @@
+"""The training loop of `main.py`, its end (loss plot, Hugging Face export, sample predictions), and evaluation of
+the latest checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from fat5_jax import checkpoint, data, flops, generate, hf, sharding
+from fat5_jax.config import Config
+from fat5_jax.metrics import MetricWriter, plot_losses
+from fat5_jax.train import distributed
+from fat5_jax.train.trainer import Trainer
+
+
+def _restore_or_init(trainer: Trainer, checkpointer: checkpoint.Checkpointer, data_iterator):
+  """Latest checkpoint (full state, or imported parameters with a fresh optimizer), else a new state."""
+  step, restored = checkpointer.restore(trainer.abstract_state, data_iterator=data_iterator)
+  if step is None:
+    return trainer.init_state()
+  checkpointer.discard_newer_than(step)
+  if "opt_state" not in restored:
+    print(f"step {step} holds parameters only (an import): starting a fresh optimizer")
+    restored = {"params": restored["params"], "opt_state": trainer.init_opt_state(restored["params"]),
+                "step": jnp.asarray(step, jnp.int32)}
+  print(f"resumed from step {step} of {checkpointer.directory}")
+  return restored
+
+
+def train(config: Config) -> dict:
+  """The main job: data -> sharded training with evaluation and checkpoints -> plot, export, sample predictions."""
+  sharding.initialize_distributed()
+  tc, workdir = config.train, config.workdir
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  tokenizer = distributed.main_process_first(
+      "tokenizer", lambda: data.load_tokenizer(config.data, workdir, config.model.vocab_size))
+  mesh = sharding.make_mesh(tc)
+  trainer = Trainer(config, mesh)
+  checkpointer = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
+  checkpointer.check_architecture(config)
+  train_iterator = distributed.main_process_first("token cache", lambda: data.make_train_iterator(
+      config, tokenizer, **distributed.process_shard()))
+  state = _restore_or_init(trainer, checkpointer, train_iterator)
+  eval_batches = list(data.make_eval_batches(config, tokenizer, tc.eval_steps, **distributed.process_shard()))
+  writer = MetricWriter(workdir, enabled=is_main)
+  start = int(state["step"])
+  save = lambda eval_loss=None, force=False: checkpointer.save(
+      int(state["step"]), state, config=config, tokenizer_path=tokenizer.path, data_iterator=train_iterator,
+      eval_loss=eval_loss, force=force)
+  stop = distributed.StopSignal()
+  peak = flops.peak_flops(jax.devices()[0])
+  bar = tqdm(total=tc.steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
+  if start == 0:  # the starting point of the validation curve
+    writer.write(0, "eval", trainer.evaluate(state["params"], eval_batches))
+  window = {"rows": 0, "flops": 0.0, "time": time.perf_counter()}
+  tracing = False
+  try:
+    for step in range(start, tc.steps):
+      if tc.profile_steps and step == tc.profile_steps[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+        tracing = True
+      batch = next(train_iterator)
+      rows, decoder_length = batch["decoder_input_tokens"].shape
+      state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=tc.grad_accum_steps))
+      window["rows"] += rows * jax.process_count()
+      window["flops"] += rows * jax.process_count() * flops.training_flops_per_row(
+          config.model, config.data.encoder_length, decoder_length)
+      done = step + 1
+      if tracing and done == tc.profile_steps[0] + tc.profile_steps[1]:
+        jax.profiler.stop_trace()
+        tracing = False
+      if done % tc.log_every == 0 or done == tc.steps:
+        metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+        elapsed = time.perf_counter() - window["time"]
+        metrics.update(rows_per_s=window["rows"] / elapsed, tflops_per_s=window["flops"] / elapsed / 1e12,
+                       encoder_tokens_per_s=window["rows"] * config.data.encoder_length / elapsed)
+        if peak:
+          metrics["mfu"] = window["flops"] / elapsed / (peak * jax.device_count())
+        window = {"rows": 0, "flops": 0.0, "time": time.perf_counter()}
+        writer.write(done, "train", metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", rows_s=f"{metrics['rows_per_s']:.0f}",
+                        tok_s=f"{metrics['encoder_tokens_per_s']:.0f}")
+      eval_loss = None
+      if done % tc.eval_every == 0 or done == tc.steps:
+        eval_metrics = trainer.evaluate(state["params"], eval_batches)
+        writer.write(done, "eval", eval_metrics)
+        eval_loss = eval_metrics["loss"]
+        bar.write(f"step {done}: eval loss {eval_loss:.4f}, accuracy {eval_metrics['accuracy']:.3f}")
+      if done % tc.checkpoint_every == 0 or done == tc.steps or eval_loss is not None or stop.received:
+        save(eval_loss, force=stop.received is not None or done == tc.steps)
+      bar.update(1)
+      if stop.received:
+        break
+  finally:
+    if tracing:
+      jax.profiler.stop_trace()
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    stop.restore()
+  if stop.received:
+    raise SystemExit(f"stopped by {stop.received} at step {int(state['step'])}; the same command resumes")
+  # Every process takes part in gathering FSDP-sharded parameters; the main one then exports and predicts.
+  params = jax.device_get(jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state["params"]))
+  if is_main:
+    _finish(config, trainer, params, tokenizer, eval_batches)
+  return state
+
+
+def _finish(config: Config, trainer: Trainer, params, tokenizer, eval_batches):
+  """Loss plot, Hugging Face export (when the architecture has one) and decoded predictions on validation rows."""
+  workdir = config.workdir
+  print(f"loss curves: {plot_losses(os.path.join(workdir, 'metrics.jsonl'), os.path.join(workdir, 'loss.png'))}")
+  model = trainer.model(params)
+  try:
+    hf.to_hf(config.model, model, os.path.join(workdir, "hf"))
+    print(f"Hugging Face export: {os.path.join(workdir, 'hf')}")
+  except ValueError as reason:  # e.g. ALiBi or RoPE: transformers' T5 has only the bucketed bias
+    print(f"no Hugging Face export: {reason}")
+  batch = eval_batches[0]
+  first = [int(i) for i in np.flatnonzero(batch["encoder_segment_ids"][:, 0])[:3]]
+  for row in first:
+    # The first segment of a packed row, on its own.
+    length = int(np.sum(batch["encoder_segment_ids"][row] == 1))
+    inputs = batch["encoder_input_tokens"][row:row + 1, :length]
+    predicted = generate.greedy_decode(model, jnp.asarray(inputs), jnp.ones_like(inputs),
+                                       max_length=config.data.decoder_length_buckets[0])
+    target = batch["decoder_target_tokens"][row][batch["decoder_segment_ids"][row] == 1]
+    print(f"input:     {tokenizer.decode(inputs[0].tolist())}\n"
+          f"target:    {tokenizer.decode(target.tolist())}\n"
+          f"predicted: {tokenizer.decode(np.asarray(predicted[0]).tolist())}\n")
+
+
+def evaluate_latest(config: Config) -> dict:
+  """Evaluation loss of the newest checkpoint on the held-out split."""
+  tokenizer = data.load_tokenizer(config.data, config.workdir, config.model.vocab_size)
+  trainer = Trainer(config, sharding.make_mesh(config.train))
+  step, params = checkpoint.restore_params(config, trainer.abstract_state["params"])
+  eval_batches = data.make_eval_batches(config, tokenizer, config.train.eval_steps, **distributed.process_shard())
+  metrics = trainer.evaluate(params, eval_batches)
+  print(json.dumps({"step": step, **metrics}, indent=1))
+  return metrics
