@@ -1,5 +1,5 @@
-"""Shared benchmark helpers: timing (warm-up + median), random inputs and cotangents, copy bandwidth, compiled
-memory, and the JSON results writer.
+"""Shared benchmark helpers: the command-line options every benchmark has, timing (warm-up + median), random
+inputs and cotangents, copy bandwidth, compiled memory, and the JSON results writer.
 
 Timing: each sample launches `calls` back-to-back executions of a jitted function (rotating among input sets so
 that no run reads what the previous one left in L2), blocks once, and divides; the reported time is the median
@@ -8,6 +8,7 @@ over samples, after warm-up calls that also absorb compilation.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -19,6 +20,22 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+
+def parse_args(parser: argparse.ArgumentParser, name: str,
+               plot: Callable[[dict, str], None]) -> argparse.Namespace | None:
+  """Parses the command line with the options every benchmark shares: `--out` (results JSON, default
+  benchmarks/results/{name}.json), `--plot` (PNG, default benchmarks/{name}.png) and `--plot-from JSON`, which only
+  redraws `--plot` from saved results with `plot(results, path)`. Returns the arguments, or None after a redraw."""
+  parser.add_argument("--out", default=f"benchmarks/results/{name}.json", help="results JSON")
+  parser.add_argument("--plot", default=f"benchmarks/{name}.png", help="plot PNG")
+  parser.add_argument("--plot-from", metavar="JSON", help="only draw --plot from this results JSON")
+  args = parser.parse_args()
+  if args.plot_from is None:
+    return args
+  with open(args.plot_from) as f:
+    plot(json.load(f), args.plot)
+  return None
 
 
 def time_ms(fn: Callable, arg_sets: Sequence[tuple], *, warmup: int = 3, samples: int = 15,
@@ -78,9 +95,11 @@ def compiled_memory(fn: Callable, *args) -> dict[str, int]:
 
 def environment() -> dict[str, str]:
   device = jax.devices()[0]
+  spec = sys.modules["__main__"].__spec__  # set under `python -m benchmarks.x`, which then reads back as run
+  script = f"-m {spec.name}" if spec else sys.argv[0]
   return {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
           "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-          "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+          "command": " ".join([os.path.basename(sys.executable), script] + sys.argv[1:])}
 
 
 def write_results(path: str, results: dict[str, Any]) -> None:

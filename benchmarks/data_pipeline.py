@@ -3,7 +3,9 @@
 Measures one process (num_workers=0, one core) on the embedded wiki_fr corpus (short documents: several
 examples per row) and on the same text joined into long documents (one full-length chunk per row), with and
 without packing, then the same with Grain worker processes. Prints a table; writes
-benchmarks/results/data_pipeline.json. Run: `python benchmarks/data_pipeline.py [--seconds 10]`.
+benchmarks/results/data_pipeline.json. Run from the repository root:
+
+  python -m benchmarks.data_pipeline [--seconds 10]
 """
 
 import argparse
@@ -15,6 +17,7 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
 
 from configs import small_fr
 from fat5_jax import data
@@ -57,6 +60,7 @@ def main():
   parser.add_argument("--seconds", type=float, default=10.0)
   parser.add_argument("--workers", type=int, default=os.cpu_count())
   args = parser.parse_args()
+  flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags, which only absl.app parses
   base = small_fr.get_config()
   results = []
   with tempfile.TemporaryDirectory() as workdir:

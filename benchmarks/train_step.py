@@ -1,32 +1,32 @@
-"""Training throughput of small_fr on one GPU, against FAT5's own PyTorch step measured on the same H100.
+"""Training throughput of small_fr on one GPU, against FAT5's own PyTorch step measured on the same GPU model.
 
 Each variant runs the public `fat5_jax.train.Trainer` on full 512-token encoder and decoder rows (FAT5 pads its
 decoder to 512 too), 128 rows per micro-batch, bf16 parameters with Kahan-compensated AdamWScale: the small_fr
-recipe. Time per optimizer step is the median over repeats after warm-up; throughput is rows/s, encoder tokens/s,
-TFLOP/s from `fat5_jax.flops` and MFU against the chip's dense bf16 peak.
+recipe. A variant is `model.attention_impl/model.kernel_backend` (xla|cudnn|flash / auto|pallas|triton|xla). Time
+per optimizer step is the median over repeats after warm-up; throughput is rows/s, encoder tokens/s, TFLOP/s from
+`fat5_jax.flops` and MFU against the chip's dense bf16 peak.
 
-  python benchmarks/train_step.py [--steps 10] [--variants pallas/auto,cudnn/xla,xla/xla]
+  python -m benchmarks.train_step [--steps 10] [--variants flash/auto,cudnn/auto,xla/xla]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import numpy as np
 
 from benchmarks import common
 from configs import small_fr
-from fat5_jax import config as config_lib, flops, sharding, train
+from fat5_jax import config as config_lib, flops, sharding
+from fat5_jax.train import Trainer
 
-# FAT5's PyTorch training step on this H100 (../shared/REFERENCE.md): 128 rows of 512/512 tokens in 0.284 s.
-FAT5_ROWS_PER_S = 451.0
+# FAT5's own PyTorch training step (its Triton kernels, bf16 autocast, AdamWScale; 128 rows of 512 + 512 tokens),
+# measured on the H200 on 2026-11-29: 0.2748 s = 466 rows/s (a second run: 464). On the H100 (2026-11-22) it ran
+# 0.284 s = 451 rows/s. vs_fat5 compares with this figure, so it holds for runs on the H200.
+FAT5_ROWS_PER_S = 466.0
 
 
 def full_rows(rows: int, encoder_length: int, decoder_length: int, vocab: int, seed: int) -> dict:
@@ -41,12 +41,12 @@ def full_rows(rows: int, encoder_length: int, decoder_length: int, vocab: int, s
               decoder_loss_weights=np.ones((rows, decoder_length), np.float32))
 
 
-def measure(attention_impl: str, kernel_impl: str, *, rows: int, accum: int, steps: int) -> dict:
+def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, steps: int) -> dict:
   values = small_fr.get_config()
-  values.model.update(attention_impl=attention_impl, kernel_impl=kernel_impl)
+  values.model.update(attention_impl=attention_impl, kernel_backend=kernel_backend)
   values.train.update(batch_size=rows, grad_accum_steps=accum)
   config = config_lib.from_config_dict(values)
-  trainer = train.Trainer(config, sharding.make_mesh(config.train))
+  trainer = Trainer(config, sharding.make_mesh(config.train))
   state = trainer.init_state()
   batches = [trainer.put_batch(full_rows(rows * accum, 512, 512, config.model.vocab_size, seed), micro_batches=accum)
              for seed in range(2)]
@@ -62,63 +62,63 @@ def measure(attention_impl: str, kernel_impl: str, *, rows: int, accum: int, ste
   step_s = statistics.median(times)
   rows_per_s = rows * accum / step_s
   tflops = rows_per_s * flops.training_flops_per_row(config.model, 512, 512) / 1e12
-  peak = train.peak_flops(jax.devices()[0])
+  peak = flops.peak_flops(jax.devices()[0])
   memory = jax.devices()[0].memory_stats() or {}
-  return {"attention_impl": attention_impl, "kernel_impl": kernel_impl, "rows": rows, "grad_accum_steps": accum,
+  return {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "rows": rows, "grad_accum_steps": accum,
           "step_s": step_s, "step_s_spread": [min(times), max(times)], "rows_per_s": rows_per_s,
           "encoder_tokens_per_s": rows_per_s * 512, "tflops_per_s": tflops,
           "mfu": tflops * 1e12 / peak if peak else None, "vs_fat5": rows_per_s / FAT5_ROWS_PER_S,
           "peak_memory_gib": memory.get("peak_bytes_in_use", 0) / 2 ** 30, "loss": float(metrics["loss"])}
 
 
-def plot(results_path: str, out_path: str):
-  """Rows/s of each measured variant beside FAT5's PyTorch step on the same H100."""
-  import json
-
+def plot(results: dict, path: str):
+  """Rows/s of each measured variant beside FAT5's PyTorch step on the same GPU model."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  with open(results_path) as f:
-    measured = [r for r in json.load(f)["results"] if "error" not in r]
-  names = ["FAT5 (PyTorch, Triton kernels)"] + [f"ours: attention {r['attention_impl']}, kernels {r['kernel_impl']}"
-                                                for r in measured]
-  rows = [FAT5_ROWS_PER_S] + [r["rows_per_s"] for r in measured]
+  measured = [r for r in results["results"] if "error" not in r]
+  # Results written before model.kernel_impl became model.kernel_backend name it kernel_impl.
+  names = ["FAT5 (PyTorch, Triton kernels)"] + [
+      f"ours: attention {r['attention_impl']}, kernels {r.get('kernel_backend', r.get('kernel_impl'))}"
+      for r in measured]
+  rows = [results["fat5_reference_rows_per_s"]] + [r["rows_per_s"] for r in measured]
   fig, ax = plt.subplots(figsize=(9, 2.8))
   bars = ax.barh(names, rows, color=["grey"] + ["tab:blue"] * len(measured))
   ax.bar_label(bars, [f"{r:.0f}" for r in rows], padding=3)
-  ax.set_xlabel("small_fr training rows/s, 512 + 512 tokens, one H100")
+  ax.set_xlabel(f"small_fr training rows/s, 512 + 512 tokens, one {results['environment']['device']}")
   ax.invert_yaxis()
   fig.tight_layout()
-  fig.savefig(out_path, dpi=120)
-  print(f"wrote {out_path}")
+  fig.savefig(path, dpi=120)
+  print(f"wrote {path}")
 
 
 def main():
-  parser = argparse.ArgumentParser()
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--rows", type=int, default=128)
   parser.add_argument("--accum", type=int, default=1)
-  parser.add_argument("--variants", default="pallas/auto,cudnn/auto,xla/xla",
-                      help="comma-separated attention_impl/kernel_impl pairs")
-  parser.add_argument("--out", default="benchmarks/results/train_step.json")
-  parser.add_argument("--plot-from", help="only draw benchmarks/train_step.png from this results JSON")
-  args = parser.parse_args()
-  if args.plot_from:
-    return plot(args.plot_from, "benchmarks/train_step.png")
-  results = []
+  parser.add_argument("--variants", default="flash/auto",
+                      help="comma-separated model.attention_impl/model.kernel_backend pairs, e.g. "
+                           "flash/auto,cudnn/auto,xla/xla")
+  args = common.parse_args(parser, "train_step", plot)
+  if args is None:
+    return
+  results = {"fat5_reference_rows_per_s": FAT5_ROWS_PER_S, "results": []}
   for variant in args.variants.split(","):
-    attention_impl, kernel_impl = variant.split("/")
+    attention_impl, kernel_backend = variant.split("/")
     try:
-      results.append(measure(attention_impl, kernel_impl, rows=args.rows, accum=args.accum, steps=args.steps))
+      row = measure(attention_impl, kernel_backend, rows=args.rows, accum=args.accum, steps=args.steps)
     except Exception as error:  # e.g. out of memory for a materialized baseline: record it and go on
-      results.append({"attention_impl": attention_impl, "kernel_impl": kernel_impl, "error": repr(error)[:500]})
-    print(results[-1], flush=True)
+      row = {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "error": repr(error)[:500]}
+    results["results"].append(row)
+    print(row, flush=True)
     # Written after every variant, so a run cut short keeps what it measured.
-    common.write_results(args.out, {"fat5_reference_rows_per_s": FAT5_ROWS_PER_S, "results": results})
-  common.print_table([r for r in results if "error" not in r],
-                     ["attention_impl", "kernel_impl", "step_s", "rows_per_s", "tflops_per_s", "mfu", "vs_fat5",
+    common.write_results(args.out, results)
+  common.print_table([r for r in results["results"] if "error" not in r],
+                     ["attention_impl", "kernel_backend", "step_s", "rows_per_s", "tflops_per_s", "mfu", "vs_fat5",
                       "peak_memory_gib"])
+  plot({"environment": common.environment(), **results}, args.plot)
 
 
 if __name__ == "__main__":
