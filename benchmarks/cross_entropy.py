@@ -1,6 +1,6 @@
-"""Cross-entropy + z-loss: XLA vs the Pallas and jax-triton kernels, and the chunked lm_head loss's memory.
+"""Cross-entropy + z-loss: XLA vs the Pallas and Triton kernels, and the chunked lm_head loss's memory.
 
-  python benchmarks/cross_entropy.py [--sweep [fwd fwd_bwd fused]] [--skip-lm-head]
+  python -m benchmarks.cross_entropy [--backends xla pallas triton] [--sweep [fwd fwd_bwd fused]] [--skip-lm-head]
 
 Part 1, per-token loss on given logits (16,384 tokens x vocab 32,768, bf16, z-loss 1e-4): forward (loss, lse),
 forward + backward with random cotangents on both outputs, and the fused loss-and-gradient kernel (cotangent
@@ -8,24 +8,20 @@ known in advance, as in the chunked lm_head loss). Bytes: the forward reads the 
 reads them twice and writes their gradient once, the fused kernel reads once from HBM and writes once.
 Part 2, lm_head + loss (65,536 tokens, d_model 512, vocab 32,768: small_fr's micro-batch): value and gradients
 (hidden, kernel) of the materialized XLA version vs the chunked one; extra memory = XLA's compiled temp bytes.
+"xla" is the kernels' jnp reference (`pallas_kernels.cross_entropy.reference`), or the chunked loss's "xla" backend.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import common  # pylint: disable=wrong-import-position
-from pallas_kernels.cross_entropy import (  # pylint: disable=wrong-import-position
-    BlockSizes, chunked_lm_head_cross_entropy, cross_entropy, cross_entropy_and_grad, cross_entropy_reference,
-    lm_head_cross_entropy_reference)
+from benchmarks import common
+from pallas_kernels.cross_entropy import (BlockSizes, chunked_lm_head_cross_entropy, cross_entropy,
+                                          cross_entropy_and_grad, reference)
 
 Z_LOSS = 1e-4
 TILES = [(1, 2048), (1, 4096), (1, 8192), (1, 16384), (2, 4096), (4, 2048)]
@@ -48,11 +44,12 @@ def _inputs(num_tokens, vocab, count):
   return sets
 
 
-def _functions(impl, block_sizes):
-  if impl == "xla":
-    loss_fn = lambda x, t: cross_entropy_reference(x, t, z_loss=Z_LOSS)
+def _functions(backend, block_sizes):
+  if backend == "xla":
+    loss_fn = lambda x, t: reference.cross_entropy(x, t, z_loss=Z_LOSS)
   else:
-    loss_fn = lambda x, t: cross_entropy(x, t, z_loss=Z_LOSS, block_sizes=block_sizes, impl=impl, interpret=False)
+    loss_fn = lambda x, t: cross_entropy(x, t, z_loss=Z_LOSS, block_sizes=block_sizes, backend=backend,
+                                         interpret=False)
   fwd = jax.jit(loss_fn)
 
   @jax.jit
@@ -63,7 +60,7 @@ def _functions(impl, block_sizes):
   @jax.jit
   def fused(x, t, dloss, dlse):
     del dlse
-    return cross_entropy_and_grad(x, t, dloss, z_loss=Z_LOSS, block_sizes=block_sizes, impl=impl,
+    return cross_entropy_and_grad(x, t, dloss, z_loss=Z_LOSS, block_sizes=block_sizes, backend=backend,
                                   interpret=False)
 
   return {"fwd": lambda x, t, dl, dz: fwd(x, t), "fwd_bwd": fwd_bwd, "fused": fused}
@@ -95,19 +92,19 @@ def _best(trials, kind, configs, make_fn, inputs, base):
   return dataclasses.replace(base, **min(configs, key=timed))
 
 
-def _sweep(impl, inputs, passes):
+def _sweep(backend, inputs, passes):
   """Best BlockSizes for the per-token kernels and for the fused one (separately: they share num_stages)."""
   trials = []
   base = BlockSizes()
   if "fwd" in passes:
-    base = _best(trials, "fwd", FWD_SWEEP, lambda bs: _functions(impl, bs)["fwd"], inputs, base)
+    base = _best(trials, "fwd", FWD_SWEEP, lambda bs: _functions(backend, bs)["fwd"], inputs, base)
   if "fwd_bwd" in passes:
-    base = _best(trials, "fwd_bwd", BWD_SWEEP, lambda bs: _functions(impl, bs)["fwd_bwd"], inputs, base)
-    base = _best(trials, "fwd_bwd", STAGES, lambda bs: _functions(impl, bs)["fwd_bwd"], inputs, base)
+    base = _best(trials, "fwd_bwd", BWD_SWEEP, lambda bs: _functions(backend, bs)["fwd_bwd"], inputs, base)
+    base = _best(trials, "fwd_bwd", STAGES, lambda bs: _functions(backend, bs)["fwd_bwd"], inputs, base)
   fused_best = base
   if "fused" in passes:
     for sweep in (FUSED_PROGRAMS_SWEEP, FUSED_TILE_SWEEP, FUSED_PROGRAMS_SWEEP):
-      fused_best = _best(trials, "fused", sweep, lambda bs: _functions(impl, bs)["fused"], inputs, fused_best)
+      fused_best = _best(trials, "fused", sweep, lambda bs: _functions(backend, bs)["fused"], inputs, fused_best)
   return base, fused_best, trials
 
 
@@ -116,15 +113,15 @@ def part1(args, copy_tbs):
   inputs = _inputs(num_tokens, vocab, count=2)
   logits_bytes = num_tokens * vocab * 2
   rows, sweeps = [], {}
-  for impl in args.impls:
-    block_sizes = fused_sizes = None if impl == "xla" else BlockSizes()
-    if impl != "xla" and args.sweep is not None:
-      block_sizes, fused_sizes, sweeps[impl] = _sweep(impl, inputs, args.sweep or ["fwd", "fwd_bwd", "fused"])
-    fns = _functions(impl, block_sizes)
-    fused_fns = _functions(impl, fused_sizes)
+  for backend in args.backends:
+    block_sizes = fused_sizes = None if backend == "xla" else BlockSizes()
+    if backend != "xla" and args.sweep is not None:
+      block_sizes, fused_sizes, sweeps[backend] = _sweep(backend, inputs, args.sweep or ["fwd", "fwd_bwd", "fused"])
+    fns = _functions(backend, block_sizes)
+    fused_fns = _functions(backend, fused_sizes)
     times = {"fwd": common.time_ms(fns["fwd"], inputs), "fwd_bwd": common.time_ms(fns["fwd_bwd"], inputs),
              "fused": common.time_ms(fused_fns["fused"], inputs)}
-    row = {"impl": impl, "tokens": num_tokens, "vocab": vocab,
+    row = {"backend": backend, "tokens": num_tokens, "vocab": vocab,
            **{f"{k}_ms": v["median_ms"] for k, v in times.items()},
            "fwd_TBps": logits_bytes / (times["fwd"]["median_ms"] * 1e-3) / 1e12,
            "fwd_bwd_TBps": 3 * logits_bytes / (times["fwd_bwd"]["median_ms"] * 1e-3) / 1e12,
@@ -153,26 +150,26 @@ def part2(args):
       return sums.loss / num_tokens, sums
     return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
 
-  variants = {"xla_materialized": lambda h, k: lm_head_cross_entropy_reference(h, k, targets, weights,
-                                                                                z_loss=Z_LOSS)}
-  for impl in args.impls:
-    for chunk in ([8192] if impl == "xla" else args.chunks):
-      variants[f"{impl}_chunk{chunk}"] = (
-          lambda h, k, impl=impl, chunk=chunk: chunked_lm_head_cross_entropy(
-              h, k, targets, weights, z_loss=Z_LOSS, chunk_size=chunk, impl=impl, interpret=False))
-  rows, reference = [], None
+  variants = {"xla_materialized": lambda h, k: reference.lm_head_cross_entropy(h, k, targets, weights,
+                                                                               z_loss=Z_LOSS)}
+  for backend in args.backends:
+    for chunk in ([8192] if backend == "xla" else args.chunks):
+      variants[f"{backend}_chunk{chunk}"] = (
+          lambda h, k, backend=backend, chunk=chunk: chunked_lm_head_cross_entropy(
+              h, k, targets, weights, z_loss=Z_LOSS, chunk_size=chunk, backend=backend, interpret=False))
+  rows, baseline = [], None
   for name, fn in variants.items():
     step = loss_and_grads(fn)
     memory = common.compiled_memory(step, hidden, kernel)
     t = common.time_ms(jax.jit(step), [(hidden, kernel)], samples=9, calls=3)
     (loss, sums), grads = jax.jit(step)(hidden, kernel)
-    if reference is None:
-      reference = (loss, grads)
+    if baseline is None:
+      baseline = (loss, grads)
     rel = common.relative_error
     rows.append({"variant": name, "ms": t["median_ms"], "spread": t, **memory,
                  "temp_GiB": memory["temp_bytes"] / 2**30, "loss": float(loss), "accuracy_count": float(sums.correct),
-                 "rel_diff_loss": rel(loss, reference[0]), "rel_diff_dhidden": rel(grads[0], reference[1][0]),
-                 "rel_diff_dkernel": rel(grads[1], reference[1][1])})
+                 "rel_diff_loss": rel(loss, baseline[0]), "rel_diff_dhidden": rel(grads[0], baseline[1][0]),
+                 "rel_diff_dkernel": rel(grads[1], baseline[1][1])})
     print({k: v for k, v in rows[-1].items() if k != "spread"}, flush=True)
   base = rows[0]
   for row in rows:
@@ -184,10 +181,11 @@ def part2(args):
 def plot(results, path):
   rows = results["per_token"]["results"]
   categories = ["fwd", "fwd_bwd", "fused"]
+  series = {r.get("backend", r.get("impl")): [r[f"{c}_TBps"] for c in categories]  # "impl" before the rename
+            for r in rows}
   common.save_bar_chart(
       path, f"Cross-entropy + z-loss, {rows[0]['tokens']} x {rows[0]['vocab']} bf16: bandwidth over the bytes each "
-      "pass needs", categories, {r["impl"]: [r[f"{c}_TBps"] for c in categories] for r in rows},
-      "TB/s", {"copy 1 GiB": results["copy_TBps"]})
+      "pass needs", categories, series, "TB/s", {"copy 1 GiB": results["copy_TBps"]})
   if "lm_head" in results:
     rows = results["lm_head"]["results"]
     common.save_bar_chart(
@@ -199,7 +197,8 @@ def plot(results, path):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--impls", nargs="+", default=["xla", "pallas", "triton"])
+  parser.add_argument("--backends", nargs="+", default=["xla", "pallas", "triton"],
+                      help="xla: the jnp reference (per chunk in the lm_head loss)")
   parser.add_argument("--chunks", type=int, nargs="+", default=[4096, 8192, 16384])
   parser.add_argument("--tokens", type=int, default=16384)
   parser.add_argument("--vocab", type=int, default=32768)
@@ -207,20 +206,15 @@ def main():
   parser.add_argument("--sweep", nargs="*", choices=["fwd", "fwd_bwd", "fused"],
                       help="tune these kernels' block sizes first (all three when none is named)")
   parser.add_argument("--skip-lm-head", action="store_true")
-  parser.add_argument("--out", default="benchmarks/results/cross_entropy.json")
-  parser.add_argument("--plot", default="benchmarks/cross_entropy.png")
-  parser.add_argument("--plot-from", help="only draw --plot (and its _lm_head twin) from this results JSON")
-  args = parser.parse_args()
-  if args.plot_from:
-    with open(args.plot_from) as f:
-      plot(json.load(f), args.plot)
+  args = common.parse_args(parser, "cross_entropy", plot)  # --plot-from also redraws the _lm_head twin
+  if args is None:
     return
 
   copy_tbs = common.copy_bandwidth_tbs()
   print(f"copy bandwidth: {copy_tbs:.3f} TB/s")
   results = {"copy_TBps": copy_tbs, "per_token": part1(args, copy_tbs)}
   common.print_table(results["per_token"]["results"],
-                     ["impl", "fwd_ms", "fwd_bwd_ms", "fused_ms", "fwd_bwd_TBps", "fused_TBps", "rel_err_dlogits"])
+                     ["backend", "fwd_ms", "fwd_bwd_ms", "fused_ms", "fwd_bwd_TBps", "fused_TBps", "rel_err_dlogits"])
   common.write_results(args.out, results)
   if not args.skip_lm_head:
     results["lm_head"] = part2(args)

@@ -1,21 +1,52 @@
-"""RMSNorm kernels (Pallas, and raw Triton on GPU) against the float64 jnp reference: values and gradients.
+"""RMSNorm on every backend against a float64 NumPy reference: values and gradients.
 
-CPU runs the Pallas kernels in interpret mode (which fills outputs with NaN before the kernel runs, so an
-unwritten element fails). On a GPU, FAT5_INTERPRET=0 compiles them, the jax-triton variant runs too, and freed
-device memory is filled with NaN before each call so that stale buffers would show.
+Backends: "xla" (`reference.rms_norm` run as the op), "pallas" and "triton". Off a GPU the kernels run in their
+interpreters, which poison every output first (Pallas' interpreter, and `common.triton_call` for Triton's), so an
+element a kernel forgets fails; FAT5_INTERPRET=0 on a GPU compiles them and poisons freed device memory instead.
+Shapes are not multiples of the blocks, and a few cases give the backward fewer programs than row blocks (a GPU
+with one core) so that its programs stride.
 """
 
+import dataclasses
+import importlib
+import inspect
+import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
-from pallas_kernels.rms_norm import BlockSizes, rms_norm, rms_norm_reference
+from pallas_kernels import common
+from pallas_kernels.rms_norm import MAX_WIDTH, BlockSizes, Kernels, rms_norm, reference
+from pallas_kernels.rms_norm.tuning import bwd_num_programs
+from tests.kernels.checks import INTERPRET, poison_device_memory, relative_error
 
-IMPLS = ["pallas", pytest.param("triton", marks=pytest.mark.skipif(not ON_GPU, reason="jax-triton needs a GPU"))]
+BACKENDS = ("xla", "pallas", "triton")
+# bf16 outputs: one rounding (Triton's interpreter rounds float32 -> bf16 toward zero where the GPU rounds to
+# nearest: up to one ulp, 2**-8 relative).
 TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float32: 1e-5}
+
+
+def _op(backend, eps, block_sizes):
+  if backend == "xla":
+    return lambda x, w: reference.rms_norm(x, w, eps)
+  return lambda x, w: rms_norm(x, w, eps, block_sizes=block_sizes, backend=backend, interpret=INTERPRET)
+
+
+def _float64_reference(x, weight, dy, eps):
+  """y, dx, dweight in float64: y = w x r with r = 1 / sqrt(mean(x^2) + eps)."""
+  x, weight, dy = (np.asarray(a, np.float64) for a in (x, weight, dy))
+  x = x.reshape(-1, x.shape[-1])
+  dy = dy.reshape(x.shape)
+  r = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+  x_hat = x * r
+  g = dy * weight
+  dx = r * (g - x_hat * np.mean(g * x_hat, axis=-1, keepdims=True))
+  return x_hat * weight, dx, np.sum(dy * x_hat, axis=0)
 
 
 def _inputs(seed, shape, dtype, weight_dtype):
@@ -26,53 +57,99 @@ def _inputs(seed, shape, dtype, weight_dtype):
   return x, weight, dy
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape,dtype,weight_dtype,block_sizes", [
-    ((32, 512), jnp.bfloat16, jnp.float32, None),  # tiles cover the rows exactly: no masking
-    ((37, 1000), jnp.float32, jnp.float32, BlockSizes(block_rows=4, bwd_block_rows=2, bwd_programs=3)),
-    ((2, 9, 768), jnp.bfloat16, jnp.bfloat16, BlockSizes(block_rows=2, bwd_block_rows=4, bwd_programs=2)),
-    ((13, 4096), jnp.float32, jnp.bfloat16, None),
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,dtype,weight_dtype,block_sizes,cores", [
+    # Rows and width both masked; 3 backward programs stride over 19 row blocks.
+    ((37, 1000), jnp.float32, jnp.float32, BlockSizes(block_rows=4, bwd_block_rows=2, bwd_programs_per_core=3), 1),
+    # Leading axes; 2 programs over 5 blocks of 4 rows, the last one partial.
+    ((2, 9, 768), jnp.bfloat16, jnp.bfloat16, BlockSizes(block_rows=2, bwd_block_rows=4, bwd_programs_per_core=2),
+     1),
+    ((32, 512), jnp.bfloat16, jnp.float32, None, None),  # the tiles cover the array: no masks
+    ((13, 4096), jnp.float32, jnp.bfloat16, None, None),  # 8 warps at this width
 ])
-def test_matches_float64_reference(impl, shape, dtype, weight_dtype, block_sizes):
+def test_matches_float64_reference(backend, shape, dtype, weight_dtype, block_sizes, cores, monkeypatch):
+  if cores is not None:
+    monkeypatch.setattr(common, "core_count", lambda: cores)
   x, weight, dy = _inputs(sum(shape), shape, dtype, weight_dtype)
   eps = 1e-6
   poison_device_memory()
-  y, vjp = jax.vjp(lambda x, w: rms_norm(x, w, eps, block_sizes=block_sizes, impl=impl, interpret=INTERPRET),
-                   x, weight)
+  y, vjp = jax.vjp(_op(backend, eps, block_sizes), x, weight)
   poison_device_memory()
   dx, dweight = vjp(dy)
-  with jax.enable_x64(True):
-    ref_y, ref_vjp = jax.vjp(lambda x, w: rms_norm_reference(x, w, eps), x.astype(jnp.float64),
-                             weight.astype(jnp.float64))
-    ref_dx, ref_dweight = ref_vjp(dy.astype(jnp.float64))
-    chex.assert_type([y, dx, dweight], [dtype, dtype, weight_dtype])
-    chex.assert_shape([y, dx, dweight], [shape, shape, shape[-1:]])
-    chex.assert_tree_all_finite((y, dx, dweight))
-    tol = max(TOLERANCE[dtype], TOLERANCE[weight_dtype])
-    for name, actual, expected in [("y", y, ref_y), ("dx", dx, ref_dx), ("dweight", dweight, ref_dweight)]:
-      err = relative_error(actual, expected)
-      assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+  chex.assert_type([y, dx, dweight], [dtype, dtype, weight_dtype])
+  chex.assert_shape([y, dx, dweight], [shape, shape, shape[-1:]])
+  chex.assert_tree_all_finite((y, dx, dweight))
+  tol = max(TOLERANCE[dtype], TOLERANCE[weight_dtype])
+  expected = _float64_reference(x, weight, dy, eps)
+  for name, actual, want in zip(("y", "dx", "dweight"), (y, dx, dweight), expected):
+    err = relative_error(np.asarray(actual, np.float64).reshape(want.shape), want)
+    assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("backend", ["pallas", "triton"])
+def test_jit_and_one_row(backend):
+  """Under jit, with one row (one program each way) and a width of 3."""
+  for shape in [(1, 96), (5, 3)]:
+    x, weight, dy = _inputs(1, shape, jnp.float32, jnp.float32)
+    y = jax.jit(_op(backend, 1e-5, None))(x, weight)
+    dx, dweight = jax.jit(lambda x, w, dy: jax.vjp(_op(backend, 1e-5, None), x, w)[1](dy))(x, weight, dy)
+    for actual, want in zip((y, dx, dweight), _float64_reference(x, weight, dy, 1e-5)):
+      assert relative_error(np.asarray(actual).reshape(want.shape), want) < 1e-5
+
+
+def test_block_sizes_are_the_h100_sweep_results(monkeypatch):
+  """for_width's tables are what the H100 sweeps chose; the backward's programs come from the core count: 8 per
+  SM (1056 on the H100's 132) and 16 per SM at widths up to 512 (2112)."""
+  monkeypatch.setattr(common, "core_count", lambda: 132)
+  narrow, wide = BlockSizes.for_width(512), BlockSizes.for_width(1024)
+  assert dataclasses.asdict(narrow) == dict(block_rows=4, num_warps=8, bwd_block_rows=1, bwd_num_warps=4,
+                                            bwd_programs_per_core=16, num_stages=2)
+  assert dataclasses.asdict(wide) == dict(block_rows=2, num_warps=4, bwd_block_rows=1, bwd_num_warps=4,
+                                          bwd_programs_per_core=8, num_stages=2)
+  assert (bwd_num_programs(narrow, 65536), bwd_num_programs(wide, 65536)) == (2112, 1056)
+  assert bwd_num_programs(BlockSizes(), 65536) == 1056
+  assert bwd_num_programs(wide, 100) == 100  # never more programs than row blocks
+  assert BlockSizes.for_width(4096).bwd_num_warps == 8 and BlockSizes.for_width(4096).num_warps == 8
 
 
 def test_reference_matches_t5_formula():
   x, weight, _ = _inputs(7, (5, 64), jnp.float32, jnp.float32)
   expected = weight * x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
-  chex.assert_trees_all_close(rms_norm_reference(x, weight), expected, rtol=1e-6)
+  chex.assert_trees_all_close(reference.rms_norm(x, weight), expected, rtol=1e-6)
+  chex.assert_type(reference.rms_norm(x.astype(jnp.bfloat16), weight), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["pallas", "triton"])
+def test_backends_implement_the_kernels_protocol(backend):
+  name = f"pallas_kernels.rms_norm.{backend}"
+  module = (common.load_triton_kernels(name, common.resolve_interpret(INTERPRET)) if backend == "triton"
+            else importlib.import_module(name))
+  for name in ("forward", "backward"):
+    expected = list(inspect.signature(getattr(Kernels, name)).parameters)[1:]  # without self
+    assert list(inspect.signature(getattr(module, name)).parameters) == expected, name
 
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(weight=jnp.ones(63)), "weight"),
-    (dict(x=jnp.ones((4, 32768)), weight=jnp.ones(32768)), "widths up to"),
-    (dict(impl="cuda"), "impl"),
+    (dict(x=jnp.ones((4, 2 * MAX_WIDTH)), weight=jnp.ones(2 * MAX_WIDTH)), "widths up to"),
+    (dict(backend="xla"), "backend"),
+    (dict(backend="cuda"), "backend"),
     (dict(x=jnp.ones((4, 64), jnp.int32)), "floating"),
+    (dict(x=jnp.ones(())), "weight"),
+    (dict(block_sizes=BlockSizes(block_rows=3)), "power of two"),
+    (dict(block_sizes=BlockSizes(bwd_programs_per_core=0)), "positive"),
 ])
 def test_bad_input_raises(kwargs, message):
   args = dict(x=jnp.ones((4, 64)), weight=jnp.ones(64)) | kwargs
-  impl = args.pop("impl", "pallas")
   with pytest.raises(ValueError, match=message):
-    rms_norm(args["x"], args["weight"], impl=impl, interpret=True)
+    rms_norm(args.pop("x"), args.pop("weight"), interpret=True, **args)
 
 
-def test_bad_block_sizes_raise():
-  with pytest.raises(ValueError, match="power of two"):
-    rms_norm(jnp.ones((4, 64)), jnp.ones(64), block_sizes=BlockSizes(block_rows=3), interpret=True)
+def test_importing_loads_no_gpu_compiler():
+  """The package and its reference import neither backend: no Pallas-Triton lowering, Triton or jax-triton."""
+  code = ("import sys; import pallas_kernels.rms_norm, pallas_kernels.rms_norm.reference; "
+          "print(sorted(m for m in ('jax.experimental.pallas.triton', 'triton', 'jax_triton', 'fat5_jax') "
+          "if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[2], capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

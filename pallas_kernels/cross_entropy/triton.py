@@ -1,105 +1,26 @@
-"""RMSNorm and cross-entropy as raw Triton kernels called through jax-triton (GPU only).
+"""Cross-entropy as raw Triton kernels: the algorithms, block sizes and launch shapes of pallas.py, helper for
+helper (the package docstring describes them); change both. Pallas' `_stats_init` / `_stats_update` are inline in
+`_row_stats` here, and its `_tile_mask` is `_load_tile`'s and `_store_tile`'s MASKED branch.
 
-The same algorithms, block sizes and launch shapes as the Pallas kernels in rms_norm.py and cross_entropy.py (see
-their docstrings); this is the path JAX names for Triton users now that the Pallas Triton backend is
-deprecated. Import this module lazily: triton and jax_triton do not import on a CPU-only jaxlib. Row offsets are
-computed in int64, so [tokens, vocab] arrays past 2**31 elements work.
+Implements `backends.Kernels` (forward, backward, fused), launched through `common.triton_call`: jax-triton on a
+GPU, Triton's interpreter off it. Load this module with `common.load_triton_kernels` (the interpreter must be
+chosen before `@triton.jit` runs). Row offsets are int64, so [tokens, vocab] arrays past 2**31 elements work.
 """
+
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jax_triton as jt
 import triton
 import triton.language as tl
 
-from pallas_kernels.cross_entropy import fused_num_programs, stats_shapes
+from pallas_kernels import common
+from pallas_kernels.cross_entropy.tuning import fused_num_programs, stats_shapes
 
-_FLOAT32_MIN = tl.constexpr(-3.4028234663852886e38)
-_LOG2E = tl.constexpr(1.4426950408889634)  # base 2 throughout: exp2 is one hardware instruction
-_LN2 = tl.constexpr(0.6931471805599453)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# RMSNorm.
-
-
-@triton.jit
-def _rms_load(pointers, mask, MASKED: tl.constexpr):
-  if MASKED:
-    return tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
-  return tl.load(pointers).to(tl.float32)
-
-
-@triton.jit
-def _rms_store(pointers, value, mask, MASKED: tl.constexpr):
-  if MASKED:
-    tl.store(pointers, value.to(pointers.dtype.element_ty), mask=mask)
-  else:
-    tl.store(pointers, value.to(pointers.dtype.element_ty))
-
-
-@triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr, EPS: tl.constexpr,
-                         BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, MASKED: tl.constexpr):
-  rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-  cols = tl.arange(0, BLOCK_COLS)
-  mask = (rows[:, None] < NUM_ROWS) & (cols[None, :] < WIDTH)
-  offsets = rows[:, None].to(tl.int64) * WIDTH + cols[None, :]
-  x = _rms_load(x_ptr + offsets, mask, MASKED)
-  w = tl.load(w_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
-  rstd = tl.rsqrt(tl.sum(x * x, axis=1) / WIDTH + EPS)
-  y = x * rstd[:, None] * w[None, :]
-  _rms_store(y_ptr + offsets, y, mask, MASKED)
-
-
-@triton.jit
-def _rms_norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr,
-                         EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
-                         NUM_PROGRAMS: tl.constexpr, NUM_ITERS: tl.constexpr, MASKED: tl.constexpr):
-  pid = tl.program_id(0)
-  cols = tl.arange(0, BLOCK_COLS)
-  w = tl.load(w_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
-  dw = tl.zeros([BLOCK_COLS], dtype=tl.float32)
-  for i in range(NUM_ITERS):
-    rows = (pid + i * NUM_PROGRAMS) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    mask = (rows[:, None] < NUM_ROWS) & (cols[None, :] < WIDTH)
-    offsets = rows[:, None].to(tl.int64) * WIDTH + cols[None, :]
-    x = _rms_load(x_ptr + offsets, mask, MASKED)
-    dy = _rms_load(dy_ptr + offsets, mask, MASKED)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / WIDTH + EPS)[:, None]
-    x_hat = x * rstd
-    g = dy * w[None, :]
-    dx = (g - x_hat * (tl.sum(g * x_hat, axis=1) / WIDTH)[:, None]) * rstd
-    _rms_store(dx_ptr + offsets, dx, mask, MASKED)
-    dw += tl.sum(dy * x_hat, axis=0)
-  tl.store(dw_ptr + pid * WIDTH + cols, dw, mask=cols < WIDTH)
-
-
-def rms_norm_fwd(x, weight, eps, bs):
-  num_rows, width = x.shape
-  return jt.triton_call(
-      x, weight, kernel=_rms_norm_fwd_kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      grid=(triton.cdiv(num_rows, bs.block_rows),), num_warps=bs.num_warps, num_stages=bs.num_stages,
-      NUM_ROWS=num_rows, WIDTH=width, EPS=eps, BLOCK_ROWS=bs.block_rows, BLOCK_COLS=triton.next_power_of_2(width),
-      MASKED=bool(num_rows % bs.block_rows or width != triton.next_power_of_2(width)))
-
-
-def rms_norm_bwd(x, weight, dy, eps, bs):
-  """(dx, partial weight gradients [programs, width] float32)."""
-  num_rows, width = x.shape
-  num_blocks = triton.cdiv(num_rows, bs.bwd_block_rows)
-  num_programs = min(bs.bwd_programs, num_blocks)
-  out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((num_programs, width), jnp.float32))
-  return jt.triton_call(
-      x, weight, dy, kernel=_rms_norm_bwd_kernel, out_shape=out_shape, grid=(num_programs,),
-      num_warps=bs.bwd_num_warps, num_stages=bs.num_stages, NUM_ROWS=num_rows, WIDTH=width, EPS=eps,
-      BLOCK_ROWS=bs.bwd_block_rows, BLOCK_COLS=triton.next_power_of_2(width), NUM_PROGRAMS=num_programs,
-      NUM_ITERS=triton.cdiv(num_blocks, num_programs),
-      MASKED=bool(num_rows % bs.bwd_block_rows or width != triton.next_power_of_2(width) or num_blocks % num_programs))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Cross-entropy.
+# Globals read inside @triton.jit functions must be constexpr.
+_LOG2E = tl.constexpr(common.LOG2E)  # base 2 throughout: exp2 is one hardware instruction
+_LN2 = tl.constexpr(common.LN2)
+_MASK = tl.constexpr(common.MASK)
 
 
 @triton.jit
@@ -138,7 +59,7 @@ def _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS: tl.constexpr,
                EVICTION: tl.constexpr):
   """Online (loss, lse, block of the first maximum, maximum in base 2) over vocab blocks; per-element
   accumulators, one max reduction a block."""
-  running_max = tl.full([BLOCK_TOKENS], _FLOAT32_MIN, tl.float32)
+  running_max = tl.full([BLOCK_TOKENS], _MASK, tl.float32)
   sum_exp = tl.zeros([BLOCK_TOKENS, BLOCK_VOCAB], tl.float32)
   logit_sum = tl.zeros([BLOCK_TOKENS, BLOCK_VOCAB], tl.float32)
   best_block = tl.zeros([BLOCK_TOKENS], tl.int32)
@@ -210,10 +131,11 @@ def _write_grad(logits_ptr, dlogits_ptr, row_offsets, rows, targets, lse, c1, c2
                 REVERSE: tl.constexpr, FIND_ARGMAX: tl.constexpr):
   """dlogits block by block (last block first if REVERSE); nothing here is read again, so L2 may drop it.
   Returns the first argmax if FIND_ARGMAX, looked for in the block `best_block` only."""
-  num_blocks = tl.cdiv(VOCAB, BLOCK_VOCAB)
   argmax = tl.zeros_like(best_block)
-  for j in range(0, num_blocks):
-    block = num_blocks - 1 - j if REVERSE else j
+  # tl.cdiv inline, not in a variable: Triton's interpreter turns assigned ints into 1-element tensors, which
+  # range() cannot take (NumPy 2). Compiled, it is the same constant.
+  for j in range(0, tl.cdiv(VOCAB, BLOCK_VOCAB)):
+    block = tl.cdiv(VOCAB, BLOCK_VOCAB) - 1 - j if REVERSE else j
     cols = block * BLOCK_VOCAB + tl.arange(0, BLOCK_VOCAB)
     x = _load_tile(logits_ptr, row_offsets, rows, cols, NUM_TOKENS, VOCAB, 0.0, MASKED, "evict_first")
     _store_tile(dlogits_ptr, row_offsets, rows, cols, _grad_block(x, cols, targets, lse, c1, c2, c3), NUM_TOKENS,
@@ -246,10 +168,9 @@ def _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOK
 
 
 @triton.jit
-def _ce_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, argmax_ptr, NUM_TOKENS: tl.constexpr,
-                   VOCAB: tl.constexpr, Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
-                   BLOCK_TOKENS: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr,
-                   WITH_ARGMAX: tl.constexpr):
+def _fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, argmax_ptr, NUM_TOKENS: tl.constexpr,
+                VOCAB: tl.constexpr, Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
+                BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr, WITH_ARGMAX: tl.constexpr):
   rows, row_offsets = _rows(tl.program_id(0), VOCAB, BLOCK_TOKENS)
   targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
   loss, lse, best_block, row_max2 = _row_stats(logits_ptr, row_offsets, rows, targets, NUM_TOKENS, VOCAB, Z_LOSS,
@@ -261,9 +182,9 @@ def _ce_fwd_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, argmax_ptr, NUM_T
 
 
 @triton.jit
-def _ce_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, dloss_ptr, dlse_ptr, dlogits_ptr, NUM_TOKENS: tl.constexpr,
-                   VOCAB: tl.constexpr, Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
-                   BLOCK_TOKENS: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr):
+def _bwd_kernel(logits_ptr, targets_ptr, lse_ptr, dloss_ptr, dlse_ptr, dlogits_ptr, NUM_TOKENS: tl.constexpr,
+                VOCAB: tl.constexpr, Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
+                BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr):
   rows, row_offsets = _rows(tl.program_id(0), VOCAB, BLOCK_TOKENS)
   targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
   lse = _load_rows(lse_ptr, rows, NUM_TOKENS, 0.0)
@@ -275,10 +196,10 @@ def _ce_bwd_kernel(logits_ptr, targets_ptr, lse_ptr, dloss_ptr, dlse_ptr, dlogit
 
 
 @triton.jit
-def _ce_fused_kernel(logits_ptr, targets_ptr, dloss_ptr, loss_ptr, lse_ptr, argmax_ptr, dlogits_ptr,
-                     NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr, Z_LOSS: tl.constexpr,
-                     LABEL_SMOOTHING: tl.constexpr, BLOCK_TOKENS: tl.constexpr, BLOCK_VOCAB: tl.constexpr,
-                     MASKED: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+def _fused_kernel(logits_ptr, targets_ptr, dloss_ptr, loss_ptr, lse_ptr, argmax_ptr, dlogits_ptr,
+                  NUM_TOKENS: tl.constexpr, VOCAB: tl.constexpr, Z_LOSS: tl.constexpr, LABEL_SMOOTHING: tl.constexpr,
+                  BLOCK_TOKENS: tl.constexpr, BLOCK_VOCAB: tl.constexpr, MASKED: tl.constexpr,
+                  NUM_PROGRAMS: tl.constexpr):
   for block in range(tl.program_id(0), tl.cdiv(NUM_TOKENS, BLOCK_TOKENS), NUM_PROGRAMS):
     rows, row_offsets = _rows(block, VOCAB, BLOCK_TOKENS)
     targets = _load_rows(targets_ptr, rows, NUM_TOKENS, -1)
@@ -292,43 +213,59 @@ def _ce_fused_kernel(logits_ptr, targets_ptr, dloss_ptr, loss_ptr, lse_ptr, argm
     _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS, True)
 
 
-def _call(kernel, args, out_shape, tiles, options, num_programs=None, **constants):
+def _fix_interpreter_scalars():
+  """Triton 3.6's interpreter turns a scalar into a Python int with int() of a 1-element array, which NumPy 2.4
+  refuses (triton-lang/triton#9171, fixed upstream by the same one-element read); the fused kernel's
+  range(tl.program_id(0), ...) needs it. Compiled kernels never run this code."""
+  from triton.runtime import interpreter  # pylint: disable=import-outside-toplevel
+  patch_tensor = interpreter._patch_lang_tensor  # pylint: disable=protected-access
+
+  def patched(tensor, scope):
+    patch_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+  interpreter._patch_lang_tensor = patched  # pylint: disable=protected-access
+
+
+if type(_fused_kernel).__name__ == "InterpretedFunction":
+  _fix_interpreter_scalars()
+
+
+def _launch(kernel, args, out_shape, tiles, options, num_programs=None, **constants):
   """One program per block of tokens, or num_programs looping over them (passed as NUM_PROGRAMS)."""
   (num_tokens, vocab), (block_tokens, block_vocab, num_warps) = args[0].shape, tiles
   masked = bool(num_tokens % block_tokens or vocab % block_vocab)
   if num_programs is not None:
     constants["NUM_PROGRAMS"] = num_programs
-  return jt.triton_call(
-      *args, kernel=kernel, out_shape=out_shape,
-      grid=(num_programs or triton.cdiv(num_tokens, block_tokens),),
-      num_warps=num_warps, num_stages=options.block_sizes.num_stages, NUM_TOKENS=num_tokens, VOCAB=vocab,
-      Z_LOSS=options.z_loss, LABEL_SMOOTHING=options.label_smoothing, BLOCK_TOKENS=block_tokens,
-      BLOCK_VOCAB=block_vocab, MASKED=masked, **constants)
+  return common.triton_call(
+      *args, kernel=kernel, out_shape=out_shape, grid=(num_programs or triton.cdiv(num_tokens, block_tokens),),
+      num_warps=num_warps, num_stages=options.block_sizes.num_stages, interpret=options.interpret,
+      NUM_TOKENS=num_tokens, VOCAB=vocab, Z_LOSS=options.z_loss, LABEL_SMOOTHING=options.label_smoothing,
+      BLOCK_TOKENS=block_tokens, BLOCK_VOCAB=block_vocab, MASKED=masked, **constants)
 
 
-class CrossEntropyKernels:
-  """Launchers with the interface of cross_entropy._PallasKernels."""
+def forward(logits, targets, options, with_argmax):
+  """(loss, lse, argmax or None)."""
+  bs = options.block_sizes
+  out_shape = stats_shapes(logits.shape[0], with_argmax)
+  if not with_argmax:  # the kernel's argmax pointer then points at a dummy output it never writes
+    out_shape += (jax.ShapeDtypeStruct((1,), jnp.int32),)
+  tiles = (bs.block_tokens, bs.block_vocab, bs.num_warps)
+  loss, lse, argmax = _launch(_fwd_kernel, (logits, targets), out_shape, tiles, options, WITH_ARGMAX=with_argmax)
+  return loss, lse, argmax if with_argmax else None
 
-  @staticmethod
-  def forward(logits, targets, options, with_argmax):
-    bs = options.block_sizes
-    out_shape = stats_shapes(logits.shape[0], with_argmax)
-    if not with_argmax:  # the kernel's argmax pointer then points at a dummy output it never writes
-      out_shape += (jax.ShapeDtypeStruct((1,), jnp.int32),)
-    loss, lse, argmax = _call(_ce_fwd_kernel, (logits, targets), out_shape,
-                              (bs.block_tokens, bs.block_vocab, bs.num_warps), options, WITH_ARGMAX=with_argmax)
-    return loss, lse, argmax if with_argmax else None
 
-  @staticmethod
-  def backward(logits, targets, lse, dloss, dlse, options):
-    bs = options.block_sizes
-    args = (logits, targets, lse, dloss.astype(jnp.float32), dlse.astype(jnp.float32))
-    return _call(_ce_bwd_kernel, args, jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+def backward(logits, targets, lse, dloss, dlse, options):
+  """dlogits."""
+  bs = options.block_sizes
+  args = (logits, targets, lse, dloss.astype(jnp.float32), dlse.astype(jnp.float32))
+  return _launch(_bwd_kernel, args, jax.ShapeDtypeStruct(logits.shape, logits.dtype),
                  (bs.bwd_block_tokens, bs.bwd_block_vocab, bs.bwd_num_warps), options)
 
-  @staticmethod
-  def fused(logits, targets, dloss, options):
-    bs = options.block_sizes
-    out_shape = stats_shapes(logits.shape[0]) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
-    return _call(_ce_fused_kernel, (logits, targets, dloss.astype(jnp.float32)), out_shape,
+
+def fused(logits, targets, dloss, options):
+  """(loss, lse, argmax, dlogits)."""
+  bs = options.block_sizes
+  out_shape = stats_shapes(logits.shape[0]) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
+  return _launch(_fused_kernel, (logits, targets, dloss.astype(jnp.float32)), out_shape,
                  (1, bs.fused_block_vocab, bs.fused_num_warps), options, fused_num_programs(bs, logits.shape[0]))
