@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.cross_entropy import reference
+from pallas_kernels.cross_entropy.backends import check_loss_options
 
 
 def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array, *, z_loss: float = 1e-4,
@@ -37,6 +38,7 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
                      f"{logits.shape}, targets {targets.shape}, weights {weights.shape}")
   if not jnp.issubdtype(targets.dtype, jnp.integer):
     raise ValueError(f"cross_entropy_loss: targets must be integers, got {targets.dtype}")
+  check_loss_options(z_loss, label_smoothing)
   flat_loss, lse = reference.cross_entropy(logits.reshape(-1, logits.shape[-1]).astype(jnp.float32),
                                            targets.reshape(-1), z_loss=z_loss, label_smoothing=label_smoothing)
   loss, z_term = flat_loss.reshape(targets.shape), z_loss * jnp.square(lse).reshape(targets.shape)

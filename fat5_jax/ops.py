@@ -25,10 +25,9 @@ import jax.numpy as jnp
 
 from fat5_jax import losses
 from fat5_jax.config import ModelConfig
-from pallas_kernels import attention as flash
-from pallas_kernels import cross_entropy, rms_norm as rms_norm_kernels
-from pallas_kernels.attention import reference as attention_reference
-from pallas_kernels.rms_norm import reference as rms_norm_reference
+from pallas_kernels.attention import flash_attention, reference as attention_reference, triton_supports
+from pallas_kernels.cross_entropy import chunked_lm_head_cross_entropy
+from pallas_kernels.rms_norm import reference as rms_norm_reference, rms_norm as rms_norm_kernel
 
 FASTEST_ON_GPU = "triton"
 
@@ -76,10 +75,10 @@ class Ops:
                   q_positions=q_positions, kv_positions=kv_positions, **({} if bias is None else bias.as_kwargs()))
     if self.attention_impl == "flash" and self.backend != "xla":
       backend = self.backend
-      if backend == "triton" and self.attention_fallback and not flash.triton_supports(
+      if backend == "triton" and self.attention_fallback and not triton_supports(
           alibi_slopes=kwargs.get("alibi_slopes"), bias=kwargs.get("bias"), q_positions=q_positions):
         backend = self.attention_fallback
-      return flash.flash_attention(q, k, v, backend=backend, **kwargs)
+      return flash_attention(q, k, v, backend=backend, **kwargs)
     if self.attention_impl == "cudnn":
       return _cudnn_attention(q, k, v, **kwargs)
     return attention_reference.attention(q, k, v, **kwargs)
@@ -88,7 +87,7 @@ class Ops:
     """T5 RMSNorm: no mean, no bias, variance in float32; returns x's dtype."""
     if self.backend == "xla":
       return rms_norm_reference.rms_norm(x, weight, eps)
-    return rms_norm_kernels.rms_norm(x, weight, eps, backend=self.backend)
+    return rms_norm_kernel(x, weight, eps, backend=self.backend)
 
   def lm_head_loss(self, hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, *,
                    z_loss: float, label_smoothing: float) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -98,7 +97,7 @@ class Ops:
       return losses.cross_entropy_loss(hidden @ kernel, targets, weights, z_loss=z_loss,
                                        label_smoothing=label_smoothing)
     weights = weights.astype(jnp.float32)
-    sums = cross_entropy.chunked_lm_head_cross_entropy(
+    sums = chunked_lm_head_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), kernel, targets.reshape(-1), weights.reshape(-1), z_loss=z_loss,
         label_smoothing=label_smoothing, backend=self.backend)
     return sums.loss, {"loss": sums.loss, "z_loss": sums.z_loss, "correct": sums.correct,

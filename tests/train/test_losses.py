@@ -102,5 +102,7 @@ def test_bad_inputs_raise():
     losses.cross_entropy_loss(logits[0], targets, weights)
   with pytest.raises(ValueError, match="integers"):
     losses.cross_entropy_loss(logits, targets.astype(jnp.float32), weights)
+  with pytest.raises(ValueError, match="label_smoothing"):
+    losses.cross_entropy_loss(logits, targets, weights, label_smoothing=1.0)
   with pytest.raises(ValueError, match="tokens"):
     losses.normalize_metrics({"loss": jnp.ones(())})
