@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fat5_jax import cli
-from fat5_jax.config import ConfigError, from_config_dict
+from fat5_jax.config import ConfigError, check_override_names, from_config_dict
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_fr.py", "Run configuration (a configs/*.py file).")
 _MODE = flags.DEFINE_enum("mode", "train", cli.MODES, "What to do.")
@@ -31,7 +31,7 @@ def main(argv):
   try:
     config = from_config_dict(_CONFIG.value)
   except ConfigError as error:
-    sys.exit(f"invalid config {flags.FLAGS['config'].value!r}: {error}")
+    sys.exit(f"invalid config {config_flags.get_config_filename(flags.FLAGS['config'])}: {error}")
   if _MODE.value == "import_hf" and not _HF_DIR.value:
     sys.exit("--mode=import_hf needs --hf_dir=DIR")
   print(json.dumps(dataclasses.asdict(config), indent=1, default=str))
@@ -42,4 +42,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  try:
+    check_override_names(sys.argv)
+  except ConfigError as error:
+    sys.exit(f"error: {error}")
   app.run(main)

@@ -197,6 +197,20 @@ def _check_renamed(section: str, values) -> None:
         raise ConfigError(RENAMED[name])
 
 
+def check_override_names(argv: list[str], flag: str = "config") -> None:
+  """Raise ConfigError for a command-line override `--config.SECTION.FIELD=...` of a field the schema lacks, before
+  ml_collections meets it (it would fail with a traceback)."""
+  known = {"workdir", *(f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls))}
+  for arg in argv:
+    if not arg.startswith(f"--{flag}."):
+      continue
+    path, _, value = arg[len(flag) + 3:].partition("=")
+    section, _, key = path.partition(".")
+    _check_renamed(section, {key: value})
+    if path not in known:
+      raise ConfigError(f"unknown field {path!r} in {arg!r}; the fields are listed in docs/configuration.md")
+
+
 def _build_section(section: str, cls, values) -> Any:
   _check_renamed(section, values)
   fields = {f.name: f for f in dataclasses.fields(cls)}

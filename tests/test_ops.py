@@ -1,6 +1,9 @@
 """The kernel seam: what each config resolves to, the loss through every backend, and the renamed config fields."""
 
 import logging
+import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
@@ -80,3 +83,16 @@ def test_old_field_names_are_rejected_with_the_new_name(field, value, message):
 def test_triton_attention_with_alibi_is_a_config_error():
   with pytest.raises(ConfigError, match="kernel_backend=triton"):
     model_config(attention_impl="flash", kernel_backend="triton", position_encoding_type="alibi")
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.model.kernel_impl=pallas", "model.kernel_backend"),
+    ("--config.model.attention_impl=pallas", "'flash'"),
+    ("--config.model.atention_impl=flash", "unknown field 'model.atention_impl'"),
+])
+def test_old_and_unknown_names_on_the_command_line_fail_in_one_line(flag, message):
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run([sys.executable, "main.py", "--config=configs/tiny_fr.py", "--mode=summary", flag], cwd=root,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and out.stdout == ""
+  assert out.stderr.strip().count("\n") == 0 and message in out.stderr, out.stderr
