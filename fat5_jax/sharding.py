@@ -1,4 +1,4 @@
-"""Device mesh ("data", "fsdp"), parameter partition rules, and multi-host start-up.
+"""Device mesh ("data", "fsdp") and parameter partition rules.
 
 Batches are split over both axes (every device sees different rows). Parameters are replicated over "data" and,
 when "fsdp" has more than one device, their largest evenly divisible dimension is split over "fsdp" (ZeRO-3 style:
@@ -6,8 +6,6 @@ XLA gathers them for each matmul and reduce-scatters their gradients).
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import numpy as np
@@ -17,12 +15,6 @@ from fat5_jax.config import TrainConfig
 
 BATCH_AXES = ("data", "fsdp")
 MIN_SHARDED_SIZE = 2 ** 14  # smaller tensors (norm scales, bias tables) are cheaper replicated
-
-
-def initialize_distributed():
-  """Joins a multi-host job when launched as one (JAX reads the coordinator from the environment)."""
-  if int(os.environ.get("JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", "1"))) > 1:
-    jax.distributed.initialize()
 
 
 def make_mesh(config: TrainConfig, devices=None) -> Mesh:

@@ -7,6 +7,7 @@ pads its decoder bucket to the longest of the step, and lets process 0 build wha
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import jax
@@ -14,6 +15,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
+
+def initialize():
+  """Joins a multi-host job when launched as one (JAX reads the coordinator from the environment)."""
+  if int(os.environ.get("JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+    jax.distributed.initialize()
 
 
 def process_shard() -> dict[str, int]:

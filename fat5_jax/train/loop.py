@@ -35,7 +35,7 @@ def _restore_or_init(trainer: Trainer, checkpointer: checkpoint.Checkpointer, da
 
 def train(config: Config) -> dict:
   """The main job: data -> sharded training with evaluation and checkpoints -> plot, export, sample predictions."""
-  sharding.initialize_distributed()
+  distributed.initialize()
   tc, workdir = config.train, config.workdir
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
