@@ -1,84 +1,72 @@
-"""Attention benchmark: our flash kernel with the T5 bias inside it against materialized-bias and bias-free baselines.
+"""Attention benchmark: our flash kernels with the T5 bias inside them against materialized-bias and bias-free
+baselines.
 
 Methods, all measured in one run on the same random inputs (bf16, B x S x H x D):
-- ours_t5:       pallas_kernels.flash_attention with rpe_table (bias computed in the kernel); on a GPU its default
-                 impl, the raw Triton kernels (triton_attention.py)
-- ours_t5_pallas: the same with impl="pallas" (the Pallas kernels)
-- ours_none:     ours without bias
-- xla_t5:        plain XLA with the [1, H, S, S] bias materialized from the table
-- cudnn_t5:      jax.nn.dot_product_attention(implementation="cudnn") with that materialized bias
-- cudnn_none:    cuDNN without bias
-- pallas_none:   JAX's own Pallas attention (jax.experimental.pallas.ops.gpu.attention.mha), no bias
+- ours_t5:        pallas_kernels.attention.flash_attention(backend="triton") with rpe_table (bias computed in the
+                  kernel): the raw Triton kernels
+- ours_t5_pallas: the same with backend="pallas" (the Pallas kernels)
+- ours_none:      ours (Triton) without bias
+- xla_t5:         the jnp reference (pallas_kernels.attention.reference.attention: the [1, H, S, S] bias
+                  materialized from the table), under jit
+- cudnn_t5:       jax.nn.dot_product_attention(implementation="cudnn") with that materialized bias
+- cudnn_none:     cuDNN without bias
+- pallas_none:    JAX's own Pallas attention (jax.experimental.pallas.ops.gpu.attention.mha), no bias
 - ours_t5_packed[_positions]: ours on rows packed with 4 segments, without / with per-segment positions (same
-                 result; TFLOP/s counted as for unpacked rows), only when named in --methods
+                  result; TFLOP/s counted as for unpacked rows; with positions only Pallas runs), only when named
+                  in --methods
 
-Forward and forward+backward (jax.vjp with a random cotangent; gradients of q, k, v and the table). Times are the
-median of repeats after warm-up, three input sets in rotation. TFLOP/s: forward 4*B*S^2*H*D (halved when causal),
-forward+backward 3.5x that. `--memory` runs B=1, H=8, D=64 forward+backward up to S=32768 and records XLA's
-compiled memory (arguments + outputs + temporaries) for ours and the materialized paths (and whether they run).
+Forward and forward+backward (jax.vjp with a random cotangent; gradients of q, k, v and the table). Times are
+`common.time_ms` medians over three input sets in rotation. TFLOP/s: forward 4*B*S^2*H*D (halved when causal),
+forward+backward 3.5x that. `--memory` runs B=1, H=8, D=64 forward+backward up to S=32768 and records XLA's compiled
+memory (arguments + outputs + temporaries) for ours and the materialized paths (and whether they run).
 
-  python benchmarks/attention.py --out results.json [--seq-lens 512 1024] [--head-dims 64] [--memory]
-  python benchmarks/attention.py --plot benchmarks/results/attention_*.json   # the PNGs under benchmarks/
+  python -m benchmarks.attention [--seq-lens 512 1024] [--head-dims 64] [--memory] [--out results.json]
+  python -m benchmarks.attention --plot-from benchmarks/results/attention.json   # only redraw the PNGs
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import itertools
 import json
-import os
-import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import relative_error  # pylint: disable=wrong-import-position
-from pallas_kernels.flash_attention import (  # pylint: disable=wrong-import-position
-    BlockSizes, flash_attention, relative_position_bucket)
+from benchmarks import common
+from pallas_kernels.attention import BlockSizes, flash_attention, reference
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 METHODS = ("ours_t5", "ours_t5_pallas", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none")
 
 
-def materialized_bias(table, seq_len, causal):
-  relative = jnp.arange(seq_len)[None, :] - jnp.arange(seq_len)[:, None]
-  buckets = relative_position_bucket(relative, not causal, NUM_BUCKETS, MAX_DISTANCE)
-  return jnp.moveaxis(table[buckets], -1, 0)[None]  # [1, H, S, S]
-
-
-def xla_attention(q, k, v, table, causal):
-  seq_len = q.shape[1]
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = logits + materialized_bias(table, seq_len, causal).astype(jnp.float32)
-  if causal:
-    logits = jnp.where(jnp.tril(jnp.ones((seq_len, seq_len), bool)), logits, -1e30)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
 def methods(causal, block_sizes=None):
-  from jax.experimental.pallas.ops.gpu import attention as jax_pallas
+  from jax.experimental.pallas.ops.gpu import attention as jax_pallas  # pylint: disable=import-outside-toplevel
+  t5 = dict(rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE, causal=causal)
 
-  def ours_t5(q, k, v, table, **extra):
-    return flash_attention(q, k, v, rpe_table=table, rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE,
-                           causal=causal, block_sizes=block_sizes, **extra)
+  def ours_t5(q, k, v, table, backend="triton", **extra):
+    return flash_attention(q, k, v, rpe_table=table, block_sizes=block_sizes, backend=backend, **t5, **extra)
 
   def ours_none(q, k, v, table):
-    return flash_attention(q, k, v, causal=causal, block_sizes=block_sizes)
+    del table
+    return flash_attention(q, k, v, causal=causal, block_sizes=block_sizes, backend="triton")
+
+  def xla_t5(q, k, v, table):
+    return reference.attention(q, k, v, rpe_table=table, **t5)
 
   def cudnn_t5(q, k, v, table):
-    bias = materialized_bias(table, q.shape[1], causal).astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal, implementation="cudnn")
+    bias = reference.dense_bias(None, None, q_len=q.shape[1], kv_len=k.shape[1], rpe_table=table,
+                                rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), is_causal=causal,
+                                        implementation="cudnn")
 
   def cudnn_none(q, k, v, table):
+    del table
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
   def pallas_none(q, k, v, table):
+    del table
     return jax_pallas.mha(q, k, v, segment_ids=None, causal=causal)
 
   def packed(q, with_positions):
@@ -90,11 +78,10 @@ def methods(causal, block_sizes=None):
     return dict(q_segment_ids=ids, kv_segment_ids=ids, **extra)
 
   return dict(
-      ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, impl="pallas"), ours_none=ours_none,
-      xla_t5=lambda q, k, v, t: xla_attention(q, k, v, t, causal), cudnn_t5=cudnn_t5, cudnn_none=cudnn_none,
-      pallas_none=pallas_none,
+      ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, backend="pallas"), ours_none=ours_none,
+      xla_t5=xla_t5, cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none,
       ours_t5_packed=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, False)),
-      ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, True)))
+      ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, backend="pallas", **packed(q, True)))
 
 
 def make_inputs(key, batch, seq_len, heads, head_dim, sets=3):
@@ -109,35 +96,21 @@ def make_inputs(key, batch, seq_len, heads, head_dim, sets=3):
   return out
 
 
-def fwd_fn(fn):
-  return jax.jit(fn)
-
-
-def fwd_bwd_fn(fn):
+def fwd_bwd(fn):
   def run(q, k, v, table, ct):
     out, vjp = jax.vjp(fn, q, k, v, table)
     return out, vjp(ct)
-  return jax.jit(run)
+  return run
 
 
-def time_ms(call, input_sets, repeats=5, sample_ms=40.0):
-  jax.block_until_ready(call(input_sets[0]))  # compile + warm-up
-  start = time.perf_counter()
-  jax.block_until_ready(call(input_sets[1]))
-  once_ms = (time.perf_counter() - start) * 1e3
-  inner = int(min(20, max(1, sample_ms // once_ms)))  # calls per sample: about sample_ms of work
-  samples = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    outs = [call(input_sets[i % len(input_sets)]) for i in range(inner)]
-    jax.block_until_ready(outs)
-    samples.append((time.perf_counter() - start) * 1e3 / inner)
-  return statistics.median(samples), (max(samples) - min(samples)) / statistics.median(samples)
+def _args(s, mode):
+  names = ("q", "k", "v", "table") + (("ct",) if mode == "fwd_bwd" else ())
+  return tuple(s[n] for n in names)
 
 
 def is_oom(err):
   text = str(err)
-  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
 def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=None):
@@ -148,14 +121,11 @@ def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=Non
     if name not in names:
       continue
     row = dict(method=name, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq_len, causal=causal)
-    for mode, wrap, flops in (("fwd", fwd_fn, flops_fwd), ("fwd_bwd", fwd_bwd_fn, 3.5 * flops_fwd)):
-      f = wrap(fn)
-      call = ((lambda s, f=f: f(s["q"], s["k"], s["v"], s["table"])) if mode == "fwd"
-              else (lambda s, f=f: f(s["q"], s["k"], s["v"], s["table"], s["ct"])))
+    for mode, f, flops in (("fwd", fn, flops_fwd), ("fwd_bwd", fwd_bwd(fn), 3.5 * flops_fwd)):
       try:
-        ms, spread = time_ms(call, sets)
-        row[f"{mode}_ms"], row[f"{mode}_spread"] = ms, spread
-        row[f"{mode}_tflops"] = flops / ms / 1e9
+        t = common.time_ms(jax.jit(f), [_args(s, mode) for s in sets])
+        row[f"{mode}_ms"], row[f"{mode}_spread"] = t["median_ms"], (t["max_ms"] - t["min_ms"]) / t["median_ms"]
+        row[f"{mode}_tflops"] = flops / t["median_ms"] / 1e9
       except Exception as err:  # noqa: BLE001  (a baseline failing must not stop the run)
         row[f"{mode}_error"] = "OOM" if is_oom(err) else f"{type(err).__name__}: {str(err)[:300]}"
     rows.append(row)
@@ -165,17 +135,18 @@ def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=Non
 
 def accuracy_check():
   """ours vs the float32 reference on bf16 inputs: relative errors of out and of the four gradients."""
-  from pallas_kernels.flash_attention import flash_attention_reference
   s = make_inputs(jax.random.PRNGKey(7), 2, 1000, 4, 64, sets=1)[0]
   result = {}
-  for impl, causal in itertools.product(("triton", "pallas"), (False, True)):
+  for backend, causal in itertools.product(("triton", "pallas"), (False, True)):
     kw = dict(rpe_bidirectional=not causal, rpe_max_distance=MAX_DISTANCE, causal=causal)
     grads = []
-    for fn in (functools.partial(flash_attention, impl=impl), flash_attention_reference):
-      out, vjp = jax.vjp(lambda q, k, v, t: fn(q, k, v, rpe_table=t, **kw), s["q"], s["k"], s["v"], s["table"])
+    for fn in (functools.partial(flash_attention, backend=backend), reference.attention):
+      out, vjp = jax.vjp(lambda q, k, v, t, fn=fn: fn(q, k, v, rpe_table=t, **kw), s["q"], s["k"], s["v"],
+                         s["table"])
       grads.append((out, *vjp(s["ct"])))
-    errs = [relative_error(a, b) for a, b in zip(*grads)]
-    result[f"{impl}_{'causal' if causal else 'bidirectional'}"] = dict(zip(("out", "dq", "dk", "dv", "dtable"), errs))
+    errs = [common.relative_error(a, b) for a, b in zip(*grads)]
+    result[f"{backend}_{'causal' if causal else 'bidirectional'}"] = dict(zip(("out", "dq", "dk", "dv", "dtable"),
+                                                                              errs))
   print("accuracy (rel. L2 error vs float32 reference, bf16 inputs):", json.dumps(result), flush=True)
   return result
 
@@ -189,15 +160,12 @@ def memory_sweep(seq_lens):
       if name not in ("ours_t5", "xla_t5", "cudnn_t5"):
         continue
       row = dict(method=name, seq_len=seq_len, batch=1, heads=8, head_dim=64)
-      f = fwd_bwd_fn(fn)
       try:
-        compiled = f.lower(s["q"], s["k"], s["v"], s["table"], s["ct"]).compile()
-        mem = compiled.memory_analysis()
-        row["compiled_bytes"] = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                    + mem.temp_size_in_bytes)
-        row["temp_bytes"] = int(mem.temp_size_in_bytes)
-        ms, _ = time_ms(lambda x: compiled(x["q"], x["k"], x["v"], x["table"], x["ct"]), [s, s], repeats=3)
-        row["fwd_bwd_ms"], row["runs"] = ms, True
+        memory = common.compiled_memory(fwd_bwd(fn), *_args(s, "fwd_bwd"))
+        row["compiled_bytes"] = sum(memory.values())
+        row["temp_bytes"] = memory["temp_bytes"]
+        t = common.time_ms(jax.jit(fwd_bwd(fn)), [_args(s, "fwd_bwd")], samples=3, calls=2)
+        row["fwd_bwd_ms"], row["runs"] = t["median_ms"], True
       except Exception as err:  # noqa: BLE001
         row["runs"] = False
         row["error"] = "OOM" if is_oom(err) else f"{type(err).__name__}: {str(err)[:300]}"
@@ -206,55 +174,52 @@ def memory_sweep(seq_lens):
   return rows
 
 
-def print_table(rows):
+def ratios(rows):
+  """Per configuration, ours_t5 against the baselines (TFLOP/s ratios)."""
   by_key = {}
   for r in rows:
     by_key.setdefault((r["head_dim"], r["seq_len"], r["causal"]), {})[r["method"]] = r
-  names = [n for n in METHODS if any(n in g for g in by_key.values())]
-  print("\nTFLOP/s fwd / fwd+bwd (B=%d, H=%d, bf16)" % (rows[0]["batch"], rows[0]["heads"]))
-  print("| D | S | causal | " + " | ".join(names) + " | ours_t5 fwd / cudnn_none | ours_t5 f+b / pallas_none | "
-        "ours_t5 f+b / cudnn_t5 |")
-  print("|" + "---|" * (len(names) + 6))
-  fmt = lambda r, m: "%.0f" % r[m + "_tflops"] if r and m + "_tflops" in r else (r or {}).get(m + "_error", "-")[:8]
-  ratio = lambda a, b, m1, m2: ("%.2f" % (a[m1 + "_tflops"] / b[m2 + "_tflops"])
-                                if a and b and m1 + "_tflops" in a and m2 + "_tflops" in b else "-")
+  out = []
   for (d, s, c), g in sorted(by_key.items()):
-    cells = [f"{fmt(g.get(n), 'fwd')} / {fmt(g.get(n), 'fwd_bwd')}" for n in names]
-    print(f"| {d} | {s} | {'yes' if c else 'no'} | " + " | ".join(cells) + " | "
-          + " | ".join([ratio(g.get("ours_t5"), g.get("cudnn_none"), "fwd", "fwd"),
-                        ratio(g.get("ours_t5"), g.get("pallas_none"), "fwd_bwd", "fwd_bwd"),
-                        ratio(g.get("ours_t5"), g.get("cudnn_t5"), "fwd_bwd", "fwd_bwd")]) + " |")
+    ratio = lambda a, b, mode: (g[a][f"{mode}_tflops"] / g[b][f"{mode}_tflops"]
+                                if a in g and b in g and f"{mode}_tflops" in g[a] and f"{mode}_tflops" in g[b]
+                                else "-")
+    out.append(dict(head_dim=d, seq_len=s, causal=c, fwd_vs_cudnn_none=ratio("ours_t5", "cudnn_none", "fwd"),
+                    fwd_bwd_vs_pallas_none=ratio("ours_t5", "pallas_none", "fwd_bwd"),
+                    fwd_bwd_vs_cudnn_t5=ratio("ours_t5", "cudnn_t5", "fwd_bwd")))
+  return out
 
 
-def plot(json_paths, out_dir):
-  """TFLOP/s per sequence length (attention_tflops.png) and compiled memory (attention_memory.png) from results."""
-  import matplotlib
+def plot(results, path):
+  """TFLOP/s per sequence length (`path`) and, when measured, compiled memory (`path` with a _memory suffix)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  results = [json.load(open(p)) for p in json_paths]
-  rows = [r for res in results for r in res["rows"]]
-  memory = [r for res in results for r in res.get("memory", [])]
-  head_dims = sorted({r["head_dim"] for r in rows})
-  panels = [(d, c) for d in head_dims for c in (False, True)]
-  fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.5), squeeze=False)
-  for col, (d, causal) in enumerate(panels):
-    for row, mode in enumerate(("fwd", "fwd_bwd")):
-      ax = axes[row][col]
-      for name in METHODS:
-        pts = sorted((r["seq_len"], r[f"{mode}_tflops"]) for r in rows if r["method"] == name
-                     and r["head_dim"] == d and r["causal"] == causal and f"{mode}_tflops" in r)
-        if pts:
-          ax.plot(*zip(*pts), marker="o", label=name, linewidth=2.5 if name == "ours_t5" else 1.2)
-      ax.set_xscale("log", base=2)
-      ax.set_title(f"D={d}, {'causal' if causal else 'not causal'}, {'fwd' if mode == 'fwd' else 'fwd+bwd'}")
-      ax.set_xlabel("sequence length")
-      ax.set_ylabel("TFLOP/s")
-      ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=8)
-  fig.suptitle(f"Attention, B={rows[0]['batch']}, H={rows[0]['heads']}, bf16, {results[0]['device']}")
-  fig.tight_layout()
-  fig.savefig(f"{out_dir}/attention_tflops.png", dpi=110)
+  rows, memory = results["rows"], results.get("memory", [])
+  device = results.get("environment", results).get("device", "")  # older results kept it at the top
+  if rows:
+    head_dims = sorted({r["head_dim"] for r in rows})
+    panels = [(d, c) for d in head_dims for c in (False, True)]
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.5), squeeze=False)
+    for col, (d, causal) in enumerate(panels):
+      for row, mode in enumerate(("fwd", "fwd_bwd")):
+        ax = axes[row][col]
+        for name in METHODS:
+          pts = sorted((r["seq_len"], r[f"{mode}_tflops"]) for r in rows if r["method"] == name
+                       and r["head_dim"] == d and r["causal"] == causal and f"{mode}_tflops" in r)
+          if pts:
+            ax.plot(*zip(*pts), marker="o", label=name, linewidth=2.5 if name == "ours_t5" else 1.2)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"D={d}, {'causal' if causal else 'not causal'}, {'fwd' if mode == 'fwd' else 'fwd+bwd'}")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Attention, B={rows[0]['batch']}, H={rows[0]['heads']}, bf16, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
   if memory:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for name in ("ours_t5", "xla_t5", "cudnn_t5"):
@@ -274,14 +239,13 @@ def plot(json_paths, out_dir):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(f"{out_dir}/attention_memory.png", dpi=110)
+    memory_path = path[:-4] + "_memory.png" if path.endswith(".png") else path + "_memory"
+    fig.savefig(memory_path, dpi=110)
+    print(f"wrote {memory_path}")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--plot", nargs="+", metavar="JSON", help="only draw the PNGs from these result files")
-  parser.add_argument("--plot-dir", default="benchmarks")
-  parser.add_argument("--out")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--heads", type=int, default=12)
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
@@ -294,33 +258,30 @@ def main():
   parser.add_argument("--memory", action="store_true", help="also run the B=1, H=8, D=64 memory sweep")
   parser.add_argument("--memory-seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
   parser.add_argument("--skip-accuracy", action="store_true")
-  args = parser.parse_args()
-  if args.plot:
-    plot(args.plot, args.plot_dir)
+  args = common.parse_args(parser, "attention", plot)
+  if args is None:
     return
-  if not args.out:
-    parser.error("--out is required to run the benchmark")
   block_sizes = BlockSizes(*args.blocks) if args.blocks else None
-  result = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                command=" ".join(["python"] + sys.argv), block_sizes=args.blocks, rows=[])
+  results = dict(block_sizes=args.blocks, rows=[])
   if not args.skip_accuracy:
-    result["accuracy"] = accuracy_check()
+    results["accuracy"] = accuracy_check()
   causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
   for head_dim in args.head_dims:
     for causal in causals:
       for seq_len in args.seq_lens:
-        result["rows"] += bench_config(args.batch, args.heads, head_dim, seq_len, causal, args.methods,
-                                       block_sizes)
-        with open(args.out, "w") as f:
-          json.dump(result, f, indent=1)
+        results["rows"] += bench_config(args.batch, args.heads, head_dim, seq_len, causal, args.methods,
+                                        block_sizes)
+        common.write_results(args.out, results)  # keep what ran if a later configuration dies
   if args.memory:
-    result["memory"] = memory_sweep(args.memory_seq_lens)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
-  if result["rows"]:
-    print_table(result["rows"])
-  for r in result.get("memory", []):
+    results["memory"] = memory_sweep(args.memory_seq_lens)
+  common.write_results(args.out, results)
+  plot(results, args.plot)
+  if results["rows"]:
+    common.print_table(results["rows"], ["head_dim", "seq_len", "causal", "method", "fwd_tflops", "fwd_bwd_tflops",
+                                         "fwd_ms", "fwd_bwd_ms"])
+    common.print_table(ratios(results["rows"]), ["head_dim", "seq_len", "causal", "fwd_vs_cudnn_none",
+                                                 "fwd_bwd_vs_pallas_none", "fwd_bwd_vs_cudnn_t5"])
+  for r in results.get("memory", []):
     print(f"memory S={r['seq_len']} {r['method']}: runs={r['runs']} compiled={r.get('compiled_bytes', 0) / 2**30:.2f}"
           f" GiB {r.get('error', '')}")
 

@@ -1,8 +1,15 @@
-"""Flash attention against its materialized reference: outputs, lse and every gradient, on fresh random inputs.
+"""Flash attention, every backend, against the float64 jnp reference: outputs, lse and every gradient (q, k, v and
+the table / slopes / bias) on fresh random inputs and random cotangents, at lengths that are not multiples of the
+blocks.
 
-Interpret mode on CPU (default). On a GPU the same module runs the compiled kernels: FAT5_INTERPRET=0 forces the
-Triton lowering, FAT5_INTERPRET=1 the interpreter; unset means interpret off GPU only.
+Off GPU both backends run in their interpreters, which poison every output first (Pallas' interpret mode, and
+`common.triton_call` for Triton), so an element a kernel forgets to write shows up. On a GPU the same module runs
+the compiled kernels (FAT5_INTERPRET=0 forces them, =1 the interpreters; unset means interpret off GPU only).
 """
+
+import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
@@ -10,20 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import (flash_attention, flash_attention_reference,
-                                            relative_position_bucket)
+from pallas_kernels.attention import (HEAD_DIMS, BlockSizes, default_block_sizes, flash_attention,
+                                      relative_position_bucket, triton_supports)
+from pallas_kernels.attention import reference, tuning
 from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
 
-# float32 in the interpreter is exact up to rounding; the GPU's float32 dots run in tf32.
+# float32 in the interpreters is exact up to rounding; the GPU's float32 dots run in tf32.
 TOL = 5e-3 if ON_GPU and INTERPRET is not True else 1e-4
-
-
-def _assert_close(tree, ref_tree, tol):
-  chex.assert_trees_all_equal_shapes(tree, ref_tree)
-  chex.assert_tree_all_finite(tree)
-  for (path, x), ref in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(ref_tree)):
-    err = relative_error(x, ref)
-    assert err < tol, (jax.tree_util.keystr(path), err)
+BACKENDS = ("pallas", "triton")
+INTERPRETED = INTERPRET is True or (INTERPRET is None and not ON_GPU)
 
 
 @pytest.mark.parametrize("bidirectional,num_buckets,max_distance",
@@ -51,31 +53,41 @@ def _packed_ids(rng, batch, length):
   return jnp.asarray(ids), jnp.asarray(positions)
 
 
+# With interpreter blocks of 32 and max_distance well under the length, the T5 cases walk all three regions of
+# the kv (and q) loops: far left, band, far right (only far left when causal). Lengths that are not multiples of
+# the blocks are padded, and the padding masked; the "aligned" cases run the tiles that need no mask, the GPU's
+# fast path.
 CASES = {
-    # name: (q_len, kv_len, head_dim, causal, bias kind, segments, extra kwargs)
-    "plain": (37, 37, 32, False, None, False, {}),
-    "t5_bidirectional": (200, 200, 64, False, "t5", False, dict(rpe_max_distance=40)),
-    "t5_causal": (333, 333, 32, True, "t5", False, dict(rpe_bidirectional=False, rpe_max_distance=128)),
-    "t5_head_dim_128": (150, 150, 128, False, "t5", False, dict(rpe_max_distance=40)),
-    "t5_packed": (200, 200, 32, False, "t5", True, dict(rpe_max_distance=24)),
-    "t5_packed_causal": (160, 160, 32, True, "t5", True, dict(rpe_bidirectional=False, rpe_max_distance=24)),
-    "alibi_symmetric_causal": (100, 100, 32, True, "alibi1", False, {}),
-    "alibi_asymmetric_packed": (100, 100, 32, False, "alibi2", True, {}),
-    "full_bias_heads": (70, 70, 32, False, "full_h", False, {}),
-    "full_bias_batch_causal": (70, 70, 32, True, "full_b", False, {}),
-    "cross": (90, 200, 64, False, None, True, {}),
+    # name: (batch, heads, q_len, kv_len, head_dim, causal, bias kind, segments, extra kwargs)
+    "plain": (2, 2, 37, 37, 32, False, None, False, {}),
+    "causal": (1, 2, 100, 100, 32, True, None, False, {}),
+    "t5_bidirectional": (2, 2, 200, 200, 64, False, "t5", False, dict(rpe_max_distance=40)),
+    "t5_causal": (1, 2, 200, 200, 32, True, "t5", False, dict(rpe_bidirectional=False, rpe_max_distance=40)),
+    "t5_aligned": (2, 1, 128, 128, 32, False, "t5", False, dict(rpe_max_distance=24)),
+    "t5_aligned_causal": (1, 2, 128, 128, 64, True, "t5", False, dict(rpe_bidirectional=False,
+                                                                       rpe_max_distance=24)),
+    "t5_head_dim_128": (1, 2, 150, 150, 128, False, "t5", False, dict(rpe_max_distance=40)),
+    "t5_packed": (2, 2, 200, 200, 32, False, "t5", True, dict(rpe_max_distance=24)),
+    "t5_packed_causal": (2, 1, 160, 160, 32, True, "t5", True, dict(rpe_bidirectional=False, rpe_max_distance=24)),
+    "t5_cross": (2, 1, 70, 150, 32, False, "t5", False, dict(rpe_max_distance=20)),
+    "cross": (2, 2, 90, 200, 64, False, None, True, {}),
+    "alibi_symmetric_causal": (2, 2, 100, 100, 32, True, "alibi1", False, {}),
+    "alibi_asymmetric_packed": (2, 2, 100, 100, 32, False, "alibi2", True, {}),
+    "full_bias_heads": (2, 2, 70, 70, 32, False, "full_h", False, {}),
+    "full_bias_batch_causal": (2, 2, 70, 70, 32, True, "full_b", False, {}),
 }
+TRITON_LACKS = {"alibi1": "ALiBi slopes", "alibi2": "ALiBi slopes", "full_h": "a full bias",
+                "full_b": "a full bias"}
 
 
 def _inputs(seed, case):
-  q_len, kv_len, head_dim, causal, bias_kind, segments, extra = CASES[case]
-  batch, heads = 2, 2
+  batch, heads, q_len, kv_len, head_dim, causal, bias_kind, segments, extra = CASES[case]
   rng = np.random.default_rng(seed)
   keys = jax.random.split(jax.random.PRNGKey(seed), 8)
   q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim))
   k = jax.random.normal(keys[1], (batch, kv_len, heads, head_dim))
   v = jax.random.normal(keys[2], (batch, kv_len, heads, head_dim))
-  kwargs = dict(causal=causal, scale=float(head_dim ** -0.5) if case == "cross" else 1.0, **extra)
+  kwargs = dict(causal=causal, scale=float(head_dim ** -0.5) if "cross" in case else 1.0, **extra)
   bias = None
   if bias_kind == "t5":
     bias = ("rpe_table", jax.random.normal(keys[3], (32, heads)))
@@ -110,15 +122,25 @@ def _run(fn, qkv, bias, kwargs, cts):
     return jnp.sum(out * cts[0]) + jnp.sum(finite_lse * cts[1]), (out, lse)
   poison_device_memory()
   grads, (out, lse) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(qkv, None if bias is None else bias[1])
-  return out, lse, grads
+  return jax.tree.map(np.asarray, (out, lse, grads))
 
 
-def _kernel(*args, **kwargs):
-  return flash_attention(*args, interpret=INTERPRET, **kwargs)
+def _reference(qkv, bias, kwargs, cts):
+  """_run of the jnp reference in float64: inputs, cotangents and every intermediate."""
+  with jax.enable_x64(True):
+    wide = lambda x: jnp.asarray(np.asarray(x, np.float64)) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    qkv, cts = jax.tree.map(wide, (qkv, cts))
+    bias = None if bias is None else (bias[0], wide(bias[1]))
+    return _run(reference.attention, qkv, bias, {k: wide(v) if isinstance(v, jax.Array) else v
+                                                 for k, v in kwargs.items()}, cts)
+
+
+def _kernel(backend):
+  return lambda *args, **kwargs: flash_attention(*args, backend=backend, interpret=INTERPRET, **kwargs)
 
 
 def _without_positions(kwargs):
-  """The same call with segment ids alone (per-segment positions give the same result)."""
+  """The same call with segment ids alone (per-segment positions of contiguous segments give the same result)."""
   return {k: v for k, v in kwargs.items() if k not in ("q_positions", "kv_positions")}
 
 
@@ -126,75 +148,159 @@ def _fresh_seed(case):
   return abs(hash(case)) % 1000 + int(np.random.default_rng().integers(1 << 20))  # fresh inputs every run
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_reference(case):
-  qkv, bias, kwargs, cts = _inputs(_fresh_seed(case), case)
-  _check(_run(_kernel, qkv, bias, kwargs, cts), _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
-
-
-@pytest.mark.parametrize("case", ["t5_packed", "t5_packed_causal", "alibi_asymmetric_packed"])
-def test_packed_segment_ids_alone_match_per_segment_positions(case):
-  """The trainer's fast path: contiguous segments whose positions restart at 0 need no positions."""
-  qkv, bias, kwargs, cts = _inputs(_fresh_seed(case), case)
-  _check(_run(_kernel, qkv, bias, _without_positions(kwargs), cts),
-         _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
-
-
-@pytest.mark.skipif(not ON_GPU or INTERPRET is True, reason="raw Triton kernels run on a GPU only")
-@pytest.mark.parametrize("case", sorted(c for c in CASES if CASES[c][4] in (None, "t5")))
-def test_triton_matches_reference(case):
-  """The raw Triton kernels (no bias or T5 bias, segment ids without positions) against the same reference."""
-  qkv, bias, kwargs, cts = _inputs(_fresh_seed(case), case)
-  triton = lambda *args, **kw: flash_attention(*args, impl="triton", **kw)
-  _check(_run(triton, qkv, bias, _without_positions(kwargs), cts),
-         _run(flash_attention_reference, qkv, bias, kwargs, cts), kwargs)
-
-
-def _check(result, reference, kwargs):
-  (out, lse, grads), (ref_out, ref_lse, ref_grads) = result, reference
+def _check(result, expected, kwargs):
+  (out, lse, grads), (ref_out, ref_lse, ref_grads) = result, expected
   # lse is -inf exactly where a query sees no key; elsewhere finite and close.
   np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
-  finite = np.isfinite(np.asarray(ref_lse))
-  _assert_close((out, np.asarray(lse)[finite], grads), (ref_out, np.asarray(ref_lse)[finite], ref_grads), TOL)
+  finite = np.isfinite(ref_lse)
+  chex.assert_trees_all_equal_shapes((out, grads), (ref_out, ref_grads))
+  chex.assert_tree_all_finite((out, lse[finite], grads))
+  tree, ref_tree = (out, lse[finite], grads), (ref_out, ref_lse[finite], ref_grads)
+  for (path, x), ref in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(ref_tree)):
+    err = relative_error(x, ref)
+    assert err < TOL, (jax.tree_util.keystr(path), err)
   if "q_segment_ids" in kwargs:  # padding queries: zero output and zero gradient
     padding = np.asarray(kwargs["q_segment_ids"]) == 0
     assert padding.any()
-    np.testing.assert_array_equal(np.asarray(out)[padding], 0.0)
-    np.testing.assert_array_equal(np.asarray(grads[0][0])[padding], 0.0)
+    np.testing.assert_array_equal(out[padding], 0.0)
+    np.testing.assert_array_equal(grads[0][0][padding], 0.0)
 
 
-def test_bf16_close_to_float32_reference():
-  qkv, bias, kwargs, cts = _inputs(int(np.random.default_rng().integers(1 << 20)), "t5_bidirectional")
-  out = _kernel(*(x.astype(jnp.bfloat16) for x in qkv), rpe_table=bias[1], **kwargs)
-  ref = flash_attention_reference(*qkv, rpe_table=bias[1], **kwargs)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, case):
+  """Triton runs packed rows with segment ids alone, against the reference with per-segment positions."""
+  bias_kind = CASES[case][6]
+  if backend == "triton" and bias_kind in TRITON_LACKS:
+    pytest.skip(f"the Triton kernels take no {TRITON_LACKS[bias_kind]} (backend='pallas' runs it)")
+  qkv, bias, kwargs, cts = _inputs(_fresh_seed(case), case)
+  call_kwargs = _without_positions(kwargs) if backend == "triton" else kwargs
+  _check(_run(_kernel(backend), qkv, bias, call_kwargs, cts), _reference(qkv, bias, kwargs, cts), kwargs)
+
+
+@pytest.mark.parametrize("case", ["t5_packed_causal", "alibi_asymmetric_packed"])
+def test_pallas_segment_ids_alone_match_per_segment_positions(case):
+  """The trainer's fast path: contiguous segments whose positions restart at 0 need no positions (Triton runs
+  every packed case this way in test_matches_reference)."""
+  qkv, bias, kwargs, cts = _inputs(_fresh_seed(case), case)
+  _check(_run(_kernel("pallas"), qkv, bias, _without_positions(kwargs), cts), _reference(qkv, bias, kwargs, cts),
+         kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_close_to_float32_reference(backend):
+  if backend == "triton" and INTERPRETED:
+    pytest.skip("Triton's interpreter stores bfloat16 as raw 16-bit integers: its tl.dot multiplies the bits")
+  qkv, bias, kwargs, _ = _inputs(int(np.random.default_rng().integers(1 << 20)), "t5_causal")
+  out = _kernel(backend)(*(x.astype(jnp.bfloat16) for x in qkv), rpe_table=bias[1], **kwargs)
+  expected = reference.attention(*qkv, rpe_table=bias[1], **kwargs)
   assert out.dtype == jnp.bfloat16
-  assert relative_error(out, ref) < 2e-2
+  assert relative_error(out, expected) < 2e-2
 
 
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(k=jnp.ones((1, 16, 2, 16))), "k and v must be"),
+    (dict(k=jnp.ones((16, 2, 32))), r"\[B, S, H, D\]"),
     (dict(rpe_table=jnp.ones((32, 3))), "rpe_table"),
+    (dict(alibi_slopes=jnp.ones((3, 2))), "alibi_slopes"),
+    (dict(q_segment_ids=jnp.ones((1, 15), jnp.int32), kv_segment_ids=jnp.ones((1, 16), jnp.int32)), "must be"),
     (dict(rpe_table=jnp.ones((32, 2)), alibi_slopes=jnp.ones((2,))), "at most one"),
     (dict(q_segment_ids=jnp.ones((1, 16), jnp.int32)), "both"),
     (dict(bias=jnp.ones((1, 2, 16, 8))), "bias"),
     (dict(rpe_table=jnp.ones((32, 2)), rpe_max_distance=8), "max_distance"),
     (dict(scale=-0.125), "scale must be positive"),  # the kernel takes row maxima before scaling
-    (dict(impl="cuda"), "impl must be one of"),
-    (dict(impl="triton", alibi_slopes=jnp.ones((2,))), "takes no alibi_slopes"),
+    (dict(backend="cuda"), "backend must be one of"),
+    (dict(backend="triton", alibi_slopes=jnp.ones((2,))), "backend='triton' takes no alibi_slopes"),
+    (dict(backend="triton", bias=jnp.ones((1, 2, 16, 16))), "backend='triton' takes no"),
+    (dict(backend="triton", q_positions=jnp.zeros((1, 16), jnp.int32),
+          kv_positions=jnp.zeros((1, 16), jnp.int32)), "backend='triton' takes no"),
 ])
 def test_bad_input_raises(kwargs, match):
   q = jnp.ones((1, 16, 2, 32))
+  k = kwargs.pop("k", q)
   with pytest.raises(ValueError, match=match):
-    flash_attention(q, q, q, **kwargs)
+    flash_attention(q, k, k, **kwargs)
+  if not {"backend", "scale"} & set(kwargs):  # the reference checks the inputs alike (any scale is fine there)
+    with pytest.raises(ValueError, match=match):
+      reference.attention(q, k, k, **kwargs)
+
+
+def test_head_dim_is_restricted_by_the_kernels_only():
+  q = jnp.ones((1, 16, 2, 48))
+  assert 48 not in HEAD_DIMS
+  with pytest.raises(ValueError, match="head_dim"):
+    flash_attention(q, q, q)
+  assert reference.attention(q, q, q).shape == q.shape  # the model's XLA path takes any head_dim
 
 
 @pytest.mark.skipif(ON_GPU, reason="only off a GPU")
-def test_triton_impl_needs_a_gpu():
+def test_compiled_kernels_need_a_gpu():
   q = jnp.ones((1, 16, 2, 32))
-  with pytest.raises(ValueError, match="GPU only"):
-    flash_attention(q, q, q, impl="triton")
+  with pytest.raises(ValueError, match="need a GPU"):
+    flash_attention(q, q, q, interpret=False)
 
 
-def test_head_dim_must_be_supported():
-  q = jnp.ones((1, 16, 2, 48))
-  with pytest.raises(ValueError, match="head_dim"):
-    flash_attention(q, q, q)
+def test_triton_supports():
+  slopes, positions = jnp.ones((2,)), jnp.zeros((1, 16), jnp.int32)
+  assert triton_supports() and triton_supports(alibi_slopes=None, bias=None, q_positions=None)
+  assert not triton_supports(alibi_slopes=slopes)
+  assert not triton_supports(bias=jnp.ones((1, 1, 16, 16)))
+  assert not triton_supports(q_positions=positions)
+
+
+def test_reference_bias_and_mask_shapes():
+  """The pieces the cuDNN path takes: without positions the bias is shared by the batch."""
+  table, slopes = jnp.ones((32, 3)), jnp.ones((2, 3))
+  positions_q, positions_kv = jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 7), jnp.int32)
+  assert reference.dense_bias(None, None, q_len=5, kv_len=7) is None
+  assert reference.dense_bias(None, None, q_len=5, kv_len=7, rpe_table=table).shape == (1, 3, 5, 7)
+  assert reference.dense_bias(positions_q, positions_kv, batch=2, rpe_table=table).shape == (2, 3, 5, 7)
+  alibi = reference.dense_bias(None, None, q_len=5, kv_len=7, alibi_slopes=slopes)
+  assert alibi.shape == (1, 3, 5, 7) and alibi.dtype == jnp.float32
+  with pytest.raises(ValueError, match="batch"):
+    reference.dense_bias(positions_q, positions_kv, batch=3, rpe_table=table)
+  with pytest.raises(ValueError, match="q_len"):
+    reference.dense_bias(None, None, rpe_table=table)
+  assert reference.mask(None, None, causal=True, q_len=5, kv_len=7).shape == (1, 1, 5, 7)
+  segments = jnp.ones((2, 5), jnp.int32)
+  assert reference.mask(segments, segments, causal=False).shape == (2, 1, 5, 5)
+  with pytest.raises(ValueError, match="q_len"):
+    reference.mask(None, None, causal=False)
+
+
+@pytest.mark.parametrize("module", ["pallas_kernels.attention", "pallas_kernels.attention.reference"])
+def test_importing_loads_no_gpu_kernel_code(module):
+  """The model's XLA path imports the reference: neither Pallas' Triton lowering nor Triton may come with it."""
+  code = (f"import sys, {module}\n"
+          "print(sorted(m for m in ('jax.experimental.pallas.triton', 'triton', 'jax_triton') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=pathlib.Path(__file__).resolve().parents[2])
+  assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_every_block_table_entry_fits_its_devices_shared_memory():
+  for key, by_head_dim in tuning._BLOCK_TABLE.items():  # pylint: disable=protected-access
+    for head_dim, blocks in by_head_dim.items():
+      used = tuning.shared_memory_bytes(blocks, head_dim)
+      assert used <= tuning.SHARED_MEMORY_PER_BLOCK[key], (key, head_dim, used)
+
+
+@pytest.mark.parametrize("capability,key", [((9, 0), (9, 0)), ((8, 0), (8, 0)), ((8, 6), (8, 6)), ((8, 9), (8, 6)),
+                                            ((8, 7), (8, 0)), ((10, 0), (9, 0)), ((12, 0), (8, 6)), ((7, 5), (8, 6))])
+def test_devices_get_the_row_of_their_shared_memory(capability, key):
+  assert tuning.table_key(capability) == key
+  for head_dim in HEAD_DIMS:
+    blocks = default_block_sizes(head_dim, interpret=False, capability=capability)
+    assert tuning.shared_memory_bytes(blocks, head_dim) <= tuning.SHARED_MEMORY_PER_BLOCK.get(capability, 99 * 1024)
+
+
+def test_float32_inputs_get_smaller_forward_tiles():
+  """float32 tiles take twice the shared memory of the bf16 ones the table is for."""
+  for head_dim in HEAD_DIMS:
+    blocks = default_block_sizes(head_dim, interpret=False, dtype=jnp.float32, capability=(9, 0))
+    assert blocks.block_q <= 64 and blocks.num_stages == 2
+
+
+def test_block_sizes_must_be_powers_of_two():
+  with pytest.raises(ValueError, match="power of two"):
+    BlockSizes(48, 64, 64, 64)

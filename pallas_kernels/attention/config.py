@@ -1,0 +1,95 @@
+"""What the public function, both kernel backends and the reference share: the static configuration a kernel
+specializes on, the T5 / ALiBi inputs in the kernels' base-2 units, and the input checks."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.attention import buckets
+from pallas_kernels.attention.tuning import BlockSizes
+from pallas_kernels.common import LOG2E, next_power_of_2
+
+HEAD_DIMS = (32, 64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static under jit: one compiled kernel per value."""
+  bias_mode: str  # none | t5 | alibi | full
+  causal: bool
+  scale: float
+  has_segments: bool
+  has_positions: bool
+  blocks: BlockSizes
+  interpret: bool
+  backend: str = "pallas"  # or "triton"
+  num_buckets: int = 0
+  bidirectional: bool = True
+  max_distance: int = 0
+  bias_batched: bool = False  # full bias: does it have a batch / head axis of its own
+  bias_headed: bool = False
+
+  @property
+  def lut_size(self) -> int:
+    return buckets.lut_size(self.max_distance)
+
+  @property
+  def buckets_padded(self) -> int:
+    return next_power_of_2(self.num_buckets)
+
+  def lut(self):
+    """The bucket of each distance + max_distance, [lut_size] (numpy, a compile-time constant)."""
+    return buckets.padded_lut(self.bidirectional, self.num_buckets, self.max_distance)
+
+  def end_buckets(self) -> tuple[int, int]:
+    """The buckets of keys far before and far after the query."""
+    lut = buckets.bucket_lut(self.bidirectional, self.num_buckets, self.max_distance)
+    return int(lut[0]), int(lut[-1])
+
+
+class T5Inputs(NamedTuple):
+  """The T5 bias as the kernels read it, in base-2 units (logits are scaled by log2(e) once)."""
+  vector: jax.Array  # [H, lut_size] float32: the bias of each distance + max_distance
+  band: jax.Array  # [H, count * bq, bk] in the inputs' dtype (half the bytes for bf16): the band tiles
+
+
+def kernel_inputs(cfg: Config, table, slopes, bq: int, bk: int,
+                  dtype) -> tuple[Optional[T5Inputs], Optional[jax.Array]]:
+  """(T5 inputs for blocks bq x bk, or None; slopes [H, 2] in base 2, or None)."""
+  t5 = slopes2 = None
+  if cfg.bias_mode == "t5":
+    vector = table.astype(jnp.float32).T[:, cfg.lut()] * LOG2E
+    t5 = T5Inputs(vector, buckets.band_tiles(vector, cfg.max_distance, bq, bk).astype(dtype))
+  if cfg.bias_mode == "alibi":
+    slopes2 = slopes.astype(jnp.float32).T * LOG2E
+  return t5, slopes2
+
+
+def validate(q, k, v, rpe_table, alibi_slopes, bias, q_segment_ids, kv_segment_ids, q_positions,
+             kv_positions) -> None:
+  """The shapes attention takes, kernels or reference (the kernels also restrict head_dim to HEAD_DIMS)."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"q, k, v must be [B, S, H, D]; got {q.shape}, {k.shape}, {v.shape}")
+  batch, q_len, heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (heads, head_dim):
+    raise ValueError(f"k and v must be [{batch}, Sk, {heads}, {head_dim}]; got {k.shape}, {v.shape}")
+  if sum(x is not None for x in (rpe_table, alibi_slopes, bias)) > 1:
+    raise ValueError("give at most one of rpe_table, alibi_slopes and bias")
+  if rpe_table is not None and (rpe_table.ndim != 2 or rpe_table.shape[1] != heads):
+    raise ValueError(f"rpe_table must be [num_buckets, {heads}]; got {rpe_table.shape}")
+  if alibi_slopes is not None and alibi_slopes.shape not in ((heads,), (2, heads)):
+    raise ValueError(f"alibi_slopes must be [{heads}] or [2, {heads}]; got {alibi_slopes.shape}")
+  if bias is not None and (bias.ndim != 4 or bias.shape[0] not in (1, batch) or bias.shape[1] not in (1, heads)
+                           or bias.shape[2:] != (q_len, kv_len)):
+    raise ValueError(f"bias must be [{batch} or 1, {heads} or 1, {q_len}, {kv_len}]; got {bias.shape}")
+  for name, pair in (("segment_ids", (q_segment_ids, kv_segment_ids)), ("positions", (q_positions, kv_positions))):
+    if (pair[0] is None) != (pair[1] is None):
+      raise ValueError(f"give both q_{name} and kv_{name}, or neither")
+    if pair[0] is not None and (pair[0].shape != (batch, q_len) or pair[1].shape != (batch, kv_len)):
+      raise ValueError(f"q_{name} / kv_{name} must be [{batch}, {q_len}] / [{batch}, {kv_len}]; got "
+                       f"{pair[0].shape} / {pair[1].shape}")

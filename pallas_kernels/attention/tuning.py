@@ -1,0 +1,95 @@
+"""Block sizes of the attention kernels per GPU, keyed by what bounds them: the shared memory of one block.
+
+The table is keyed by compute capability (major, minor), because the minor number changes the shared memory:
+sm80 (A100) and sm87 give a block 163 KB, sm86 / sm89 (A10G, L4, RTX 30xx / 40xx) 99 KB, sm90 (H100, H200) 227 KB
+(CUDA programming guide, "Technical specifications per compute capability"). A device takes the row with the
+most shared memory that it has too; a device missing from SHARED_MEMORY_PER_BLOCK takes the 99 KB row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from pallas_kernels.common import device_capability
+
+KB = 1024
+# Opt-in shared memory per block, by compute capability.
+SHARED_MEMORY_PER_BLOCK = {(8, 0): 163 * KB, (8, 6): 99 * KB, (8, 7): 163 * KB, (8, 9): 99 * KB,
+                           (9, 0): 227 * KB, (10, 0): 227 * KB, (12, 0): 99 * KB}
+_SMALLEST = min(SHARED_MEMORY_PER_BLOCK.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles and Triton launch parameters; every block is a power of two >= 16 (Triton's smallest dot)."""
+  block_q: int
+  block_k: int
+  block_q_bwd: int
+  block_k_bwd: int
+  num_warps: int = 4
+  num_stages: int = 2
+  num_warps_bwd: int = 4
+  num_stages_bwd: int = 2
+
+  def __post_init__(self):
+    for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
+      value = getattr(self, name)
+      if value < 16 or value & (value - 1):
+        raise ValueError(f"BlockSizes.{name} must be a power of two >= 16; got {value}")
+
+
+# Rows by compute capability, then head_dim. sm90: tuned on an H100 for the Triton kernels, the default on GPU
+# (benchmarks/notes_attention.md); the Pallas kernels use the same. sm80: the H100 blocks but smaller head_dim 128
+# tiles, never measured on an A100. sm86: the sm80 blocks with smaller head_dim 128 backward tiles, to fit 99 KB;
+# not measured on such a GPU either.
+_BLOCK_TABLE = {
+    (8, 0): {32: BlockSizes(128, 64, 64, 64, 4, 3, 4, 3), 64: BlockSizes(128, 64, 64, 64, 4, 3, 4, 3),
+             128: BlockSizes(64, 64, 64, 64, 4, 2, 8, 2)},
+    (8, 6): {32: BlockSizes(128, 64, 64, 64, 4, 3, 4, 3), 64: BlockSizes(128, 64, 64, 64, 4, 3, 4, 3),
+             128: BlockSizes(64, 64, 64, 32, 4, 2, 4, 2)},
+    (9, 0): {32: BlockSizes(128, 64, 64, 64, 4, 3, 4, 3), 64: BlockSizes(128, 64, 64, 64, 4, 3, 4, 3),
+             128: BlockSizes(128, 64, 64, 64, 8, 3, 4, 2)},
+}
+# Interpreters (CPU): small tiles, so short test sequences still span several blocks and a padded tail.
+_INTERPRET_BLOCKS = BlockSizes(32, 32, 32, 32)
+
+
+def shared_memory_bytes(blocks: BlockSizes, head_dim: int, itemsize: int = 2) -> int:
+  """An upper bound of the shared memory of the largest of the three kernels, for `itemsize`-byte inputs.
+
+  Counted: the tiles a program keeps (q; q and dout; k and v) once, the tiles its loop streams (k and v; q and
+  dout) once per pipeline stage, and one float32 [bq, bk] tile (probabilities or their gradient changing layout).
+  Triton 3.6 allocates less: compiled for their architectures (`triton.compile` runs on a CPU), the raw Triton
+  kernels of the table's entries take 40-81 KB where this bound says 64-160 KB. The margin is for the Pallas
+  lowering of the same blocks, which only a GPU can measure.
+  """
+  def kernel(resident_rows, streamed_rows, stages, bq, bk):  # rows of [rows, head_dim] tiles
+    return (resident_rows + stages * streamed_rows) * head_dim * itemsize + 4 * bq * bk
+
+  bq, bk = blocks.block_q, blocks.block_k
+  forward = kernel(bq, 2 * bk, blocks.num_stages, bq, bk)  # q; k and v
+  bq, bk, stages = blocks.block_q_bwd, blocks.block_k_bwd, blocks.num_stages_bwd
+  dq = kernel(2 * bq, 2 * bk, stages, bq, bk)  # q and dout; k and v
+  dkv = kernel(2 * bk, 2 * bq, stages, bq, bk)  # k and v; q and dout
+  return max(forward, dq, dkv)
+
+
+def table_key(capability: tuple[int, int]) -> tuple[int, int]:
+  """The row for a device: the table key with the most shared memory that the device has too."""
+  limit = SHARED_MEMORY_PER_BLOCK.get(tuple(capability), _SMALLEST)
+  fitting = [key for key in _BLOCK_TABLE if SHARED_MEMORY_PER_BLOCK[key] <= limit]
+  return max(fitting, key=lambda key: (SHARED_MEMORY_PER_BLOCK[key], key))
+
+
+def default_block_sizes(head_dim: int, interpret: bool, dtype=jnp.bfloat16,
+                        capability: tuple[int, int] | None = None) -> BlockSizes:
+  """The blocks for this device (or `capability`), head_dim and input dtype."""
+  if interpret:
+    return _INTERPRET_BLOCKS
+  blocks = _BLOCK_TABLE[table_key(capability or device_capability())][head_dim]
+  if jnp.dtype(dtype).itemsize == 4:  # float32 tiles take twice the shared memory (tests, debugging)
+    blocks = dataclasses.replace(blocks, block_q=min(blocks.block_q, 64),
+                                 block_k=min(blocks.block_k, 32 if head_dim == 128 else 64), num_stages=2)
+  return blocks
