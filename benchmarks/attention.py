@@ -191,7 +191,8 @@ def ratios(rows):
 
 
 def plot(results, path):
-  """TFLOP/s per sequence length (`path`) and, when measured, compiled memory (`path` with a _memory suffix)."""
+  """TFLOP/s per sequence length (`path`) and, when measured, compiled memory (`path` with _memory for _tflops or
+  added: benchmarks/attention_tflops.png and benchmarks/attention_memory.png as in the README)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -239,7 +240,8 @@ def plot(results, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    memory_path = path[:-4] + "_memory.png" if path.endswith(".png") else path + "_memory"
+    stem = path[:-4] if path.endswith(".png") else path
+    memory_path = (stem[:-len("_tflops")] if stem.endswith("_tflops") else stem) + "_memory.png"
     fig.savefig(memory_path, dpi=110)
     print(f"wrote {memory_path}")
 
