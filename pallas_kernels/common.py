@@ -7,6 +7,8 @@ import functools
 import importlib
 import math
 import os
+import sys
+import threading
 from types import ModuleType
 
 import jax
@@ -57,7 +59,51 @@ def load_triton_kernels(module: str, interpret: bool) -> ModuleType:
   imported (the decorator reads TRITON_INTERPRET), so this is the one way kernel modules are loaded."""
   if interpret:
     os.environ["TRITON_INTERPRET"] = "1"
+    _repair_triton_interpreter()
   return importlib.import_module(module)
+
+
+def _repair_triton_interpreter() -> None:
+  """Repairs of Triton 3.6's interpreter for our kernels (process-wide, once; each belongs upstream).
+
+  - Triton's own library functions (tl.zeros, tl.sum, tl.cdiv...) are `@triton.jit` functions too. When something
+    imported triton before TRITON_INTERPRET=1 was set (Hugging Face's T5 module does, through torch), they are
+    compiled-mode functions that the interpreter refuses to call: make them interpreted, as importing triton
+    under TRITON_INTERPRET=1 would have. (Their tensor-method forms, `x.sum()`, stay compiled: call the functions.)
+  - The interpreter turns a scalar into a Python int with `int(array of shape (1,))`, which NumPy 2.4 refuses, so
+    `tl.range` over traced bounds fails (triton-lang/triton#9171, fixed after 3.6 by #9172).
+  - It runs a kernel by patching `triton.language` for the kernel's duration, for the whole process: two kernels
+    on two threads (XLA may run independent host callbacks concurrently) would undo each other's patches. Grid
+    runs are serialized.
+  """
+  from triton.runtime import interpreter
+  from triton.runtime.jit import JITFunction
+  if getattr(interpreter, "pallas_kernels_repaired", False):
+    return
+  interpreted = {}
+  for name, module in list(sys.modules.items()):
+    if name == "triton.language" or name.startswith("triton.language."):
+      for attr, value in list(vars(module).items()):
+        if isinstance(value, JITFunction):
+          setattr(module, attr, interpreted.setdefault(id(value), interpreter.InterpretedFunction(value.fn)))
+  try:
+    int(np.ones(1, np.int32))
+  except TypeError:
+    patch = interpreter._patch_lang_tensor  # pylint: disable=protected-access
+
+    def patch_lang_tensor(tensor, scope):
+      patch(tensor, scope)
+      scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor  # pylint: disable=protected-access
+  run, lock = interpreter.GridExecutor.__call__, threading.Lock()
+
+  def serialized(self, *args, **kwargs):
+    with lock:
+      return run(self, *args, **kwargs)
+
+  interpreter.GridExecutor.__call__ = serialized
+  interpreter.pallas_kernels_repaired = True
 
 
 def triton_call(*args, kernel, out_shape, grid, num_warps: int, num_stages: int, interpret: bool, **constants):

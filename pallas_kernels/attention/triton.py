@@ -13,12 +13,8 @@ Orientation: the forward and dq kernels hold [queries, keys] tiles; the dk/dv ke
 so that its three matmuls need no transposed register tile.
 """
 
-import sys
-import threading
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import triton
 import triton.language as tl
 
@@ -29,53 +25,6 @@ from pallas_kernels.attention.config import Config
 _MASK = tl.constexpr(common.MASK)
 # Regions of the kv (or q) loop: the tiles before the T5 band (one bucket), the band, the tiles after it.
 _NO_BIAS, _FAR_LEFT, _BAND, _FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
-
-
-def _fix_interpreter():
-  """Repairs of Triton 3.6's interpreter for these kernels (process-wide, once; each belongs upstream).
-
-  - Triton's own library functions (tl.zeros, tl.sum, tl.cdiv...) are `@triton.jit` functions too. When something
-    imported triton before TRITON_INTERPRET=1 was set (Hugging Face's T5 module does, through torch), they are
-    compiled-mode functions that the interpreter refuses to call: make them interpreted, as importing triton
-    under TRITON_INTERPRET=1 would have. (Their tensor-method forms, `x.sum()`, stay compiled: call the functions.)
-  - The interpreter turns a scalar into a Python int with `int(array of shape (1,))`, which NumPy 2.4 refuses, so
-    `tl.range` over traced bounds fails (triton-lang/triton#9171, fixed after 3.6 by #9172).
-  - It runs a kernel by patching `triton.language` for the kernel's duration, for the whole process: two kernels
-    on two threads (XLA may run independent host callbacks concurrently) would undo each other's patches. Grid
-    runs are serialized.
-  """
-  from triton.runtime import interpreter  # pylint: disable=import-outside-toplevel
-  from triton.runtime.jit import JITFunction  # pylint: disable=import-outside-toplevel
-  if getattr(interpreter, "pallas_kernels_repaired", False):
-    return
-  interpreted = {}
-  for name, module in list(sys.modules.items()):
-    if name == "triton.language" or name.startswith("triton.language."):
-      for attr, value in list(vars(module).items()):
-        if isinstance(value, JITFunction):
-          setattr(module, attr, interpreted.setdefault(id(value), interpreter.InterpretedFunction(value.fn)))
-  try:
-    int(np.ones(1, np.int32))
-  except TypeError:
-    patch = interpreter._patch_lang_tensor  # pylint: disable=protected-access
-
-    def patch_lang_tensor(tensor, scope):
-      patch(tensor, scope)
-      scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch_lang_tensor  # pylint: disable=protected-access
-  run, lock = interpreter.GridExecutor.__call__, threading.Lock()
-
-  def serialized(self, *args, **kwargs):
-    with lock:
-      return run(self, *args, **kwargs)
-
-  interpreter.GridExecutor.__call__ = serialized
-  interpreter.pallas_kernels_repaired = True
-
-
-if triton.knobs.runtime.interpret:
-  _fix_interpreter()
 
 
 # ------------------------------------------------------------------------------------------------ tiles

@@ -213,24 +213,6 @@ def _fused_kernel(logits_ptr, targets_ptr, dloss_ptr, loss_ptr, lse_ptr, argmax_
     _store_stats(loss_ptr, lse_ptr, argmax_ptr, rows, loss, lse, argmax, NUM_TOKENS, True)
 
 
-def _fix_interpreter_scalars():
-  """Triton 3.6's interpreter turns a scalar into a Python int with int() of a 1-element array, which NumPy 2.4
-  refuses (triton-lang/triton#9171, fixed upstream by the same one-element read); the fused kernel's
-  range(tl.program_id(0), ...) needs it. Compiled kernels never run this code."""
-  from triton.runtime import interpreter  # pylint: disable=import-outside-toplevel
-  patch_tensor = interpreter._patch_lang_tensor  # pylint: disable=protected-access
-
-  def patched(tensor, scope):
-    patch_tensor(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-  interpreter._patch_lang_tensor = patched  # pylint: disable=protected-access
-
-
-if type(_fused_kernel).__name__ == "InterpretedFunction":
-  _fix_interpreter_scalars()
-
-
 def _launch(kernel, args, out_shape, tiles, options, num_programs=None, **constants):
   """One program per block of tokens, or num_programs looping over them (passed as NUM_PROGRAMS)."""
   (num_tokens, vocab), (block_tokens, block_vocab, num_warps) = args[0].shape, tiles
