@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import optax
 
@@ -53,8 +54,11 @@ def _kahan_apply(param, compensation, update):
   """
   owed = compensation.astype(jnp.float32) + update
   param32 = param.astype(jnp.float32)
-  target = (param32 + owed).astype(param.dtype)
-  applied = target.astype(jnp.float32) - param32
+  # Round to the parameter's grid with reduce_precision, not a float32 -> bf16 -> float32 round trip: XLA on a GPU
+  # may drop such a round trip (excess precision is allowed by default), which zeroed every compensation there.
+  finfo = jnp.finfo(param.dtype)
+  target = lax.reduce_precision(param32 + owed, exponent_bits=finfo.nexp, mantissa_bits=finfo.nmant)
+  applied = target - param32
   return applied, (owed - applied).astype(compensation.dtype)
 
 

@@ -5,6 +5,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export FAT5_INTERPRET=0 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# The tests state CPU semantics: float32 matmuls in full float32 (a GPU's default is TF32) and reductions in a fixed
+# order (the bit-exact resume test; scatter-adds are otherwise atomic on a GPU). The kernel tests set their own
+# GPU tolerances.
+export JAX_DEFAULT_MATMUL_PRECISION=highest XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"
 python -m pytest -q -n "${WORKERS:-6}" -p no:cacheprovider -r fEs tests "$@" > gpu_tests.log 2>&1
 status=$?
 grep -E "^(FAILED|ERROR) " gpu_tests.log || true

@@ -15,6 +15,7 @@ from fat5_jax import ops
 from fat5_jax.config import ConfigError, from_config_dict, model_config, to_config_dict
 
 ON_GPU = jax.default_backend() == "gpu"
+TOL = 5e-3 if ON_GPU else 1e-5  # compiled float32 kernels use TF32 dots on a GPU
 
 
 @pytest.mark.skipif(ON_GPU, reason="off-GPU resolution")
@@ -50,7 +51,7 @@ def test_lm_head_loss_of_every_backend_matches_the_reference(backend, label_smoo
     (_, metrics), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(hidden, kernel)
     return metrics, grads
 
-  chex.assert_trees_all_close(run(ops.Ops(backend=backend)), run(ops.REFERENCE), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(run(ops.Ops(backend=backend)), run(ops.REFERENCE), rtol=TOL, atol=TOL)
 
 
 def test_auto_falls_back_to_pallas_for_attention_triton_lacks():
@@ -63,7 +64,7 @@ def test_auto_falls_back_to_pallas_for_attention_triton_lacks():
                 causal=True, scale=1.0)
   auto_on_gpu = ops.Ops(attention_impl="flash", backend="triton", attention_fallback="pallas")
   chex.assert_trees_all_close(auto_on_gpu.attention(q, k, v, **kwargs), ops.REFERENCE.attention(q, k, v, **kwargs),
-                              rtol=1e-4, atol=1e-4)
+                              rtol=10 * TOL, atol=10 * TOL)
   with pytest.raises(ValueError, match="triton"):
     ops.Ops(attention_impl="flash", backend="triton").attention(q, k, v, **kwargs)
 
