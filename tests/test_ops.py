@@ -26,6 +26,14 @@ def test_backends_off_gpu(requested, expected):
   assert (chosen.attention_impl, chosen.backend, chosen.attention_fallback) == ("flash", expected, None)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="on-GPU resolution")
+@pytest.mark.parametrize("requested,expected,fallback", [("auto", "triton", "pallas"), ("xla", "xla", None),
+                                                         ("pallas", "pallas", None), ("triton", "triton", None)])
+def test_backends_on_gpu(requested, expected, fallback):
+  chosen = ops.ops_for(model_config(attention_impl="flash", kernel_backend=requested))
+  assert (chosen.backend, chosen.attention_fallback) == (expected, fallback)
+
+
 @pytest.mark.skipif(ON_GPU, reason="off-GPU message")
 def test_interpreted_kernels_are_announced_once(caplog):
   ops._say_interpreted.cache_clear()

@@ -76,8 +76,8 @@ CASES = {
     "full_bias_heads": (2, 2, 70, 70, 32, False, "full_h", False, {}),
     "full_bias_batch_causal": (2, 2, 70, 70, 32, True, "full_b", False, {}),
 }
-TRITON_LACKS = {"alibi1": "ALiBi slopes", "alibi2": "ALiBi slopes", "full_h": "a full bias",
-                "full_b": "a full bias"}
+TRITON_LACKS = {"alibi1": "ALiBi slopes", "alibi2": "ALiBi slopes", "full_h": "full bias",
+                "full_b": "full bias"}
 
 
 def _inputs(seed, case):
