@@ -69,9 +69,22 @@ def test_kernels_import_nothing_of_the_model():
   assert not any(offenders.values()), offenders
 
 
+def _loaded_gpu_modules(code: str) -> list[str]:
+  """The GPU-only modules (and fat5_jax) that running `code` in a fresh interpreter loads."""
+  code += f"\nimport sys\nprint('loaded:', *sorted(m for m in {GPU_MODULES + ('fat5_jax',)!r} if m in sys.modules))"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+  return out.stdout.strip().splitlines()[-1].split()[1:]
+
+
+def test_kernel_packages_load_their_backends_only_when_used():
+  """Each op's package and its reference import neither Pallas' Triton lowering, Triton nor jax-triton."""
+  ops = ("attention", "cross_entropy", "rms_norm")
+  assert _loaded_gpu_modules("\n".join(f"import pallas_kernels.{op}, pallas_kernels.{op}.reference"
+                                       for op in ops)) == []
+
+
 def test_an_xla_model_loads_no_gpu_kernel_code():
-  code = f"""
-import sys
+  code = """
 from flax import nnx
 import jax.numpy as jnp
 from fat5_jax.config import model_config
@@ -81,7 +94,5 @@ config = model_config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_heads=2, n
                       attention_impl="xla", kernel_backend="xla")
 ids = jnp.ones((1, 8), jnp.int32)
 T5(config, rngs=nnx.Rngs(0))(ids, ids).block_until_ready()
-print(sorted(m for m in {GPU_MODULES!r} if m in sys.modules))
 """
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-  assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+  assert _loaded_gpu_modules(code) == ["fat5_jax"]
