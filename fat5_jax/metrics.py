@@ -6,6 +6,35 @@ import json
 import os
 
 
+class WindowMeans:
+  """Training metrics averaged over a logging window rather than read off its last step.
+
+  Per-token metrics (loss, z_loss, accuracy) are weighted by each step's target tokens, grad_norm and tokens are
+  means per step, the rest (learning rate, skipped steps) are the last step's. `add` only queues device additions,
+  so the steps between logs never wait for the device.
+  """
+  PER_TOKEN = ("loss", "z_loss", "accuracy")
+
+  def __init__(self):
+    self.sums, self.last, self.steps = None, None, 0
+
+  def add(self, metrics: dict) -> None:
+    tokens = metrics["tokens"]
+    step = {k: metrics[k] * tokens for k in self.PER_TOKEN}
+    step.update(tokens=tokens, grad_norm=metrics["grad_norm"])
+    self.sums = step if self.sums is None else {k: self.sums[k] + v for k, v in step.items()}
+    self.last, self.steps = metrics, self.steps + 1
+
+  def means(self) -> dict[str, float]:
+    """The window's metrics as floats (waits for its steps), and a fresh window."""
+    sums = {k: float(v) for k, v in self.sums.items()}
+    out = {k: float(v) for k, v in self.last.items()}
+    out.update({k: sums[k] / sums["tokens"] if sums["tokens"] > 0 else 0.0 for k in self.PER_TOKEN},
+               tokens=sums["tokens"] / self.steps, grad_norm=sums["grad_norm"] / self.steps)
+    self.__init__()
+    return out
+
+
 class MetricWriter:
   """Appends `{"step": ..., "split": ..., **metrics}` to {workdir}/metrics.jsonl and TensorBoard events."""
 
