@@ -14,17 +14,17 @@ from tqdm import tqdm
 
 from fat5_jax import checkpoint, data, flops, generate, hf, sharding
 from fat5_jax.config import Config
-from fat5_jax.metrics import MetricWriter, plot_losses
+from fat5_jax.metrics import MetricWriter, WindowMeans, plot_losses
 from fat5_jax.train import distributed
 from fat5_jax.train.trainer import Trainer
 
 
 def _restore_or_init(trainer: Trainer, checkpointer: checkpoint.Checkpointer, data_iterator):
-  """Latest checkpoint (full state, or imported parameters with a fresh optimizer), else a new state."""
+  """Latest checkpoint (full state, or imported parameters with a fresh optimizer), else a new state. Damaged newer
+  steps are renamed aside by the restore, so the steps this run saves cannot collide with them."""
   step, restored = checkpointer.restore(trainer.abstract_state, data_iterator=data_iterator)
   if step is None:
     return trainer.init_state()
-  checkpointer.discard_newer_than(step)
   if "opt_state" not in restored:
     print(f"step {step} holds parameters only (an import): starting a fresh optimizer")
     restored = {"params": restored["params"], "opt_state": trainer.init_opt_state(restored["params"]),
@@ -44,7 +44,7 @@ def train(config: Config) -> dict:
   mesh = sharding.make_mesh(tc)
   trainer = Trainer(config, mesh)
   checkpointer = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
-  checkpointer.check_architecture(config)
+  checkpointer.check_resume(config, trainer.abstract_state)  # before the token cache: a refusal changes nothing
   train_iterator = distributed.main_process_first("token cache", lambda: data.make_train_iterator(
       config, tokenizer, **distributed.process_shard()))
   state = _restore_or_init(trainer, checkpointer, train_iterator)
@@ -60,6 +60,7 @@ def train(config: Config) -> dict:
   if start == 0:  # the starting point of the validation curve
     writer.write(0, "eval", trainer.evaluate(state["params"], eval_batches))
   window = {"rows": 0, "flops": 0.0, "time": time.perf_counter()}
+  window_means = WindowMeans()
   tracing = False
   try:
     for step in range(start, tc.steps):
@@ -69,6 +70,7 @@ def train(config: Config) -> dict:
       batch = next(train_iterator)
       rows, decoder_length = batch["decoder_input_tokens"].shape
       state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=tc.grad_accum_steps))
+      window_means.add(metrics)
       window["rows"] += rows * jax.process_count()
       window["flops"] += rows * jax.process_count() * flops.training_flops_per_row(
           config.model, config.data.encoder_length, decoder_length)
@@ -77,7 +79,7 @@ def train(config: Config) -> dict:
         jax.profiler.stop_trace()
         tracing = False
       if done % tc.log_every == 0 or done == tc.steps:
-        metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+        metrics = window_means.means()  # waits for the window's steps
         elapsed = time.perf_counter() - window["time"]
         metrics.update(rows_per_s=window["rows"] / elapsed, tflops_per_s=window["flops"] / elapsed / 1e12,
                        encoder_tokens_per_s=window["rows"] * config.data.encoder_length / elapsed)
