@@ -23,6 +23,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_fr.py", "Run c
 _MODE = flags.DEFINE_enum("mode", "train", cli.MODES, "What to do.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import_hf: local Hugging Face or FAT5 checkpoint directory.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export_hf: output directory (default {workdir}/hf).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Print the resolved config, and tracebacks of errors.")
+USAGE_ERROR = 2  # a config or command line that cannot run: nothing was done
+
+
+def fail(message: str, code: int = 1):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
 
 
 def main(argv):
@@ -31,19 +38,22 @@ def main(argv):
   try:
     config = from_config_dict(_CONFIG.value)
   except ConfigError as error:
-    sys.exit(f"invalid config {config_flags.get_config_filename(flags.FLAGS['config'])}: {error}")
+    fail(f"invalid config {config_flags.get_config_filename(flags.FLAGS['config'])}: {error}", USAGE_ERROR)
   if _MODE.value == "import_hf" and not _HF_DIR.value:
-    sys.exit("--mode=import_hf needs --hf_dir=DIR")
-  print(json.dumps(dataclasses.asdict(config), indent=1, default=str))
+    fail("--mode=import_hf needs --hf_dir=DIR", USAGE_ERROR)
+  if _VERBOSE.value:
+    print(json.dumps(dataclasses.asdict(config), indent=1, default=str))
   try:
     cli.run(_MODE.value, config, hf_dir=_HF_DIR.value, export_dir=_EXPORT_DIR.value)
-  except ConfigError as error:  # found while running (data, tokenizer): one line, no traceback
-    sys.exit(f"error: {error}")
+  except (ConfigError, ValueError) as error:  # our validation, found while running: one line (--verbose: traceback)
+    if _VERBOSE.value:
+      raise
+    fail(str(error), USAGE_ERROR if isinstance(error, ConfigError) else 1)
 
 
 if __name__ == "__main__":
   try:
     check_override_names(sys.argv)
   except ConfigError as error:
-    sys.exit(f"error: {error}")
+    fail(str(error), USAGE_ERROR)
   app.run(main)
