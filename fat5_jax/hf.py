@@ -13,12 +13,13 @@ present and the rescaling from `scale_decoder_outputs` when it is there, and wri
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import json
 import os
 import re
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import ml_dtypes
@@ -27,6 +28,9 @@ from flax import nnx
 
 from fat5_jax.config import ModelConfig, model_config
 from fat5_jax.model import T5, abstract_parameters, from_parameters
+
+if TYPE_CHECKING:
+  from fat5_jax.data.tokenizer import Tokenizer
 
 LAYOUTS = ("hf", "fat5")
 
@@ -445,13 +449,137 @@ def load_params(model: T5, path: str):
     variable.set_value(jax.numpy.asarray(params[p]))
 
 
-def to_hf(config: ModelConfig, model: T5, out_dir: str, *, layout: str = "hf"):
+def to_hf(config: ModelConfig, model: T5, out_dir: str, *, layout: str = "hf", tokenizer: Tokenizer | None = None):
   """Writes config.json and model.safetensors that transformers (layout 'hf', `T5ForConditionalGeneration`) or
   FAT5 (layout 'fat5', `FlashT5ForConditionalGeneration`, with its modeling code) loads with no missing or
-  unexpected keys. Raises ValueError when the layout cannot express the model (e.g. ALiBi for Hugging Face)."""
+  unexpected keys, and with `tokenizer` the files `AutoTokenizer.from_pretrained(out_dir)` needs to encode and
+  decode as it does. Every file is world-readable. Raises ValueError when the layout cannot express the model
+  (e.g. ALiBi for Hugging Face)."""
   config_json = hf_config_dict(config, layout)
   tensors = tensors_from_params(config, model, layout)
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
+  written = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")]
+  with open(written[0], "w") as f:
     json.dump(config_json, f, indent=2, sort_keys=True)
-  _write_safetensors(os.path.join(out_dir, "model.safetensors"), tensors)
+  _write_safetensors(written[1], tensors)
+  if tokenizer is not None:
+    written += write_tokenizer(tokenizer, out_dir)
+  for path in written:  # safetensors writes 0600; an export is meant to be shared
+    os.chmod(path, 0o644)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer files
+
+
+def write_tokenizer(tokenizer: Tokenizer, out_dir: str) -> list[str]:
+  """Writes spiece.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json; returns their paths.
+
+  transformers 5's T5Tokenizer turns any spiece.model into a Unigram model without byte fallback, which splits a
+  BPE vocabulary differently and maps unseen characters to <unk>. tokenizer.json, loaded as it is by
+  `PreTrainedTokenizerFast` in transformers 4 and 5, reproduces sentencepiece instead; spiece.model stays for
+  sentencepiece users and for `import_hf`.
+  """
+  from sentencepiece import sentencepiece_model_pb2  # the normalizer and piece types are only in the proto
+
+  with open(tokenizer.path, "rb") as f:
+    model_bytes = f.read()
+  proto = sentencepiece_model_pb2.ModelProto.FromString(model_bytes)
+  pieces, trainer = proto.pieces, proto.trainer_spec
+  specials = {"eos_token": pieces[trainer.eos_id].piece, "pad_token": pieces[trainer.pad_id].piece,
+              "unk_token": pieces[trainer.unk_id].piece,
+              "additional_special_tokens": [f"<extra_id_{i}>" for i in range(tokenizer.num_sentinels)]}
+  # extra_ids lets T5Tokenizer.from_pretrained(out_dir), asked for by name, read spiece.model with our sentinels.
+  tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "extra_ids": tokenizer.num_sentinels, **specials}
+  files = {"spiece.model": model_bytes,
+           "tokenizer.json": json.dumps(tokenizer_json(proto, tokenizer.num_sentinels), ensure_ascii=False),
+           "tokenizer_config.json": json.dumps(tokenizer_config, indent=2),
+           "special_tokens_map.json": json.dumps(specials, indent=2)}
+  paths = []
+  for name, content in files.items():
+    paths.append(os.path.join(out_dir, name))
+    with open(paths[-1], "wb") as f:
+      f.write(content if isinstance(content, bytes) else content.encode("utf-8"))
+  return paths
+
+
+def tokenizer_json(proto, num_sentinels: int) -> dict:
+  """The `tokenizers` serialization of a sentencepiece ModelProto followed by `num_sentinels` `<extra_id_N>`
+  sentinels, counting down from the top id as in fat5_jax.data.tokenizer.
+
+  Follows the model's settings as sentencepiece applies them: its normalization (character map, extra spaces, a
+  dummy prefix on each stretch of text between sentinels), user-defined pieces (the UL2 prefixes) kept whole, BPE
+  merges ranked by piece score, byte fallback. The decoder drops the space that starts the text after a sentinel,
+  pad or eos, as our decode (sentencepiece on each stretch between them) does.
+  """
+  from sentencepiece import sentencepiece_model_pb2
+
+  piece_type = sentencepiece_model_pb2.ModelProto.SentencePiece
+  pieces, spec, trainer = proto.pieces, proto.normalizer_spec, proto.trainer_spec
+  user_defined = [p.piece for p in pieces if p.type == piece_type.USER_DEFINED]
+  if trainer.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+    # Sentencepiece merges the pair whose result scores highest: rank every split of a piece by the piece's score.
+    rank = {p.piece: (-p.score, i) for i, p in enumerate(pieces) if p.type == piece_type.NORMAL}
+    merges = sorted((rank[piece], piece[:k], piece[k:]) for piece in rank for k in range(1, len(piece))
+                    if piece[:k] in rank and piece[k:] in rank)
+    # No merge builds a user-defined piece: ignore_merges takes a word (isolated below) that is a piece as it is.
+    model = {"type": "BPE", "dropout": None, "unk_token": trainer.unk_piece, "continuing_subword_prefix": None,
+             "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": trainer.byte_fallback,
+             "ignore_merges": bool(user_defined), "vocab": {p.piece: i for i, p in enumerate(pieces)},
+             "merges": [[left, right] for _, left, right in merges]}
+  elif trainer.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+    model = {"type": "Unigram", "unk_id": trainer.unk_id, "byte_fallback": trainer.byte_fallback,
+             "vocab": [[p.piece, p.score] for p in pieces]}
+  else:
+    raise ValueError(f"sentencepiece model type {trainer.model_type} has no tokenizers equivalent: use bpe or unigram")
+
+  normalizers = []
+  if spec.precompiled_charsmap:
+    normalizers.append({"type": "Precompiled",
+                        "precompiled_charsmap": base64.b64encode(spec.precompiled_charsmap).decode("ascii")})
+  if spec.remove_extra_whitespaces:
+    normalizers += [_replace(r"\A +| +\z", "", regex=True), _replace(" {2,}", " ", regex=True)]
+  if spec.escape_whitespaces:
+    normalizers.append(_replace(" ", "▁"))
+  pre_tokenizers = []
+  if spec.add_dummy_prefix:
+    # Metaspace skips the dummy prefix when the text already starts with "▁"; sentencepiece does not.
+    normalizers.append(_replace(r"\A▁", "▁▁", regex=True))
+    pre_tokenizers.append({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False})
+  if user_defined:
+    pattern = "|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))
+    pre_tokenizers.append({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False})
+
+  eos = pieces[trainer.eos_id].piece
+  specials = [(i, pieces[i].piece) for i in sorted({trainer.pad_id, trainer.eos_id, trainer.unk_id})]
+  specials += [(len(pieces) + num_sentinels - 1 - n, f"<extra_id_{n}>") for n in reversed(range(num_sentinels))]
+  # Sentencepiece decodes <unk> as its unk_surface (" ⁇ "), not as the piece.
+  decoders = [_replace("▁", " "), _replace(pieces[trainer.unk_id].piece, trainer.unk_surface)]
+  if trainer.byte_fallback:
+    decoders.append({"type": "ByteFallback"})
+  decoders.append({"type": "Fuse"})
+  if spec.add_dummy_prefix:
+    digits = len(str(num_sentinels - 1))  # a lookbehind needs fixed-length alternatives
+    after_special = "|".join([re.escape(pieces[trainer.pad_id].piece), re.escape(eos)]
+                             + [rf"<extra_id_\d{{{k}}}>" for k in range(1, digits + 1)])
+    decoders += [{"type": "Strip", "content": " ", "start": 1, "stop": 0},
+                 _replace(f"(?<={after_special}) ", "", regex=True)]
+  sequence = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}
+  eos_token = {"SpecialToken": {"id": eos, "type_id": 0}}
+  return {
+      "version": "1.0", "truncation": None, "padding": None,
+      "added_tokens": [{"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                        "normalized": False, "special": True} for i, content in specials],
+      "normalizer": {"type": "Sequence", "normalizers": normalizers},
+      "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre_tokenizers},
+      # T5's: eos after each sequence.
+      "post_processor": {"type": "TemplateProcessing", "single": [sequence[0], eos_token],
+                         "pair": [sequence[0], eos_token, sequence[1], eos_token],
+                         "special_tokens": {eos: {"id": eos, "ids": [trainer.eos_id], "tokens": [eos]}}},
+      "decoder": {"type": "Sequence", "decoders": decoders},
+      "model": model,
+  }
+
+
+def _replace(pattern: str, content: str, regex: bool = False) -> dict:
+  return {"type": "Replace", "pattern": {"Regex" if regex else "String": pattern}, "content": content}

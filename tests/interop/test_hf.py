@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import stat
 
 import chex
 import jax.numpy as jnp
@@ -13,8 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from fat5_jax import hf  # noqa: E402
-from fat5_jax.config import model_config  # noqa: E402
+from fat5_jax import data, hf  # noqa: E402
+from fat5_jax.config import from_config_dict, model_config, to_config_dict  # noqa: E402
 from fat5_jax.model import T5  # noqa: E402
 
 SMALL = dict(vocab_size=96, d_model=24, d_ff=40, relative_attention_num_buckets=8, relative_attention_max_distance=16,
@@ -323,3 +325,52 @@ def test_fat5_export_errors(override, message, tmp_path):
   config = model_config(**SMALL, d_kv=4, num_layers=1, num_decoder_layers=1, **{"num_heads": 2, **override})
   with pytest.raises(ValueError, match=message):
     hf.to_hf(config, nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0))), str(tmp_path), layout="fat5")
+
+
+# Tokenizer export.
+
+FRENCH = ["[R] Le chat <extra_id_0> sur le tapis<extra_id_1>.",
+          "[S] Élodie habite à Paris depuis 2019 : « l'œuvre » coûte 12,50 € 🙂",
+          "[X]l'été<extra_id_63>  dernier, ŋ 漢字\tfin de l'année"]
+
+
+@pytest.fixture(scope="module", params=["bpe", "unigram"])
+def tokenizer(request, tmp_path_factory):
+  """A tiny sentencepiece tokenizer trained on wiki_fr, as the data tests train theirs."""
+  config = to_config_dict()
+  config.workdir = str(tmp_path_factory.mktemp(f"tokenizer_{request.param}"))
+  config.model.vocab_size = 1024
+  config.data.update(tokenizer_vocab_size=1024, num_sentinels=64, tokenizer_max_sentences=3000,
+                     tokenizer_type=request.param)
+  config = from_config_dict(config)
+  return data.load_tokenizer(config.data, config.workdir, config.model.vocab_size)
+
+
+def _our_ids(tokenizer, text):
+  """Our ids of a text with sentinels: each stretch between them encoded on its own, their ids in between."""
+  ids = []
+  for part in re.split(r"(<extra_id_\d+>)", text):
+    sentinel = re.fullmatch(r"<extra_id_(\d+)>", part)
+    ids += [tokenizer.sentinel_id(int(sentinel.group(1)))] if sentinel else tokenizer.encode(part)
+  return ids
+
+
+def test_export_carries_our_tokenizer(tokenizer, tmp_path):
+  """AutoTokenizer on the export encodes and decodes as we do (sentinels, UL2 prefixes, byte fallback)."""
+  config = model_config(**{**SMALL, "vocab_size": 1024}, d_kv=4, num_heads=2, num_layers=1)
+  hf.to_hf(config, T5(config, rngs=nnx.Rngs(0)), str(tmp_path), tokenizer=tokenizer)
+  for name in ("config.json", "model.safetensors", "spiece.model", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json"):
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  assert len(theirs) == tokenizer.vocab_size
+  assert (theirs.pad_token_id, theirs.eos_token_id, theirs.unk_token_id) == (0, 1, 2)
+  assert theirs.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_63>"]) == [1023, 960]
+  eos = tokenizer.eos_id
+  for text in FRENCH:
+    ids = _our_ids(tokenizer, text)
+    assert any(tokenizer.prefix_id(p) in ids for p in ("[R]", "[S]", "[X]"))
+    assert theirs(text)["input_ids"] == ids + [eos]  # T5's tokenizer appends eos
+    # What a UL2 pipeline feeds the model: ids with sentinels, pad and eos, decoded with them shown.
+    for row in (ids + [eos], ids[:4] + [tokenizer.sentinel_id(5)] + ids[4:] + [eos, 0, 0]):
+      assert theirs.decode(row) == tokenizer.decode(row, show_special=True)
