@@ -293,6 +293,8 @@ def _validate_data(d: DataConfig, m: ModelConfig):
   _require(all(w >= 0 for w in weights) and math.isclose(sum(weights), 1.0, abs_tol=1e-3),
            f"data.denoiser_proportions must be non-negative and sum to 1, got {weights} (sum {sum(weights):.4f})")
   _require(d.num_workers >= 0, "data.num_workers must be >= 0")
+  _require(0 <= d.max_malformed_fraction <= 1, f"data.max_malformed_fraction must be in [0, 1], got "
+           f"{d.max_malformed_fraction}")
 
 
 def _validate_train(t: TrainConfig):

@@ -50,7 +50,7 @@ def pretokenize(data_config: DataConfig, workdir: str, tokenizer: Tokenizer) -> 
   dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
   writers = {split: _ShardWriter(tmp, split, dtype) for split in corpus_lib.SPLITS}
   docs = corpus_lib.iter_documents(data_config.corpus, data_config.text_field, data_config.validation_fraction,
-                                   stats)
+                                   stats, max_malformed_fraction=data_config.max_malformed_fraction)
   with tqdm.tqdm(desc=f"tokenizing {data_config.corpus}", unit=" docs", mininterval=2.0) as bar:
     for batch in _batched(docs, _ENCODE_BATCH):
       ids = tokenizer.encode_batch([text for _, text in batch])

@@ -134,7 +134,8 @@ def sample_sentences(data_config: DataConfig) -> list[str]:
   rng = random.Random(data_config.seed)
   limit = data_config.tokenizer_max_sentences
   sample, seen = [], 0
-  docs = corpus_lib.iter_documents(data_config.corpus, data_config.text_field, data_config.validation_fraction)
+  docs = corpus_lib.iter_documents(data_config.corpus, data_config.text_field, data_config.validation_fraction,
+                                   max_malformed_fraction=data_config.max_malformed_fraction)
   for split, doc in docs:
     if split != "train":
       continue

@@ -123,7 +123,7 @@ def _finish(config: Config, trainer: Trainer, params, tokenizer, eval_batches):
   print(f"loss curves: {plot_losses(os.path.join(workdir, 'metrics.jsonl'), os.path.join(workdir, 'loss.png'))}")
   model = trainer.model(params)
   try:
-    hf.to_hf(config.model, model, os.path.join(workdir, "hf"))
+    hf.to_hf(config.model, model, os.path.join(workdir, "hf"), tokenizer=tokenizer)
     print(f"Hugging Face export: {os.path.join(workdir, 'hf')}")
   except ValueError as reason:  # e.g. ALiBi or RoPE: transformers' T5 has only the bucketed bias
     print(f"no Hugging Face export: {reason}")
