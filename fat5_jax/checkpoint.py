@@ -1,30 +1,108 @@
 """Orbax checkpoints of a run: train state, data iterator, resolved config and tokenizer, in `{workdir}/checkpoints`.
 
 Saves are asynchronous; the latest `keep` checkpoints and the one with the best evaluation loss are kept, and
-Orbax deletes an old step only after a newer one is complete. A step that fails to restore (truncated, corrupt)
-is reported and the previous one is tried.
+Orbax deletes an old step only after a newer one is complete. Nothing here deletes a step: a damaged one (missing,
+truncated or garbled files) is renamed aside to `N.damaged` once an older step has restored, and any other failure,
+or settings that do not fit the saved state, stops the run with nothing changed.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
+import gc
+import json
 import logging
 import os
+import re
+import sys
 from typing import Any, Optional
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from fat5_jax.config import Config, architecture_differences
+from fat5_jax.config import Config, ConfigError, architecture_differences
 
 log = logging.getLogger(__name__)
 
+# Settings that the saved data position depends on: with others, Grain's iterator state means other batches.
+DATA_POSITION_FIELDS = ("train.batch_size", "train.grad_accum_steps", "data.encoder_length", "data.decoder_length",
+                        "data.decoder_length_buckets", "data.pack")
+# Settings that decide the optimizer state's arrays (clipping on or off, Kahan buffers, moment and parameter dtypes).
+OPTIMIZER_FIELDS = ("train.clip_norm", "train.kahan", "train.moment_dtype", "model.param_dtype")
+# TensorStore reports missing, truncated or garbled array files as a ValueError starting with one of these codes
+# (found by damaging steps); PERMISSION_DENIED, UNAVAILABLE and the like are not damage.
+_DAMAGE_STATUSES = ("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE")
+_GRAIN_MISSING = re.compile(r"^File .* does not exist\.$")  # Grain's iterator state file is gone
 
-class CheckpointMismatchError(ValueError):
-  """The workdir holds a checkpoint of another architecture."""
+
+class CheckpointError(ValueError):
+  """Checkpoints this run cannot use as they are (unreadable, all damaged); nothing on disk was changed. main.py
+  prints it as one line."""
+
+
+class CheckpointMismatchError(CheckpointError, ConfigError):
+  """The run's settings do not fit the saved state (architecture, batching, lengths, optimizer state): a usage
+  error, fixed by the settings or another workdir."""
+
+
+def _damage(error: BaseException) -> Optional[BaseException]:
+  """The error in `error`'s chain of causes that means the step's files are missing or corrupt, so that falling
+  back to an older step is right; None for anything else (permissions, a full disk, other settings), which must
+  stop the run instead. Orbax wraps TensorStore's read errors in a bare Exception: the cause tells."""
+  while error is not None:
+    message = str(error)
+    if (isinstance(error, (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError))
+        or isinstance(error, KeyError) and "was not found in the checkpoint" in message  # an item directory is gone
+        or isinstance(error, ValueError) and (message.startswith(_DAMAGE_STATUSES) or _GRAIN_MISSING.match(message))):
+      return error
+    error = error.__cause__
+  return None
+
+
+def _describe(error: BaseException) -> str:
+  """The first line of the innermost cause (Orbax's wrappers repeat whole TensorStore specs)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
+@contextlib.contextmanager
+def _quiet_restore():
+  """One line per damaged step instead of pages: Orbax (through absl) and asyncio log failed reads, and each
+  abandoned read coroutine prints its traceback ("Exception ignored in") when collected, so they are collected
+  here, with the hook that prints them silenced."""
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio", "orbax", "tensorstore")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+      gc.collect()
+    finally:
+      sys.unraisablehook = hook
+      for logger, level in zip(loggers, levels):
+        logger.setLevel(level)
+
+
+def _flat(tree) -> dict:
+  """{"a/0/b": (shape, dtype)}: saved metadata and abstract arrays, comparable whatever their node types."""
+  name = lambda key: str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+  return {"/".join(map(name, path)): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _differences(saved: dict, ours: dict, fields: tuple) -> dict:
+  """{"section.field": (saved, ours)} for the `fields` whose values differ between two configs as JSON."""
+  get = lambda config, field: config.get(field.split(".")[0], {}).get(field.split(".")[1])
+  return {field: (get(saved, field), get(ours, field)) for field in fields if get(saved, field) != get(ours, field)}
 
 
 @functools.lru_cache(maxsize=None)  # read once per run, not at every save
@@ -67,49 +145,118 @@ class Checkpointer:
   def saved_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
+  def _read(self, step: int, read) -> tuple[Any, Optional[str]]:
+    """(`read(step)`, None); (None, what is wrong) when the step is damaged; CheckpointError on any other error,
+    with nothing changed. The failed attempt's errors are dropped before the quiet block ends, so that it collects
+    what they hold."""
+    with _quiet_restore():
+      try:
+        if not os.path.isfile(os.path.join(self.directory, str(step), "state", "_METADATA")):
+          # Without it Orbax guesses the tree from the array names, and the error would look like other settings.
+          raise FileNotFoundError(f"{step}/state/_METADATA is missing")
+        return read(step), None
+      except Exception as error:
+        damage = _damage(error)
+        if damage is None:
+          raise CheckpointError(
+              f"checkpoint step {step} in {self.directory} could not be read ({_describe(error)}); nothing was "
+              "changed: fix the cause and run again") from error
+        return None, _describe(damage)
+
+  def _newest_readable(self) -> Optional[tuple[int, dict, Any]]:
+    """(step, saved config, item metadata) of the newest step that reads; None without one (restore reports
+    damaged steps)."""
+    for step in reversed(self.all_steps()):
+      read, damage = self._read(step, lambda s: (self.saved_config(s), self.manager.item_metadata(s)))
+      if damage is None:
+        return step, *read
+    return None
+
   def check_architecture(self, config: Config):
     """Refuses to resume a run whose model differs from the checkpoint's (the error lists the fields)."""
-    steps = self.all_steps()
-    if not steps:
+    newest = self._newest_readable()
+    if newest is None:
       return
-    diff = architecture_differences(self.saved_config(steps[-1])["model"], config.model)
+    diff = architecture_differences(newest[1]["model"], config.model)
     if diff:
       raise CheckpointMismatchError(
           f"{self.directory} holds a checkpoint of a different architecture (field: saved vs configured): "
           + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
           + ". Use another workdir, or configure the saved architecture.")
 
+  def check_resume(self, config: Config, abstract_state: dict):
+    """Refuses, before anything is read into the run or changed on disk, to resume with settings that do not fit
+    the newest readable step: its architecture, the batching and lengths its data position was saved with, and
+    its optimizer state's arrays. The error names each differing field (saved vs configured) and the ways out."""
+    newest = self._newest_readable()
+    if newest is None:
+      return
+    step, saved, metadata = newest
+    ours = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as the saved JSON has them: lists
+    diff = {f"model.{k}": v for k, v in architecture_differences(saved["model"], config.model).items()}
+    if "data" in metadata:  # an imported step 0 has no data position
+      diff.update(_differences(saved, ours, DATA_POSITION_FIELDS))
+    held = _flat(metadata["state"])
+    wanted = _flat({k: v for k, v in abstract_state.items() if k in metadata["state"]})
+    arrays = sorted(k for k in held.keys() | wanted.keys() if held.get(k) != wanted.get(k))
+    if arrays:
+      diff.update(_differences(saved, ours, OPTIMIZER_FIELDS))
+      diff["state arrays"] = (f"{len(arrays)} differ, e.g. {arrays[0]}: {held.get(arrays[0], 'absent')}",
+                              str(wanted.get(arrays[0], "absent")))
+    if diff:
+      raise CheckpointMismatchError(
+          f"{self.directory} holds step {step}, saved with settings this run does not fit (field: saved vs "
+          "configured): " + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+          + ". Either run with the saved settings, or start a new workdir; nothing was changed.")
+
+  def _restore_step(self, step: int, abstract_state: dict, data_iterator) -> dict:
+    saved = self.manager.item_metadata(step)
+    target = {k: v for k, v in abstract_state.items() if k in saved["state"]}
+    items = dict(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    if data_iterator is not None and "data" in saved:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
   def restore(self, abstract_state: dict, *, data_iterator=None):
     """Restores the newest readable step -> (step, state), or (None, None) when there is no checkpoint.
 
     `abstract_state` gives the top-level keys wanted and their shapes, dtypes and shardings (restoring onto
     another mesh reshards). Only the wanted keys that the step holds are read: an imported step 0 holds params
-    only, and evaluation wants params only. The data iterator, when given, is restored in place.
+    only, and evaluation wants params only. The data iterator, when given, is restored in place. Damaged newer
+    steps are renamed aside once an older one has restored (training can then save under their numbers); when
+    every step is damaged, or a step fails otherwise, CheckpointError stops the run with nothing changed.
     """
-    errors = []
+    damaged = {}
     for step in reversed(self.all_steps()):
-      try:
-        saved = self.manager.item_metadata(step)
-        target = {k: v for k, v in abstract_state.items() if k in saved["state"]}
-        items = dict(state=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-        if data_iterator is not None and "data" in saved:
-          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return step, self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
-      except Exception as error:  # a damaged step: say so and fall back to the previous one
-        log.warning("checkpoint step %d in %s could not be restored (%s: %s); trying the previous one", step,
-                    self.directory, type(error).__name__, error)
-        errors.append(f"step {step}: {type(error).__name__}: {str(error)[:300]}")
-    if errors:
-      raise RuntimeError(f"no step of {self.directory} could be restored into this run's state (did the "
-                         "optimizer or batch settings change?):\n" + "\n".join(errors))
+      state, damage = self._read(step, lambda s: self._restore_step(s, abstract_state, data_iterator))
+      if damage is None:
+        self._set_aside(damaged, step)
+        return step, state
+      damaged[step] = damage
+    if damaged:
+      raise CheckpointError(
+          f"every checkpoint step in {self.directory} is damaged ("
+          + "; ".join(f"step {step}: {reason}" for step, reason in damaged.items())
+          + f"); nothing was changed: move {self.directory} aside to start over, or use another workdir")
     return None, None
 
-  def discard_newer_than(self, step: int):
-    """Deletes the steps after `step` (ones that failed to restore), so that training can save over them."""
-    for newer in [s for s in self.all_steps() if s > step]:
-      log.warning("deleting checkpoint step %d of %s, which could not be restored", newer, self.directory)
-      self.manager.delete(newer)
+  def _set_aside(self, damaged: dict, restored: int):
+    """Renames each damaged step to `N.damaged` (Orbax no longer lists it; its files stay for inspection), with one
+    warning line per step."""
+    for step, reason in damaged.items():
+      path = os.path.join(self.directory, str(step))
+      aside, n = f"{path}.damaged", 1
+      while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.damaged-{n}"
+      if jax.process_index() == 0:
+        os.rename(path, aside)
+      log.warning("checkpoint step %d in %s could not be restored (%s): renamed to %s; using step %d", step,
+                  self.directory, reason, os.path.basename(aside), restored)
+    if damaged:
+      ocp.multihost.sync_global_processes("fat5_set_aside_damaged_steps")
+      self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()
