@@ -142,6 +142,9 @@ class TrainConfig:
   z_loss: float = _field(1e-4, "Weight of log(Z)^2 in the loss.")
   label_smoothing: float = _field(0.0, "Label smoothing of the cross-entropy.")
   log_every: int = _field(100, "Steps between metric logs.")
+  max_nonfinite_steps: int = _field(
+      100, "Consecutive updates skipped for non-finite gradients after which the run stops with an error, keeping "
+      "its checkpoints and exporting nothing (checked at each log; 0: never). A non-finite evaluation stops it too.")
   eval_every: int = _field(1000, "Steps between evaluations.")
   eval_steps: int = _field(20, "Batches per evaluation.")
   checkpoint_every: int = _field(1000, "Steps between checkpoints.")
@@ -308,6 +311,7 @@ def _validate_train(t: TrainConfig):
   _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1 and t.eps > 0, "train.b1, b2 must be in [0, 1) and eps > 0")
   _require(t.clip_norm >= 0 and t.weight_decay >= 0 and t.z_loss >= 0 and 0 <= t.label_smoothing < 1,
            "train.clip_norm, weight_decay, z_loss must be >= 0 and label_smoothing in [0, 1)")
+  _require(t.max_nonfinite_steps >= 0, "train.max_nonfinite_steps must be >= 0")
   for name in ("log_every", "eval_every", "eval_steps", "checkpoint_every", "keep_checkpoints"):
     _require(getattr(t, name) > 0, f"train.{name} must be positive")
   _require(len(t.profile_steps) in (0, 2), "train.profile_steps must be () or (first_step, num_steps)")

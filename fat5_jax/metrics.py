@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import jax.numpy as jnp
+
 
 class WindowMeans:
   """Training metrics averaged over a logging window rather than read off its last step.
@@ -33,6 +35,18 @@ class WindowMeans:
                tokens=sums["tokens"] / self.steps, grad_norm=sums["grad_norm"] / self.steps)
     self.__init__()
     return out
+
+
+class SkippedRun:
+  """The number of consecutive updates skipped as non-finite, counted on the device so that no step waits."""
+
+  def __init__(self, skipped_so_far):
+    self.previous, self.length = skipped_so_far, 0
+
+  def add(self, metrics: dict) -> None:
+    skipped = metrics["skipped_steps"]
+    self.length = jnp.where(skipped > self.previous, self.length + 1, 0)
+    self.previous = skipped
 
 
 class MetricWriter:

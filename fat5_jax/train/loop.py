@@ -12,11 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from fat5_jax import checkpoint, data, flops, generate, hf, sharding
+from fat5_jax import checkpoint, data, flops, generate, hf, optim, sharding
 from fat5_jax.config import Config
-from fat5_jax.metrics import MetricWriter, WindowMeans, plot_losses
+from fat5_jax.metrics import MetricWriter, SkippedRun, WindowMeans, plot_losses
 from fat5_jax.train import distributed
 from fat5_jax.train.trainer import Trainer
+
+
+class Diverged(SystemExit):
+  """Training went non-finite: the run stops with this message and a non-zero exit, exporting nothing."""
 
 
 def _restore_or_init(trainer: Trainer, checkpointer: checkpoint.Checkpointer, data_iterator):
@@ -60,7 +64,8 @@ def train(config: Config) -> dict:
   if start == 0:  # the starting point of the validation curve
     writer.write(0, "eval", trainer.evaluate(state["params"], eval_batches))
   window = {"rows": 0, "flops": 0.0, "time": time.perf_counter()}
-  window_means = WindowMeans()
+  # A copy: the state is donated to the first step.
+  window_means, skipped_run = WindowMeans(), SkippedRun(jnp.copy(optim.skipped_steps(state["opt_state"])))
   tracing = False
   try:
     for step in range(start, tc.steps):
@@ -71,6 +76,7 @@ def train(config: Config) -> dict:
       rows, decoder_length = batch["decoder_input_tokens"].shape
       state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=tc.grad_accum_steps))
       window_means.add(metrics)
+      skipped_run.add(metrics)
       window["rows"] += rows * jax.process_count()
       window["flops"] += rows * jax.process_count() * flops.training_flops_per_row(
           config.model, config.data.encoder_length, decoder_length)
@@ -89,11 +95,18 @@ def train(config: Config) -> dict:
         writer.write(done, "train", metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", rows_s=f"{metrics['rows_per_s']:.0f}",
                         tok_s=f"{metrics['encoder_tokens_per_s']:.0f}")
+        if tc.max_nonfinite_steps and int(skipped_run.length) >= tc.max_nonfinite_steps:
+          raise Diverged(f"diverged: the last {int(skipped_run.length)} updates were skipped for non-finite "
+                         f"gradients (train.max_nonfinite_steps={tc.max_nonfinite_steps}) at step {done}; the "
+                         "checkpoints are kept; lower train.learning_rate or raise train.warmup_steps")
       eval_loss = None
       if done % tc.eval_every == 0 or done == tc.steps:
         eval_metrics = trainer.evaluate(state["params"], eval_batches)
         writer.write(done, "eval", eval_metrics)
         eval_loss = eval_metrics["loss"]
+        if not np.isfinite(eval_loss):
+          raise Diverged(f"diverged: the evaluation loss at step {done} is {eval_loss}; the checkpoints are kept; "
+                         "lower train.learning_rate or raise train.warmup_steps")
         bar.write(f"step {done}: eval loss {eval_loss:.4f}, accuracy {eval_metrics['accuracy']:.3f}")
       if done % tc.checkpoint_every == 0 or done == tc.steps or eval_loss is not None or stop.received:
         save(eval_loss, force=stop.received is not None or done == tc.steps)

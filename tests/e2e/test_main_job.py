@@ -140,3 +140,12 @@ def test_missing_corpus_file_is_a_one_line_error(tmp_path):
   out = run(str(tmp_path / "run"), f"--config.data.corpus={tmp_path / 'missing.txt'}", check=False)
   assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1] == f"error: corpus file {str(tmp_path / 'missing.txt')!r} does not exist"
+
+
+def test_divergence_stops_the_run_and_exports_nothing(tmp_path):
+  """At learning rate 1e4 every update after the first is non-finite: the run must say so and fail, not finish."""
+  workdir = str(tmp_path / "run")
+  out = run(workdir, "--config.train.learning_rate=1e4", "--config.train.max_nonfinite_steps=3", check=False)
+  assert out.returncode != 0, out.stdout[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith("diverged: "), out.stderr[-2000:]
+  assert not os.path.exists(os.path.join(workdir, "hf"))
