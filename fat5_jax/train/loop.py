@@ -15,7 +15,7 @@ from tqdm import tqdm
 from fat5_jax import checkpoint, data, flops, generate, hf, optim, sharding
 from fat5_jax.config import Config
 from fat5_jax.metrics import MetricWriter, SkippedRun, WindowMeans, plot_losses
-from fat5_jax.train import distributed
+from fat5_jax.train import distributed, workdir_lock
 from fat5_jax.train.trainer import Trainer
 
 
@@ -40,8 +40,12 @@ def _restore_or_init(trainer: Trainer, checkpointer: checkpoint.Checkpointer, da
 def train(config: Config) -> dict:
   """The main job: data -> sharded training with evaluation and checkpoints -> plot, export, sample predictions."""
   distributed.initialize()
+  with workdir_lock.held(config.workdir, enabled=jax.process_index() == 0):
+    return _train(config)
+
+
+def _train(config: Config) -> dict:
   tc, workdir = config.train, config.workdir
-  os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   tokenizer = distributed.main_process_first(
       "tokenizer", lambda: data.load_tokenizer(config.data, workdir, config.model.vocab_size))

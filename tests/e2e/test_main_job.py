@@ -149,3 +149,16 @@ def test_divergence_stops_the_run_and_exports_nothing(tmp_path):
   assert out.returncode != 0, out.stdout[-2000:]
   assert out.stderr.strip().splitlines()[-1].startswith("diverged: "), out.stderr[-2000:]
   assert not os.path.exists(os.path.join(workdir, "hf"))
+
+
+def test_a_second_run_on_a_busy_workdir_stops_in_one_line(tmp_path):
+  workdir = str(tmp_path / "run")
+  first = start(workdir)
+  try:
+    wait_for_checkpoint(workdir, 4, first)
+    out = run(workdir, check=False)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+    assert f"is in use by the run of process {first.pid} " in out.stderr
+  finally:
+    first.kill()
+    first.wait()
