@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import grain
 import jax
+from jax import lax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -45,6 +47,10 @@ class CheckpointError(ValueError):
   prints it as one line."""
 
 
+class ChecksumError(Exception):
+  """Restored arrays whose bits differ from what was saved (a flipped or overwritten block): damage."""
+
+
 class CheckpointMismatchError(CheckpointError, ConfigError):
   """The run's settings do not fit the saved state (architecture, batching, lengths, optimizer state): a usage
   error, fixed by the settings or another workdir."""
@@ -56,7 +62,8 @@ def _damage(error: BaseException) -> Optional[BaseException]:
   stop the run instead. Orbax wraps TensorStore's read errors in a bare Exception: the cause tells."""
   while error is not None:
     message = str(error)
-    if (isinstance(error, (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError))
+    if (isinstance(error, (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError,
+                           ChecksumError))
         or isinstance(error, KeyError) and "was not found in the checkpoint" in message  # an item directory is gone
         or isinstance(error, ValueError) and (message.startswith(_DAMAGE_STATUSES) or _GRAIN_MISSING.match(message))):
       return error
@@ -99,6 +106,35 @@ def _flat(tree) -> dict:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _checksum(x: jax.Array) -> jax.Array:
+  """A position-weighted sum of the array's bits, as uint32 with wrap-around: exact whatever the sharding or the
+  order of the reduction, and changed by any flipped or overwritten block short of a vanishing coincidence."""
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif x.dtype.itemsize < 4:
+    bits = lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]).astype(jnp.uint32)
+  else:  # 8-byte types split into two words
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+  bits = bits.reshape(-1)
+  weights = lax.iota(jnp.uint32, bits.size) * jnp.uint32(2654435761) + jnp.uint32(1)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+_checksums_on_device = jax.jit(lambda tree: jnp.stack([_checksum(x) for x in jax.tree.leaves(tree)]))
+
+
+def checksums(tree) -> dict[str, int]:
+  """{"a/0/b": checksum} of every array of a state (one transfer), saved with each step and verified on restore."""
+  return dict(zip(_flat(tree), map(int, jax.device_get(_checksums_on_device(tree)))))
+
+
+def _verify(saved: dict, state) -> None:
+  """Raises ChecksumError unless every restored array has the checksum it was saved with."""
+  wrong = sorted(path for path, value in checksums(state).items() if saved.get(path, value) != value)
+  if wrong:
+    raise ChecksumError(f"{len(wrong)} restored arrays differ from what was saved, e.g. {wrong[0]}")
+
+
 def _differences(saved: dict, ours: dict, fields: tuple) -> dict:
   """{"section.field": (saved, ours)} for the `fields` whose values differ between two configs as JSON."""
   get = lambda config, field: config.get(field.split(".")[0], {}).get(field.split(".")[1])
@@ -124,7 +160,8 @@ class Checkpointer:
                                   keep_checkpoints_without_metrics=False)])
     # Handlers named up front, so that a fresh process can read metadata before it restores anything.
     handlers = dict(state=ocp.PyTreeCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
-                    tokenizer=ocp.JsonCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
+                    tokenizer=ocp.JsonCheckpointHandler(), checksums=ocp.JsonCheckpointHandler(),
+                    data=grain.checkpoint.CheckpointHandler())
     self.manager = ocp.CheckpointManager(
         self.directory, item_handlers=handlers, options=ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=async_save, create=True))
@@ -134,7 +171,7 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, *, config: Config, tokenizer_path: Optional[str] = None,
            data_iterator=None, eval_loss: Optional[float] = None, force: bool = False) -> bool:
-    items = dict(state=ocp.args.PyTreeSave(state),
+    items = dict(state=ocp.args.PyTreeSave(state), checksums=ocp.args.JsonSave(checksums(state)),
                  config=ocp.args.JsonSave(dataclasses.asdict(config)),
                  tokenizer=ocp.args.JsonSave(_tokenizer_record(tokenizer_path)))
     if data_iterator is not None:
@@ -214,9 +251,14 @@ class Checkpointer:
     target = {k: v for k, v in abstract_state.items() if k in saved["state"]}
     items = dict(state=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    if "checksums" in saved:  # steps of earlier versions have none
+      items["checksums"] = ocp.args.JsonRestore()
     if data_iterator is not None and "data" in saved:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if "checksums" in saved:
+      _verify(restored["checksums"], restored["state"])
+    return restored["state"]
 
   def restore(self, abstract_state: dict, *, data_iterator=None):
     """Restores the newest readable step -> (step, state), or (None, None) when there is no checkpoint.

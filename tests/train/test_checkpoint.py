@@ -60,7 +60,29 @@ def _garble_data_position(step_dir):
       f.write("{not json")
 
 
+def _overwrite_a_block(step_dir):
+  """4 KiB of noise in the middle of the largest array file, its size unchanged."""
+  files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True) if os.path.isfile(p)]
+  path = max(files, key=os.path.getsize)
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.seek(size // 4)
+    f.write(np.random.default_rng(0).bytes(min(4096, size // 2)))
+
+
+def _silently_changed_array(step_dir):
+  """Bits that read back without a decoding error but are not what was saved: the checksums must tell."""
+  path = os.path.join(step_dir, "checksums", "metadata")
+  with open(path) as f:
+    saved = json.load(f)
+  saved["params/w"] ^= 1
+  with open(path, "w") as f:
+    json.dump(saved, f)
+
+
 DAMAGE = {"truncated state": _truncate_state,
+          "overwritten block": _overwrite_a_block,
+          "array changed behind the decoder's back": _silently_changed_array,
           "deleted tree metadata": lambda step_dir: os.remove(os.path.join(step_dir, "state", "_METADATA")),
           "deleted state": lambda step_dir: [os.remove(p) for p in glob.glob(f"{step_dir}/state/**/*", recursive=True)
                                              if os.path.isfile(p)],
