@@ -10,6 +10,7 @@ from flax import nnx
 from fat5_jax import checkpoint, data, flops, hf, train
 from fat5_jax import model as model_lib
 from fat5_jax.config import Config, architecture_differences
+from fat5_jax.data import tokenizer as tokenizer_lib
 
 MODES = ("train", "eval", "summary", "inspect_data", "import_hf", "export_hf")
 
@@ -49,7 +50,8 @@ def summary(config: Config):
 
 
 def import_hf(config: Config, hf_dir: str):
-  """A Hugging Face or FAT5 checkpoint directory -> step 0 (parameters only) of the config's empty workdir."""
+  """A Hugging Face or FAT5 checkpoint directory -> step 0 (parameters only) of the config's empty workdir, and its
+  spiece.model -> the workdir's tokenizer: the weights' ids mean something only with their own tokenizer."""
   # The run's choices, not the checkpoint's: dtypes, implementations, dropout (HF configs carry 0.1).
   run_fields = ("param_dtype", "dtype", "attention_impl", "kernel_backend", "dropout_rate")
   keep = {k: getattr(config.model, k) for k in run_fields}
@@ -62,10 +64,13 @@ def import_hf(config: Config, hf_dir: str):
   if checkpointer.all_steps():
     raise SystemExit(f"{checkpointer.directory} already holds checkpoints {checkpointer.all_steps()}; "
                      "import into an empty workdir")
+  tokenizer_path = tokenizer_lib.import_tokenizer(hf_dir, config.workdir, config.data)
   config = dataclasses.replace(config, model=model_config)
   checkpointer.save(0, {"params": model_lib.parameters(model)}, config=config, force=True)
   checkpointer.close()
-  print(f"imported {hf_dir} as step 0 of {checkpointer.directory}")
+  print(f"imported {hf_dir} as step 0 of {checkpointer.directory}, "
+        + (f"its tokenizer as {tokenizer_path}" if tokenizer_path else
+           "without a tokenizer (it has no spiece.model): set data.tokenizer_path to train or evaluate it"))
 
 
 def export_hf(config: Config, export_dir: str):

@@ -9,7 +9,9 @@ T5's spiece.model (32,000 pieces + 100 sentinels = 32,100 <= 32,128 model rows).
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import random
@@ -24,6 +26,9 @@ from fat5_jax.data import corpus as corpus_lib
 
 PREFIXES = ("[R]", "[S]", "[X]")
 _MAX_SENTENCE_CHARS = 4096  # Sentencepiece drops longer sentences; cut them instead.
+SOURCE_FILE = "source.json"  # beside spm.model: where it came from (see load_tokenizer)
+_TRAINING_FIELDS = ("corpus", "text_field", "validation_fraction", "tokenizer_type", "tokenizer_vocab_size",
+                    "tokenizer_max_sentences", "seed")
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 
 
@@ -92,24 +97,154 @@ class Tokenizer:
 
 
 def load_tokenizer(data_config: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
-  """The run's tokenizer at {workdir}/tokenizer/spm.model: reused if present, else copied or trained."""
+  """The run's tokenizer at {workdir}/tokenizer/spm.model: reused if it is the one the config asks for, else copied
+  (after checks, so a bad file never lands there) or trained. Its origin is kept in source.json beside it and
+  checked at every start: weights only mean something with the tokenizer they were trained with."""
   path = os.path.join(workdir, "tokenizer", "spm.model")
-  if not os.path.exists(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if data_config.tokenizer_path:
-      if not os.path.isfile(data_config.tokenizer_path):
-        raise ConfigError(f"data.tokenizer_path={data_config.tokenizer_path!r} does not exist")
-      shutil.copyfile(data_config.tokenizer_path, path + ".tmp")
+  record = read_source(workdir)
+  if os.path.exists(path):
+    if record is None:  # made before records existed: take the config's word for it, once
+      record = _wanted(data_config, path)
+      _check(record, data_config, path)
+      write_source(workdir, record)
+      logging.warning("tokenizer %s had no record of its origin (an older version made it): recorded as %s", path,
+                      _describe(record))
     else:
-      with open(path + ".tmp", "wb") as f:
-        f.write(train_sentencepiece(data_config))
+      _check(record, data_config, path)
+    return _validated(path, data_config, vocab_size)
+  if record is not None and record["source"] == "imported" and not data_config.tokenizer_path:
+    raise ConfigError(f"{workdir} holds weights imported from {record['hf_dir']} without their tokenizer, and "
+                      "training a new one would give them meaningless ids: set data.tokenizer_path to the "
+                      "checkpoint's spiece.model")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  if data_config.tokenizer_path:
+    _validated(_existing(data_config.tokenizer_path), data_config, vocab_size)
+    shutil.copyfile(data_config.tokenizer_path, path + ".tmp")
+  else:
+    with open(path + ".tmp", "wb") as f:
+      f.write(train_sentencepiece(data_config))
+  write_source(workdir, _wanted(data_config, path + ".tmp"))  # first: a crash in between leaves no unrecorded model
+  os.replace(path + ".tmp", path)
+  return _validated(path, data_config, vocab_size)
+
+
+def import_tokenizer(hf_dir: str, workdir: str, data_config: DataConfig) -> str | None:
+  """Makes the checkpoint's spiece.model the workdir's tokenizer (import_hf), recorded as imported, and returns its
+  path; None when the checkpoint has none, recorded too, so that no run trains a tokenizer for these weights."""
+  source, path = os.path.join(hf_dir, "spiece.model"), os.path.join(workdir, "tokenizer", "spm.model")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  record = {"source": "imported", "hf_dir": os.path.abspath(hf_dir), "num_sentinels": data_config.num_sentinels}
+  if os.path.isfile(source):
+    try:
+      Tokenizer(source, data_config.num_sentinels)
+    except RuntimeError as e:
+      raise ConfigError(f"{source} is not a sentencepiece model ({str(e).splitlines()[0]})") from e
+    shutil.copyfile(source, path + ".tmp")
     os.replace(path + ".tmp", path)
-  tokenizer = Tokenizer(path, data_config.num_sentinels)
+    write_source(workdir, {**record, "sha256": sha256(path)})
+    return path
+  if os.path.exists(path):  # from an earlier attempt in this workdir: it would give the weights meaningless ids
+    os.remove(path)
+  write_source(workdir, {**record, "sha256": None})
+  return None
+
+
+def read_source(workdir: str) -> dict | None:
+  """The record of where {workdir}/tokenizer/spm.model came from, None if there is none."""
+  try:
+    with open(os.path.join(workdir, "tokenizer", SOURCE_FILE)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+def write_source(workdir: str, record: dict):
+  path = os.path.join(workdir, "tokenizer", SOURCE_FILE)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def training_settings(data_config: DataConfig) -> dict:
+  """What decides the pieces of a tokenizer we train, the corpus's size included (a corpus fixed in place)."""
+  settings = {f"data.{name}": getattr(data_config, name) for name in _TRAINING_FIELDS}
+  files = corpus_lib.resolve_files(data_config.corpus)
+  settings["corpus bytes"] = sum(os.path.getsize(f) for f in files)
+  return settings
+
+
+def _wanted(data_config: DataConfig, path: str) -> dict:
+  """The record of the tokenizer the config asks for, `path` holding it."""
+  if data_config.tokenizer_path:
+    source = {"source": "copied", "tokenizer_path": os.path.abspath(data_config.tokenizer_path),
+              "tokenizer_path_sha256": sha256(_existing(data_config.tokenizer_path))}
+  else:
+    source = {"source": "trained", "settings": training_settings(data_config)}
+  return {"sha256": sha256(path), "num_sentinels": data_config.num_sentinels, **source}
+
+
+def _check(record: dict, data_config: DataConfig, path: str):
+  """Raises ConfigError, in one line naming both, when the workdir's tokenizer is not the one the config asks for."""
+  holds = f"{os.path.dirname(path)} holds {_describe(record)}"
+  fix = "use another workdir, or set the config back"
+  if record["sha256"] != sha256(path):
+    then = (record["sha256"] or "none")[:12]
+    raise ConfigError(f"{path} changed after it was recorded in {SOURCE_FILE} (sha256 {then} then, "
+                      f"{sha256(path)[:12]} now): put the original back, or use another workdir")
+  if record["num_sentinels"] != data_config.num_sentinels:
+    raise ConfigError(f"{holds} with data.num_sentinels={record['num_sentinels']}, the config asks "
+                      f"data.num_sentinels={data_config.num_sentinels}: {fix}")
+  if data_config.tokenizer_path:
+    asked = sha256(_existing(data_config.tokenizer_path))
+    if record["source"] == "trained" or asked != record["sha256"]:
+      raise ConfigError(f"{holds}; the config asks data.tokenizer_path={data_config.tokenizer_path!r} "
+                        f"(sha256 {asked[:12]}): {fix}")
+  elif record["source"] == "copied":
+    raise ConfigError(f"{holds}; the config asks a tokenizer trained on data.corpus={data_config.corpus!r} "
+                      f"(data.tokenizer_path is empty): {fix}")
+  elif record["source"] == "trained":
+    settings = training_settings(data_config)
+    differ = [k for k in settings if settings[k] != record["settings"].get(k)]
+    if differ:
+      raise ConfigError(f"{os.path.dirname(path)} holds a tokenizer trained with "
+                        + ", ".join(f"{k}={record['settings'].get(k)!r}" for k in differ) + "; the config asks "
+                        + ", ".join(f"{k}={settings[k]!r}" for k in differ) + f": {fix}")
+
+
+def _describe(record: dict) -> str:
+  sha = record["sha256"][:12]
+  if record["source"] == "copied":
+    return f"a copy of data.tokenizer_path={record['tokenizer_path']!r} (sha256 {sha})"
+  if record["source"] == "imported":
+    return f"the tokenizer imported with the weights of {record['hf_dir']} (sha256 {sha})"
+  return "a tokenizer trained with " + ", ".join(f"{k}={v!r}" for k, v in record["settings"].items())
+
+
+def _existing(tokenizer_path: str) -> str:
+  if not os.path.isfile(tokenizer_path):
+    raise ConfigError(f"data.tokenizer_path={tokenizer_path!r} does not exist")
+  return tokenizer_path
+
+
+def _validated(path: str, data_config: DataConfig, vocab_size: int) -> Tokenizer:
+  """The tokenizer at `path` if it has what the config needs: FAT5's special ids, room in the model, the prefixes."""
+  try:
+    tokenizer = Tokenizer(path, data_config.num_sentinels)
+  except (RuntimeError, OSError) as e:
+    raise ConfigError(f"tokenizer {path} is not a sentencepiece model ({str(e).splitlines()[0]})") from e
   if tokenizer.vocab_size > vocab_size:
     raise ConfigError(f"tokenizer {path} has {tokenizer.num_pieces} pieces + {tokenizer.num_sentinels} sentinels = "
                      f"{tokenizer.vocab_size} ids, more than model.vocab_size={vocab_size}")
   if (tokenizer.pad_id, tokenizer.eos_id) != (0, 1):
     raise ConfigError(f"tokenizer {path} has pad={tokenizer.pad_id}, eos={tokenizer.eos_id}; FAT5 needs pad 0, eos 1")
+  for prefix in sorted({d[3] for d in data_config.denoisers if d[3]}):
+    tokenizer.prefix_id(prefix)
   return tokenizer
 
 

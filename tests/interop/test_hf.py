@@ -15,8 +15,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from fat5_jax import data, hf  # noqa: E402
+from fat5_jax import cli, data, hf  # noqa: E402
 from fat5_jax.config import from_config_dict, model_config, to_config_dict  # noqa: E402
+from fat5_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from fat5_jax.model import T5  # noqa: E402
 
 SMALL = dict(vocab_size=96, d_model=24, d_ff=40, relative_attention_num_buckets=8, relative_attention_max_distance=16,
@@ -374,3 +375,41 @@ def test_export_carries_our_tokenizer(tokenizer, tmp_path):
     # What a UL2 pipeline feeds the model: ids with sentinels, pad and eos, decoded with them shown.
     for row in (ids + [eos], ids[:4] + [tokenizer.sentinel_id(5)] + ids[4:] + [eos, 0, 0]):
       assert theirs.decode(row) == tokenizer.decode(row, show_special=True)
+
+
+def _import_config(workdir, model_fields, **data_overrides):
+  """The config of a run on imported weights: the architecture of `model_fields`, the tokenizer fixture's data."""
+  config = to_config_dict()
+  config.workdir = str(workdir)
+  config.model.update(model_fields)
+  config.data.update({**dict(tokenizer_vocab_size=1024, num_sentinels=64), **data_overrides})
+  return from_config_dict(config)
+
+
+def test_import_hf_brings_the_checkpoints_tokenizer_or_refuses_to_train_one(tokenizer, tmp_path):
+  """FLAN-T5's case: imported weights run with their own spiece.model, never with a freshly trained tokenizer."""
+  model_fields = {**SMALL, "vocab_size": 1024, "d_kv": 4, "num_heads": 2, "num_layers": 1}
+  model_cfg = model_config(**model_fields)
+  hf.to_hf(model_cfg, T5(model_cfg, rngs=nnx.Rngs(0)), str(tmp_path / "hf"), tokenizer=tokenizer)
+  config = _import_config(tmp_path / "with", model_fields)
+  cli.import_hf(config, str(tmp_path / "hf"))
+  imported = data.load_tokenizer(config.data, config.workdir, config.model.vocab_size)
+  assert imported.path == os.path.join(config.workdir, "tokenizer", "spm.model")
+  assert tokenizer_lib.read_source(config.workdir)["source"] == "imported"
+  with open(imported.path, "rb") as ours, open(tmp_path / "hf" / "spiece.model", "rb") as theirs:
+    assert ours.read() == theirs.read()
+  assert imported.encode(FRENCH[1]) == tokenizer.encode(FRENCH[1])
+  with pytest.raises(ValueError, match=r"holds the tokenizer imported with the weights of .*hf.*; the config asks "
+                                       r"data.tokenizer_path="):
+    data.load_tokenizer(_import_config(tmp_path / "with", model_fields, tokenizer_path=__file__).data,
+                        config.workdir, config.model.vocab_size)
+
+  os.remove(tmp_path / "hf" / "spiece.model")
+  config = _import_config(tmp_path / "without", model_fields)
+  cli.import_hf(config, str(tmp_path / "hf"))
+  for mode in ("train", "eval"):
+    with pytest.raises(ValueError, match=r"imported from .*hf without their tokenizer.*set data.tokenizer_path"):
+      cli.run(mode, config)
+  assert not os.path.exists(os.path.join(config.workdir, "tokenizer", "spm.model"))
+  given = _import_config(tmp_path / "without", model_fields, tokenizer_path=tokenizer.path)
+  assert data.load_tokenizer(given.data, given.workdir, 1024).encode(FRENCH[0]) == tokenizer.encode(FRENCH[0])
