@@ -300,8 +300,21 @@ class Checkpointer:
       ocp.multihost.sync_global_processes("fat5_set_aside_damaged_steps")
       self.manager.reload()
 
+  def check_saves(self):
+    """Raises CheckpointError if a save running in the background has failed: the run stops at the next step
+    instead of training on for a whole checkpoint interval whose work it cannot keep. Does not wait."""
+    self._saving(self.manager.check_for_errors)
+
   def wait(self):
-    self.manager.wait_until_finished()
+    """Waits for the saves in flight; CheckpointError if one failed."""
+    self._saving(self.manager.wait_until_finished)
+
+  def _saving(self, call):
+    try:
+      call()
+    except Exception as error:
+      raise CheckpointError(f"a checkpoint save in {self.directory} failed ({_describe(error)}); the earlier "
+                            "checkpoints are kept: fix the cause and run the same command to resume") from error
 
   def close(self):
     self.manager.close()

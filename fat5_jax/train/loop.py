@@ -81,6 +81,7 @@ def _train(config: Config) -> dict:
       state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=tc.grad_accum_steps))
       window_means.add(metrics)
       skipped_run.add(metrics)
+      checkpointer.check_saves()
       window["rows"] += rows * jax.process_count()
       window["flops"] += rows * jax.process_count() * flops.training_flops_per_row(
           config.model, config.data.encoder_length, decoder_length)

@@ -167,3 +167,17 @@ def test_an_error_that_is_not_damage_stops_the_restore_and_changes_nothing(tmp_p
     checkpointer.restore(_abstract(_state(0)))
   assert _entries(tmp_path) == ["1", "2"]
   assert checkpointer.restore(_abstract(_state(0)))[0] == 2  # the cause gone, the same step restores
+
+
+def test_a_failed_background_save_is_one_error_and_keeps_the_earlier_steps(tmp_path, monkeypatch):
+  checkpointer = _saved(tmp_path)
+  checkpointer.check_saves()  # nothing failed
+
+  def failed():
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checkpointer.manager, "check_for_errors", failed)
+  with pytest.raises(CheckpointError, match="No space left on device") as error:
+    checkpointer.check_saves()
+  assert "\n" not in str(error.value) and "earlier checkpoints are kept" in str(error.value)
+  assert _entries(tmp_path) == ["1", "2"]
