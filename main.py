@@ -11,6 +11,7 @@ Modes (fat5_jax/cli.py):
 
 import dataclasses
 import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -41,19 +42,29 @@ def main(argv):
     fail(f"invalid config {config_flags.get_config_filename(flags.FLAGS['config'])}: {error}", USAGE_ERROR)
   if _MODE.value == "import_hf" and not _HF_DIR.value:
     fail("--mode=import_hf needs --hf_dir=DIR", USAGE_ERROR)
+  if os.path.exists(config.workdir) and not os.path.isdir(config.workdir):
+    fail(f"workdir {config.workdir} is a file: set --config.workdir to a directory", USAGE_ERROR)
   if _VERBOSE.value:
     print(json.dumps(dataclasses.asdict(config), indent=1, default=str))
   try:
     cli.run(_MODE.value, config, hf_dir=_HF_DIR.value, export_dir=_EXPORT_DIR.value)
-  except (ConfigError, ValueError) as error:  # our validation, found while running: one line (--verbose: traceback)
+  except (ConfigError, ValueError, OSError) as error:  # our validation or the file system: one line
     if _VERBOSE.value:
       raise
     fail(str(error), USAGE_ERROR if isinstance(error, ConfigError) else 1)
 
 
+def check_command_line(argv: list[str]):
+  """What would otherwise fail inside flag parsing with a traceback: a missing config file, unknown fields."""
+  for arg in argv:
+    if arg.startswith("--config=") and not os.path.isfile(arg.split("=", 1)[1].split(":", 1)[0]):
+      raise ConfigError(f"no config file {arg.split('=', 1)[1]!r}: pass one of configs/*.py or your own")
+  check_override_names(argv)
+
+
 if __name__ == "__main__":
   try:
-    check_override_names(sys.argv)
+    check_command_line(sys.argv)
   except ConfigError as error:
     fail(str(error), USAGE_ERROR)
   app.run(main)

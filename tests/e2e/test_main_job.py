@@ -162,3 +162,14 @@ def test_a_second_run_on_a_busy_workdir_stops_in_one_line(tmp_path):
   finally:
     first.kill()
     first.wait()
+
+
+@pytest.mark.parametrize("case", ["missing config file", "workdir is a file"])
+def test_usage_errors_are_one_line_with_exit_code_2(case, tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  argv = {"missing config file": ["--config=configs/missing.py"],
+          "workdir is a file": ["--config=configs/tiny_fr.py", f"--config.workdir={a_file}"]}[case]
+  out = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+  assert out.stderr.startswith("error: ")
