@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fat5_jax.config import TrainConfig
+from fat5_jax.config import ConfigError, TrainConfig
 
 BATCH_AXES = ("data", "fsdp")
 MIN_SHARDED_SIZE = 2 ** 14  # smaller tensors (norm scales, bias tables) are cheaper replicated
@@ -22,8 +22,10 @@ def make_mesh(config: TrainConfig, devices=None) -> Mesh:
   fsdp = config.mesh_fsdp
   data = len(devices) // fsdp if config.mesh_data == -1 else config.mesh_data
   if data * fsdp != len(devices):
-    raise ValueError(f"mesh data={config.mesh_data} x fsdp={config.mesh_fsdp} does not cover the {len(devices)} "
-                     "devices; set train.mesh_data=-1 to use all that fsdp leaves")
+    hint = (f"train.mesh_fsdp must divide the {len(devices)} devices" if config.mesh_data == -1 else
+            "set train.mesh_data=-1 to use all that fsdp leaves")
+    raise ConfigError(f"mesh data={config.mesh_data} x fsdp={config.mesh_fsdp} does not cover the {len(devices)} "
+                      f"devices: {hint}")
   return Mesh(np.asarray(devices).reshape(data, fsdp), BATCH_AXES)
 
 

@@ -3,6 +3,7 @@ the latest checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -53,6 +54,9 @@ def _train(config: Config) -> dict:
   trainer = Trainer(config, mesh)
   checkpointer = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
   checkpointer.check_resume(config, trainer.abstract_state)  # before the token cache: a refusal changes nothing
+  if is_main:  # the resolved config of the run (main.py prints it only with --verbose)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(dataclasses.asdict(config), f, indent=1, default=str)
   train_iterator = distributed.main_process_first("token cache", lambda: data.make_train_iterator(
       config, tokenizer, **distributed.process_shard()))
   state = _restore_or_init(trainer, checkpointer, train_iterator)

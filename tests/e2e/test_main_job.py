@@ -78,6 +78,9 @@ def test_straight_run_learns_and_exports_a_loadable_model(straight_run):
   assert sorted(evals) == [0, 8, 16]
   assert evals[16] < 0.8 * evals[0], evals
   assert os.path.getsize(os.path.join(workdir, "loss.png")) > 10_000
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["train"]["steps"] == 16
+  assert '"train": {' not in stdout  # the resolved config is printed only with --verbose
   assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
   assert "predicted:" in stdout
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fat5_jax import config as config_lib, flops, sharding
+from fat5_jax.config import ConfigError
 from fat5_jax.train import Trainer, distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,10 +85,12 @@ def test_parameter_specs_shard_large_tensors_only():
   assert sharding.parameter_spec((999, 999), 8) == jax.sharding.PartitionSpec()
 
 
-def test_mesh_must_cover_the_devices():
-  config = tiny_config(mesh_data=3, mesh_fsdp=1)
-  with pytest.raises(ValueError, match="does not cover"):
-    sharding.make_mesh(config.train)
+def test_mesh_must_cover_the_devices_and_the_hint_fits_the_case():
+  devices = [jax.devices()[0]] * 8  # the mesh is only shaped, never used
+  with pytest.raises(ConfigError, match="does not cover the 8 devices: set train.mesh_data=-1"):
+    sharding.make_mesh(tiny_config(mesh_data=3, mesh_fsdp=1).train, devices)
+  with pytest.raises(ConfigError, match="does not cover the 8 devices: train.mesh_fsdp must divide"):
+    sharding.make_mesh(tiny_config(mesh_data=-1, mesh_fsdp=3).train, devices)
 
 
 def test_flops_per_row_of_small_fr_matches_the_reference():
