@@ -167,12 +167,16 @@ def test_a_second_run_on_a_busy_workdir_stops_in_one_line(tmp_path):
     first.wait()
 
 
-@pytest.mark.parametrize("case", ["missing config file", "workdir is a file"])
-def test_usage_errors_are_one_line_with_exit_code_2(case, tmp_path):
+@pytest.mark.parametrize("case,code", [("missing config file", 2), ("workdir is a file", 2),
+                                       ("import_hf from a directory without a checkpoint", 1)])
+def test_errors_are_one_line(case, code, tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("")
   argv = {"missing config file": ["--config=configs/missing.py"],
-          "workdir is a file": ["--config=configs/tiny_fr.py", f"--config.workdir={a_file}"]}[case]
+          "workdir is a file": ["--config=configs/tiny_fr.py", f"--config.workdir={a_file}"],
+          "import_hf from a directory without a checkpoint": [
+              "--config=configs/tiny_fr.py", "--mode=import_hf", f"--hf_dir={tmp_path}",
+              f"--config.workdir={tmp_path / 'run'}"]}[case]
   out = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+  assert out.returncode == code and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
   assert out.stderr.startswith("error: ")
