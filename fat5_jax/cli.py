@@ -78,7 +78,7 @@ def export_hf(config: Config, export_dir: str):
   abstract_params = nnx.to_pure_dict(model_lib.abstract_parameters(config.model))
   step, params = checkpoint.restore_params(config, abstract_params)
   # The run's own tokenizer, never a fresh one: load_tokenizer would train one where the workdir has none.
-  tokenizer_path = os.path.join(config.workdir, "tokenizer", "spm.model")
+  tokenizer_path = tokenizer_lib.model_path(config.workdir)
   tokenizer = data.Tokenizer(tokenizer_path, config.data.num_sentinels) if os.path.exists(tokenizer_path) else None
   hf.to_hf(config.model, model_lib.from_parameters(config.model, params), export_dir, tokenizer=tokenizer)
   print(f"exported step {step} to {export_dir}")

@@ -96,11 +96,16 @@ class Tokenizer:
     return None
 
 
+def model_path(workdir: str) -> str:
+  """Where a run keeps its sentencepiece model."""
+  return os.path.join(workdir, "tokenizer", "spm.model")
+
+
 def load_tokenizer(data_config: DataConfig, workdir: str, vocab_size: int) -> Tokenizer:
   """The run's tokenizer at {workdir}/tokenizer/spm.model: reused if it is the one the config asks for, else copied
   (after checks, so a bad file never lands there) or trained. Its origin is kept in source.json beside it and
   checked at every start: weights only mean something with the tokenizer they were trained with."""
-  path = os.path.join(workdir, "tokenizer", "spm.model")
+  path = model_path(workdir)
   record = read_source(workdir)
   if os.path.exists(path):
     if record is None:  # made before records existed: take the config's word for it, once
@@ -131,7 +136,7 @@ def load_tokenizer(data_config: DataConfig, workdir: str, vocab_size: int) -> To
 def import_tokenizer(hf_dir: str, workdir: str, data_config: DataConfig) -> str | None:
   """Makes the checkpoint's spiece.model the workdir's tokenizer (import_hf), recorded as imported, and returns its
   path; None when the checkpoint has none, recorded too, so that no run trains a tokenizer for these weights."""
-  source, path = os.path.join(hf_dir, "spiece.model"), os.path.join(workdir, "tokenizer", "spm.model")
+  source, path = os.path.join(hf_dir, "spiece.model"), model_path(workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   record = {"source": "imported", "hf_dir": os.path.abspath(hf_dir), "num_sentinels": data_config.num_sentinels}
   if os.path.isfile(source):
