@@ -5,34 +5,46 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
+
+
+PER_TOKEN = ("loss", "z_loss", "accuracy")  # metrics that are means over target tokens
+
+
+@jax.jit
+def _add_step(sums, metrics):
+  """One step added to the window's sums, in one dispatch (the loop calls it every step)."""
+  step = {k: metrics[k] * metrics["tokens"] for k in PER_TOKEN}
+  step.update(tokens=metrics["tokens"], grad_norm=metrics["grad_norm"])
+  return step if sums is None else {k: sums[k] + v for k, v in step.items()}
+
+
+@jax.jit
+def _extend_run(length, previous, skipped):
+  return jnp.where(skipped > previous, length + 1, 0)
 
 
 class WindowMeans:
   """Training metrics averaged over a logging window rather than read off its last step.
 
   Per-token metrics (loss, z_loss, accuracy) are weighted by each step's target tokens, grad_norm and tokens are
-  means per step, the rest (learning rate, skipped steps) are the last step's. `add` only queues device additions,
-  so the steps between logs never wait for the device.
+  means per step, the rest (learning rate, skipped steps) are the last step's. `add` only queues device work, so
+  the steps between logs never wait for the device.
   """
-  PER_TOKEN = ("loss", "z_loss", "accuracy")
 
   def __init__(self):
     self.sums, self.last, self.steps = None, None, 0
 
   def add(self, metrics: dict) -> None:
-    tokens = metrics["tokens"]
-    step = {k: metrics[k] * tokens for k in self.PER_TOKEN}
-    step.update(tokens=tokens, grad_norm=metrics["grad_norm"])
-    self.sums = step if self.sums is None else {k: self.sums[k] + v for k, v in step.items()}
-    self.last, self.steps = metrics, self.steps + 1
+    self.sums, self.last, self.steps = _add_step(self.sums, metrics), metrics, self.steps + 1
 
   def means(self) -> dict[str, float]:
-    """The window's metrics as floats (waits for its steps), and a fresh window."""
-    sums = {k: float(v) for k, v in self.sums.items()}
-    out = {k: float(v) for k, v in self.last.items()}
-    out.update({k: sums[k] / sums["tokens"] if sums["tokens"] > 0 else 0.0 for k in self.PER_TOKEN},
-               tokens=sums["tokens"] / self.steps, grad_norm=sums["grad_norm"] / self.steps)
+    """The window's metrics as floats (waits for its steps, one transfer), and a fresh window."""
+    sums, last = jax.device_get((self.sums, self.last))
+    out = {k: float(v) for k, v in last.items()}
+    out.update({k: float(sums[k] / sums["tokens"]) if sums["tokens"] > 0 else 0.0 for k in PER_TOKEN},
+               tokens=float(sums["tokens"]) / self.steps, grad_norm=float(sums["grad_norm"]) / self.steps)
     self.__init__()
     return out
 
@@ -41,12 +53,11 @@ class SkippedRun:
   """The number of consecutive updates skipped as non-finite, counted on the device so that no step waits."""
 
   def __init__(self, skipped_so_far):
-    self.previous, self.length = skipped_so_far, 0
+    self.previous, self.length = skipped_so_far, jnp.zeros((), jnp.int32)
 
   def add(self, metrics: dict) -> None:
-    skipped = metrics["skipped_steps"]
-    self.length = jnp.where(skipped > self.previous, self.length + 1, 0)
-    self.previous = skipped
+    self.length = _extend_run(self.length, self.previous, metrics["skipped_steps"])
+    self.previous = metrics["skipped_steps"]
 
 
 class MetricWriter:
