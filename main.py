@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -44,6 +45,11 @@ def main(argv):
     fail("--mode=import_hf needs --hf_dir=DIR", USAGE_ERROR)
   if os.path.exists(config.workdir) and not os.path.isdir(config.workdir):
     fail(f"workdir {config.workdir} is a file: set --config.workdir to a directory", USAGE_ERROR)
+  if _MODE.value != "summary":
+    unwritable = workdir_problem(config.workdir)
+    if unwritable:
+      fail(f"workdir {config.workdir} cannot be written ({unwritable}): set --config.workdir to a writable "
+           "directory", USAGE_ERROR)
   if _VERBOSE.value:
     print(json.dumps(dataclasses.asdict(config), indent=1, default=str))
   try:
@@ -52,6 +58,17 @@ def main(argv):
     if _VERBOSE.value:
       raise
     fail(str(error), USAGE_ERROR if isinstance(error, ConfigError) else 1)
+
+
+def workdir_problem(workdir: str) -> str | None:
+  """Why `workdir` cannot hold a run (created if missing), None when it can: checked by writing, since a read-only
+  file system refuses even root."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      return None
+  except OSError as error:
+    return error.strerror or str(error)
 
 
 def check_command_line(argv: list[str]):

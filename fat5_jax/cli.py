@@ -77,8 +77,7 @@ def export_hf(config: Config, export_dir: str):
   """The latest checkpoint -> a Hugging Face directory."""
   abstract_params = nnx.to_pure_dict(model_lib.abstract_parameters(config.model))
   step, params = checkpoint.restore_params(config, abstract_params)
-  # The run's own tokenizer, never a fresh one: load_tokenizer would train one where the workdir has none.
-  tokenizer_path = tokenizer_lib.model_path(config.workdir)
-  tokenizer = data.Tokenizer(tokenizer_path, config.data.num_sentinels) if os.path.exists(tokenizer_path) else None
+  tokenizer = tokenizer_lib.recorded_tokenizer(config.data, config.workdir)
   hf.to_hf(config.model, model_lib.from_parameters(config.model, params), export_dir, tokenizer=tokenizer)
-  print(f"exported step {step} to {export_dir}")
+  print(f"exported step {step} to {export_dir}" + ("" if tokenizer else
+        f" without a tokenizer ({config.workdir} has none): copy the weights' spiece.model beside them"))

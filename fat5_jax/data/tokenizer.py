@@ -133,6 +133,17 @@ def load_tokenizer(data_config: DataConfig, workdir: str, vocab_size: int) -> To
   return _validated(path, data_config, vocab_size)
 
 
+def recorded_tokenizer(data_config: DataConfig, workdir: str) -> Tokenizer | None:
+  """The tokenizer a run in `workdir` used, checked against its record; None when the workdir has none. Never
+  trains or copies one (export_hf: the weights' ids mean something only with their own tokenizer)."""
+  path, record = model_path(workdir), read_source(workdir)
+  if not os.path.exists(path):
+    return None
+  if record is not None:
+    _check_unchanged(record, data_config, path)
+  return Tokenizer(path, data_config.num_sentinels)
+
+
 def import_tokenizer(hf_dir: str, workdir: str, data_config: DataConfig) -> str | None:
   """Makes the checkpoint's spiece.model the workdir's tokenizer (import_hf), recorded as imported, and returns its
   path; None when the checkpoint has none, recorded too, so that no run trains a tokenizer for these weights."""
@@ -198,13 +209,7 @@ def _check(record: dict, data_config: DataConfig, path: str):
   """Raises ConfigError, in one line naming both, when the workdir's tokenizer is not the one the config asks for."""
   holds = f"{os.path.dirname(path)} holds {_describe(record)}"
   fix = "use another workdir, or set the config back"
-  if record["sha256"] != sha256(path):
-    then = (record["sha256"] or "none")[:12]
-    raise ConfigError(f"{path} changed after it was recorded in {SOURCE_FILE} (sha256 {then} then, "
-                      f"{sha256(path)[:12]} now): put the original back, or use another workdir")
-  if record["num_sentinels"] != data_config.num_sentinels:
-    raise ConfigError(f"{holds} with data.num_sentinels={record['num_sentinels']}, the config asks "
-                      f"data.num_sentinels={data_config.num_sentinels}: {fix}")
+  _check_unchanged(record, data_config, path)
   if data_config.tokenizer_path:
     asked = sha256(_existing(data_config.tokenizer_path))
     if record["source"] == "trained" or asked != record["sha256"]:
@@ -220,6 +225,18 @@ def _check(record: dict, data_config: DataConfig, path: str):
       raise ConfigError(f"{os.path.dirname(path)} holds a tokenizer trained with "
                         + ", ".join(f"{k}={record['settings'].get(k)!r}" for k in differ) + "; the config asks "
                         + ", ".join(f"{k}={settings[k]!r}" for k in differ) + f": {fix}")
+
+
+def _check_unchanged(record: dict, data_config: DataConfig, path: str):
+  """Raises ConfigError when the model file is not the one recorded, or was recorded with other sentinels."""
+  if record["sha256"] != sha256(path):
+    then = (record["sha256"] or "none")[:12]
+    raise ConfigError(f"{path} changed after it was recorded in {SOURCE_FILE} (sha256 {then} then, "
+                      f"{sha256(path)[:12]} now): put the original back, or use another workdir")
+  if record["num_sentinels"] != data_config.num_sentinels:
+    raise ConfigError(f"{os.path.dirname(path)} holds {_describe(record)} with data.num_sentinels="
+                      f"{record['num_sentinels']}, the config asks data.num_sentinels={data_config.num_sentinels}: "
+                      "use another workdir, or set the config back")
 
 
 def _describe(record: dict) -> str:

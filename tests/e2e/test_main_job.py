@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,16 +168,54 @@ def test_a_second_run_on_a_busy_workdir_stops_in_one_line(tmp_path):
     first.wait()
 
 
+def main_error(*argv) -> tuple[int, str]:
+  """Runs main.py expecting a failure: (exit code, its one error line)."""
+  out = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+  assert out.stderr.startswith("error: "), out.stderr[-2000:]
+  return out.returncode, out.stderr.strip()
+
+
 @pytest.mark.parametrize("case,code", [("missing config file", 2), ("workdir is a file", 2),
+                                       ("read-only workdir", 2),
                                        ("import_hf from a directory without a checkpoint", 1)])
 def test_errors_are_one_line(case, code, tmp_path):
   a_file = tmp_path / "a_file"
   a_file.write_text("")
   argv = {"missing config file": ["--config=configs/missing.py"],
           "workdir is a file": ["--config=configs/tiny_fr.py", f"--config.workdir={a_file}"],
+          # /sys is a read-only file system: refused even to root, who ignores permission bits.
+          "read-only workdir": ["--config=configs/tiny_fr.py", "--config.workdir=/sys/fat5_jax_run"],
           "import_hf from a directory without a checkpoint": [
               "--config=configs/tiny_fr.py", "--mode=import_hf", f"--hf_dir={tmp_path}",
               f"--config.workdir={tmp_path / 'run'}"]}[case]
-  out = subprocess.run([sys.executable, "main.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert out.returncode == code and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
-  assert out.stderr.startswith("error: ")
+  assert main_error(*argv)[0] == code
+
+
+def test_export_of_alibi_weights_is_one_line(tmp_path):
+  from configs import tiny_fr
+  from fat5_jax import checkpoint, model as model_lib
+  from fat5_jax.config import from_config_dict
+  from flax import nnx
+
+  config = tiny_fr.get_config()
+  config.workdir = str(tmp_path)
+  config.model.position_encoding_type = "alibi"
+  config = from_config_dict(config)
+  saver = checkpoint.Checkpointer(config.workdir)
+  params = model_lib.parameters(model_lib.T5(config.model, rngs=nnx.Rngs(0)))
+  saver.save(0, {"params": params}, config=config, force=True)
+  saver.close()
+  code, line = main_error("--config=configs/tiny_fr.py", f"--config.workdir={tmp_path}", "--mode=export_hf",
+                          "--config.model.position_encoding_type=alibi")
+  assert code == 1 and "alibi" in line and "Hugging Face" in line, line
+  assert not os.path.exists(os.path.join(tmp_path, "hf", "model.safetensors"))
+
+
+def test_export_refuses_a_tokenizer_changed_after_the_run(straight_run, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(straight_run[0], workdir)
+  with open(os.path.join(workdir, "tokenizer", "spm.model"), "ab") as f:
+    f.write(b"\0")
+  code, line = main_error(*command(workdir, "--mode=export_hf")[2:])
+  assert code == 2 and "changed after it was recorded" in line, line
