@@ -17,7 +17,6 @@ from fat5_jax import losses, optim, sharding
 from fat5_jax import model as model_lib
 from fat5_jax.config import Config, ConfigError
 from fat5_jax.ops import ops_for
-from fat5_jax.train import distributed
 
 
 class Trainer:
@@ -105,9 +104,8 @@ class Trainer:
     return self._loss(params, batch)[1]
 
   def put_batch(self, batch: dict, *, micro_batches: int | None = None) -> dict:
-    """Host numpy rows -> global device arrays, split into micro-batches on a leading axis when asked."""
-    if jax.process_count() > 1:
-      batch = distributed.pad_decoder_to_global_length(batch)
+    """Host numpy rows -> global device arrays, split into micro-batches on a leading axis when asked. Every process
+    must give the same shapes (the data layer agrees on the decoder bucket of each batch)."""
     if micro_batches is not None:
       batch = {k: v.reshape(micro_batches, v.shape[0] // micro_batches, *v.shape[1:]) for k, v in batch.items()}
     target = sharding.batch_sharding(self.mesh, leading_axes=0 if micro_batches is None else 1)
