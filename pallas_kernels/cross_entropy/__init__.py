@@ -24,6 +24,12 @@ mT5's 250,112 included):
   read asks L2 to keep the row, the second and the gradient writes ask it to drop them, and the second pass runs
   backwards, starting with the blocks read last, looking for the argmax in the block that holds it.
 
+Numerics: the kernels read logits of any float dtype and do all their arithmetic in float32 (loss, lse, and the
+softmax of the gradient); loss and lse are float32, dlogits is rounded once to its output dtype. Their error is
+that of float32 (tests: 1e-5 relative on float32 logits). Logits rounded to bf16 before they get here already
+carry an error of up to 2**-9 of each logit, which no kernel can undo: `chunked_lm_head_cross_entropy` therefore
+hands the kernels the matmul's float32 logits.
+
 Backends: "pallas" (pallas.py) and "triton" (triton.py), the same kernels twice behind `backends.Kernels`;
 `reference.py` is the jnp version. Choosing between them is the caller's business. Each backend loads on first
 use, so importing this package loads neither compiler.
@@ -51,6 +57,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, *, z_loss: float = 0.0,
                   interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """Per-token float32 (loss, lse) for logits [N, V] and int targets [N]; loss includes z_loss * lse**2.
 
+  Computed in float32 from the logits as given (pass float32 logits for float32 accuracy); dlogits has the dtype
+  of logits, rounded once from float32.
+
   Differentiable in `logits` through both outputs (a forward and a backward kernel). Targets < 0 or >= V are
   ignored: loss 0, no loss gradient.
   backend: "pallas" or "triton".
@@ -66,9 +75,9 @@ def cross_entropy_and_grad(logits: jax.Array, targets: jax.Array, dloss: jax.Arr
                            backend: str = "pallas", interpret: bool | None = None):
   """Per-token (loss, lse, argmax) and d(sum(dloss * loss))/d(logits) in one kernel, for a loss cotangent known
   in advance (e.g. the loss weights / token count): about one read and one write of the logits instead of the
-  forward's read plus the backward's read and write. dlogits has the dtype of logits; argmax is int32 (first
-  maximum). Targets < 0 or >= V are ignored (loss 0, no gradient). Not differentiable itself (it returns the
-  gradient).
+  forward's read plus the backward's read and write. Computed in float32; dlogits has the dtype of logits,
+  rounded once; argmax is int32 (first maximum). Targets < 0 or >= V are ignored (loss 0, no gradient). Not
+  differentiable itself (it returns the gradient).
   backend: "xla" (the jnp reference, no kernel), "pallas" or "triton".
   interpret: None runs the compiled kernels on a GPU and the interpreter (Pallas' or Triton's) anywhere else.
   """
@@ -77,7 +86,8 @@ def cross_entropy_and_grad(logits: jax.Array, targets: jax.Array, dloss: jax.Arr
     raise ValueError(f"dloss must have shape {targets.shape}, got {dloss.shape}")
   options = backends.make_options(z_loss, label_smoothing, block_sizes, backend, interpret,
                                   backends.CHUNKED_BACKENDS)
-  return backends.value_and_grad(logits, targets.astype(jnp.int32), dloss.astype(jnp.float32), options)
+  return backends.value_and_grad(logits, targets.astype(jnp.int32), dloss.astype(jnp.float32), logits.dtype,
+                                 options)
 
 
 def _check_logits(logits, targets):

@@ -60,9 +60,10 @@ class Kernels(Protocol):
                options: Options) -> jax.Array:
     """dlogits (the logits' dtype) for the cotangents of loss and lse."""
 
-  def fused(self, logits: jax.Array, targets: jax.Array, dloss: jax.Array,
+  def fused(self, logits: jax.Array, targets: jax.Array, dloss: jax.Array, dlogits_dtype: jnp.dtype,
             options: Options) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(loss, lse, argmax, dlogits) for a loss cotangent known in advance, in one kernel."""
+    """(loss, lse, argmax, dlogits) for a loss cotangent known in advance, in one kernel; dlogits is computed in
+    float32 and rounded once to dlogits_dtype."""
 
 
 def kernels(options: Options) -> Kernels:
@@ -82,13 +83,14 @@ def value(logits: jax.Array, targets: jax.Array, options: Options) -> tuple[jax.
   return kernels(options).forward(logits, targets, options, with_argmax=True)
 
 
-def value_and_grad(logits: jax.Array, targets: jax.Array, dloss: jax.Array,
+def value_and_grad(logits: jax.Array, targets: jax.Array, dloss: jax.Array, dlogits_dtype: jnp.dtype,
                    options: Options) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """(loss, lse, argmax, dlogits) of a chunk of logits, dlogits for the per-token loss cotangent `dloss`."""
+  """(loss, lse, argmax, dlogits) of a chunk of logits, dlogits (in dlogits_dtype) for the per-token loss
+  cotangent `dloss`."""
   if options.backend == "xla":
     loss_fn = functools.partial(reference.cross_entropy, targets=targets, z_loss=options.z_loss,
                                 label_smoothing=options.label_smoothing)
     (loss, lse), vjp = jax.vjp(loss_fn, logits)
     (dlogits,) = vjp((dloss, jnp.zeros_like(lse)))
-    return loss, lse, jnp.argmax(logits, axis=-1).astype(jnp.int32), dlogits.astype(logits.dtype)
-  return kernels(options).fused(logits, targets, dloss, options)
+    return loss, lse, jnp.argmax(logits, axis=-1).astype(jnp.int32), dlogits.astype(dlogits_dtype)
+  return kernels(options).fused(logits, targets, dloss, dlogits_dtype, options)

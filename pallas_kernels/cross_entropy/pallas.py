@@ -244,11 +244,11 @@ def backward(logits, targets, lse, dloss, dlse, options):
                      logits, targets, lse, dloss.astype(jnp.float32), dlse.astype(jnp.float32))
 
 
-def fused(logits, targets, dloss, options):
-  """(loss, lse, argmax, dlogits)."""
+def fused(logits, targets, dloss, dlogits_dtype, options):
+  """(loss, lse, argmax, dlogits in dlogits_dtype)."""
   bs = options.block_sizes
   num_tokens = logits.shape[0]
-  out_shape = stats_shapes(num_tokens) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
+  out_shape = stats_shapes(num_tokens) + (jax.ShapeDtypeStruct(logits.shape, dlogits_dtype),)
   return _launch(_fused_kernel, out_shape, num_tokens, 1, bs.fused_block_vocab, bs.fused_num_warps, options,
                  "cross_entropy_fused", fused_num_programs(bs, num_tokens))(
                      logits, targets, dloss.astype(jnp.float32))

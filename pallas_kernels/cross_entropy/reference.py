@@ -41,10 +41,10 @@ def token_weights(targets: jax.Array, weights: jax.Array | None, vocab: int) -> 
 def lm_head_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array,
                           weights: jax.Array | None = None, *, z_loss: float = 0.0,
                           label_smoothing: float = 0.0) -> LossSums:
-  """`chunked_lm_head_cross_entropy` with the full [N, V] logits materialized (the XLA baseline): logits in
-  hidden's dtype, accumulated in float32."""
+  """`chunked_lm_head_cross_entropy` with the full [N, V] logits materialized (the XLA baseline): the logits are
+  the float32 accumulation of the matmul, not rounded to hidden's dtype, as in the chunked loss."""
   logits = jnp.dot(hidden, kernel.astype(hidden.dtype),
-                   preferred_element_type=jnp.promote_types(hidden.dtype, jnp.float32)).astype(hidden.dtype)
+                   preferred_element_type=jnp.promote_types(hidden.dtype, jnp.float32))
   loss, lse = cross_entropy(logits, targets, z_loss=z_loss, label_smoothing=label_smoothing)
   w = token_weights(targets, weights, logits.shape[-1])
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)

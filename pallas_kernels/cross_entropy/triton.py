@@ -245,9 +245,9 @@ def backward(logits, targets, lse, dloss, dlse, options):
                  (bs.bwd_block_tokens, bs.bwd_block_vocab, bs.bwd_num_warps), options)
 
 
-def fused(logits, targets, dloss, options):
-  """(loss, lse, argmax, dlogits)."""
+def fused(logits, targets, dloss, dlogits_dtype, options):
+  """(loss, lse, argmax, dlogits in dlogits_dtype)."""
   bs = options.block_sizes
-  out_shape = stats_shapes(logits.shape[0]) + (jax.ShapeDtypeStruct(logits.shape, logits.dtype),)
+  out_shape = stats_shapes(logits.shape[0]) + (jax.ShapeDtypeStruct(logits.shape, dlogits_dtype),)
   return _launch(_fused_kernel, (logits, targets, dloss.astype(jnp.float32)), out_shape,
                  (1, bs.fused_block_vocab, bs.fused_num_warps), options, fused_num_programs(bs, logits.shape[0]))

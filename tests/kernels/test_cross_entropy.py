@@ -226,6 +226,42 @@ def test_chunked_lm_head_matches_float64(backend, num_tokens, chunk_size, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("logit_std", [5.0, 30.0])
+def test_chunked_bf16_logits_enter_the_loss_in_float32(backend, logit_std):
+  """bf16 hidden and kernel at realistic logit scales: loss and gradients match float64 logits of the same bf16
+  values within the bounds of the docstring (1e-5 on the sums, 1e-2 on the gradients), which bf16-rounded logits
+  miss."""
+  num_tokens, d_model, vocab = 24, 32, 700  # vocab 700: masked tails in blocks of 128 and 256
+  keys = jax.random.split(jax.random.key(int(logit_std)), 4)
+  hidden = jax.random.normal(keys[0], (num_tokens, d_model)).astype(jnp.bfloat16)
+  kernel = (logit_std * d_model ** -0.5 * jax.random.normal(keys[1], (d_model, vocab))).astype(jnp.bfloat16)
+  targets = _targets(keys[2], num_tokens, vocab)
+  weights = jax.random.uniform(keys[3], (num_tokens,), minval=0.5, maxval=2.0)
+  kwargs = dict(z_loss=1e-4, label_smoothing=0.0)
+
+  def chunked(hidden, kernel):
+    return chunked_lm_head_cross_entropy(hidden, kernel, targets, weights, chunk_size=16, backend=backend,
+                                         block_sizes=SMALL_BLOCKS, interpret=INTERPRET, **kwargs)
+
+  poison_device_memory()
+  sums = jax.jit(chunked)(hidden, kernel)
+  poison_device_memory()
+  grads = jax.jit(jax.grad(lambda h, k: chunked(h, k).loss, argnums=(0, 1)))(hidden, kernel)
+  ref_sums, ref_grads = _lm_head_float64(hidden, kernel, targets, weights, **kwargs)
+  logits = np.asarray(hidden, np.float64) @ np.asarray(kernel, np.float64)
+  assert 0.7 * logit_std < logits.std() < 1.3 * logit_std
+  _assert_close("loss", sums.loss, ref_sums.loss, 1e-5)
+  _assert_close("z_loss", sums.z_loss, ref_sums.z_loss, 1e-5)
+  for name, actual, want in zip(("dhidden", "dkernel"), grads, ref_grads):
+    _assert_close(name, actual, want, 1e-2)
+  # The bound is tight enough to see logits rounded to bf16 before the loss (what this function did before).
+  rounded = np.asarray(jnp.asarray(logits, jnp.float32).astype(jnp.bfloat16), np.float64)
+  rounded_loss, _ = _float64_reference(rounded, targets, **kwargs)
+  valid_weights = np.asarray(reference.token_weights(targets, weights, vocab), np.float64)
+  assert relative_error(np.sum(valid_weights * rounded_loss), ref_sums.loss) > 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_chunked_accuracy_count_is_exact(backend):
   hidden, kernel, targets, weights = _lm_head_inputs(0, 24, 16, 300, jnp.float32)
   sums = chunked_lm_head_cross_entropy(hidden, kernel, targets, weights, chunk_size=10, block_sizes=SMALL_BLOCKS,
