@@ -1,8 +1,11 @@
 """T5 v1.1 / FAT5 encoder-decoder in Flax NNX.
 
 Pre-norm blocks with T5's RMSNorm, no linear biases, a relative position encoding computed once per stack, and an
-lm_head that is untied by default. Initialization follows Hugging Face's `T5PreTrainedModel._init_weights`
-(std of each weight given beside it). Linear kernels are stored [in, out]; `fat5_jax.hf` transposes them.
+lm_head that is untied by default. A fresh model draws every weight as FAT5's `FlashT5PreTrainedModel._init_weights`
+does (the std of each weight beside it, times `initializer_factor`), which is Hugging Face's T5 init except for two
+weights: the untied lm_head (d_model**-0.5, not 1.0: the initial logits have unit scale and the loss starts at
+ln(vocab)) and the feed-forward `wo` (d_model**-0.5, not d_ff**-0.5). Imported checkpoints bypass this init.
+Linear kernels are stored [in, out]; `fat5_jax.hf` transposes them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,26 @@ ACTIVATIONS = {
 
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
+
+
+class Embedding(nnx.Module):
+  """The token embedding [vocab, d_model] shared by the encoder, the decoder and a tied lm_head.
+
+  Rows are gathered from the table upcast to float32, then cast to the compute dtype: the gradient's scatter-add,
+  which adds one row per occurrence of a token (thousands for a frequent token in a micro-batch), then runs in
+  float32 and a bf16 table's gradient is rounded once per use, not at every addition.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.embedding = _normal(rngs, (config.vocab_size, config.d_model), config.initializer_factor * 1.0,
+                             config.param_dtype)  # std: factor
+    self.dtype = jnp.dtype(config.dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.float32_table(), ids, axis=0).astype(self.dtype)
+
+  def float32_table(self) -> jax.Array:
+    return self.embedding[...].astype(jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -93,7 +116,9 @@ class FeedForward(nnx.Module):
       self.wi_1 = _normal(rngs, (config.d_model, config.d_ff), c * config.d_model ** -0.5, dtype)
     else:
       self.wi = _normal(rngs, (config.d_model, config.d_ff), c * config.d_model ** -0.5, dtype)
-    self.wo = _normal(rngs, (config.d_ff, config.d_model), c * config.d_ff ** -0.5, dtype)
+    # std: FAT5 reads (d_ff, d_model) from torch's [out, in] weight of `wo`, so it draws d_model**-0.5 where Hugging
+    # Face draws d_ff**-0.5; we start where FAT5's models started.
+    self.wo = _normal(rngs, (config.d_ff, config.d_model), c * config.d_model ** -0.5, dtype)
     self.activation = ACTIVATIONS[config.feed_forward_proj]
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
     self.dtype = jnp.dtype(config.dtype)
@@ -195,13 +220,13 @@ class T5(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     c = config.initializer_factor
-    self.shared = nnx.Embed(config.vocab_size, config.d_model, param_dtype=jnp.dtype(config.param_dtype),
-                            dtype=jnp.dtype(config.dtype), embedding_init=nnx.initializers.normal(c * 1.0),
-                            rngs=rngs)  # std: factor
+    self.shared = Embedding(config, rngs=rngs)
     self.encoder = Stack(config, is_decoder=False, rngs=rngs)
     self.decoder = Stack(config, is_decoder=True, rngs=rngs)
     if not config.tie_word_embeddings:
-      self.lm_head = _normal(rngs, (config.d_model, config.vocab_size), c * 1.0, config.param_dtype)  # std: factor
+      # std: FAT5's d_model**-0.5 (Hugging Face's 1.0 made the initial logits ~sqrt(d_model) times too large).
+      self.lm_head = _normal(rngs, (config.d_model, config.vocab_size), c * config.d_model ** -0.5,
+                             config.param_dtype)
 
   def encode(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None):
     segment_ids = _segment_ids(input_ids, attention_mask, segment_ids)
@@ -219,7 +244,8 @@ class T5(nnx.Module):
     """[d_model, vocab] in the compute dtype; tied heads carry Hugging Face's d_model**-0.5 output rescaling."""
     dtype = jnp.dtype(self.config.dtype)
     if self.config.tie_word_embeddings:
-      return (self.shared.embedding[...].T * self.config.d_model ** -0.5).astype(dtype)
+      # Scaled in float32 and rounded once, whatever the table's dtype.
+      return (self.shared.float32_table().T * self.config.d_model ** -0.5).astype(dtype)
     return self.lm_head[...].astype(dtype)
 
   def init_cache(self, encoded, attention_mask, max_length: int) -> list[dict]:

@@ -37,7 +37,7 @@ class RelativeBias(nnx.Module):
   """T5's bucketed relative bias: a [num_buckets, heads] table (Hugging Face's `relative_attention_bias`)."""
 
   def __init__(self, config: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
-    std = config.initializer_factor * config.d_model ** -0.5
+    std = config.initializer_factor * config.d_model ** -0.5  # FAT5 and Hugging Face
     self.relative_attention_bias = nnx.Param(
         std * jax.random.normal(rngs.params(), (config.relative_attention_num_buckets, config.num_heads),
                                 jnp.dtype(config.param_dtype)))
@@ -45,6 +45,8 @@ class RelativeBias(nnx.Module):
     self.max_distance = config.relative_attention_max_distance
 
   def __call__(self, q_positions, kv_positions) -> AttentionBias:
+    # One float32 table for all the layers of the stack: every layer's gradient (a scatter-add over Sq x Sk pairs in
+    # the reference, float32 partial sums in the kernels) adds into it in float32, rounded to a bf16 table once.
     return AttentionBias(kind="t5", table=self.relative_attention_bias[...].astype(jnp.float32),
                          bidirectional=self.bidirectional, max_distance=self.max_distance)
 
@@ -71,9 +73,13 @@ class Fire(nnx.Module):
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     dtype, width = jnp.dtype(config.param_dtype), config.fire_mlp_width
-    self.mlp_in = nnx.Param(jax.random.normal(rngs.params(), (width,), dtype))
-    self.mlp_in_bias = nnx.Param(jnp.zeros((width,), dtype))
-    self.mlp_out = nnx.Param(jax.random.normal(rngs.params(), (width, config.num_heads), dtype) * width ** -0.5)
+    # FAT5's FIRE MLP (torch Linear(1, width) then Linear(width, heads)) keeps PyTorch's default init: uniform in
+    # +-fan_in**-0.5, weights and biases alike (our second layer has no bias).
+    uniform = lambda shape, fan_in: nnx.Param(
+        jax.random.uniform(rngs.params(), shape, dtype, -1.0, 1.0) * jnp.asarray(fan_in ** -0.5, dtype))
+    self.mlp_in = uniform((width,), 1)
+    self.mlp_in_bias = uniform((width,), 1)
+    self.mlp_out = uniform((width, config.num_heads), width)
     self.log_c = nnx.Param(jnp.asarray(math.log(config.fire_c), dtype))
     self.threshold = nnx.Param(jnp.asarray(config.fire_L, dtype))
 
