@@ -23,15 +23,21 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from fat5_jax import losses
 from fat5_jax.config import ModelConfig
+from fat5_jax.sharding import BATCH_AXES
 from pallas_kernels.attention import flash_attention, reference as attention_reference, triton_supports
 from pallas_kernels.cross_entropy import chunked_lm_head_cross_entropy
 from pallas_kernels.rms_norm import reference as rms_norm_reference, rms_norm as rms_norm_kernel
 
 FASTEST_ON_GPU = "triton"
+ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("table", "slopes", "bias"),
+                   meta_fields=("kind", "bidirectional", "max_distance"))
 @dataclasses.dataclass(frozen=True)
 class AttentionBias:
   """How positions enter the logits of one stack's attention (computed once per stack, shared by its layers).
@@ -45,6 +51,11 @@ class AttentionBias:
   max_distance: int = 128
   slopes: Optional[jax.Array] = None
   bias: Optional[jax.Array] = None
+
+  def specs(self) -> "AttentionBias":
+    """Its partition specs under a batch-splitting mesh: tables and slopes replicated, a per-row bias split."""
+    per_row = self.bias is not None and self.bias.shape[0] > 1
+    return dataclasses.replace(self, table=P(), slopes=P(), bias=ROWS if per_row else P())
 
   def as_kwargs(self) -> dict:
     """The bias as the keyword arguments of flash attention and of its reference."""
@@ -71,9 +82,23 @@ class Ops:
                 kv_positions, causal: bool, scale: float) -> jax.Array:
     """q [B, Sq, H, D], k and v [B, Sk, H, D] -> [B, Sq, H, D]. Segment ids (0 = padding) confine each query to
     keys of its own segment; a query with no visible key returns zeros. Positions None mean index differences."""
+    rows = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    mesh = _row_splitting_mesh()
+    if mesh is None or not self._runs_kernel():
+      return _constrain_rows(self._attention(*_constrain_rows(rows, mesh), bias=bias, causal=causal, scale=scale),
+                             mesh)
+    per_device = lambda rows, bias: self._attention(*rows, bias=bias, causal=causal, scale=scale)
+    bias_specs = None if bias is None else bias.specs()
+    return _per_device(per_device, mesh, in_specs=(ROWS, bias_specs), out_specs=ROWS)(rows, bias)
+
+  def _runs_kernel(self) -> bool:
+    """Whether attention runs a Pallas / Triton kernel, which XLA cannot split over devices by itself."""
+    return self.attention_impl == "flash" and self.backend != "xla"
+
+  def _attention(self, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, bias, causal, scale):
     kwargs = dict(causal=causal, scale=scale, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                   q_positions=q_positions, kv_positions=kv_positions, **({} if bias is None else bias.as_kwargs()))
-    if self.attention_impl == "flash" and self.backend != "xla":
+    if self._runs_kernel():
       backend = self.backend
       if backend == "triton" and self.attention_fallback and not triton_supports(
           alibi_slopes=kwargs.get("alibi_slopes"), bias=kwargs.get("bias"), q_positions=q_positions):
@@ -85,23 +110,57 @@ class Ops:
 
   def rms_norm(self, x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """T5 RMSNorm: no mean, no bias, variance in float32; returns x's dtype."""
+    mesh = _row_splitting_mesh()
     if self.backend == "xla":
-      return rms_norm_reference.rms_norm(x, weight, eps)
-    return rms_norm_kernel(x, weight, eps, backend=self.backend)
+      return _constrain_rows(rms_norm_reference.rms_norm(_constrain_rows(x, mesh), weight, eps), mesh)
+    per_device = lambda x, weight: rms_norm_kernel(x, weight, eps, backend=self.backend)
+    return _per_device(per_device, mesh, in_specs=(ROWS, P()), out_specs=ROWS)(x, weight)
 
   def lm_head_loss(self, hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, *,
                    z_loss: float, label_smoothing: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`losses.cross_entropy_loss` of the logits `hidden [B, T, d] @ kernel [d, V]`, same returns. The kernels
     run over chunks of tokens and never hold more than one chunk of logits, forward or backward."""
+    mesh = _row_splitting_mesh()
     if self.backend == "xla":
-      return losses.cross_entropy_loss(hidden @ kernel, targets, weights, z_loss=z_loss,
-                                       label_smoothing=label_smoothing)
-    weights = weights.astype(jnp.float32)
-    sums = chunked_lm_head_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), kernel, targets.reshape(-1), weights.reshape(-1), z_loss=z_loss,
-        label_smoothing=label_smoothing, backend=self.backend)
-    return sums.loss, {"loss": sums.loss, "z_loss": sums.z_loss, "correct": sums.correct,
-                       "tokens": jnp.sum(weights)}
+      logits = jnp.matmul(_constrain_rows(hidden, mesh), kernel, preferred_element_type=jnp.float32)
+      return losses.cross_entropy_loss(logits, targets, weights, z_loss=z_loss, label_smoothing=label_smoothing)
+
+    def per_device(hidden, kernel, targets, weights):
+      sums = chunked_lm_head_cross_entropy(
+          hidden.reshape(-1, hidden.shape[-1]), kernel, targets.reshape(-1), weights.reshape(-1), z_loss=z_loss,
+          label_smoothing=label_smoothing, backend=self.backend)
+      sums = {"loss": sums.loss, "z_loss": sums.z_loss, "correct": sums.correct, "tokens": jnp.sum(weights)}
+      return sums if mesh is None else jax.lax.psum(sums, BATCH_AXES)
+
+    args = (hidden, kernel, targets, weights.astype(jnp.float32))
+    sums = _per_device(per_device, mesh, in_specs=(ROWS, P(), ROWS, ROWS), out_specs=P())(*args)
+    return sums["loss"], sums
+
+
+def _row_splitting_mesh() -> Optional[jax.sharding.AbstractMesh]:
+  """The mesh being traced under (the trainer sets it) when it splits rows over several devices, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or all(mesh.shape.get(axis, 1) == 1 for axis in BATCH_AXES):
+    return None
+  return mesh
+
+
+def _per_device(fn, mesh: Optional[jax.sharding.AbstractMesh], *, in_specs, out_specs):
+  """`fn` run by each device of a row-splitting mesh on its own rows (shard_map), or `fn` itself off one. XLA cannot
+  split a Pallas or Triton call: left to it, every device would run the kernel on the whole batch. The kernels'
+  outputs carry no note of which mesh axes they vary over, hence check_vma=False; the tests compare values and
+  gradients with one device."""
+  if mesh is None:
+    return fn
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def _constrain_rows(tree, mesh: Optional[jax.sharding.AbstractMesh]):
+  """Keeps activations split by rows where XLA partitions the op itself: under FSDP it would otherwise gather
+  activations rather than weights (t5x's activation sharding constraints). A no-op off a row-splitting mesh."""
+  if mesh is None:
+    return tree
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, ROWS)), tree)
 
 
 # The references, whatever the config says: decoding one token at a time with a cache.

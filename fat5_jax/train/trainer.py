@@ -23,9 +23,10 @@ class Trainer:
   """Builds the model and optimizer for a config and compiles the steps over a mesh."""
 
   def __init__(self, config: Config, mesh: jax.sharding.Mesh):
-    if config.train.batch_size % mesh.size:
-      raise ConfigError(f"train.batch_size={config.train.batch_size} rows cannot be split evenly over the "
-                       f"{mesh.size} devices of the mesh")
+    tc = config.train
+    if tc.batch_size % (tc.grad_accum_steps * mesh.size):
+      raise ConfigError(f"train.batch_size={tc.batch_size} is not a multiple of train.grad_accum_steps x devices = "
+                        f"{tc.grad_accum_steps} x {mesh.size}: every device takes as many rows of each micro-batch")
     self.config, self.mesh = config, mesh
     self.tx = optim.make_optimizer(config.train, config.model.param_dtype)
     self.ops = ops_for(config.model)  # runs the lm_head loss: the seam picks its kernel, as for the model
@@ -67,7 +68,15 @@ class Trainer:
     return model
 
   def _loss(self, params, batch, dropout_key=None):
+    # The seam reads the mesh to run each kernel on its device's rows (shard_map) and to keep activations split.
+    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+      return self._loss_on_mesh(params, batch, dropout_key)
+
+  def _loss_on_mesh(self, params, batch, dropout_key):
     tc = self.config.train
+    # FSDP: each weight is gathered whole where it is used (its gradient reduce-scattered back), so that XLA never
+    # chooses to gather the activations instead.
+    params = jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: sharding.replicated(self.mesh), params))
     model = self.model(params, dropout_key)
     # Packed segments are contiguous with positions restarting at 0, so only FIRE (absolute query positions) needs
     # them; without them the flash kernel takes its faster path.
