@@ -117,6 +117,7 @@ class DataConfig:
 
 
 SCHEDULES = ("linear", "cosine", "wsd", "inverse_sqrt", "constant")
+OPTIMIZERS = ("adamw_scale", "adamw")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,9 @@ class TrainConfig:
   steps: int = _field(100_000, "Optimizer steps.")
   batch_size: int = _field(128, "Rows per micro-batch, summed over all devices.")
   grad_accum_steps: int = _field(4, "Micro-batches per optimizer step (a scan inside the jitted step).")
+  optimizer: str = _field(
+      "adamw_scale", "adamw_scale: FAT5's AdamWScale, Adam whose step is scaled by each tensor's RMS (floor 1e-3); "
+      "adamw: plain AdamW, torch.optim.AdamW's update (docs/optim.md).", OPTIMIZERS)
   learning_rate: float = _field(5e-3, "Peak learning rate (AdamWScale scales it by each tensor's RMS).")
   schedule: str = _field("cosine", "Decay after warm-up.", SCHEDULES)
   warmup_steps: int = _field(20_000, "Linear warm-up steps.")

@@ -87,13 +87,33 @@ def adamw_scale(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: floa
     weight_decay_mask: None (decay everything), a pytree of bools like the params (True: decay), or a callable
       params -> such a pytree, e.g. `decay_mask`.
   """
+  return _adam(learning_rate, b1, b2, eps, weight_decay, kahan, moment_dtype, weight_decay_mask, rms_scaled=True)
+
+
+def adamw(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+          weight_decay: float = 0.0, kahan: bool = False, moment_dtype: Any = jnp.float32,
+          weight_decay_mask: Any = None) -> optax.GradientTransformation:
+  """Plain AdamW, `torch.optim.AdamW`'s update: no RMS scaling, eps inside the bias correction, and the decay
+  applied to the parameter before this step (the same value, as the Adam term does not depend on p):
+
+    p = p - lr * wd * p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+  Same arguments, float32 maths and Kahan option as `adamw_scale`; it exists to check the trainer against
+  transformers + PyTorch step for step, and for runs that want the textbook optimizer.
+  """
+  return _adam(learning_rate, b1, b2, eps, weight_decay, kahan, moment_dtype, weight_decay_mask, rms_scaled=False)
+
+
+def _adam(learning_rate, b1, b2, eps, weight_decay, kahan, moment_dtype, weight_decay_mask, *,
+          rms_scaled: bool) -> optax.GradientTransformation:
+  name = "adamw_scale" if rms_scaled else "adamw"
   if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-    raise ValueError(f"adamw_scale: b1 and b2 must be in [0, 1), got b1={b1}, b2={b2}")
+    raise ValueError(f"{name}: b1 and b2 must be in [0, 1), got b1={b1}, b2={b2}")
   if eps <= 0.0 or weight_decay < 0.0:
-    raise ValueError(f"adamw_scale: eps must be > 0 and weight_decay >= 0, got eps={eps}, weight_decay={weight_decay}")
+    raise ValueError(f"{name}: eps must be > 0 and weight_decay >= 0, got eps={eps}, weight_decay={weight_decay}")
   moment_dtype = jnp.dtype(moment_dtype)
   if not jnp.issubdtype(moment_dtype, jnp.floating):
-    raise ValueError(f"adamw_scale: moment_dtype must be a float dtype, got {moment_dtype}")
+    raise ValueError(f"{name}: moment_dtype must be a float dtype, got {moment_dtype}")
   schedule = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def init(params):
@@ -104,7 +124,7 @@ def adamw_scale(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: floa
 
   def update(grads, state, params=None):
     if params is None:
-      raise ValueError("adamw_scale needs the current params: call update(grads, state, params)")
+      raise ValueError(f"{name} needs the current params: call update(grads, state, params)")
     t = (state.count + 1).astype(jnp.float32)
     lr = jnp.asarray(schedule(state.count), jnp.float32)
     bias_scale = jnp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
@@ -114,10 +134,15 @@ def adamw_scale(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: floa
       g = g.astype(jnp.float32)
       m = b1 * m.astype(jnp.float32) + (1.0 - b1) * g
       v = b2 * v.astype(jnp.float32) + (1.0 - b2) * jnp.square(g)
-      step_size = lr * bias_scale * jnp.maximum(RMS_FLOOR, _rms(p))
-      update = -step_size * m / (jnp.sqrt(v) + eps)
-      if weight_decay:  # nanoT5 decays the already-updated parameter: p' = (p + update)(1 - lr wd).
-        update = update - lr * (weight_decay * decay) * (p.astype(jnp.float32) + update)
+      if rms_scaled:
+        step_size = lr * bias_scale * jnp.maximum(RMS_FLOOR, _rms(p))
+        update = -step_size * m / (jnp.sqrt(v) + eps)
+        if weight_decay:  # nanoT5 decays the already-updated parameter: p' = (p + update)(1 - lr wd).
+          update = update - lr * (weight_decay * decay) * (p.astype(jnp.float32) + update)
+      else:
+        update = -lr / (1.0 - b1 ** t) * m / (jnp.sqrt(v) / jnp.sqrt(1.0 - b2 ** t) + eps)
+        if weight_decay:
+          update = update - lr * (weight_decay * decay) * p.astype(jnp.float32)
       return update, m.astype(moment_dtype), v.astype(moment_dtype)
 
     treedef = jax.tree.structure(grads)
@@ -250,15 +275,18 @@ def make_schedule(train_config: TrainConfig) -> optax.Schedule:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+OPTIMIZERS = {"adamw_scale": adamw_scale, "adamw": adamw}
+
+
 def make_optimizer(train_config: TrainConfig, param_dtype: Any) -> optax.GradientTransformation:
-  """skip_non_finite(clip_by_global_norm -> adamw_scale) as `train_config` asks.
+  """skip_non_finite(clip_by_global_norm -> adamw_scale, or adamw per `train_config.optimizer`) as it asks.
 
   Kahan compensation is on when the parameters are bf16/f16 and `train_config.kahan`; float32 parameters are their
   own master copy (the model still computes in `model.dtype`). Weight decay follows `decay_mask`.
   """
   kahan = train_config.kahan and jnp.dtype(param_dtype) in LOW_PRECISION
   chain = [optax.clip_by_global_norm(train_config.clip_norm)] if train_config.clip_norm > 0 else []
-  chain.append(adamw_scale(
+  chain.append(OPTIMIZERS[train_config.optimizer](
       make_schedule(train_config), b1=train_config.b1, b2=train_config.b2, eps=train_config.eps,
       weight_decay=train_config.weight_decay, kahan=kahan, moment_dtype=train_config.moment_dtype,
       weight_decay_mask=decay_mask))

@@ -32,6 +32,7 @@ def test_small_fr_matches_fat5_recipe():
     ("data", "tokenizer_vocab_size", 40000, "exceeds model.vocab_size"),
     ("train", "warmup_init_fraction", 0.0, "warmup_init_fraction"),
     ("train", "profile_steps", (1, 2, 3), "profile_steps"),
+    ("train", "optimizer", "adam", "train.optimizer='adam' is not one of"),
 ])
 def test_bad_values_name_the_field(section, field, value, message):
   values = config_lib.to_config_dict().to_dict()

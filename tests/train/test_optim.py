@@ -62,6 +62,24 @@ def test_adamw_scale_matches_float64_numpy():
   assert int(state.count) == steps
 
 
+def test_plain_adamw_matches_optax_adamw():
+  """`adamw` (train.optimizer=adamw) is torch.optim.AdamW's update, as optax.adamw states it; the decay mask holds."""
+  keys = jax.random.split(jax.random.key(1), 3)
+  params = {"w": jax.random.normal(keys[0], (7, 5)), "norm": 1.0 + 0.1 * jax.random.normal(keys[1], (11,))}
+  decay = {"w": True, "norm": False}
+  schedule = lambda count: 1e-2 * (count + 1) / 5
+  ours = optim.adamw(schedule, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.1, weight_decay_mask=decay)
+  reference = optax.adamw(schedule, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.1, mask=decay)
+  p_ours, p_reference, s_ours, s_reference = params, params, ours.init(params), reference.init(params)
+  for i in range(5):
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.fold_in(keys[2], i), p.shape), params)
+    u_ours, s_ours = ours.update(grads, s_ours, p_ours)
+    u_reference, s_reference = reference.update(grads, s_reference, p_reference)
+    p_ours, p_reference = optax.apply_updates(p_ours, u_ours), optax.apply_updates(p_reference, u_reference)
+  chex.assert_trees_all_close(p_ours, p_reference, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(p_ours["w"], params["w"])
+
+
 def test_moments_in_bfloat16():
   params = {"w": jax.random.normal(jax.random.key(1), (8, 8))}
   grads = {"w": jax.random.normal(jax.random.key(2), (8, 8))}
