@@ -23,7 +23,9 @@ from typing import Any, Optional
 import grain
 import jax
 from jax import lax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -40,6 +42,7 @@ OPTIMIZER_FIELDS = ("train.clip_norm", "train.kahan", "train.moment_dtype", "mod
 # (found by damaging steps); PERMISSION_DENIED, UNAVAILABLE and the like are not damage.
 _DAMAGE_STATUSES = ("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE")
 _GRAIN_MISSING = re.compile(r"^File .* does not exist\.$")  # Grain's iterator state file is gone
+_READ_OUTCOMES = ("read", "damaged", "failed")  # of one step on one process
 
 
 class CheckpointError(ValueError):
@@ -182,23 +185,51 @@ class Checkpointer:
   def saved_config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
-  def _read(self, step: int, read) -> tuple[Any, Optional[str]]:
+  def _read(self, step: int, read, check=None) -> tuple[Any, Optional[str]]:
     """(`read(step)`, None); (None, what is wrong) when the step is damaged; CheckpointError on any other error,
     with nothing changed. The failed attempt's errors are dropped before the quiet block ends, so that it collects
-    what they hold."""
+    what they hold.
+
+    Each process reads only the files of its own shards, so damage can show on one process alone: the processes
+    agree on one outcome (damaged on one is damaged on all, an error on one stops all) before `check(result)` runs,
+    since the checksums it verifies are computed on the global arrays, by all processes together."""
     with _quiet_restore():
       try:
         if not os.path.isfile(os.path.join(self.directory, str(step), "state", "_METADATA")):
           # Without it Orbax guesses the tree from the array names, and the error would look like other settings.
           raise FileNotFoundError(f"{step}/state/_METADATA is missing")
-        return read(step), None
+        result = read(step)
       except Exception as error:
         damage = _damage(error)
+        self._agree_outcome(step, "damaged" if damage is not None else "failed")
         if damage is None:
           raise CheckpointError(
               f"checkpoint step {step} in {self.directory} could not be read ({_describe(error)}); nothing was "
               "changed: fix the cause and run again") from error
         return None, _describe(damage)
+      damaged_on = self._agree_outcome(step, "read")
+      if damaged_on is not None:
+        return None, f"damaged as process {damaged_on} read it"
+      try:
+        if check is not None:
+          check(result)
+        return result, None
+      except ChecksumError as error:
+        return None, _describe(error)
+
+  def _agree_outcome(self, step: int, outcome: str) -> Optional[int]:
+    """This process's outcome of reading `step` ("read", "damaged" or "failed") against every process's: the first
+    process that found the step damaged (None if none did); CheckpointError if another process failed otherwise.
+    One small collective per step read, at the start of a run only."""
+    if jax.process_count() == 1:
+      return None
+    outcomes = [_READ_OUTCOMES[int(code)] for code in
+                multihost_utils.process_allgather(np.int32(_READ_OUTCOMES.index(outcome)))]
+    if "failed" in outcomes and outcome != "failed":
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} could not be read by process "
+                            f"{outcomes.index('failed')} (its output says why); nothing was changed: fix the cause "
+                            "and run again")
+    return outcomes.index("damaged") if "damaged" in outcomes else None
 
   def _newest_readable(self) -> Optional[tuple[int, dict, Any]]:
     """(step, saved config, item metadata) of the newest step that reads; None without one (restore reports
@@ -247,6 +278,7 @@ class Checkpointer:
           + ". Either run with the saved settings, or start a new workdir; nothing was changed.")
 
   def _restore_step(self, step: int, abstract_state: dict, data_iterator) -> dict:
+    """The step's items as read (state, and checksums when it has them), not yet verified."""
     saved = self.manager.item_metadata(step)
     target = {k: v for k, v in abstract_state.items() if k in saved["state"]}
     items = dict(state=ocp.args.PyTreeRestore(
@@ -255,10 +287,7 @@ class Checkpointer:
       items["checksums"] = ocp.args.JsonRestore()
     if data_iterator is not None and "data" in saved:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    if "checksums" in saved:
-      _verify(restored["checksums"], restored["state"])
-    return restored["state"]
+    return self.manager.restore(step, args=ocp.args.Composite(**items))
 
   def restore(self, abstract_state: dict, *, data_iterator=None):
     """Restores the newest readable step -> (step, state), or (None, None) when there is no checkpoint.
@@ -271,10 +300,11 @@ class Checkpointer:
     """
     damaged = {}
     for step in reversed(self.all_steps()):
-      state, damage = self._read(step, lambda s: self._restore_step(s, abstract_state, data_iterator))
+      restored, damage = self._read(step, lambda s: self._restore_step(s, abstract_state, data_iterator),
+                                    check=lambda items: _verify(items.get("checksums", {}), items["state"]))
       if damage is None:
         self._set_aside(damaged, step)
-        return step, state
+        return step, restored["state"]
       damaged[step] = damage
     if damaged:
       raise CheckpointError(
@@ -292,10 +322,10 @@ class Checkpointer:
       while os.path.exists(aside):
         n += 1
         aside = f"{path}.damaged-{n}"
-      if jax.process_index() == 0:
+      if jax.process_index() == 0:  # the processes agreed which steps are damaged (_read): one of them acts
         os.rename(path, aside)
-      log.warning("checkpoint step %d in %s could not be restored (%s): renamed to %s; using step %d", step,
-                  self.directory, reason, os.path.basename(aside), restored)
+        log.warning("checkpoint step %d in %s could not be restored (%s): renamed to %s; using step %d", step,
+                    self.directory, reason, os.path.basename(aside), restored)
     if damaged:
       ocp.multihost.sync_global_processes("fat5_set_aside_damaged_steps")
       self.manager.reload()

@@ -5,18 +5,24 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 from flax import nnx
 
-from fat5_jax import checkpoint, data, flops, hf, train
+from fat5_jax import checkpoint, data, flops, hf, sharding, train
 from fat5_jax import model as model_lib
 from fat5_jax.config import Config, architecture_differences
 from fat5_jax.data import tokenizer as tokenizer_lib
+from fat5_jax.train import distributed
 
 MODES = ("train", "eval", "summary", "inspect_data", "import_hf", "export_hf")
+# Modes that read or write checkpoints: with several processes, all of them take part (fat5_jax/train/distributed.py).
+DISTRIBUTED_MODES = ("train", "eval", "import_hf", "export_hf")
 
 
 def run(mode: str, config: Config, *, hf_dir: str | None = None, export_dir: str | None = None):
   """Runs one of MODES on a validated config. `hf_dir`: import_hf's source; `export_dir`: export_hf's target."""
+  if mode in DISTRIBUTED_MODES:
+    distributed.initialize()
   if mode == "train":
     train.train(config)
   elif mode == "eval":
@@ -49,9 +55,16 @@ def summary(config: Config):
         f"{row_flops / 1e9:,.1f} GFLOP")
 
 
+def _parameter_shardings(config: Config, abstract_params):
+  """Where each parameter lives on the run's mesh (as in training): checkpoints are written and read by all
+  processes, each its own shards."""
+  return sharding.parameter_shardings(abstract_params, sharding.make_mesh(config.train))
+
+
 def import_hf(config: Config, hf_dir: str):
   """A Hugging Face or FAT5 checkpoint directory -> step 0 (parameters only) of the config's empty workdir, and its
-  spiece.model -> the workdir's tokenizer: the weights' ids mean something only with their own tokenizer."""
+  spiece.model -> the workdir's tokenizer: the weights' ids mean something only with their own tokenizer. Every
+  process reads the checkpoint directory; process 0 alone copies the tokenizer and prints."""
   # The run's choices, not the checkpoint's: dtypes, implementations, dropout (HF configs carry 0.1).
   run_fields = ("param_dtype", "dtype", "attention_impl", "kernel_backend", "dropout_rate")
   keep = {k: getattr(config.model, k) for k in run_fields}
@@ -64,20 +77,30 @@ def import_hf(config: Config, hf_dir: str):
   if checkpointer.all_steps():
     raise SystemExit(f"{checkpointer.directory} already holds checkpoints {checkpointer.all_steps()}; "
                      "import into an empty workdir")
-  tokenizer_path = tokenizer_lib.import_tokenizer(hf_dir, config.workdir, config.data)
+  tokenizer_path = distributed.main_process_only(
+      "tokenizer import", lambda: tokenizer_lib.import_tokenizer(hf_dir, config.workdir, config.data))
   config = dataclasses.replace(config, model=model_config)
-  checkpointer.save(0, {"params": model_lib.parameters(model)}, config=config, force=True)
+  params = jax.device_get(model_lib.parameters(model))
+  params = jax.tree.map(lambda value, where: jax.make_array_from_callback(value.shape, where, value.__getitem__),
+                        params, _parameter_shardings(config, params))
+  checkpointer.save(0, {"params": params}, config=config, force=True)
   checkpointer.close()
-  print(f"imported {hf_dir} as step 0 of {checkpointer.directory}, "
-        + (f"its tokenizer as {tokenizer_path}" if tokenizer_path else
-           "without a tokenizer (it has no spiece.model): set data.tokenizer_path to train or evaluate it"))
+  if jax.process_index() == 0:
+    print(f"imported {hf_dir} as step 0 of {checkpointer.directory}, "
+          + (f"its tokenizer as {tokenizer_path}" if tokenizer_path else
+             "without a tokenizer (it has no spiece.model): set data.tokenizer_path to train or evaluate it"))
 
 
 def export_hf(config: Config, export_dir: str):
-  """The latest checkpoint -> a Hugging Face directory."""
+  """The latest checkpoint -> a Hugging Face directory, written by process 0 (parameters reach it one at a time)."""
   abstract_params = nnx.to_pure_dict(model_lib.abstract_parameters(config.model))
+  abstract_params = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+                                 abstract_params, _parameter_shardings(config, abstract_params))
   step, params = checkpoint.restore_params(config, abstract_params)
   tokenizer = tokenizer_lib.recorded_tokenizer(config.data, config.workdir)
+  params = distributed.gather_to_main_process(params)
+  if jax.process_index() != 0:
+    return
   hf.to_hf(config.model, model_lib.from_parameters(config.model, params), export_dir, tokenizer=tokenizer)
   print(f"exported step {step} to {export_dir}" + ("" if tokenizer else
         f" without a tokenizer ({config.workdir} has none): copy the weights' spiece.model beside them"))

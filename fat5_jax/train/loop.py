@@ -60,7 +60,8 @@ def _train(config: Config) -> dict:
   train_iterator = distributed.main_process_first("token cache", lambda: data.make_train_iterator(
       config, tokenizer, **distributed.process_shard()))
   state = _restore_or_init(trainer, checkpointer, train_iterator)
-  eval_batches = list(data.make_eval_batches(config, tokenizer, tc.eval_steps, **distributed.process_shard()))
+  eval_batches = _eval_batches(config, tokenizer)
+  train_decoder_lengths = distributed.DecoderLengths("train")
   writer = MetricWriter(workdir, enabled=is_main)
   start = int(state["step"])
   save = lambda eval_loss=None, force=False: checkpointer.save(
@@ -80,7 +81,7 @@ def _train(config: Config) -> dict:
       if tc.profile_steps and step == tc.profile_steps[0]:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         tracing = True
-      batch = next(train_iterator)
+      [batch] = train_decoder_lengths([next(train_iterator)])
       rows, decoder_length = batch["decoder_input_tokens"].shape
       state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=tc.grad_accum_steps))
       window_means.add(metrics)
@@ -117,10 +118,11 @@ def _train(config: Config) -> dict:
           raise Diverged(f"diverged: the evaluation loss at step {done} is {eval_loss}; the checkpoints are kept; "
                          "lower train.learning_rate or raise train.warmup_steps")
         bar.write(f"step {done}: eval loss {eval_loss:.4f}, accuracy {eval_metrics['accuracy']:.3f}")
-      if done % tc.checkpoint_every == 0 or done == tc.steps or eval_loss is not None or stop.received:
-        save(eval_loss, force=stop.received is not None or done == tc.steps)
+      stopping = stop.should_stop(done)
+      if done % tc.checkpoint_every == 0 or done == tc.steps or eval_loss is not None or stopping:
+        save(eval_loss, force=stopping or done == tc.steps)
       bar.update(1)
-      if stop.received:
+      if stopping:
         break
   finally:
     if tracing:
@@ -132,8 +134,8 @@ def _train(config: Config) -> dict:
     stop.restore()
   if stop.received:
     raise SystemExit(f"stopped by {stop.received} at step {int(state['step'])}; the same command resumes")
-  # Every process takes part in gathering FSDP-sharded parameters; the main one then exports and predicts.
-  params = jax.device_get(jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state["params"]))
+  # Every process takes part in gathering the sharded parameters; the main one then exports and predicts.
+  params = distributed.gather_to_main_process(state["params"])
   if is_main:
     _finish(config, trainer, params, tokenizer, eval_batches)
   return state
@@ -163,12 +165,21 @@ def _finish(config: Config, trainer: Trainer, params, tokenizer, eval_batches):
           f"predicted: {tokenizer.decode(np.asarray(predicted[0]).tolist())}\n")
 
 
+def _eval_batches(config: Config, tokenizer: data.Tokenizer) -> list[dict]:
+  """This process's validation batches, the same shapes on every process (agreed once, host to host)."""
+  batches = distributed.main_process_first("validation cache", lambda: data.make_eval_batches(
+      config, tokenizer, config.train.eval_steps, **distributed.process_shard()))
+  return distributed.DecoderLengths("eval")(batches)
+
+
 def evaluate_latest(config: Config) -> dict:
-  """Evaluation loss of the newest checkpoint on the held-out split."""
-  tokenizer = data.load_tokenizer(config.data, config.workdir, config.model.vocab_size)
+  """Evaluation loss of the newest checkpoint on the held-out split (printed by process 0)."""
+  distributed.initialize()
+  tokenizer = distributed.main_process_first(
+      "tokenizer", lambda: data.load_tokenizer(config.data, config.workdir, config.model.vocab_size))
   trainer = Trainer(config, sharding.make_mesh(config.train))
   step, params = checkpoint.restore_params(config, trainer.abstract_state["params"])
-  eval_batches = data.make_eval_batches(config, tokenizer, config.train.eval_steps, **distributed.process_shard())
-  metrics = trainer.evaluate(params, eval_batches)
-  print(json.dumps({"step": step, **metrics}, indent=1))
+  metrics = trainer.evaluate(params, _eval_batches(config, tokenizer))
+  if jax.process_index() == 0:
+    print(json.dumps({"step": step, **metrics}, indent=1))
   return metrics

@@ -151,16 +151,25 @@ def test_dropout_trains_stochastically_and_evaluates_deterministically():
   assert len({keyed[0], keyed[1], deterministic[0]}) == 3
 
 
-def test_decoder_buckets_are_padded_to_the_longest_process(monkeypatch):
-  from jax.experimental import multihost_utils
+def test_decoder_buckets_are_padded_to_the_longest_process_of_each_batch(monkeypatch):
+  batches = [random_packed_batch(6, 4, 32, 16, 512), random_packed_batch(7, 4, 32, 32, 512)]
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  asked = []
+  # Three processes: this one and two whose buckets were (32, 16) and (16, 32).
+  monkeypatch.setattr(distributed._HostAllGather, "__call__",
+                      lambda self, lengths: asked.append(lengths) or [lengths, [32, 16], [16, 32]])
+  padded = distributed.DecoderLengths("test")(batches)
+  assert asked == [[16, 32]]  # one round for all the batches
+  for before, after in zip(batches, padded):
+    for key, value in after.items():
+      if key.startswith("decoder_"):
+        assert value.shape == (4, 32)
+        np.testing.assert_array_equal(value[:, :before[key].shape[1]], before[key])
+        assert not value[:, before[key].shape[1]:].any()  # zeros: padding segment, no loss weight
+      else:
+        assert value is before[key]
 
-  batch = random_packed_batch(6, 4, 32, 16, 512)
-  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.asarray([16, 32, 16]))  # 3 processes
-  padded = distributed.pad_decoder_to_global_length(batch)
-  for key, value in padded.items():
-    if key.startswith("decoder_"):
-      assert value.shape == (4, 32)
-      np.testing.assert_array_equal(value[:, :16], batch[key])
-      assert not value[:, 16:].any()  # zeros: padding segment, no loss weight
-    else:
-      assert value is batch[key]
+
+def test_one_process_agrees_nothing_and_passes_batches_through():
+  batches = [random_packed_batch(6, 4, 32, 16, 512)]
+  assert distributed.DecoderLengths("test")(batches) is batches
