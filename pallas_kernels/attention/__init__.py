@@ -22,6 +22,13 @@ neither Pallas' Triton lowering nor Triton.
 Sequence lengths that are not multiples of the blocks are padded here and masked in the kernel. Softmax runs in
 base 2 (the logits and bias are scaled by log2(e) once), in float32, with the log-sum-exp saved for the backward.
 The jnp reference is `reference.attention`.
+
+Numerics: q.k and p.v accumulate in float32 (tf32 for float32 inputs on a GPU), the softmax is float32, and p and
+ds are cast to the inputs' dtype for their matmuls. The T5 bias of every pair, near the diagonal (band tiles) or
+far from it, is float32(table entry) * log2(e) in float32: within 2**-23 relative of the exact bias, whatever the
+table's dtype (a 16-bit table is read exactly; tests/kernels/test_attention.py measures <= 1e-7 near and far).
+Bias gradients (table, slopes) accumulate in float32 over every tile and row, per program and then across
+programs, and are cast to the table's (slopes') dtype once.
 """
 
 from __future__ import annotations
@@ -55,12 +62,12 @@ def _backend(cfg: Config):
 
 
 def _forward(cfg, q, k, v, table, slopes, bias, q_seg, kv_seg, q_pos, kv_pos):
-  t5, slopes2 = kernel_inputs(cfg, table, slopes, cfg.blocks.block_q, cfg.blocks.block_k, q.dtype)
+  t5, slopes2 = kernel_inputs(cfg, table, slopes, cfg.blocks.block_q, cfg.blocks.block_k)
   return _backend(cfg).forward(cfg, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos)
 
 
 def _backward(cfg, q, k, v, table, slopes, bias, q_seg, kv_seg, q_pos, kv_pos, out, lse2, dout, dlse2):
-  t5, slopes2 = kernel_inputs(cfg, table, slopes, cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd, q.dtype)
+  t5, slopes2 = kernel_inputs(cfg, table, slopes, cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd)
   # d lse / d logits = p, so an lse cotangent only shifts delta (natural-log units on both).
   delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32)) - dlse2 * common.LOG2E
   dq, dk, dv, parts = _backend(cfg).backward(cfg, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout,
@@ -120,9 +127,11 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
                     block_sizes: BlockSizes | None = None, backend: str = "pallas", interpret: bool | None = None):
   """Attention over q [B, Sq, H, D], k and v [B, Sk, H, D] -> out [B, Sq, H, D] (and lse [B, H, Sq] if asked).
 
-  See the module docstring for the bias kinds and masks. Differentiable in q, k, v, rpe_table, alibi_slopes and
-  bias (and through the lse). backend: "pallas" or "triton" (see `triton_supports`). interpret: None runs the
-  kernels compiled on a GPU and in their interpreter anywhere else.
+  See the module docstring for the bias kinds and masks, and for the numerics: the T5 bias is float32(rpe_table) *
+  log2(e) rounded once in float32 in every tile (2**-23 relative), and its gradient is accumulated in float32 and
+  returned in rpe_table's dtype. Differentiable in q, k, v, rpe_table, alibi_slopes and bias (and through the
+  lse). backend: "pallas" or "triton" (see `triton_supports`). interpret: None runs the kernels compiled on a GPU
+  and in their interpreter anywhere else.
   """
   validate(q, k, v, rpe_table, alibi_slopes, bias, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
   if q.shape[3] not in HEAD_DIMS:

@@ -52,18 +52,22 @@ class Config:
 
 
 class T5Inputs(NamedTuple):
-  """The T5 bias as the kernels read it, in base-2 units (logits are scaled by log2(e) once)."""
-  vector: jax.Array  # [H, lut_size] float32: the bias of each distance + max_distance
-  band: jax.Array  # [H, count * bq, bk] in the inputs' dtype (half the bytes for bf16): the band tiles
+  """The T5 bias as the kernels read it. Every tile gets the same float32 value per pair, float32(table entry) *
+  log2(e) (logits are scaled by log2(e) once): far tiles and gathers read it from `vector`; band tiles hold the
+  table's entries unscaled and exact, and the kernels multiply them by log2(e) in float32 when they load them."""
+  vector: jax.Array  # [H, lut_size] float32: the bias of each distance + max_distance, in base-2 units
+  band: jax.Array  # [H, count * bq, bk]: the band tiles' table entries, in the table's dtype when it is 16-bit
 
 
-def kernel_inputs(cfg: Config, table, slopes, bq: int, bk: int,
-                  dtype) -> tuple[Optional[T5Inputs], Optional[jax.Array]]:
+def kernel_inputs(cfg: Config, table, slopes, bq: int, bk: int) -> tuple[Optional[T5Inputs], Optional[jax.Array]]:
   """(T5 inputs for blocks bq x bk, or None; slopes [H, 2] in base 2, or None)."""
   t5 = slopes2 = None
   if cfg.bias_mode == "t5":
-    vector = table.astype(jnp.float32).T[:, cfg.lut()] * LOG2E
-    t5 = T5Inputs(vector, buckets.band_tiles(vector, cfg.max_distance, bq, bk).astype(dtype))
+    entries = table.astype(jnp.float32).T[:, cfg.lut()]
+    # A 16-bit table keeps its dtype in the band tiles: exact, and half the bytes of float32. Rounding the scaled
+    # bias to 16 bits instead (as before) moved band tiles' bias by up to 2**-9 of it, and not the far tiles'.
+    band_dtype = table.dtype if jnp.dtype(table.dtype).itemsize < 4 else jnp.float32
+    t5 = T5Inputs(entries * LOG2E, buckets.band_tiles(entries, cfg.max_distance, bq, bk).astype(band_dtype))
   if cfg.bias_mode == "alibi":
     slopes2 = slopes.astype(jnp.float32).T * LOG2E
   return t5, slopes2

@@ -6,7 +6,8 @@ lse = +inf for rows that see no key; per-program partial table gradients.
 
 Where the T5 bias lives, per [bq, bk] tile of a q block: tiles whose distances all lie beyond +-max_distance form
 one bucket each side (the loops over kv blocks split into "far left", "band", "far right", and a far tile adds one
-scalar); band tiles load their bias from [H, shifts * bq, bk] precomputed tiles (`buckets.band_tiles`). With
+scalar); band tiles load their bias from [H, shifts * bq, bk] precomputed tiles (`buckets.band_tiles`) of exact
+table entries, scaled by log2(e) in float32 on load: the far tiles' float32 value (`config.T5Inputs`). With
 positions the tile decides at run time, falling back to a gather from the per-distance vector.
 
 Backward: one kernel per q block (dq and the bias-table / slope / full-bias gradients) and one per kv block (dk,
@@ -116,8 +117,9 @@ def _t5_ends(cfg, rpe_ref):
 
 
 def _band_tile(tile, tiles_ref, shift):
+  """The band tile of `shift` in base 2: its exact table entries times log2(e) in float32, the far tiles' value."""
   first, step, _ = band_shifts(tile.cfg.max_distance, tile.bq, tile.bk)
-  return tiles_ref[pl.ds(lax.div(shift - first, step) * tile.bq, tile.bq), :].astype(jnp.float32)
+  return tiles_ref[pl.ds(lax.div(shift - first, step) * tile.bq, tile.bq), :].astype(jnp.float32) * LOG2E
 
 
 def _bias2(cfg, tile, region, rpe_refs, slopes_ref, bias_ref, ends):

@@ -23,6 +23,7 @@ from pallas_kernels.attention.buckets import band_shifts
 from pallas_kernels.attention.config import Config
 
 _MASK = tl.constexpr(common.MASK)
+_LOG2E = tl.constexpr(common.LOG2E)
 # Regions of the kv (or q) loop: the tiles before the T5 band (one bucket), the band, the tiles after it.
 _NO_BIAS, _FAR_LEFT, _BAND, _FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
@@ -44,7 +45,7 @@ def _logits2(raw, q_idx, k_idx, q_seg, k_seg, bias_ptr, far_bias, shift, REGION:
       offsets += tl.arange(0, BLOCK_K)[:, None] * BLOCK_Q + tl.arange(0, BLOCK_Q)[None, :]
     else:
       offsets += tl.arange(0, BLOCK_Q)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-    bias = tl.load(bias_ptr + offsets).to(tl.float32)
+    bias = tl.load(bias_ptr + offsets).to(tl.float32) * _LOG2E  # exact table entries: far tiles' float32 value
   s = raw * SCALE2 + bias
   if MASKED:
     if KEYS_FIRST:

@@ -195,6 +195,56 @@ def test_bf16_close_to_float32_reference(backend):
   assert relative_error(out, expected) < 2e-2
 
 
+@pytest.mark.parametrize("table_dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_t5_bias_is_rounded_alike_near_and_far_from_the_diagonal(backend, table_dtype):
+  """Each query sees exactly one key (segment ids) and q = 0, so its lse is the bias of that pair as the kernel
+  computed it. Pairs near the diagonal (band tiles) and far from it (far tiles) both match the float64 table
+  within float32 rounding (the docstring's bound), for a bf16 and a float32 table with bf16 q, k, v (bf16 band
+  tiles of the scaled bias were 2**-9 off near the diagonal only)."""
+  length, heads, head_dim, max_distance = 150, 2, 32, 8  # interpreter blocks of 32: band tiles reach |d| < 72
+  keys = jax.random.split(jax.random.PRNGKey(_fresh_seed("t5_rounding")), 3)
+  magnitude = jax.random.uniform(keys[0], (16, heads), minval=2.0, maxval=20.0)  # exact relative errors
+  table = jnp.where(jax.random.bernoulli(keys[1], 0.5, (16, heads)), magnitude, -magnitude).astype(table_dtype)
+  key_of_query = length - 1 - np.arange(length)  # distances 149, 147, ..., -149: near and far pairs
+  q_ids = jnp.arange(1, length + 1, dtype=jnp.int32)[None]
+  kv_ids = jnp.zeros((1, length), jnp.int32).at[0, key_of_query].set(q_ids[0])
+  q = jnp.zeros((1, length, heads, head_dim), jnp.bfloat16)
+  k, v = jax.random.normal(keys[2], (2, 1, length, heads, head_dim)).astype(jnp.bfloat16)
+  poison_device_memory()
+  out, lse = _kernel(backend)(q, k, v, rpe_table=table, rpe_max_distance=max_distance, q_segment_ids=q_ids,
+                              kv_segment_ids=kv_ids, return_lse=True)
+  distance = key_of_query - np.arange(length)
+  expected = np.asarray(table, np.float64)[np.asarray(relative_position_bucket(
+      jnp.asarray(distance), True, 16, max_distance))].T  # [H, length]
+  error = np.abs(np.asarray(lse[0], np.float64) - expected) / np.abs(expected)
+  near, far = np.abs(distance) < max_distance, np.abs(distance) >= max_distance + 64
+  assert near.sum() >= 4 and far.sum() >= 4
+  assert error[:, near].max() < 1e-6 and error[:, far].max() < 1e-6, (error[:, near].max(), error[:, far].max())
+  if not (backend == "triton" and INTERPRETED):  # Triton's interpreter multiplies bf16 bits (see below)
+    np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(v[0, key_of_query]))  # p is exactly 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_t5_table_gradient_accumulates_in_float32(backend):
+  """A bf16 table's gradient sums p over every pair of a bucket (the lse cotangent is 1 on 2 x 512 rows): each
+  far bucket gathers hundreds of positive terms, which a bf16 accumulator would stop adding to; the kernels sum
+  in float32 and round once."""
+  # Triton's interpreter multiplies bf16 bits in tl.dot: there the inputs are float32, the table bf16.
+  dtype = jnp.float32 if backend == "triton" and INTERPRETED else jnp.bfloat16
+  batch, length, heads, head_dim = 2, 500, 1, 32
+  keys = jax.random.split(jax.random.PRNGKey(_fresh_seed("t5_table_gradient")), 5)
+  q, k, v = ((0.3 * jax.random.normal(key, (batch, length, heads, head_dim))).astype(dtype) for key in keys[:3])
+  table = jax.random.normal(keys[3], (32, heads)).astype(jnp.bfloat16)
+  kwargs = dict(rpe_max_distance=64)
+  cts = (jax.random.normal(keys[4], q.shape), jnp.ones((batch, heads, length)))
+  _, _, (_, dtable) = _run(_kernel(backend), (q, k, v), ("rpe_table", table), kwargs, cts)
+  _, _, (_, ref_dtable) = _reference((q, k, v), ("rpe_table", table), kwargs, cts)
+  assert dtable.dtype == jnp.bfloat16
+  assert np.abs(ref_dtable).max() > 300  # hundreds of terms in a bucket
+  assert relative_error(dtable, ref_dtable) < 1e-2
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(k=jnp.ones((1, 16, 2, 16))), "k and v must be"),
     (dict(k=jnp.ones((16, 2, 32))), r"\[B, S, H, D\]"),
