@@ -40,7 +40,10 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6, *, block_sizes:
              backend: str = "pallas", interpret: bool | None = None) -> jax.Array:
   """RMSNorm over the last axis of `x` (any leading shape, width up to MAX_WIDTH) with a [width] weight.
 
-  Differentiable in x and weight; the weight gradient has the weight's dtype.
+  Differentiable in x and weight. Numerics: statistics, product and gradients in float32, each output rounded once
+  (y and dx to x's dtype). The weight gradient sums over all rows in float32 (per backward program, then across
+  programs) and is rounded once to the weight's dtype: with 4,096 bf16 rows it is within 1e-2 relative of the
+  float64 sum (tests/kernels/test_rms_norm.py).
   block_sizes: None picks `BlockSizes.for_width(width)`.
   backend: "pallas" or "triton".
   interpret: None runs the compiled kernels on a GPU and the interpreter (Pallas' or Triton's) anywhere else.
