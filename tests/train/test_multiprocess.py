@@ -45,7 +45,8 @@ class BothShards(grain.DatasetIterator):
 
 shards = [dict(process_index=i, process_count=%(processes)d) for i in range(%(processes)d)]
 make_train, make_eval = data.make_train_iterator, data.make_eval_batches
-data.make_train_iterator = lambda config, tokenizer, **_: BothShards([make_train(config, tokenizer, **s) for s in shards])
+data.make_train_iterator = lambda config, tokenizer, **_: BothShards(
+    [make_train(config, tokenizer, **s) for s in shards])
 data.make_eval_batches = lambda config, tokenizer, n, **_: [
     joined(parts) for parts in zip(*[make_eval(config, tokenizer, n, **s) for s in shards])]
 sys.argv = ["main.py"] + sys.argv[1:]
