@@ -7,6 +7,9 @@ Modes (fat5_jax/cli.py):
   inspect_data  decoded UL2 examples per denoiser, statistics, {workdir}/inspect_data.jsonl
   import_hf     Hugging Face / FAT5 checkpoint in --hf_dir -> step-0 checkpoint in the config's workdir
   export_hf     latest checkpoint -> Hugging Face directory --export_dir
+
+Several hosts: the same command on each, one process per host, with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID set (or under SLURM's srun); see docs/training.md.
 """
 
 import dataclasses
