@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import ml_collections
@@ -159,15 +160,55 @@ class TrainConfig:
   seed: int = _field(0, "Seed of initialization and dropout.")
 
 
+HEADS = ("seq2seq", "classification", "token_classification", "question_answering")
+FILES_TASK = "files"
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """Fine-tuning (`--mode=finetune`, docs/finetuning.md): a task, the weights it starts from, a head, and the loop's
+  settings. The model's architecture comes from `init_from`; the `model` section still sets dtypes, kernels and
+  dropout (and the architecture of a run from scratch)."""
+
+  task: str = _field(
+      "wiki_fr_category", "An embedded task (wiki_fr_category: summary -> one of 11 categories; wiki_fr_description: "
+      "summary -> its short description), or `files`: train_file, validation_file and test_file.")
+  train_file: str = _field("", "files: JSON Lines, CSV or Parquet of training examples.")
+  validation_file: str = _field("", "files: validation examples; empty: data.validation_fraction of train_file.")
+  test_file: str = _field("", "files: test examples, evaluated once at the end with the best checkpoint.")
+  input_field: str = _field("text", "files: field (column) holding the input text.")
+  target_field: str = _field("target", "files: field (column) holding the target text or label.")
+  init_from: str = _field(
+      "", "Where the weights start: a workdir of ours (its latest checkpoint and tokenizer), a Hugging Face or FAT5 "
+      "checkpoint directory (with its spiece.model); empty: a fresh model with the run's tokenizer.")
+  head: str = _field(
+      "seq2seq", "seq2seq: the whole encoder-decoder, targets as text (labels predicted by greedy decoding); "
+      "classification: encoder only, mean-pooled, a dense layer to the labels; token_classification: encoder only, a "
+      "dense layer per token; question_answering: encoder only, span start and end logits per token.", HEADS)
+  workdir: str = _field("", "Checkpoints, metrics and results.json of the fine-tuning; empty: "
+                        "{workdir}/finetune/{task}.")
+  optimizer: str = _field("adamw_scale", "As train.optimizer; the rate decays linearly to 0 without warm-up.",
+                          OPTIMIZERS)
+  learning_rate: float = _field(1e-4, "Peak learning rate (FAT5 fine-tunes at 1e-4).")
+  steps: int = _field(1000, "Optimizer steps; 0: set by epochs.")
+  epochs: float = _field(0.0, "Passes over the training split, when steps is 0.")
+  batch_size: int = _field(32, "Examples per step (one row each).")
+  input_length: int = _field(512, "Encoder tokens per example (longer inputs are cut).")
+  target_length: int = _field(64, "seq2seq: decoder tokens per example, and the longest generated answer.")
+  eval_every: int = _field(200, "Steps between evaluations on the validation split (each keeps the best checkpoint).")
+  seed: int = _field(0, "Seed of the head's initialization, of shuffling and of dropout.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   workdir: str = _field("runs/default", "Checkpoints, tokenizer, caches, logs and plots of the run.")
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"doc": "", "choices": ()})
   data: DataConfig = dataclasses.field(default_factory=DataConfig, metadata={"doc": "", "choices": ()})
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"doc": "", "choices": ()})
+  finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig, metadata={"doc": "", "choices": ()})
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "finetune": FinetuneConfig}
 
 
 def to_config_dict(config: Config | None = None) -> ml_collections.ConfigDict:
@@ -248,6 +289,7 @@ def from_config_dict(config_dict: ml_collections.ConfigDict | dict) -> Config:
   _validate_model(config.model)
   _validate_data(config.data, config.model)
   _validate_train(config.train)
+  _validate_finetune(config.finetune)
   return config
 
 
@@ -321,6 +363,29 @@ def _validate_train(t: TrainConfig):
   _require(len(t.profile_steps) in (0, 2), "train.profile_steps must be () or (first_step, num_steps)")
   _require(t.mesh_fsdp >= 1 and (t.mesh_data == -1 or t.mesh_data >= 1),
            "train.mesh_fsdp must be >= 1 and train.mesh_data -1 or >= 1")
+
+
+def _validate_finetune(f: FinetuneConfig):
+  _require(bool(f.task.strip()), "finetune.task is empty: an embedded task name or 'files'")
+  _require(f.task != FILES_TASK or bool(f.train_file and f.test_file),
+           "finetune.task='files' needs finetune.train_file and finetune.test_file")
+  _require(f.task == FILES_TASK or not (f.train_file or f.validation_file or f.test_file),
+           f"finetune.train_file/validation_file/test_file are read only with finetune.task='files', not "
+           f"{f.task!r}")
+  _require(bool(f.input_field) and bool(f.target_field), "finetune.input_field and target_field must not be empty")
+  _require(f.learning_rate > 0, f"finetune.learning_rate must be positive, got {f.learning_rate}")
+  _require(f.steps >= 0 and f.epochs >= 0 and (f.steps > 0) != (f.epochs > 0),
+           f"set exactly one of finetune.steps and finetune.epochs (the other 0), got steps={f.steps}, "
+           f"epochs={f.epochs}")
+  for name in ("batch_size", "eval_every"):
+    _require(getattr(f, name) > 0, f"finetune.{name} must be positive, got {getattr(f, name)}")
+  _require(f.input_length >= 8 and f.target_length >= 2,
+           f"finetune.input_length must be >= 8 and target_length >= 2, got {f.input_length}, {f.target_length}")
+
+
+def finetune_workdir(config: Config) -> str:
+  """Where `--mode=finetune` writes: finetune.workdir, by default {workdir}/finetune/{task}."""
+  return config.finetune.workdir or os.path.join(config.workdir, "finetune", config.finetune.task)
 
 
 ARCHITECTURE_FIELDS = (

@@ -33,6 +33,12 @@ def test_small_fr_matches_fat5_recipe():
     ("train", "warmup_init_fraction", 0.0, "warmup_init_fraction"),
     ("train", "profile_steps", (1, 2, 3), "profile_steps"),
     ("train", "optimizer", "adam", "train.optimizer='adam' is not one of"),
+    ("finetune", "head", "pooler", "finetune.head='pooler' is not one of"),
+    ("finetune", "steps", 0, "exactly one of finetune.steps and finetune.epochs"),
+    ("finetune", "task", "files", "needs finetune.train_file and finetune.test_file"),
+    ("finetune", "train_file", "a.jsonl", "only with finetune.task='files'"),
+    ("finetune", "learning_rate", 0.0, "finetune.learning_rate must be positive"),
+    ("finetune", "input_length", 4, "finetune.input_length must be >= 8"),
 ])
 def test_bad_values_name_the_field(section, field, value, message):
   values = config_lib.to_config_dict().to_dict()
@@ -46,6 +52,14 @@ def test_unknown_top_level_field():
   values["wrkdir"] = "x"
   with pytest.raises(config_lib.ConfigError, match="unknown top-level"):
     config_lib.from_config_dict(values)
+
+
+def test_finetune_workdir_defaults_under_the_run():
+  values = config_lib.to_config_dict().to_dict()
+  values["workdir"] = "/runs/tiny"
+  assert config_lib.finetune_workdir(config_lib.from_config_dict(values)) == "/runs/tiny/finetune/wiki_fr_category"
+  values["finetune"]["workdir"] = "/elsewhere"
+  assert config_lib.finetune_workdir(config_lib.from_config_dict(values)) == "/elsewhere"
 
 
 def test_configuration_doc_is_current():
