@@ -69,8 +69,9 @@ def load_task(name_or_files: str, split: str, *, validation_fraction: float, inp
   """The task and the examples of one split, each {"text": str, "target": str, "label": int, -1 for generation}.
 
   `name_or_files`: an embedded task name; or, without `files`, one file (every split carved out of it); or, with
-  `files` ({"train": path, optionally "validation" and "test"}), the task's name. `kind` forces a file task's kind
-  (default: inferred, see MAX_INFERRED_LABELS); `validation_fraction` must be the pretraining's data setting.
+  `files` ({"train": path, optionally "validation" and "test"; empty paths count as absent}), the task's name.
+  `kind` forces a file task's kind (default: inferred, see MAX_INFERRED_LABELS); `validation_fraction` must be the
+  pretraining's data setting.
   """
   if split not in SPLITS:
     raise ConfigError(f"task split {split!r} is not one of {', '.join(SPLITS)}")
@@ -175,6 +176,7 @@ def _load_embedded(name: str, split: str, validation_fraction: float) -> tuple[T
 
 def _load_files(name: str, files: dict[str, str], split: str, validation_fraction: float, input_field: str,
                 target_field: str, kind: str | None) -> tuple[Task, list[dict]]:
+  files = {split: path for split, path in files.items() if path}  # Empty: not given (as in the finetune config).
   unknown = set(files) - set(SPLITS)
   if unknown or "train" not in files:
     raise ConfigError(f"task {name!r}: files must map 'train' (required), 'validation' and 'test' to paths, got "

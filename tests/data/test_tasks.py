@@ -99,7 +99,7 @@ def test_file_task_carves_its_splits_out_of_one_file(tmp_path, suffix):
 def test_file_task_with_its_own_test_file_and_a_generation_target(tmp_path):
   train = _write(tmp_path / "train.jsonl", [{"text": f"phrase {i}", "target": f"réponse {i}"} for i in range(50)])
   test = _write(tmp_path / "test.jsonl", [{"text": "phrase test", "target": "réponse test"}])
-  files = {"train": train, "test": test}
+  files = {"train": train, "validation": "", "test": test}  # An empty path is a split to carve out of train.
   task, test_examples = tasks.load_task("mine", "test", validation_fraction=0.1, files=files)
   assert task == tasks.Task("mine", "generation", ())
   assert test_examples == [{"text": "phrase test", "target": "réponse test", "label": -1}]
