@@ -2,6 +2,7 @@
 
 Modes (fat5_jax/cli.py):
   train         text -> tokenizer -> UL2 batches -> sharded training -> checkpoints -> Hugging Face export
+  finetune      a task (config.finetune) from pretrained weights -> best checkpoint -> test results.json
   eval          evaluation loss of the latest checkpoint on the held-out split
   summary       resolved config, parameters per module, training FLOPs per row
   inspect_data  decoded UL2 examples per denoiser, statistics, {workdir}/inspect_data.jsonl
@@ -22,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fat5_jax import cli
-from fat5_jax.config import ConfigError, check_override_names, from_config_dict
+from fat5_jax.config import ConfigError, check_override_names, finetune_workdir, from_config_dict
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_fr.py", "Run configuration (a configs/*.py file).")
 _MODE = flags.DEFINE_enum("mode", "train", cli.MODES, "What to do.")
@@ -53,6 +54,11 @@ def main(argv):
     if unwritable:
       fail(f"workdir {config.workdir} cannot be written ({unwritable}): set --config.workdir to a writable "
            "directory", USAGE_ERROR)
+  if _MODE.value == "finetune":
+    unwritable = workdir_problem(finetune_workdir(config))
+    if unwritable:
+      fail(f"finetune workdir {finetune_workdir(config)} cannot be written ({unwritable}): set "
+           "--config.finetune.workdir to a writable directory", USAGE_ERROR)
   if _VERBOSE.value:
     print(json.dumps(dataclasses.asdict(config), indent=1, default=str))
   try:

@@ -14,7 +14,7 @@ from fat5_jax.config import Config, architecture_differences
 from fat5_jax.data import tokenizer as tokenizer_lib
 from fat5_jax.train import distributed
 
-MODES = ("train", "eval", "summary", "inspect_data", "import_hf", "export_hf")
+MODES = ("train", "finetune", "eval", "summary", "inspect_data", "import_hf", "export_hf")
 # Modes that read or write checkpoints: with several processes, all of them take part (fat5_jax/train/distributed.py).
 DISTRIBUTED_MODES = ("train", "eval", "import_hf", "export_hf")
 
@@ -25,6 +25,8 @@ def run(mode: str, config: Config, *, hf_dir: str | None = None, export_dir: str
     distributed.initialize()
   if mode == "train":
     train.train(config)
+  elif mode == "finetune":  # one process: fine-tuning does not take part in multi-host agreement yet
+    train.finetune(config)
   elif mode == "eval":
     train.evaluate_latest(config)
   elif mode == "summary":
