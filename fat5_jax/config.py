@@ -187,8 +187,10 @@ class FinetuneConfig:
       "dense layer per token; question_answering: encoder only, span start and end logits per token.", HEADS)
   workdir: str = _field("", "Checkpoints, metrics and results.json of the fine-tuning; empty: "
                         "{workdir}/finetune/{task}.")
-  optimizer: str = _field("adamw_scale", "As train.optimizer; the rate decays linearly to 0 without warm-up.",
-                          OPTIMIZERS)
+  optimizer: str = _field(
+      "adamw", "As train.optimizer; the rate decays linearly to 0 without warm-up. adamw by default: FAT5's 1e-4 is a "
+      "plain AdamW rate (adamw_scale would multiply it by each tensor's RMS, and barely move a zero-initialized bias).",
+      OPTIMIZERS)
   learning_rate: float = _field(1e-4, "Peak learning rate (FAT5 fine-tunes at 1e-4).")
   steps: int = _field(1000, "Optimizer steps; 0: set by epochs.")
   epochs: float = _field(0.0, "Passes over the training split, when steps is 0.")

@@ -191,8 +191,8 @@ def _use_tokenizer(tokenizer_path: str, workdir: str) -> str:
 
 
 def _check_resume(checkpointer: checkpoint.Checkpointer, config: Config, abstract_state: dict):
-  """The pretraining checks (architecture, state arrays), and the fine-tuning settings of RESUME_FIELDS."""
-  checkpointer.check_resume(config, abstract_state)
+  """The fine-tuning settings of RESUME_FIELDS (first: they say best what differs), then the pretraining checks
+  (architecture, state arrays)."""
   steps = checkpointer.all_steps()
   if not steps:
     return
@@ -204,6 +204,7 @@ def _check_resume(checkpointer: checkpoint.Checkpointer, config: Config, abstrac
         f"{checkpointer.directory} holds step {steps[-1]} of another fine-tuning (field: saved vs configured): "
         + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
         + ". Either run with the saved settings, or set another finetune.workdir; nothing was changed.")
+  checkpointer.check_resume(config, abstract_state)
 
 
 def _restore_params(checkpointer: checkpoint.Checkpointer, step: int, abstract_params):

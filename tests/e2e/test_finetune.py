@@ -1,0 +1,91 @@
+"""Fine-tuning end to end through `main.py --mode=finetune`: from a pretrained workdir and from scratch, on a small
+file task, resumed, and a mismatched resume refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# tiny_fr made smaller still (as test_main_job.py), with a small tokenizer: seconds per run.
+MODEL = ["--config.model.d_model=64", "--config.model.d_kv=16", "--config.model.d_ff=128",
+         "--config.model.num_heads=4", "--config.model.num_layers=1", "--config.model.num_decoder_layers=1"]
+TOKENIZER = ["--config.data.tokenizer_vocab_size=2048", "--config.data.tokenizer_max_sentences=5000"]
+PRETRAIN = [*MODEL, *TOKENIZER, "--config.data.encoder_length=64", "--config.data.decoder_length=32",
+            "--config.data.decoder_length_buckets=(16,32)", "--config.train.batch_size=8", "--config.train.steps=4",
+            "--config.train.eval_every=4", "--config.train.eval_steps=1", "--config.train.warmup_steps=2"]
+LABELS = ("sport", "cuisine", "musique")
+TEMPLATES = {"sport": "Le match de {} a fini tard au stade.", "cuisine": "La recette de {} demande du beurre.",
+             "musique": "Le concert de {} a rempli la salle."}
+
+
+def run(*args):
+  command = [sys.executable, "main.py", "--config=configs/tiny_fr.py", *args]
+  return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _write_task(directory, split, count, offset):
+  path = os.path.join(directory, f"{split}.jsonl")
+  with open(path, "w") as f:
+    for i in range(count):
+      label = LABELS[0] if i % 4 == 3 else LABELS[i % 4 % 3]  # sport is the majority: half the rows
+      f.write(json.dumps({"text": TEMPLATES[label].format(f"numéro {offset + i}"), "target": label}) + "\n")
+  return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("finetune")
+  pretrained = str(root / "pretrained")
+  out = run(f"--config.workdir={pretrained}", *PRETRAIN)
+  assert out.returncode == 0, out.stderr[-3000:]
+  files = [f"--config.finetune.{split}_file={_write_task(str(root), split, count, offset)}"
+           for split, count, offset in (("train", 48, 0), ("validation", 12, 100), ("test", 12, 200))]
+  return root, pretrained, files
+
+
+def finetune(setup, workdir, *extra):
+  root, pretrained, files = setup
+  return run(f"--config.workdir={pretrained}", *MODEL, *TOKENIZER, "--mode=finetune", "--config.finetune.task=files",
+             *files, f"--config.finetune.workdir={root / workdir}", "--config.finetune.batch_size=8",
+             "--config.finetune.input_length=32", "--config.finetune.target_length=8",
+             "--config.finetune.eval_every=3", "--config.finetune.learning_rate=1e-2", *extra)
+
+
+def results(setup, workdir):
+  with open(setup[0] / workdir / "results.json") as f:
+    return json.load(f)
+
+
+def test_classification_from_pretrained_writes_results_and_resumes(setup):
+  _, pretrained, _ = setup
+  out = finetune(setup, "cls", f"--config.finetune.init_from={pretrained}", "--config.finetune.head=classification",
+                 "--config.finetune.steps=6")
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = results(setup, "cls")
+  assert (got["task"], got["head"], got["init_from"]) == ("files", "classification", pretrained)
+  assert got["sizes"] == {"train": 48, "validation": 12, "test": 12}
+  assert set(got["test"]) == {"loss", "accuracy", "macro_f1"} and 0 <= got["test"]["accuracy"] <= 1
+  # Test rows i = 0..11: sport for i % 4 in (0, 3), the train split's majority too: 6 of 12.
+  assert got["baselines"] == {"majority": 0.5}
+  assert got["best_step"] in (3, 6) and "| accuracy |" in out.stdout
+
+  resumed = finetune(setup, "cls", f"--config.finetune.init_from={pretrained}",
+                     "--config.finetune.head=classification", "--config.finetune.steps=9")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step 6" in resumed.stdout and results(setup, "cls")["steps"] == 9
+
+  refused = finetune(setup, "cls", f"--config.finetune.init_from={pretrained}", "--config.finetune.head=seq2seq",
+                     "--config.finetune.steps=9")
+  assert refused.returncode == 2 and "finetune.head: 'classification' vs 'seq2seq'" in refused.stderr
+  assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+def test_seq2seq_from_scratch_predicts_labels_by_decoding(setup):
+  out = finetune(setup, "s2s", "--config.finetune.head=seq2seq", "--config.finetune.steps=3")
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = results(setup, "s2s")
+  assert (got["head"], got["init_from"], got["best_step"]) == ("seq2seq", "", 3)
+  assert set(got["test"]) == {"loss", "accuracy", "macro_f1"}
