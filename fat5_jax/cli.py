@@ -26,7 +26,7 @@ def run(mode: str, config: Config, *, hf_dir: str | None = None, export_dir: str
   if mode == "train":
     train.train(config)
   elif mode == "finetune":  # one process: fine-tuning does not take part in multi-host agreement yet
-    train.finetune(config)
+    train.finetune.finetune(config)
   elif mode == "eval":
     train.evaluate_latest(config)
   elif mode == "summary":
