@@ -113,9 +113,7 @@ BEAM_SETTINGS = {
     "beam4": dict(num_beams=4),
     "beam4_short_early": dict(num_beams=4, length_penalty=0.5, early_stopping=True),
     "beam4_long": dict(num_beams=4, length_penalty=2.0),
-    "beam4_long_early": dict(num_beams=4, length_penalty=2.0, early_stopping=True),
     "beam4_never_negative": dict(num_beams=4, length_penalty=-1.0, early_stopping="never"),
-    "beam3_all_returned": dict(num_beams=3, num_return_sequences=3, length_penalty=0.0),
     "beam4_all_returned_early": dict(num_beams=4, num_return_sequences=4, length_penalty=1.5, early_stopping=True),
 }
 
