@@ -117,6 +117,9 @@ class EncoderHeadTrainer:
   step reads labels per example or per token (classification, token_classification)."""
 
   def __init__(self, config: Config, mesh: jax.sharding.Mesh, num_labels: int):
+    if config.train.batch_size % mesh.size:
+      raise ConfigError(f"finetune.batch_size={config.train.batch_size} is not a multiple of the {mesh.size} devices: "
+                        "every device takes as many rows")
     self.config, self.mesh, self.num_labels = config, mesh, num_labels
     self.head = config.finetune.head
     self.tx = optim.make_optimizer(config.train, config.model.param_dtype)
