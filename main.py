@@ -4,6 +4,7 @@ Modes (fat5_jax/cli.py):
   train         text -> tokenizer -> UL2 batches -> sharded training -> checkpoints -> Hugging Face export
   finetune      a task (config.finetune) from pretrained weights -> best checkpoint -> test results.json
   eval          evaluation loss of the latest checkpoint on the held-out split
+  predict       generated text for each line of --input (or JSON Lines "text") -> --output JSON Lines
   summary       resolved config, parameters per module, training FLOPs per row
   inspect_data  decoded UL2 examples per denoiser, statistics, {workdir}/inspect_data.jsonl
   import_hf     Hugging Face / FAT5 checkpoint in --hf_dir -> step-0 checkpoint in the config's workdir
@@ -29,6 +30,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny_fr.py", "Run c
 _MODE = flags.DEFINE_enum("mode", "train", cli.MODES, "What to do.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "import_hf: local Hugging Face or FAT5 checkpoint directory.")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "export_hf: output directory (default {workdir}/hf).")
+_INPUT = flags.DEFINE_string("input", None, "predict: inputs, one per line, or JSON Lines with a \"text\" field.")
+_OUTPUT = flags.DEFINE_string("output", None, "predict: JSON Lines of {input, output} to write.")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", 1, "predict: beams of the beam search (1: greedy).")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the resolved config, and tracebacks of errors.")
 USAGE_ERROR = 2  # a config or command line that cannot run: nothing was done
 
@@ -47,6 +51,10 @@ def main(argv):
     fail(f"invalid config {config_flags.get_config_filename(flags.FLAGS['config'])}: {error}", USAGE_ERROR)
   if _MODE.value == "import_hf" and not _HF_DIR.value:
     fail("--mode=import_hf needs --hf_dir=DIR", USAGE_ERROR)
+  if _MODE.value == "predict" and not (_INPUT.value and _OUTPUT.value):
+    fail("--mode=predict needs --input=FILE and --output=FILE", USAGE_ERROR)
+  if _MODE.value == "predict" and not os.path.isfile(_INPUT.value):
+    fail(f"--input={_INPUT.value}: no such file", USAGE_ERROR)
   if os.path.exists(config.workdir) and not os.path.isdir(config.workdir):
     fail(f"workdir {config.workdir} is a file: set --config.workdir to a directory", USAGE_ERROR)
   if _MODE.value != "summary":
@@ -62,7 +70,8 @@ def main(argv):
   if _VERBOSE.value:
     print(json.dumps(dataclasses.asdict(config), indent=1, default=str))
   try:
-    cli.run(_MODE.value, config, hf_dir=_HF_DIR.value, export_dir=_EXPORT_DIR.value)
+    cli.run(_MODE.value, config, hf_dir=_HF_DIR.value, export_dir=_EXPORT_DIR.value,
+            predict_files=(_INPUT.value, _OUTPUT.value), num_beams=_NUM_BEAMS.value)
   except (ConfigError, ValueError, OSError) as error:  # our validation or the file system: one line
     if _VERBOSE.value:
       raise

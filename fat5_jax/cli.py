@@ -8,19 +8,21 @@ import os
 import jax
 from flax import nnx
 
-from fat5_jax import checkpoint, data, flops, hf, sharding, train
+from fat5_jax import checkpoint, data, flops, hf, predict, sharding, train
 from fat5_jax import model as model_lib
 from fat5_jax.config import Config, architecture_differences
 from fat5_jax.data import tokenizer as tokenizer_lib
 from fat5_jax.train import distributed
 
-MODES = ("train", "finetune", "eval", "summary", "inspect_data", "import_hf", "export_hf")
+MODES = ("train", "finetune", "eval", "predict", "summary", "inspect_data", "import_hf", "export_hf")
 # Modes that read or write checkpoints: with several processes, all of them take part (fat5_jax/train/distributed.py).
 DISTRIBUTED_MODES = ("train", "eval", "import_hf", "export_hf")
 
 
-def run(mode: str, config: Config, *, hf_dir: str | None = None, export_dir: str | None = None):
-  """Runs one of MODES on a validated config. `hf_dir`: import_hf's source; `export_dir`: export_hf's target."""
+def run(mode: str, config: Config, *, hf_dir: str | None = None, export_dir: str | None = None,
+        predict_files: tuple[str, str] | None = None, num_beams: int = 1):
+  """Runs one of MODES on a validated config. `hf_dir`: import_hf's source; `export_dir`: export_hf's target;
+  `predict_files`: predict's (input, output) files, decoded with `num_beams` beams (1: greedy)."""
   if mode in DISTRIBUTED_MODES:
     distributed.initialize()
   if mode == "train":
@@ -29,6 +31,9 @@ def run(mode: str, config: Config, *, hf_dir: str | None = None, export_dir: str
     train.finetune.finetune(config)
   elif mode == "eval":
     train.evaluate_latest(config)
+  elif mode == "predict":
+    written = predict.predict(config, *predict_files, num_beams=num_beams)
+    print(f"wrote {written} predictions to {predict_files[1]}")
   elif mode == "summary":
     summary(config)
   elif mode == "inspect_data":

@@ -219,3 +219,16 @@ def test_export_refuses_a_tokenizer_changed_after_the_run(straight_run, tmp_path
     f.write(b"\0")
   code, line = main_error(*command(workdir, "--mode=export_hf")[2:])
   assert code == 2 and "changed after it was recorded" in line, line
+
+
+def test_predict_writes_one_output_per_input(straight_run, tmp_path):
+  inputs = tmp_path / "inputs.txt"
+  inputs.write_text("Paris est la capitale de la France.\n\nLe chat dort sur le canapé.\n", encoding="utf-8")
+  output = tmp_path / "predictions.jsonl"
+  run(straight_run[0], "--mode=predict", f"--input={inputs}", f"--output={output}", "--num_beams=2")
+  records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
+  assert [r["input"] for r in records] == ["Paris est la capitale de la France.", "Le chat dort sur le canapé."]
+  assert all(isinstance(r["output"], str) for r in records)
+  code, line = main_error(*command(straight_run[0], "--mode=predict", f"--input={tmp_path / 'missing.txt'}",
+                                   f"--output={output}")[2:])
+  assert code == 2 and "no such file" in line, line
