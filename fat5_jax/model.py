@@ -310,6 +310,15 @@ def from_parameters(config: ModelConfig, params, seed: int = 0) -> T5:
   return nnx.merge(graphdef, params, rest)
 
 
+def with_dropout(model: nnx.Module, dropout_key) -> nnx.Module:
+  """`model` in training mode with dropout drawn from `dropout_key`, or deterministic when the key is None."""
+  if dropout_key is None:
+    model.eval()
+  else:
+    nnx.reseed(model, dropout=dropout_key)
+  return model
+
+
 def parameters(model: nnx.Module) -> dict:
   """The parameters as a nested dict of arrays (the layout of checkpoints and of the optimizer)."""
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))

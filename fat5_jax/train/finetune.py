@@ -142,12 +142,9 @@ class EncoderHeadTrainer:
     return jax.jit(self._state, out_shardings=self.state_shardings)(pretrained)
 
   def model(self, params, dropout_key=None) -> heads.EncoderWithHead:
-    model = heads.from_parameters(self.config.model, self.head, self.num_labels, params, self.config.train.seed)
-    if dropout_key is None:
-      model.eval()
-    else:
-      nnx.reseed(model, dropout=dropout_key)
-    return model
+    return model_lib.with_dropout(
+        heads.from_parameters(self.config.model, self.head, self.num_labels, params, self.config.train.seed),
+        dropout_key)
 
   def _loss(self, params, batch, dropout_key=None):
     with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):

@@ -60,12 +60,8 @@ class Trainer:
 
   def model(self, params, dropout_key=None) -> model_lib.T5:
     """The model over `params`: training mode with dropout drawn from `dropout_key`, else deterministic."""
-    model = model_lib.from_parameters(self.config.model, params, self.config.train.seed)
-    if dropout_key is None:
-      model.eval()
-    else:
-      nnx.reseed(model, dropout=dropout_key)
-    return model
+    return model_lib.with_dropout(model_lib.from_parameters(self.config.model, params, self.config.train.seed),
+                                  dropout_key)
 
   def _loss(self, params, batch, dropout_key=None):
     # The seam reads the mesh to run each kernel on its device's rows (shard_map) and to keep activations split.
