@@ -96,3 +96,11 @@ ids = jnp.ones((1, 8), jnp.int32)
 T5(config, rngs=nnx.Rngs(0))(ids, ids).block_until_ready()
 """
   assert _loaded_gpu_modules(code) == ["fat5_jax"]
+
+
+def test_the_command_line_loads_no_fine_tuning_metric_library():
+  """Pretraining needs none of them (and the GPU image lacks them): they load when fine-tuning computes a metric."""
+  libraries = ("sklearn", "sacrebleu", "rouge_score")
+  code = f"import main, sys\nprint('loaded:', *sorted(m for m in {libraries!r} if m in sys.modules))"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+  assert out.stdout.strip().splitlines()[-1].split()[1:] == []
