@@ -1,7 +1,7 @@
 """FAT5's encoder-only fine-tuning heads: T5's encoder under a dense layer, and their losses.
 
-- classification: the encoder's output mean-pooled over each row's real tokens (segment id > 0), a dense layer to
-  the labels; cross-entropy per example.
+- classification: the encoder's output mean-pooled over each row's real tokens (segment id > 0) and scaled to unit
+  RMS, a dense layer to the labels; cross-entropy per example.
 - token_classification: a dense layer on every token; cross-entropy per token.
 - question_answering: a dense layer to a start and an end logit per token; the span loss is the mean of the start
   and end cross-entropies over the row's real tokens (padding can be neither).
@@ -37,7 +37,7 @@ class EncoderWithHead(nnx.Module):
     self.config, self.head_type = config, head
     self.shared = Embedding(config, rngs=rngs)
     self.encoder = Stack(config, is_decoder=False, rngs=rngs)
-    # std d_model**-0.5: the encoder's output is RMS-normalized, so the initial logits have unit scale.
+    # std d_model**-0.5: the head's input has unit RMS (pooled features are rescaled), so the initial logits do too.
     self.head_kernel = nnx.Param(config.initializer_factor * config.d_model ** -0.5 * jax.random.normal(
         rngs.params(), (config.d_model, outputs), jnp.float32).astype(config.param_dtype))
     self.head_bias = nnx.Param(jnp.zeros((outputs,), config.param_dtype))
@@ -49,6 +49,11 @@ class EncoderWithHead(nnx.Module):
     if self.head_type == "classification":
       real = (segment_ids > 0).astype(jnp.float32)[..., None]
       hidden = jnp.sum(hidden * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
+      # Unit RMS whatever the encoder's final norm weights: a pretrained encoder's are fitted to the decoder (tiny_fr:
+      # RMS 0.29) and averaging shrinks the vector again, so without this AdamW's fixed-size steps on the head move
+      # its logits several times slower from a pretrained encoder than from a fresh one (issue 16).
+      eps = self.config.layer_norm_epsilon
+      hidden = hidden * jax.lax.rsqrt(jnp.mean(jnp.square(hidden), axis=-1, keepdims=True) + eps)
     return hidden @ self.head_kernel[...].astype(jnp.float32) + self.head_bias[...].astype(jnp.float32)
 
 

@@ -56,12 +56,13 @@ def _check_against(head, batch, restated):
   return sums, grads
 
 
-def test_classification_mean_pools_real_tokens_and_ignores_padded_rows():
+def test_classification_mean_pools_real_tokens_to_unit_rms_and_ignores_padded_rows():
   batch = dict(_batch(), labels=jnp.array([0, 3, 4, 1]), label_weights=jnp.array([1.0, 1.0, 0.0, 1.0]))
 
   def restated(params, batch):
     hidden = _encoded(params, "classification", batch)
     pooled = jnp.stack([hidden[row, :LENGTHS[row]].mean(axis=0) for row in range(ROWS)])
+    pooled = pooled / jnp.sqrt(jnp.mean(pooled ** 2, axis=-1, keepdims=True) + CONFIG.layer_norm_epsilon)
     logits = pooled @ params["head_kernel"] + params["head_bias"]
     return -jnp.sum(batch["label_weights"] * _log_softmax_pick(logits, batch["labels"]))
 
