@@ -183,8 +183,9 @@ class FinetuneConfig:
       "checkpoint directory (with its spiece.model); empty: a fresh model with the run's tokenizer.")
   head: str = _field(
       "seq2seq", "seq2seq: the whole encoder-decoder, targets as text (labels predicted by greedy decoding); "
-      "classification: encoder only, mean-pooled, a dense layer to the labels; token_classification: encoder only, a "
-      "dense layer per token; question_answering: encoder only, span start and end logits per token.", HEADS)
+      "classification: encoder only, mean-pooled then scaled to unit RMS, a dense layer to the labels; "
+      "token_classification: encoder only, a dense layer per token; question_answering: encoder only, span start and "
+      "end logits per token.", HEADS)
   workdir: str = _field("", "Checkpoints, metrics and results.json of the fine-tuning; empty: "
                         "{workdir}/finetune/{task}.")
   optimizer: str = _field(
