@@ -19,12 +19,11 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-from fat5_jax import checkpoint, generate, heads, hf, losses, optim, sharding, task_metrics
+from fat5_jax import checkpoint, generate, heads, hf, losses, sharding, task_metrics
 from fat5_jax import model as model_lib
 from fat5_jax.config import FILES_TASK, Config, ConfigError, finetune_workdir, model_config
 from fat5_jax.data import tasks, tokenizer as tokenizer_lib
@@ -112,67 +111,37 @@ def _run_config(config: Config, workdir: str, train_size: int) -> Config:
   return dataclasses.replace(config, workdir=workdir, train=train_config, data=data_config)
 
 
-class EncoderHeadTrainer:
-  """The Trainer's interface (state, sharded jitted steps, `put_batch`) for an encoder-only head. Its evaluation
-  step reads labels per example or per token (classification, token_classification)."""
+class EncoderHeadTrainer(Trainer):
+  """The Trainer (state, sharded jitted steps, batches) for an encoder-only head. Its evaluation step also returns
+  the logits, read per example or per token (classification, token_classification)."""
 
   def __init__(self, config: Config, mesh: jax.sharding.Mesh, num_labels: int):
     if config.train.batch_size % mesh.size:
       raise ConfigError(f"finetune.batch_size={config.train.batch_size} is not a multiple of the {mesh.size} devices: "
                         "every device takes as many rows")
-    self.config, self.mesh, self.num_labels = config, mesh, num_labels
-    self.head = config.finetune.head
-    self.tx = optim.make_optimizer(config.train, config.model.param_dtype)
-    abstract_state = jax.eval_shape(lambda: self._state(None))
-    self.state_shardings = sharding.parameter_shardings(abstract_state, mesh)  # moments follow their parameter
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_shardings)
-    batch = sharding.batch_sharding(mesh, leading_axes=1)
-    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch),
-                              out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings["params"],
-                                                            sharding.batch_sharding(mesh)))
+    self.head, self.num_labels = config.finetune.head, num_labels
+    super().__init__(config, mesh)
 
-  def _state(self, pretrained: dict | None):
-    params = heads.init_parameters(self.config.model, self.head, self.num_labels, self.config.train.seed, pretrained)
-    return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros([], jnp.int32)}
+  def _fresh_params(self, pretrained: dict | None = None) -> dict:
+    return heads.init_parameters(self.config.model, self.head, self.num_labels, self.config.train.seed, pretrained)
 
   def initial_state(self, pretrained: dict | None):
     """A fresh head over the pretrained embedding and encoder (or over a fresh encoder), placed on the mesh."""
-    return jax.jit(self._state, out_shardings=self.state_shardings)(pretrained)
+    return jax.jit(lambda p: self._fresh_state(self._fresh_params(p)), out_shardings=self.state_shardings)(pretrained)
 
   def model(self, params, dropout_key=None) -> heads.EncoderWithHead:
     return model_lib.with_dropout(
         heads.from_parameters(self.config.model, self.head, self.num_labels, params, self.config.train.seed),
         dropout_key)
 
-  def _loss(self, params, batch, dropout_key=None):
-    with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
-      return heads.head_loss(self.model(params, dropout_key), batch)
+  def _model_loss(self, model: heads.EncoderWithHead, batch: dict):
+    return heads.head_loss(model, batch)
 
-  def _train_step(self, state, micro_batches):
-    base_key = jax.random.fold_in(jax.random.key(self.config.train.seed), state["step"])
-    uses_dropout = self.config.model.dropout_rate > 0
-
-    def loss_and_grad(params, indexed):
-      index, batch = indexed
-      key = jax.random.fold_in(base_key, index) if uses_dropout else None
-      return jax.value_and_grad(self._loss, has_aux=True)(params, batch, key)
-
-    num_micro = jax.tree.leaves(micro_batches)[0].shape[0]
-    grads, sums = optim.accumulate_gradients(loss_and_grad, state["params"], (jnp.arange(num_micro), micro_batches))
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    metrics = dict(losses.normalize_metrics(sums), grad_norm=optax.tree.norm(grads))
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-            "step": state["step"] + 1}, metrics
-
-  def _eval_step(self, params, batch):
+  def _eval_sums(self, params, batch):
     """(metric sums, float32 logits) of a batch."""
     with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
       logits = self.model(params)(batch["encoder_input_tokens"], batch["encoder_segment_ids"])
     return heads.classification_loss(logits, batch["labels"], batch["label_weights"])[1], logits
-
-  put_batch = Trainer.put_batch  # reads only self.mesh
 
 
 def _use_tokenizer(tokenizer_path: str, workdir: str) -> str:

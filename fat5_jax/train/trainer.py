@@ -32,23 +32,25 @@ class Trainer:
     self.ops = ops_for(config.model)  # runs the lm_head loss: the seam picks its kernel, as for the model
     self.schedule = optim.make_schedule(config.train)
 
-    seed = config.train.seed
-
-    def init_state():
-      params = model_lib.parameters(model_lib.T5(config.model, rngs=nnx.Rngs(params=seed, dropout=seed)))
-      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros([], jnp.int32)}
-
-    abstract_state = jax.eval_shape(init_state)
+    abstract_state = jax.eval_shape(self._fresh_state)
     self.state_shardings = sharding.parameter_shardings(abstract_state, mesh)  # moments follow their parameter
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, self.state_shardings)
-    self._init = jax.jit(init_state, out_shardings=self.state_shardings)
+    self._init = jax.jit(self._fresh_state, out_shardings=self.state_shardings)
     self.uses_dropout = config.model.dropout_rate > 0
     batch = sharding.batch_sharding(mesh, leading_axes=1)
     self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, batch),
                               out_shardings=(self.state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     self.eval_step = jax.jit(self._eval_sums, in_shardings=(self.state_shardings["params"],
                                                             sharding.batch_sharding(mesh)))
+
+  def _fresh_params(self) -> dict:
+    seed = self.config.train.seed
+    return model_lib.parameters(model_lib.T5(self.config.model, rngs=nnx.Rngs(params=seed, dropout=seed)))
+
+  def _fresh_state(self, params=None) -> dict:
+    params = self._fresh_params() if params is None else params
+    return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros([], jnp.int32)}
 
   def init_state(self):
     return self._init()
@@ -66,14 +68,15 @@ class Trainer:
   def _loss(self, params, batch, dropout_key=None):
     # The seam reads the mesh to run each kernel on its device's rows (shard_map) and to keep activations split.
     with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
-      return self._loss_on_mesh(params, batch, dropout_key)
+      # FSDP: each weight is gathered whole where it is used (its gradient reduce-scattered back), so that XLA never
+      # chooses to gather the activations instead.
+      params = jax.lax.with_sharding_constraint(params,
+                                                jax.tree.map(lambda _: sharding.replicated(self.mesh), params))
+      return self._model_loss(self.model(params, dropout_key), batch)
 
-  def _loss_on_mesh(self, params, batch, dropout_key):
+  def _model_loss(self, model: model_lib.T5, batch: dict):
+    """(loss, metric sums) of the seq2seq batch: the cross-entropy of the decoder's targets."""
     tc = self.config.train
-    # FSDP: each weight is gathered whole where it is used (its gradient reduce-scattered back), so that XLA never
-    # chooses to gather the activations instead.
-    params = jax.lax.with_sharding_constraint(params, jax.tree.map(lambda _: sharding.replicated(self.mesh), params))
-    model = self.model(params, dropout_key)
     # Packed segments are contiguous with positions restarting at 0, so only FIRE (absolute query positions) needs
     # them; without them the flash kernel takes its faster path.
     positions = lambda key: batch[key] if self.config.model.position_encoding_type == "fire" else None
