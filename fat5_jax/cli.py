@@ -32,8 +32,7 @@ def run(mode: str, config: Config, *, hf_dir: str | None = None, export_dir: str
   elif mode == "eval":
     train.evaluate_latest(config)
   elif mode == "predict":
-    written = predict.predict(config, *predict_files, num_beams=num_beams)
-    print(f"wrote {written} predictions to {predict_files[1]}")
+    predict.predict(config, *predict_files, num_beams=num_beams)
   elif mode == "summary":
     summary(config)
   elif mode == "inspect_data":

@@ -87,8 +87,7 @@ def predict(config: Config, input_path: str, output_path: str, *, batch_size: in
                                     max_length=max_length or config.data.decoder_length,
                                     rng=jax.random.fold_in(key, number), **generation_options))
     for row, i in enumerate(rows):
-      tokens = generated[row].tolist()
-      outputs[i] = tokenizer.decode(tokens[:tokens.index(eos)] if eos in tokens else tokens)
+      outputs[i] = tokenizer.decode_generated(generated[row])
 
   os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
   partial = f"{output_path}.partial"

@@ -67,6 +67,11 @@ class Tokenizer:
       out.append(self._sp.decode(run))
     return "".join(out)
 
+  def decode_generated(self, ids) -> str:
+    """Text of generated ids up to their first EOS (what follows it is padding)."""
+    ids = [int(i) for i in ids]
+    return self.decode(ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids)
+
   def sentinel_id(self, i: int) -> int:
     if not 0 <= i < self.num_sentinels:
       raise ValueError(f"sentinel {i} outside [0, {self.num_sentinels})")

@@ -224,11 +224,7 @@ class Evaluator:
     segment_ids = jnp.asarray(batch["encoder_segment_ids"])
     tokens = np.asarray(generate.greedy_decode(model, jnp.asarray(batch["encoder_input_tokens"]), segment_ids,
                                                max_length=self.config.finetune.target_length))
-    texts = []
-    for row in tokens:
-      ends = np.flatnonzero(row == self.tokenizer.eos_id)
-      texts.append(self.tokenizer.decode(row[:ends[0]] if ends.size else row))
-    return texts
+    return [self.tokenizer.decode_generated(row) for row in tokens]
 
 
 def _finetune(config: Config, workdir: str) -> dict:
