@@ -1,7 +1,7 @@
 """Parameter precision on the GPU: small_fr pretrained on the embedded corpus with bfloat16 parameters and
 Kahan-compensated updates, bfloat16 parameters without Kahan, and float32 parameters, then one plot of their losses.
 
-  python scripts/precision.py run OUT_DIR [--steps 1000 --rows 64 --tokenizer PATH]   # each variant: OUT_DIR/<name>
+  python scripts/precision.py run OUT_DIR [--steps 1000 --rows 64 --tokenizer PATH --variants a,b]  # OUT_DIR/<name>
   python scripts/precision.py plot OUT_DIR docs/precision.png                          # + OUT_DIR/summary.json
 
 Every variant sees the same batches in the same order (same seed, same tokenizer); only the parameter dtype and the
@@ -28,7 +28,7 @@ VARIANTS = {
 }
 
 
-def run(out_dir: str, steps: int, rows: int, tokenizer: str | None):
+def run(out_dir: str, steps: int, rows: int, tokenizer: str | None, variants: list[str]):
   common = [f"--config.train.steps={steps}", f"--config.train.batch_size={rows}", "--config.train.grad_accum_steps=1",
             f"--config.train.warmup_steps={steps // 10}", "--config.train.log_every=10",
             f"--config.train.eval_every={steps // 10}", "--config.train.eval_steps=8",
@@ -39,7 +39,8 @@ def run(out_dir: str, steps: int, rows: int, tokenizer: str | None):
   # cache overlap instead of being paid three times over.
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   started, running = time.time(), {}
-  for name, (_, overrides) in VARIANTS.items():
+  for name in variants:
+    _, overrides = VARIANTS[name]
     log = open(os.path.join(out_dir, f"{name}.log"), "w")
     running[name] = subprocess.Popen([sys.executable, "main.py", "--config=configs/small_fr.py",
                                       f"--config.workdir={os.path.join(out_dir, name)}", *common, *overrides],
@@ -88,13 +89,18 @@ def main():
   run_args.add_argument("--steps", type=int, default=1000)
   run_args.add_argument("--rows", type=int, default=64)
   run_args.add_argument("--tokenizer")
+  run_args.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names among the variants")
   plot_args = commands.add_parser("plot")
   plot_args.add_argument("out_dir")
   plot_args.add_argument("png")
   args = parser.parse_args()
   if args.command == "run":
     os.makedirs(args.out_dir, exist_ok=True)
-    run(args.out_dir, args.steps, args.rows, args.tokenizer)
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+      parser.error(f"unknown variants {unknown}: choose among {sorted(VARIANTS)}")
+    run(args.out_dir, args.steps, args.rows, args.tokenizer, variants)
   else:
     plot(args.out_dir, args.png)
 
