@@ -3,12 +3,12 @@
 Modes (fat5_jax/cli.py):
   train         text -> tokenizer -> UL2 batches -> sharded training -> checkpoints -> Hugging Face export
   finetune      a task (config.finetune) from pretrained weights -> best checkpoint -> test results.json
-  eval          evaluation loss of the latest checkpoint on the held-out split
+  eval          evaluation loss of the checkpoint (a finished fine-tuning's best, else the newest) on held-out text
   predict       generated text for each line of --input (or JSON Lines "text") -> --output JSON Lines
   summary       resolved config, parameters per module, training FLOPs per row
   inspect_data  decoded UL2 examples per denoiser, statistics, {workdir}/inspect_data.jsonl
   import_hf     Hugging Face / FAT5 checkpoint in --hf_dir -> step-0 checkpoint in the config's workdir
-  export_hf     latest checkpoint -> Hugging Face directory --export_dir
+  export_hf     that checkpoint -> Hugging Face directory --export_dir
 
 Several hosts: the same command on each, one process per host, with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID set (or under SLURM's srun); see docs/training.md.

@@ -43,6 +43,7 @@ OPTIMIZER_FIELDS = ("train.clip_norm", "train.kahan", "train.moment_dtype", "mod
 _DAMAGE_STATUSES = ("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE")
 _GRAIN_MISSING = re.compile(r"^File .* does not exist\.$")  # Grain's iterator state file is gone
 _READ_OUTCOMES = ("read", "damaged", "failed")  # of one step on one process
+RESULTS_FILE = "results.json"  # a finished fine-tuning's test results, with the step they were measured at
 
 
 class CheckpointError(ValueError):
@@ -289,8 +290,9 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))
 
-  def restore(self, abstract_state: dict, *, data_iterator=None):
-    """Restores the newest readable step -> (step, state), or (None, None) when there is no checkpoint.
+  def restore(self, abstract_state: dict, *, data_iterator=None, step: Optional[int] = None):
+    """Restores the newest readable step -> (step, state), or (None, None) when there is no checkpoint. With
+    `step`, that step exactly: CheckpointError if it is missing or damaged, and nothing is set aside.
 
     `abstract_state` gives the top-level keys wanted and their shapes, dtypes and shardings (restoring onto
     another mesh reshards). Only the wanted keys that the step holds are read: an imported step 0 holds params
@@ -298,14 +300,24 @@ class Checkpointer:
     steps are renamed aside once an older one has restored (training can then save under their numbers); when
     every step is damaged, or a step fails otherwise, CheckpointError stops the run with nothing changed.
     """
+    def read(at: int):
+      return self._read(at, lambda s: self._restore_step(s, abstract_state, data_iterator),
+                        check=lambda items: _verify(items.get("checksums", {}), items["state"]))
+
+    if step is not None:
+      if step not in self.all_steps():
+        raise CheckpointError(f"{self.directory} has no step {step} (it holds {self.all_steps()})")
+      restored, damage = read(step)
+      if damage is not None:
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({damage}): use another step")
+      return step, restored["state"]
     damaged = {}
-    for step in reversed(self.all_steps()):
-      restored, damage = self._read(step, lambda s: self._restore_step(s, abstract_state, data_iterator),
-                                    check=lambda items: _verify(items.get("checksums", {}), items["state"]))
+    for newest in reversed(self.all_steps()):
+      restored, damage = read(newest)
       if damage is None:
-        self._set_aside(damaged, step)
-        return step, restored["state"]
-      damaged[step] = damage
+        self._set_aside(damaged, newest)
+        return newest, restored["state"]
+      damaged[newest] = damage
     if damaged:
       raise CheckpointError(
           f"every checkpoint step in {self.directory} is damaged ("
@@ -350,8 +362,19 @@ class Checkpointer:
     self.manager.close()
 
 
+def chosen_step(workdir: str) -> Optional[int]:
+  """The step a finished fine-tuning in `workdir` chose by its validation metric (`best_step` of its results
+  file), or None for any other workdir, whose newest readable step is the one to use."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)["best_step"]
+
+
 def restore_params(config: Config, abstract_params: Any) -> tuple[int, Any]:
-  """(step, parameters) of the newest readable checkpoint in `config.workdir`: what evaluation and export start from.
+  """(step, parameters) of `config.workdir`'s chosen step (a finished fine-tuning's best, `chosen_step`) or else
+  its newest readable one: what evaluation, prediction, export and fine-tuning start from.
 
   `abstract_params` gives the parameters' shapes, dtypes and shardings. A checkpoint of another architecture is
   refused; a workdir without one ends the run.
@@ -359,7 +382,7 @@ def restore_params(config: Config, abstract_params: Any) -> tuple[int, Any]:
   checkpointer = Checkpointer(config.workdir)
   try:
     checkpointer.check_architecture(config)
-    step, state = checkpointer.restore({"params": abstract_params})
+    step, state = checkpointer.restore({"params": abstract_params}, step=chosen_step(config.workdir))
   finally:
     checkpointer.close()
   if step is None:

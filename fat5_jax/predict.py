@@ -1,4 +1,4 @@
-"""Generated text for a file of inputs, from the latest checkpoint of a seq2seq run of ours."""
+"""Generated text for a file of inputs, from a checkpoint of a seq2seq run of ours."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def predict(config: Config, input_path: str, output_path: str, *, batch_size: in
   """Writes `output_path`, JSON Lines of {"input": text, "output": generated text} in the order of the inputs, and
   returns how many. Called by `python main.py --config=CFG --mode=predict --input=FILE --output=FILE`, or directly.
 
-  The model is the newest checkpoint in `config.workdir` (pretrained, imported or a seq2seq fine-tuning: its
-  `params`), and the tokenizer the one recorded in that workdir. Each input (see `read_inputs`) is encoded as in
+  The model is a checkpoint of `config.workdir` (pretrained, imported or a seq2seq fine-tuning; the best step of a
+  finished fine-tuning, else the newest: `checkpoint.restore_params`), and the tokenizer the one recorded there. Each input (see `read_inputs`) is encoded as in
   training, pieces then EOS, truncated to `max_input_length` tokens (default data.encoder_length); at most
   `max_length` tokens are generated (default data.decoder_length), in batches of `batch_size` inputs of similar
   lengths. `generation_options` are those of `fat5_jax.generate.generate` (num_beams, length_penalty,
@@ -64,7 +64,7 @@ def predict(config: Config, input_path: str, output_path: str, *, batch_size: in
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                                  nnx.to_pure_dict(model_lib.abstract_parameters(config.model)))
-  _, params = checkpoint.restore_params(config, abstract_params)
+  step, params = checkpoint.restore_params(config, abstract_params)
   model = model_lib.from_parameters(config.model, params)
 
   texts = read_inputs(input_path)
@@ -99,5 +99,5 @@ def predict(config: Config, input_path: str, output_path: str, *, batch_size: in
   finally:
     if os.path.exists(partial):
       os.remove(partial)
-  print(f"wrote {len(texts)} predictions to {output_path}")
+  print(f"wrote {len(texts)} predictions of step {step} to {output_path}")
   return len(texts)

@@ -19,7 +19,6 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
@@ -176,13 +175,6 @@ def _check_resume(checkpointer: checkpoint.Checkpointer, config: Config, abstrac
   checkpointer.check_resume(config, abstract_state)
 
 
-def _restore_params(checkpointer: checkpoint.Checkpointer, step: int, abstract_params):
-  target = {"params": abstract_params}
-  restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
-  return restored["state"]["params"]
-
-
 class Evaluator:
   """Loss and task metrics of a split: label or text predictions (greedy decoding for seq2seq) scored by
   task_metrics."""
@@ -301,13 +293,14 @@ def _finetune(config: Config, workdir: str) -> dict:
     checkpointer.close()
     raise SystemExit(f"stopped by {stop.received} at step {int(state['step'])}; the same command resumes")
   best_step, best = _best_step(workdir, checkpointer.all_steps(), evaluate.selection_metric)
-  params = _restore_params(checkpointer, best_step, trainer.abstract_state["params"])
+  _, state = checkpointer.restore({"params": trainer.abstract_state["params"]}, step=best_step)
+  params = state["params"]
   checkpointer.close()
   results = {"task": task.name, "head": ft.head, "init_from": ft.init_from, "steps": tc.steps,
              "best_step": best_step, "sizes": {split: len(examples) for split, examples in splits.items()},
              "validation": best, "test": evaluate(params, splits["test"]),
              "baselines": tasks.majority_baseline(task, splits["train"], splits["test"])}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
+  with open(os.path.join(workdir, checkpoint.RESULTS_FILE), "w") as f:
     json.dump(results, f, indent=1)
   print(results_table(results))
   return results

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fat5_jax.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
+from fat5_jax.checkpoint import RESULTS_FILE, Checkpointer, CheckpointError, CheckpointMismatchError, restore_params
 from fat5_jax.config import Config, TrainConfig
 
 
@@ -117,6 +117,31 @@ def test_every_step_damaged_is_one_error_and_changes_nothing(tmp_path):
   with pytest.raises(CheckpointError, match="every checkpoint step .* is damaged .*step 2: .*step 1: "):
     checkpointer.restore(_abstract(_state(0)))
   assert _entries(tmp_path) == ["1", "2"]
+
+
+def test_a_given_step_is_restored_exactly_and_never_falls_back(tmp_path):
+  checkpointer = _saved(tmp_path, steps=(1, 2, 3))
+  step, restored = checkpointer.restore(_abstract(_state(0)), step=2)
+  assert step == 2
+  np.testing.assert_array_equal(restored["params"]["w"], _state(2)["params"]["w"])
+  with pytest.raises(CheckpointError, match=r"has no step 7 \(it holds \[1, 2, 3\]\)"):
+    checkpointer.restore(_abstract(_state(0)), step=7)
+  _truncate_state(os.path.join(checkpointer.directory, "2"))
+  with pytest.raises(CheckpointError, match="step 2 .* is damaged .*: use another step"):
+    checkpointer.restore(_abstract(_state(0)), step=2)
+  assert _entries(tmp_path) == ["1", "2", "3"]  # nothing set aside for a step asked by number
+
+
+def test_a_finished_fine_tuning_is_read_at_its_best_step_others_at_their_newest(tmp_path):
+  _saved(tmp_path, steps=(1, 2, 3)).close()
+  abstract = _abstract(_state(0))["params"]
+  step, params = restore_params(Config(workdir=str(tmp_path)), abstract)
+  assert step == 3
+  with open(tmp_path / RESULTS_FILE, "w") as f:
+    json.dump({"best_step": 2}, f)
+  step, params = restore_params(Config(workdir=str(tmp_path)), abstract)
+  assert step == 2
+  np.testing.assert_array_equal(params["w"], _state(2)["params"]["w"])
 
 
 def test_a_changed_batch_size_is_refused_naming_the_field_and_deletes_nothing(tmp_path):
