@@ -51,6 +51,13 @@ class Tokenizer:
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
     return self._sp.encode(texts, num_threads=os.cpu_count() or 1)
 
+  def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, (begin, end) of each piece) per text, as UTF-8 byte offsets into the text, surrounding spaces
+    included (sentencepiece's). A character split into byte pieces spans its last piece; the others are empty at its
+    start."""
+    return [([piece.id for piece in text.pieces], [(piece.begin, piece.end) for piece in text.pieces])
+            for text in self._sp.encode(texts, out_type="proto", num_threads=os.cpu_count() or 1)]
+
   def decode(self, ids, show_special: bool = False) -> str:
     """Text of `ids`; sentinels appear as `<extra_id_N>`; with show_special, pad and eos too."""
     out, run = [], []

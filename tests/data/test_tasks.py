@@ -189,9 +189,12 @@ def test_bad_requests_fail_in_one_line(tmp_path):
   with pytest.raises(ConfigError, match="is generation, not classification"):
     tasks.load_task(tasks.WIKI_FR_DESCRIPTION, "test", validation_fraction=0.1, kind="classification")
   generation = [{"text": "a", "target": "b", "label": -1}]
-  with pytest.raises(ConfigError, match="needs labelled examples"):
+  with pytest.raises(ConfigError, match="the classification head cannot learn generation examples; use seq2seq"):
     next(tasks.batches(generation, WordLengthTokenizer(), head="classification", rows=1, input_length=4,
                        target_length=4, seed=0, shuffle=False))
-  with pytest.raises(ConfigError, match="head 'token_classification'"):
+  with pytest.raises(ConfigError, match="the token_classification head cannot learn generation examples"):
     next(tasks.batches(generation, WordLengthTokenizer(), head="token_classification", rows=1, input_length=4,
+                       target_length=4, seed=0, shuffle=False))
+  with pytest.raises(ConfigError, match="head 'tagging'"):
+    next(tasks.batches(generation, WordLengthTokenizer(), head="tagging", rows=1, input_length=4,
                        target_length=4, seed=0, shuffle=False))
