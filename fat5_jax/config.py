@@ -161,6 +161,7 @@ class TrainConfig:
 
 
 HEADS = ("seq2seq", "classification", "token_classification", "question_answering")
+TOKEN_LEVEL_HEADS = ("token_classification", "question_answering")  # logits per token; their files have fixed fields
 FILES_TASK = "files"
 
 
@@ -172,12 +173,15 @@ class FinetuneConfig:
 
   task: str = _field(
       "wiki_fr_category", "An embedded task (wiki_fr_category: summary -> one of 11 categories; wiki_fr_description: "
-      "summary -> its short description), or `files`: train_file, validation_file and test_file.")
+      "summary -> its short description; wiki_fr_title_tagging: the summary's words that name the article's subject, "
+      "tagged B/I/O; wiki_fr_description_span: the description's span in the summary, the title as question), or "
+      "`files`: train_file, validation_file and test_file.")
   train_file: str = _field("", "files: JSON Lines, CSV or Parquet of training examples.")
   validation_file: str = _field("", "files: validation examples; empty: data.validation_fraction of train_file.")
   test_file: str = _field("", "files: test examples, evaluated once at the end with the best checkpoint.")
-  input_field: str = _field("text", "files: field (column) holding the input text.")
-  target_field: str = _field("target", "files: field (column) holding the target text or label.")
+  input_field: str = _field("text", "files: field (column) holding the input text (token classification and question "
+                            "answering files have fixed fields: docs/finetuning.md).")
+  target_field: str = _field("target", "files: field (column) holding the target text or label (as input_field).")
   init_from: str = _field(
       "", "Where the weights start: a workdir of ours (its latest checkpoint and tokenizer), a Hugging Face or FAT5 "
       "checkpoint directory (with its spiece.model); empty: a fresh model with the run's tokenizer.")
@@ -376,6 +380,10 @@ def _validate_finetune(f: FinetuneConfig):
            f"finetune.train_file/validation_file/test_file are read only with finetune.task='files', not "
            f"{f.task!r}")
   _require(bool(f.input_field) and bool(f.target_field), "finetune.input_field and target_field must not be empty")
+  text_fields = (f.input_field, f.target_field) == (FinetuneConfig.input_field, FinetuneConfig.target_field)
+  _require(f.head not in TOKEN_LEVEL_HEADS or text_fields,
+           f"finetune.input_field and target_field name the fields of text files; a {f.head} file has fixed fields "
+           "(docs/finetuning.md): leave them at their defaults")
   _require(f.learning_rate > 0, f"finetune.learning_rate must be positive, got {f.learning_rate}")
   _require(f.steps >= 0 and f.epochs >= 0 and (f.steps > 0) != (f.epochs > 0),
            f"set exactly one of finetune.steps and finetune.epochs (the other 0), got steps={f.steps}, "

@@ -85,13 +85,17 @@ def span_loss(logits, segment_ids, start_positions, end_positions, weights) -> t
   return _sums(losses, correct, weights)
 
 
-def head_loss(model: EncoderWithHead, batch: dict) -> tuple[jax.Array, dict]:
-  """(loss sum, metric sums) of the model's head on a batch holding LABEL_KEYS[head]."""
-  logits = model(batch["encoder_input_tokens"], batch["encoder_segment_ids"])
-  if model.head_type == "question_answering":
+def logits_loss(head: str, logits, batch: dict) -> tuple[jax.Array, dict]:
+  """(loss sum, metric sums) of a head's logits on a batch holding LABEL_KEYS[head]."""
+  if head == "question_answering":
     return span_loss(logits, batch["encoder_segment_ids"], batch["start_positions"], batch["end_positions"],
                      batch["label_weights"])
   return classification_loss(logits, batch["labels"], batch["label_weights"])
+
+
+def head_loss(model: EncoderWithHead, batch: dict) -> tuple[jax.Array, dict]:
+  """(loss sum, metric sums) of the model's head on a batch holding LABEL_KEYS[head]."""
+  return logits_loss(model.head_type, model(batch["encoder_input_tokens"], batch["encoder_segment_ids"]), batch)
 
 
 _SKELETONS: dict = {}  # (config, head, num_labels, seed) -> (graph, dropout streams), built once per process

@@ -52,11 +52,17 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str]) ->
   return {"exact_match": float(exact), "rouge_l": float(rouge), "chrf": float(chrf)}
 
 
-def span_metrics(predicted: Sequence[tuple[int, int]], gold: Sequence[tuple[int, int]]) -> dict[str, float]:
+def span_metrics(predicted: Sequence[tuple[int, int]], gold: Sequence[tuple[int, int] | None]) -> dict[str, float]:
   """exact_match and F1 of inclusive (start, end) token spans, per example then averaged: the overlap of the
-  positions, as SQuAD's F1 overlaps words. A span ending before it starts is empty."""
+  positions, as SQuAD's F1 overlaps words. A span ending before it starts is empty; a gold span of None (an answer
+  the model could not see, cut off the input) scores 0."""
   exact, f1 = [], []
-  for (p_start, p_end), (g_start, g_end) in zip(predicted, gold, strict=True):
+  for (p_start, p_end), gold_span in zip(predicted, gold, strict=True):
+    if gold_span is None:
+      exact.append(False)
+      f1.append(0.0)
+      continue
+    g_start, g_end = gold_span
     exact.append(p_start == g_start and p_end == g_end)
     overlap = max(0, min(p_end, g_end) - max(p_start, g_start) + 1)
     p_size, g_size = max(0, p_end - p_start + 1), max(0, g_end - g_start + 1)
@@ -64,5 +70,16 @@ def span_metrics(predicted: Sequence[tuple[int, int]], gold: Sequence[tuple[int,
   return {"exact_match": float(np.mean(exact)), "f1": float(np.mean(f1))}
 
 
-# The validation metric that picks the best checkpoint, by what the task predicts.
-SELECTION_METRIC = {"labels": "accuracy", "text": "rouge_l", "spans": "f1"}
+def best_span(start_logits: np.ndarray, end_logits: np.ndarray, allowed: np.ndarray) -> tuple[int, int]:
+  """The (start, end) of highest start + end logit with start <= end, both where `allowed` ([S] bools, e.g. the
+  row's real tokens): a span the model can mean, unlike two independent argmaxes."""
+  scores = np.where(allowed[:, None] & allowed[None, :], start_logits[:, None] + end_logits[None, :], -np.inf)
+  scores = np.where(np.triu(np.ones_like(scores, bool)), scores, -np.inf)
+  start, end = np.unravel_index(np.argmax(scores), scores.shape)
+  return int(start), int(end)
+
+
+# The validation metric that picks the best checkpoint, by task kind: macro-F1 for tags, since one tag (O) usually
+# holds most tokens and always answering it scores a high accuracy.
+SELECTION_METRIC = {"classification": "accuracy", "generation": "rouge_l", "token_classification": "macro_f1",
+                    "question_answering": "f1"}

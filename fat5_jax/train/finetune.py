@@ -57,8 +57,9 @@ def _load_splits(config: Config) -> tuple[tasks.Task, dict[str, list[dict]]]:
   empty = [split for split, examples in splits.items() if not examples]
   if empty:
     raise ConfigError(f"task {ft.task}: the {', '.join(empty)} split(s) hold no example")
-  if task.kind == "generation" and ft.head != "seq2seq":
-    raise ConfigError(f"task {ft.task} is generation: finetune.head={ft.head!r} needs labels; use seq2seq")
+  if ft.head not in tasks.KIND_HEADS[task.kind]:
+    raise ConfigError(f"task {ft.task} is {task.kind}: finetune.head={ft.head!r} cannot learn it; use "
+                      f"{' or '.join(tasks.KIND_HEADS[task.kind])}")
   return task, splits
 
 
@@ -112,7 +113,7 @@ def _run_config(config: Config, workdir: str, train_size: int) -> Config:
 
 class EncoderHeadTrainer(Trainer):
   """The Trainer (state, sharded jitted steps, batches) for an encoder-only head. Its evaluation step also returns
-  the logits, read per example or per token (classification, token_classification)."""
+  the logits, which the Evaluator reads as labels, tags or spans."""
 
   def __init__(self, config: Config, mesh: jax.sharding.Mesh, num_labels: int):
     if config.train.batch_size % mesh.size:
@@ -140,7 +141,7 @@ class EncoderHeadTrainer(Trainer):
     """(metric sums, float32 logits) of a batch."""
     with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
       logits = self.model(params)(batch["encoder_input_tokens"], batch["encoder_segment_ids"])
-    return heads.classification_loss(logits, batch["labels"], batch["label_weights"])[1], logits
+    return heads.logits_loss(self.head, logits, batch)[1], logits
 
 
 def _use_tokenizer(tokenizer_path: str, workdir: str) -> str:
@@ -176,12 +177,12 @@ def _check_resume(checkpointer: checkpoint.Checkpointer, config: Config, abstrac
 
 
 class Evaluator:
-  """Loss and task metrics of a split: label or text predictions (greedy decoding for seq2seq) scored by
+  """Loss and task metrics of a split: text (greedy decoding for seq2seq), label, tag or span predictions scored by
   task_metrics."""
 
   def __init__(self, config: Config, task: tasks.Task, trainer, tokenizer):
     self.config, self.task, self.trainer, self.tokenizer = config, task, trainer, tokenizer
-    self.selection_metric = task_metrics.SELECTION_METRIC["labels" if task.kind == "classification" else "text"]
+    self.selection_metric = task_metrics.SELECTION_METRIC[task.kind]
 
   def batches(self, examples: list[dict]):
     ft = self.config.finetune
@@ -191,7 +192,7 @@ class Evaluator:
   def __call__(self, params, examples: list[dict]) -> dict[str, float]:
     seq2seq = self.config.finetune.head == "seq2seq"
     model = self.trainer.model(params) if seq2seq else None
-    total, predicted = None, []
+    total, predicted, gold = None, [], []
     for start, batch in zip(range(0, len(examples), self.config.finetune.batch_size), self.batches(examples)):
       real = min(len(examples) - start, self.config.finetune.batch_size)
       if seq2seq:
@@ -199,18 +200,39 @@ class Evaluator:
         predicted += self._generate(model, batch)[:real]
       else:
         sums, logits = self.trainer.eval_step(params, self.trainer.put_batch(batch))
-        predicted += np.argmax(np.asarray(logits), axis=-1)[:real].tolist()
+        self._read_logits(np.asarray(logits)[:real], {k: v[:real] for k, v in batch.items()}, predicted, gold)
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     metrics = {"loss": float(losses.normalize_metrics(total)["loss"])}
     if self.task.kind == "generation":
       metrics.update(task_metrics.generation_metrics(predicted, [example["target"] for example in examples]))
-      return metrics
-    if seq2seq:  # the generated text is a label when it is one exactly
-      label_ids = {label: i for i, label in enumerate(self.task.labels)}
-      predicted = [label_ids.get(text.strip(), task_metrics.NO_LABEL) for text in predicted]
-    metrics.update(task_metrics.classification_metrics(predicted, [example["label"] for example in examples],
-                                                       len(self.task.labels)))
+    elif self.task.kind == "question_answering":
+      metrics.update(task_metrics.span_metrics(predicted, gold))
+    else:
+      if seq2seq:  # the generated text is a label when it is one exactly
+        label_ids = {label: i for i, label in enumerate(self.task.labels)}
+        predicted = [label_ids.get(text.strip(), task_metrics.NO_LABEL) for text in predicted]
+        gold = [example["label"] for example in examples]
+      metrics.update(task_metrics.classification_metrics(predicted, gold, len(self.task.labels)))
     return metrics
+
+  def _read_logits(self, logits: np.ndarray, batch: dict[str, np.ndarray], predicted: list, gold: list):
+    """Appends the predictions and gold answers of a batch's real rows: a label per row (classification), a tag per
+    labelled token (token_classification: a word's first piece within the input), a span per row
+    (question_answering: the best one over the row's tokens; None as gold when the answer was cut off)."""
+    head = self.config.finetune.head
+    if head == "classification":
+      predicted += np.argmax(logits, axis=-1).tolist()
+      gold += batch["labels"].tolist()
+    elif head == "token_classification":
+      labelled = batch["label_weights"] > 0
+      predicted += np.argmax(logits, axis=-1)[labelled].tolist()
+      gold += batch["labels"][labelled].tolist()
+    else:
+      for row_logits, segment_ids, start, end, weight in zip(logits, batch["encoder_segment_ids"],
+                                                             batch["start_positions"], batch["end_positions"],
+                                                             batch["label_weights"]):
+        predicted.append(task_metrics.best_span(row_logits[:, 0], row_logits[:, 1], segment_ids > 0))
+        gold.append((int(start), int(end)) if weight > 0 else None)
 
   def _generate(self, model, batch) -> list[str]:
     segment_ids = jnp.asarray(batch["encoder_segment_ids"])
@@ -221,9 +243,6 @@ class Evaluator:
 
 def _finetune(config: Config, workdir: str) -> dict:
   ft = config.finetune
-  if ft.head in ("token_classification", "question_answering"):
-    raise ConfigError(f"finetune.head={ft.head} needs token or span labels, which no task provides yet "
-                      "(fat5_jax/data/tasks.py); the head and its loss are ready in fat5_jax/heads.py")
   task, splits = _load_splits(config)
   mesh = sharding.make_mesh(config.train)
   config, pretrained, tokenizer_path = _starting_point(config, mesh)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from fat5_jax import config as config_lib
 from fat5_jax.config import ConfigError, DataConfig
 from fat5_jax.data import corpus, tasks
 from fat5_jax.data import tokenizer as tokenizer_lib
@@ -147,6 +148,14 @@ def test_unknown_tag_and_mixed_formats_fail_in_one_line(tmp_path):
                                         "token_classification"):
     next(tasks.batches(tagging, ChunkTokenizer(), head="classification", rows=1, input_length=4, target_length=2,
                        seed=0, shuffle=False))
+
+
+@pytest.mark.parametrize("head", ["token_classification", "question_answering"])
+def test_token_level_heads_refuse_text_file_fields(head):
+  values = config_lib.to_config_dict().to_dict()
+  values["finetune"].update(head=head, input_field="tokens")  # their files have fixed fields
+  with pytest.raises(ConfigError, match=f"a {head} file has fixed fields"):
+    config_lib.from_config_dict(values)
 
 
 def test_token_classification_batches_by_hand():

@@ -1,5 +1,6 @@
-"""Fine-tuning end to end through `main.py --mode=finetune`: from a pretrained workdir and from scratch, on a small
-file task, resumed, and a mismatched resume refused."""
+"""Fine-tuning end to end through `main.py --mode=finetune`: from a pretrained workdir and from scratch, on small
+file tasks (classification, token classification, question answering), resumed, and a mismatched resume or head
+refused."""
 
 import json
 import os
@@ -46,10 +47,12 @@ def setup(tmp_path_factory):
   return root, pretrained, files
 
 
-def finetune(setup, workdir, *extra):
-  root, pretrained, files = setup
+def finetune(setup, workdir, *extra, files=None):
+  """A fine-tuning of the classification files, or of `files` (their --config.finetune.*_file flags)."""
+  root, pretrained, classification_files = setup
   return run(f"--config.workdir={pretrained}", *MODEL, *TOKENIZER, "--mode=finetune", "--config.finetune.task=files",
-             *files, f"--config.finetune.workdir={root / workdir}", "--config.finetune.batch_size=8",
+             *(files or classification_files), f"--config.finetune.workdir={root / workdir}",
+             "--config.finetune.batch_size=8",
              "--config.finetune.input_length=32", "--config.finetune.target_length=8",
              "--config.finetune.eval_every=3", "--config.finetune.learning_rate=1e-2", *extra)
 
@@ -89,3 +92,60 @@ def test_seq2seq_from_scratch_predicts_labels_by_decoding(setup):
   got = results(setup, "s2s")
   assert (got["head"], got["init_from"], got["best_step"]) == ("seq2seq", "", 3)
   assert set(got["test"]) == {"loss", "accuracy", "macro_f1"}
+
+
+CITIES = ("Paris", "Lyon", "Marseille", "Toulouse", "Nantes", "Lille")
+
+
+def _write_rows(directory, name, rows):
+  path = os.path.join(directory, name)
+  with open(path, "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+  return path
+
+
+@pytest.fixture(scope="module")
+def span_files(setup):
+  """--config.finetune.*_file flags of a token classification task (the city's word tagged B-LOC) and of a question
+  answering task (where does she live: the city), 48 / 12 / 12 rows."""
+  root = str(setup[0])
+  flags = {"token_classification": [], "question_answering": []}
+  for split, count, offset in (("train", 48, 0), ("validation", 12, 100), ("test", 12, 200)):
+    people = [(f"Marie{offset + i}", CITIES[i % len(CITIES)], 1900 + offset + i) for i in range(count)]
+    tagged = [{"tokens": [name, "habite", "à", city, "depuis", str(year), "."],
+               "labels": ["B-PER", "O", "O", "B-LOC", "O", "O", "O"]} for name, city, year in people]
+    contexts = [(f"{name} habite à {city} depuis {year}.", city, name) for name, city, year in people]
+    questions = [{"question": f"Où habite {name} ?", "context": context, "answer": city,
+                  "answer_start": context.index(city)} for context, city, name in contexts]
+    for head, rows in (("token_classification", tagged), ("question_answering", questions)):
+      flags[head].append(f"--config.finetune.{split}_file={_write_rows(root, f'{head}_{split}.jsonl', rows)}")
+  return flags
+
+
+def test_token_classification_from_pretrained(setup, span_files):
+  _, pretrained, _ = setup
+  out = finetune(setup, "tagging", f"--config.finetune.init_from={pretrained}",
+                 "--config.finetune.head=token_classification", "--config.finetune.steps=3",
+                 files=span_files["token_classification"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = results(setup, "tagging")
+  assert (got["head"], got["best_step"], got["sizes"]) == ("token_classification", 3,
+                                                          {"train": 48, "validation": 12, "test": 12})
+  assert set(got["test"]) == {"loss", "accuracy", "macro_f1"} and 0 <= got["test"]["macro_f1"] <= 1
+  assert got["baselines"] == {"majority": pytest.approx(5 / 7)}  # O: 5 of each row's 7 words
+
+  refused = finetune(setup, "tagging_as_classes", "--config.finetune.head=classification",
+                     files=span_files["token_classification"])
+  assert refused.returncode == 2 and "task files is token_classification: finetune.head='classification' cannot " \
+      "learn it; use token_classification" in refused.stderr
+  assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+def test_question_answering_from_scratch(setup, span_files):
+  out = finetune(setup, "qa", "--config.finetune.head=question_answering", "--config.finetune.steps=3",
+                 files=span_files["question_answering"])
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = results(setup, "qa")
+  assert (got["head"], got["init_from"], got["best_step"]) == ("question_answering", "", 3)
+  assert set(got["test"]) == {"loss", "exact_match", "f1"} and got["baselines"] == {}
+  assert "| f1 |" in out.stdout

@@ -1,5 +1,6 @@
 """Fine-tuning metrics against values computed by hand."""
 
+import numpy as np
 import pytest
 
 from fat5_jax import task_metrics
@@ -36,3 +37,18 @@ def test_span_exact_match_and_f1():
   got = task_metrics.span_metrics([(2, 4), (1, 1), (5, 4)], [(3, 5), (1, 1), (4, 6)])
   assert got["exact_match"] == pytest.approx(1 / 3)
   assert got["f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+
+
+def test_span_of_an_answer_cut_off_the_input_is_wrong():
+  got = task_metrics.span_metrics([(1, 2), (3, 3)], [(1, 2), None])
+  assert got == {"exact_match": 0.5, "f1": 0.5}
+
+
+def test_best_span_starts_before_it_ends_within_the_allowed_tokens():
+  start = np.array([0.0, 1.0, 5.0, 9.0])
+  end = np.array([0.0, 4.0, 1.0, 8.0])
+  # Independent argmaxes give (3, 3) with 17; (3, 3) stays best while position 3 is allowed.
+  assert task_metrics.best_span(start, end, np.array([True] * 4)) == (3, 3)
+  # Without position 3: start 2 with end 1 (9) would end before it starts; the best span is (2, 2), 6 > 1 + 4.
+  assert task_metrics.best_span(start, end, np.array([True, True, True, False])) == (2, 2)
+  assert task_metrics.best_span(start, np.array([0.0, 9.0, 0.0, 0.0]), np.array([True, True, True, False])) == (1, 1)
