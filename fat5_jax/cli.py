@@ -8,7 +8,7 @@ import os
 import jax
 from flax import nnx
 
-from fat5_jax import checkpoint, data, flops, hf, predict, sharding, train
+from fat5_jax import checkpoint, data, flops, heads, hf, predict, sharding, train
 from fat5_jax import model as model_lib
 from fat5_jax.config import Config, architecture_differences
 from fat5_jax.data import tokenizer as tokenizer_lib
@@ -98,8 +98,13 @@ def import_hf(config: Config, hf_dir: str):
 
 
 def export_hf(config: Config, export_dir: str):
-  """The latest checkpoint -> a Hugging Face directory, written by process 0 (parameters reach it one at a time)."""
-  abstract_params = nnx.to_pure_dict(model_lib.abstract_parameters(config.model))
+  """The checkpoint `checkpoint.restore_params` chooses -> a Hugging Face directory, written by process 0 (parameters
+  reach it one at a time). A fine-tuned encoder head goes to `{export_dir}/hf` and `{export_dir}/fat5`, each in the
+  class `hf.HEAD_CLASSES` gives it there."""
+  head = _encoder_head(config.workdir)
+  abstract_state = model_lib.abstract_parameters(config.model) if head is None else nnx.state(
+      nnx.eval_shape(lambda: heads.EncoderWithHead(config.model, *head, rngs=nnx.Rngs(0))), nnx.Param)
+  abstract_params = nnx.to_pure_dict(abstract_state)
   abstract_params = jax.tree.map(lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
                                  abstract_params, _parameter_shardings(config, abstract_params))
   step, params = checkpoint.restore_params(config, abstract_params)
@@ -107,6 +112,29 @@ def export_hf(config: Config, export_dir: str):
   params = distributed.gather_to_main_process(params)
   if jax.process_index() != 0:
     return
-  hf.to_hf(config.model, model_lib.from_parameters(config.model, params), export_dir, tokenizer=tokenizer)
-  print(f"exported step {step} to {export_dir}" + ("" if tokenizer else
+  if head is None:
+    hf.to_hf(config.model, model_lib.from_parameters(config.model, params), export_dir, tokenizer=tokenizer)
+    written = export_dir
+  else:
+    directories = hf.head_to_hf(config.model, heads.from_parameters(config.model, *head, params), export_dir,
+                                tokenizer=tokenizer)
+    written = ", ".join(f"{path} ({architecture})" for path, architecture in directories.items())
+  print(f"exported step {step} to {written}" + ("" if tokenizer else
         f" without a tokenizer ({config.workdir} has none): copy the weights' spiece.model beside them"))
+
+
+def _encoder_head(workdir: str) -> tuple[str, int] | None:
+  """(head, outputs) of a fine-tuned encoder head's checkpoints in `workdir`; None for a T5's (pretrained, imported,
+  seq2seq fine-tuning) or no checkpoint (restore_params then says so). The head's kernel tells them apart, since
+  every run records a finetune section."""
+  checkpointer = checkpoint.Checkpointer(workdir)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      return None
+    params = checkpointer.manager.item_metadata(steps[-1])["state"]["params"]
+    if "head_kernel" not in params:
+      return None
+    return checkpointer.saved_config(steps[-1])["finetune"]["head"], params["head_kernel"].shape[-1]
+  finally:
+    checkpointer.close()

@@ -9,6 +9,9 @@ Tied embeddings: transformers 4 reads `tie_word_embeddings` as "share the lm_hea
 d_model**-0.5"; transformers 5 always ties in the config, keeps the rescaling in `scale_decoder_outputs`, and unties
 only when the checkpoint holds an `lm_head.weight` that differs from `shared.weight`. We read tying from the tensors
 present and the rescaling from `scale_decoder_outputs` when it is there, and write what both versions load alike.
+
+A fine-tuned encoder head (`heads.EncoderWithHead`) exports to the class of each layout that computes it, or to the
+encoder class and a separate file for the head's dense layer where no class does (HEAD_CLASSES).
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ import numpy as np
 from flax import nnx
 
 from fat5_jax.config import ModelConfig, model_config
+from fat5_jax.heads import EncoderWithHead
 from fat5_jax.model import T5, abstract_parameters, from_parameters
 
 if TYPE_CHECKING:
   from fat5_jax.data.tokenizer import Tokenizer
 
 LAYOUTS = ("hf", "fat5")
+MODEL_FILE = "model.safetensors"
+HEAD_FILE = "head.safetensors"  # an encoder head's dense layer, where the class written has no such head
 
 # (to theirs, from theirs): how one tensor changes between our layout and theirs.
 Codec = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
@@ -397,18 +403,24 @@ def params_from_tensors(config: ModelConfig, config_json: dict, tensors: dict[st
   return params
 
 
-def tensors_from_params(config: ModelConfig, model, layout: str) -> dict[str, np.ndarray]:
-  """Checkpoint tensors (their names, their [out, in] orientation) of our model's parameters."""
-  rules = _LAYOUTS[layout]
+def _their_tensors(model, rules: Layout) -> dict[str, np.ndarray]:
+  """Every parameter of `model` under its name in `rules`, in their orientation, and the embedding's aliases."""
   tensors = {}
   for path, variable in _flat_params(model).items():
     name, (to_theirs, _) = their_name(rules, path)
     tensors[name] = np.ascontiguousarray(to_theirs(np.asarray(variable.get_value())))
+  if rules.write_aliases:
+    shared = tensors[their_name(rules, "shared.embedding")[0]]
+    tensors.update({alias: shared for alias in rules.embedding_aliases})
+  return tensors
+
+
+def tensors_from_params(config: ModelConfig, model, layout: str) -> dict[str, np.ndarray]:
+  """Checkpoint tensors (their names, their [out, in] orientation) of our model's parameters."""
+  tensors = _their_tensors(model, _LAYOUTS[layout])
   if layout == "fat5" and config.tie_word_embeddings:  # FAT5 cannot tie: the head gets its own (rescaled) copy
     shared = tensors["shared.weight"]
     tensors["lm_head.weight"] = (shared.astype(np.float32) * np.float32(config.d_model ** -0.5)).astype(shared.dtype)
-  if rules.write_aliases:
-    tensors.update({alias: tensors["shared.weight"] for alias in rules.embedding_aliases})
   return tensors
 
 
@@ -449,23 +461,123 @@ def load_params(model: T5, path: str):
     variable.set_value(jax.numpy.asarray(params[p]))
 
 
-def to_hf(config: ModelConfig, model: T5, out_dir: str, *, layout: str = "hf", tokenizer: Tokenizer | None = None):
+def to_hf(config: ModelConfig, model: T5 | EncoderWithHead, out_dir: str, *, layout: str = "hf",
+          tokenizer: Tokenizer | None = None):
   """Writes config.json and model.safetensors that transformers (layout 'hf', `T5ForConditionalGeneration`) or
   FAT5 (layout 'fat5', `FlashT5ForConditionalGeneration`, with its modeling code) loads with no missing or
   unexpected keys, and with `tokenizer` the files `AutoTokenizer.from_pretrained(out_dir)` needs to encode and
-  decode as it does. Every file is world-readable. Raises ValueError when the layout cannot express the model
-  (e.g. ALiBi for Hugging Face)."""
-  config_json = hf_config_dict(config, layout)
-  tensors = tensors_from_params(config, model, layout)
+  decode as it does. A fine-tuned encoder head is written as its HEAD_CLASSES entry says (with HEAD_FILE where
+  the class lacks the head). Every file is world-readable. Raises ValueError when the layout cannot express the
+  model (e.g. ALiBi for Hugging Face)."""
+  if isinstance(model, EncoderWithHead):
+    config_json, files = _head_export(config, model, layout)
+  else:
+    config_json, files = hf_config_dict(config, layout), {MODEL_FILE: tensors_from_params(config, model, layout)}
   os.makedirs(out_dir, exist_ok=True)
-  written = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, "model.safetensors")]
+  written = [os.path.join(out_dir, "config.json")]
   with open(written[0], "w") as f:
     json.dump(config_json, f, indent=2, sort_keys=True)
-  _write_safetensors(written[1], tensors)
+  for name, tensors in files.items():
+    written.append(os.path.join(out_dir, name))
+    _write_safetensors(written[-1], tensors)
   if tokenizer is not None:
     written += write_tokenizer(tokenizer, out_dir)
   for path in written:  # safetensors writes 0600; an export is meant to be shared
     os.chmod(path, 0o644)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fine-tuned encoder heads
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadClass:
+  """The PyTorch class that a fine-tuned encoder head exports to in one layout.
+
+  dense: the name of the head's dense layer there (`{dense}.weight` [outputs, d_model] and `{dense}.bias`).
+  computes_head: whether the class computes our head. If not, it is the encoder alone, and the dense layer is
+  written to HEAD_FILE beside it.
+  prefix: before the encoder's names (T5ForTokenClassification holds a T5EncoderModel as `transformer`).
+  auto_class: the transformers Auto class that FAT5's auto_map gives a head class (FAT5 layout only).
+  """
+  architecture: str
+  dense: str
+  computes_head: bool
+  prefix: str = ""
+  auto_class: str | None = None
+
+
+HEAD_CLASSES = {
+    "hf": {
+        # T5ForSequenceClassification runs the decoder and reads its last EOS state; nothing pools the encoder.
+        "classification": HeadClass("T5EncoderModel", "classifier", computes_head=False),
+        "token_classification": HeadClass("T5ForTokenClassification", "classifier", computes_head=True,
+                                          prefix="transformer."),
+        # T5ForQuestionAnswering runs the decoder and puts its qa_outputs on the decoder's output.
+        "question_answering": HeadClass("T5EncoderModel", "qa_outputs", computes_head=False),
+    },
+    "fat5": {
+        # FlashT5ForSequenceClassification reads the last EOS state through dense, tanh and out_proj layers.
+        "classification": HeadClass("FlashT5EncoderModel", "classifier", computes_head=False),
+        "token_classification": HeadClass("FlashT5ForTokenClassification", "classifier", computes_head=True,
+                                          auto_class="AutoModelForTokenClassification"),
+        "question_answering": HeadClass("FlashT5ForQuestionAnswering", "qa_outputs", computes_head=True,
+                                        auto_class="AutoModelForQuestionAnswering"),
+    },
+}
+_FAT5_HEADS_MODULE = "custom_heads_flash_t5"  # where FAT5 keeps its encoder-head classes
+# What the head computes from the encoder's last hidden state, recorded in config.json for whoever loads the export.
+HEAD_LOGITS = {
+    "classification": "{dense}(x / sqrt(mean(x**2) + layer_norm_epsilon)), x = the last hidden state averaged over "
+                      "the tokens where attention_mask is 1",
+    "token_classification": "{dense}(last hidden state), per token",
+    "question_answering": "{dense}(last hidden state), per token: [..., 0] start logits, [..., 1] end logits",
+}
+
+
+def _head_layout(layout: str, target: HeadClass) -> Layout:
+  """`layout`'s rules under `target.prefix`, and the head's dense layer; the encoder's embedding alias only."""
+  base = _LAYOUTS[layout]
+  rules = tuple((ours, target.prefix + theirs, codec) for ours, theirs, codec in base.rules)
+  rules += (("head_kernel", f"{target.dense}.weight", TRANSPOSE), ("head_bias", f"{target.dense}.bias", SAME))
+  return dataclasses.replace(base, name=f"{layout} {target.architecture}", rules=rules,
+                             embedding_aliases=(f"{target.prefix}encoder.embed_tokens.weight",))
+
+
+def _head_export(config: ModelConfig, model: EncoderWithHead,
+                 layout: str) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+  """(config.json, {file name: tensors}) of a fine-tuned encoder head in `layout`."""
+  config_json = hf_config_dict(config, layout)
+  target = HEAD_CLASSES[layout][model.head_type]
+  tensors = _their_tensors(model, _head_layout(layout, target))
+  head_names = (f"{target.dense}.weight", f"{target.dense}.bias")
+  files = {MODEL_FILE: tensors} if target.computes_head else {
+      MODEL_FILE: {k: v for k, v in tensors.items() if k not in head_names},
+      HEAD_FILE: {k: tensors[k] for k in head_names}}
+  labels = [f"LABEL_{i}" for i in range(tensors[head_names[1]].shape[0])]
+  config_json.update(  # classifier_dropout 0: our heads have no dropout of their own
+      architectures=[target.architecture], is_encoder_decoder=False, use_cache=False, classifier_dropout=0.0,
+      id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+      encoder_head={"type": model.head_type, "weights": MODEL_FILE if target.computes_head else HEAD_FILE,
+                    "logits": HEAD_LOGITS[model.head_type].format(dense=target.dense)})
+  if layout == "fat5":  # the encoder for AutoModel, the head's class for its Auto class
+    config_json["auto_map"] = {"AutoModel": FAT5_AUTO_MAP["AutoModel"]}
+    if target.computes_head:
+      config_json["auto_map"][target.auto_class] = f"{_FAT5_HEADS_MODULE}.{target.architecture}"
+  return config_json, files
+
+
+def head_to_hf(config: ModelConfig, model: EncoderWithHead, out_dir: str, *,
+               tokenizer: Tokenizer | None = None) -> dict[str, str]:
+  """Writes a fine-tuned encoder head in every layout, to `{out_dir}/{layout}`, once all of them can express it;
+  returns {directory: class}."""
+  for layout in LAYOUTS:
+    _check_exportable(config, layout)
+  written = {}
+  for layout in LAYOUTS:
+    written[os.path.join(out_dir, layout)] = HEAD_CLASSES[layout][model.head_type].architecture
+    to_hf(config, model, os.path.join(out_dir, layout), layout=layout, tokenizer=tokenizer)
+  return written
 
 
 # ---------------------------------------------------------------------------------------------------------------
