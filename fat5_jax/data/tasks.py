@@ -342,12 +342,13 @@ def _load_files(name: str, files: dict[str, str], split: str, validation_fractio
     rows, path = [read(record, where) for where, record in _records(files[split])], files[split]
   else:  # Carved out of the train file; train keeps what no given file replaces.
     rows, path = [row for row in train_rows if _file_split(row, files, validation_fraction) == split], files["train"]
-  return task, [_labelled(row, task, path, files["train"]) for row in rows]
-
-
-def _labelled(row: dict, task: Task, path: str, train_path: str) -> dict:
-  """The example of a row: its label ids in the task's labels (an unknown one is an error naming the file)."""
   label_ids = {label: i for i, label in enumerate(task.labels)}
+  return task, [_labelled(row, task, label_ids, path, files["train"]) for row in rows]
+
+
+def _labelled(row: dict, task: Task, label_ids: dict[str, int], path: str, train_path: str) -> dict:
+  """The example of a row: its label ids (`label_ids`: the task's labels; an unknown one is an error naming the
+  file)."""
   if task.kind == "token_classification":
     unknown = [tag for tag in row["tags"] if tag not in label_ids]
     if unknown:
