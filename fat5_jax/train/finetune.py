@@ -351,8 +351,11 @@ def results_table(results: dict) -> str:
   start = f"from {results['init_from']}" if results["init_from"] else "from scratch"
   lines = [f"{results['task']}, head {results['head']}, {start}: test split ({results['sizes']['test']} examples) "
            f"with the best checkpoint (step {results['best_step']} of {results['steps']})", "",
-           "| metric | test | " + " | ".join(baselines) + " |", "|---|---|" + "---|" * len(baselines)]
+           _row(["metric", "test", *baselines]), "|---" * (2 + len(baselines)) + "|"]
   for name, value in results["test"].items():
-    baseline = [f"{baselines[b]:.4f}" if name == "accuracy" else "" for b in baselines]
-    lines.append(f"| {name} | {value:.4f} | " + " | ".join(baseline) + " |")
+    lines.append(_row([name, f"{value:.4f}", *(f"{baselines[b]:.4f}" if name == "accuracy" else "" for b in baselines)]))
   return "\n".join(lines)
+
+
+def _row(cells: list[str]) -> str:
+  return "| " + " | ".join(cells) + " |"
