@@ -353,7 +353,8 @@ def results_table(results: dict) -> str:
            f"with the best checkpoint (step {results['best_step']} of {results['steps']})", "",
            _row(["metric", "test", *baselines]), "|---" * (2 + len(baselines)) + "|"]
   for name, value in results["test"].items():
-    lines.append(_row([name, f"{value:.4f}", *(f"{baselines[b]:.4f}" if name == "accuracy" else "" for b in baselines)]))
+    baseline = [f"{baselines[b]:.4f}" if name == "accuracy" else "" for b in baselines]
+    lines.append(_row([name, f"{value:.4f}", *baseline]))
   return "\n".join(lines)
 
 
