@@ -16,6 +16,7 @@ import statistics
 import time
 
 import jax
+import ml_collections
 import numpy as np
 
 from benchmarks import common
@@ -41,15 +42,22 @@ def full_rows(rows: int, encoder_length: int, decoder_length: int, vocab: int, s
               decoder_loss_weights=np.ones((rows, decoder_length), np.float32))
 
 
-def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, steps: int) -> dict:
-  values = small_fr.get_config()
-  values.model.update(attention_impl=attention_impl, kernel_backend=kernel_backend)
+def build(values: ml_collections.ConfigDict, *, rows: int, accum: int, encoder_length: int = 512,
+          decoder_length: int = 512) -> tuple[config_lib.Config, Trainer, dict, list[dict]]:
+  """The step measured here, for the config `values`: (config, trainer, fresh state, two batches of full rows on the
+  device), `accum` micro-batches of `rows` rows per step."""
   values.train.update(batch_size=rows, grad_accum_steps=accum)
   config = config_lib.from_config_dict(values)
   trainer = Trainer(config, sharding.make_mesh(config.train))
-  state = trainer.init_state()
-  batches = [trainer.put_batch(full_rows(rows * accum, 512, 512, config.model.vocab_size, seed), micro_batches=accum)
-             for seed in range(2)]
+  batches = [trainer.put_batch(full_rows(rows * accum, encoder_length, decoder_length, config.model.vocab_size, seed),
+                               micro_batches=accum) for seed in range(2)]
+  return config, trainer, trainer.init_state(), batches
+
+
+def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, steps: int) -> dict:
+  values = small_fr.get_config()
+  values.model.update(attention_impl=attention_impl, kernel_backend=kernel_backend)
+  config, trainer, state, batches = build(values, rows=rows, accum=accum)
   for i in range(3):  # compile and warm up
     state, metrics = trainer.train_step(state, batches[i % 2])
   jax.block_until_ready(state)

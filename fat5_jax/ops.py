@@ -36,6 +36,16 @@ FASTEST_ON_GPU = "triton"
 ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
 
 
+def _scoped(method):
+  """Runs an op under a name scope of the op's name, which its kernels (forward and backward) carry in the compiled
+  program's metadata: benchmarks/profile_step.py sorts device time by it."""
+  @functools.wraps(method)
+  def scoped(*args, **kwargs):
+    with jax.named_scope(method.__name__):
+      return method(*args, **kwargs)
+  return scoped
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("table", "slopes", "bias"),
                    meta_fields=("kind", "bidirectional", "max_distance"))
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +88,7 @@ class Ops:
   backend: str = "xla"
   attention_fallback: Optional[str] = None
 
+  @_scoped
   def attention(self, q, k, v, *, bias: Optional[AttentionBias], q_segment_ids, kv_segment_ids, q_positions,
                 kv_positions, causal: bool, scale: float) -> jax.Array:
     """q [B, Sq, H, D], k and v [B, Sk, H, D] -> [B, Sq, H, D]. Segment ids (0 = padding) confine each query to
@@ -108,6 +119,7 @@ class Ops:
       return _cudnn_attention(q, k, v, **kwargs)
     return attention_reference.attention(q, k, v, **kwargs)
 
+  @_scoped
   def rms_norm(self, x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """T5 RMSNorm: no mean, no bias, variance in float32; returns x's dtype."""
     mesh = _row_splitting_mesh()
@@ -116,6 +128,7 @@ class Ops:
     per_device = lambda x, weight: rms_norm_kernel(x, weight, eps, backend=self.backend)
     return _per_device(per_device, mesh, in_specs=(ROWS, P()), out_specs=ROWS)(x, weight)
 
+  @_scoped
   def lm_head_loss(self, hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, *,
                    z_loss: float, label_smoothing: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`losses.cross_entropy_loss` of the logits `hidden [B, T, d] @ kernel [d, V]`, same returns. The kernels
