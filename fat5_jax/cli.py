@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -117,10 +118,19 @@ def export_hf(config: Config, export_dir: str):
     written = export_dir
   else:
     directories = hf.head_to_hf(config.model, heads.from_parameters(config.model, *head, params), export_dir,
-                                tokenizer=tokenizer)
+                                tokenizer=tokenizer, labels=_label_names(config.workdir))
     written = ", ".join(f"{path} ({architecture})" for path, architecture in directories.items())
   print(f"exported step {step} to {written}" + ("" if tokenizer else
         f" without a tokenizer ({config.workdir} has none): copy the weights' spiece.model beside them"))
+
+
+def _label_names(workdir: str) -> list[str] | None:
+  """The label names a fine-tuning recorded in `workdir`, None without them."""
+  path = os.path.join(workdir, train.finetune.LABELS_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def _encoder_head(workdir: str) -> tuple[str, int] | None:

@@ -22,7 +22,7 @@ import functools
 import json
 import os
 import re
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import ml_dtypes
@@ -462,15 +462,15 @@ def load_params(model: T5, path: str):
 
 
 def to_hf(config: ModelConfig, model: T5 | EncoderWithHead, out_dir: str, *, layout: str = "hf",
-          tokenizer: Tokenizer | None = None):
+          tokenizer: Tokenizer | None = None, labels: Sequence[str] | None = None):
   """Writes config.json and model.safetensors that transformers (layout 'hf', `T5ForConditionalGeneration`) or
   FAT5 (layout 'fat5', `FlashT5ForConditionalGeneration`, with its modeling code) loads with no missing or
   unexpected keys, and with `tokenizer` the files `AutoTokenizer.from_pretrained(out_dir)` needs to encode and
   decode as it does. A fine-tuned encoder head is written as its HEAD_CLASSES entry says (with HEAD_FILE where
-  the class lacks the head). Every file is world-readable. Raises ValueError when the layout cannot express the
+  the class lacks the head), its outputs named by `labels` (default `LABEL_{i}`). Every file is world-readable. Raises ValueError when the layout cannot express the
   model (e.g. ALiBi for Hugging Face)."""
   if isinstance(model, EncoderWithHead):
-    config_json, files = _head_export(config, model, layout)
+    config_json, files = _head_export(config, model, layout, labels)
   else:
     config_json, files = hf_config_dict(config, layout), {MODEL_FILE: tensors_from_params(config, model, layout)}
   os.makedirs(out_dir, exist_ok=True)
@@ -544,8 +544,8 @@ def _head_layout(layout: str, target: HeadClass) -> Layout:
                              embedding_aliases=(f"{target.prefix}encoder.embed_tokens.weight",))
 
 
-def _head_export(config: ModelConfig, model: EncoderWithHead,
-                 layout: str) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+def _head_export(config: ModelConfig, model: EncoderWithHead, layout: str,
+                 labels: Sequence[str] | None) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
   """(config.json, {file name: tensors}) of a fine-tuned encoder head in `layout`."""
   config_json = hf_config_dict(config, layout)
   target = HEAD_CLASSES[layout][model.head_type]
@@ -554,7 +554,9 @@ def _head_export(config: ModelConfig, model: EncoderWithHead,
   files = {MODEL_FILE: tensors} if target.computes_head else {
       MODEL_FILE: {k: v for k, v in tensors.items() if k not in head_names},
       HEAD_FILE: {k: tensors[k] for k in head_names}}
-  labels = [f"LABEL_{i}" for i in range(tensors[head_names[1]].shape[0])]
+  outputs = tensors[head_names[1]].shape[0]
+  if labels is None or len(labels) != outputs:  # question answering's two outputs are start and end, not labels
+    labels = [f"LABEL_{i}" for i in range(outputs)]
   config_json.update(  # classifier_dropout 0: our heads have no dropout of their own
       architectures=[target.architecture], is_encoder_decoder=False, use_cache=False, classifier_dropout=0.0,
       id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
@@ -567,8 +569,8 @@ def _head_export(config: ModelConfig, model: EncoderWithHead,
   return config_json, files
 
 
-def head_to_hf(config: ModelConfig, model: EncoderWithHead, out_dir: str, *,
-               tokenizer: Tokenizer | None = None) -> dict[str, str]:
+def head_to_hf(config: ModelConfig, model: EncoderWithHead, out_dir: str, *, tokenizer: Tokenizer | None = None,
+               labels: Sequence[str] | None = None) -> dict[str, str]:
   """Writes a fine-tuned encoder head in every layout, to `{out_dir}/{layout}`, once all of them can express it;
   returns {directory: class}."""
   for layout in LAYOUTS:
@@ -576,7 +578,7 @@ def head_to_hf(config: ModelConfig, model: EncoderWithHead, out_dir: str, *,
   written = {}
   for layout in LAYOUTS:
     written[os.path.join(out_dir, layout)] = HEAD_CLASSES[layout][model.head_type].architecture
-    to_hf(config, model, os.path.join(out_dir, layout), layout=layout, tokenizer=tokenizer)
+    to_hf(config, model, os.path.join(out_dir, layout), layout=layout, tokenizer=tokenizer, labels=labels)
   return written
 
 

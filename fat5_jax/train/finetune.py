@@ -33,6 +33,7 @@ from fat5_jax.train.trainer import Trainer
 # Model fields that are the run's choice whatever the weights were trained with (as import_hf keeps them).
 RUN_MODEL_FIELDS = ("param_dtype", "dtype", "attention_impl", "kernel_backend", "dropout_rate")
 # Fine-tuning settings that a resumed run must share with its checkpoints (steps and eval_every may change).
+LABELS_FILE = "labels.json"  # the task's label names in id order, for exports of an encoder head
 RESUME_FIELDS = ("task", "train_file", "validation_file", "test_file", "input_field", "target_field", "init_from",
                  "head", "optimizer", "learning_rate", "batch_size", "input_length", "target_length", "seed")
 
@@ -262,6 +263,8 @@ def _finetune(config: Config, workdir: str) -> dict:
   _check_resume(checkpointer, config, trainer.abstract_state)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(dataclasses.asdict(config), f, indent=1, default=str)
+  with open(os.path.join(workdir, LABELS_FILE), "w") as f:
+    json.dump(list(task.labels), f, ensure_ascii=False)
   step, state = checkpointer.restore(trainer.abstract_state)
   if step is None:
     state = initial_state()

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from fat5_jax.train import finetune as finetune_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tiny_fr made smaller still (as test_main_job.py), with a small tokenizer: seconds per run.
 MODEL = ["--config.model.d_model=64", "--config.model.d_kv=16", "--config.model.d_ff=128",
@@ -74,6 +76,9 @@ def test_classification_from_pretrained_writes_results_and_resumes(setup):
   # Test rows i = 0..11: sport for i % 4 in (0, 3), the train split's majority too: 6 of 12.
   assert got["baselines"] == {"majority": 0.5}
   assert got["best_step"] in (3, 6) and "| accuracy |" in out.stdout
+  with open(setup[0] / "cls" / finetune_lib.LABELS_FILE) as f:
+    labels = json.load(f)
+  assert "sport" in labels and labels == sorted(set(labels))  # the names export_hf gives the head's outputs
 
   resumed = finetune(setup, "cls", f"--config.finetune.init_from={pretrained}",
                      "--config.finetune.head=classification", "--config.finetune.steps=9")
@@ -92,6 +97,14 @@ def test_seq2seq_from_scratch_predicts_labels_by_decoding(setup):
   got = results(setup, "s2s")
   assert (got["head"], got["init_from"], got["best_step"]) == ("seq2seq", "", 3)
   assert set(got["test"]) == {"loss", "accuracy", "macro_f1"}
+  # A finished fine-tuning predicts with its best step and its own tokenizer.
+  inputs, outputs = setup[0] / "inputs.txt", setup[0] / "predictions.jsonl"
+  inputs.write_text("Le match de football a fini tard.\nUne nouvelle loi sur les impôts.\n")
+  predicted = run(f"--config.workdir={setup[0] / 's2s'}", *MODEL, "--mode=predict", f"--input={inputs}",
+                  f"--output={outputs}")
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  assert "wrote 2 predictions of step 3" in predicted.stdout
+  assert len(outputs.read_text().splitlines()) == 2
 
 
 CITIES = ("Paris", "Lyon", "Marseille", "Toulouse", "Nantes", "Lille")

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
 from fat5_jax import checkpoint, cli, heads, hf  # noqa: E402
+from fat5_jax.train import finetune  # noqa: E402
 from fat5_jax.config import from_config_dict, to_config_dict  # noqa: E402
 from tests.interop.test_hf import _fat5_names  # noqa: E402
 
@@ -194,6 +195,9 @@ def _fine_tuned_workdir(workdir, head: str, **model_fields):
 def test_export_hf_mode_writes_both_layouts_of_a_fine_tuned_head(tmp_path, capsys):
   head = "token_classification"
   _fine_tuned_workdir(tmp_path / "run", head)
+  tags = ["B", "I", "O", "É", "X"][:LABELS]  # as a fine-tuning records its task's labels
+  with open(tmp_path / "run" / finetune.LABELS_FILE, "w") as f:
+    json.dump(tags, f)
   # The command line's config need not name the head: the checkpoint does.
   cli.export_hf(_config(tmp_path / "run"), str(tmp_path / "out"))
   assert "exported step 7 to" in capsys.readouterr().out
@@ -201,6 +205,7 @@ def test_export_hf_mode_writes_both_layouts_of_a_fine_tuned_head(tmp_path, capsy
     written, _ = _written(tmp_path / "out" / layout)
     assert written["architectures"] == [hf.HEAD_CLASSES[layout][head].architecture]
     assert written["encoder_head"]["type"] == head
+    assert written["id2label"] == {str(i): tag for i, tag in enumerate(tags)}
   theirs = _loads_cleanly(transformers.T5ForTokenClassification, tmp_path / "out" / "hf")
   ids, mask = _inputs()
   with torch.no_grad():
