@@ -110,6 +110,11 @@ class DataConfig:
   decoder_length: int = _field(512, "Longest decoder row; must equal the largest bucket.")
   decoder_length_buckets: tuple = _field((128, 256, 512), "Decoder lengths a batch may take (jit shapes).")
   pack: bool = _field(True, "Pack several examples per row with segment ids.")
+  stream: bool = _field(
+      False, "Read each split as one stream, its documents joined with an eos after each, cut into consecutive "
+      "chunks of exactly the raw length of the denoiser drawn for each chunk: one chunk per row, filling the row's "
+      "encoder or decoder side (needs pack=False). False: each example is a window of one document (docs/data.md, "
+      "Long rows).")
   denoisers: tuple = _field(DEFAULT_DENOISERS, "UL2 denoisers (mu, r, max_spans, prefix); max_spans 0: no limit.")
   denoiser_proportions: tuple = _field(DEFAULT_PROPORTIONS, "Sampling weight of each denoiser.")
   num_workers: int = _field(0, "Grain worker processes (0: in the main process).")
@@ -348,6 +353,7 @@ def _validate_data(d: DataConfig, m: ModelConfig):
   weights = d.denoiser_proportions
   _require(all(w >= 0 for w in weights) and math.isclose(sum(weights), 1.0, abs_tol=1e-3),
            f"data.denoiser_proportions must be non-negative and sum to 1, got {weights} (sum {sum(weights):.4f})")
+  _require(not (d.stream and d.pack), "data.stream=True puts one chunk of the stream per row: set data.pack=False")
   _require(d.num_workers >= 0, "data.num_workers must be >= 0")
   _require(0 <= d.max_malformed_fraction <= 1, f"data.max_malformed_fraction must be in [0, 1], got "
            f"{d.max_malformed_fraction}")

@@ -1,5 +1,8 @@
 """Pre-tokenized corpus on disk: numpy shards read by memory map, keyed by corpus and tokenizer.
 
+Two Grain sources read it: `PieceSource` (documents, long ones cut into pieces) and `StreamSource` (the split as
+one eos-separated stream cut into chunks of each drawn denoiser's raw length, `data.stream`).
+
 Layout of `{workdir}/cache/tokens-{key}/`: per split, `{split}-{i:05d}.tokens.npy` (every document's ids one
 after another, uint16 when the vocabulary fits) and `{split}-{i:05d}.offsets.npy` (int64, documents + 1 bounds),
 plus `meta.json`. The key hashes the corpus files (paths, sizes, mtimes), the text field, the validation fraction
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from typing import Sequence
 
 import numpy as np
 import tqdm
@@ -166,3 +170,77 @@ class PieceSource:
 
   def __repr__(self) -> str:
     return f"PieceSource({len(self)} pieces in {len(self._files)} shards)"
+
+
+class StreamSource:
+  """Grain data source over one split read as one stream: each document followed by eos, all in corpus order, cut
+  into consecutive chunks of exactly the raw length of the denoiser drawn for each chunk.
+
+  The plan (each chunk's denoiser, hence its start) is drawn once from `seed` and the denoisers' proportions and
+  kept as two arrays, so item i is rebuilt on its own, the same in every run and process: {"tokens": int32 chunk,
+  "denoiser": index}. The stream's tail shorter than the next planned chunk is dropped (under one chunk per split).
+  """
+
+  _PLAN_BLOCK = 1 << 16  # Denoisers drawn at a time; fixed, so the plan depends only on the seed.
+
+  def __init__(self, directory: str, split: str, raw_lengths: Sequence[int], proportions: Sequence[float],
+               seed: int, eos_id: int):
+    self._files = sorted(glob.glob(os.path.join(directory, f"{split}-*.tokens.npy")))
+    if not self._files:
+      raise ValueError(f"no {split} shard in {directory}")
+    self._tokens = None
+    self._eos_id = eos_id
+    self.raw_lengths = np.asarray(raw_lengths, np.int64)
+    offsets = [np.load(path.replace(".tokens.npy", ".offsets.npy")) for path in self._files]
+    self._shard_starts = np.cumsum([0] + [int(o[-1]) for o in offsets])  # Of each shard in the token sequence.
+    lengths = np.concatenate([np.diff(o) for o in offsets])
+    self._eos_positions = np.cumsum(lengths + 1) - 1  # Stream position of the eos after each document.
+    stream_length = int(self._eos_positions[-1]) + 1
+    rng = np.random.default_rng(seed)
+    weights = np.asarray(proportions, np.float64) / np.sum(proportions)
+    blocks, covered = [], 0
+    while covered < stream_length:
+      blocks.append(rng.choice(len(weights), size=self._PLAN_BLOCK, p=weights))
+      covered += int(self.raw_lengths[blocks[-1]].sum())
+    denoisers = np.concatenate(blocks)
+    ends = np.cumsum(self.raw_lengths[denoisers])
+    count = int(np.searchsorted(ends, stream_length, side="right"))
+    if count == 0:
+      raise ConfigError(f"the {split} split's stream holds {stream_length} tokens, fewer than one chunk of "
+                        f"{int(self.raw_lengths[denoisers[0]])}: use a larger corpus or validation_fraction, or "
+                        "shorter rows")
+    self._denoisers = denoisers[:count].astype(np.int8)
+    self._starts = ends[:count] - self.raw_lengths[self._denoisers]
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def __getitem__(self, index: int) -> dict:
+    denoiser = int(self._denoisers[index])
+    start = int(self._starts[index])
+    end = start + int(self.raw_lengths[denoiser])
+    # A stream position p holds token p - (eos before p) of the token sequence, or an eos.
+    first_eos, last_eos = np.searchsorted(self._eos_positions, [start, end])
+    tokens = self._read(start - first_eos, end - last_eos)
+    eos_offsets = self._eos_positions[first_eos:last_eos] - start
+    chunk = np.insert(tokens, eos_offsets - np.arange(len(eos_offsets)), self._eos_id)
+    return {"tokens": chunk, "denoiser": denoiser}
+
+  def _read(self, begin: int, end: int) -> np.ndarray:
+    """Tokens [begin, end) of the split's token sequence (all shards one after another)."""
+    if self._tokens is None:
+      self._tokens = [np.load(path, mmap_mode="r") for path in self._files]
+    parts = []
+    shard = int(np.searchsorted(self._shard_starts, begin, side="right")) - 1
+    while begin < end:
+      stop = min(end, int(self._shard_starts[shard + 1]))
+      base = int(self._shard_starts[shard])
+      parts.append(np.asarray(self._tokens[shard][begin - base:stop - base], np.int32))
+      begin, shard = stop, shard + 1
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+  def __getstate__(self):
+    return {**self.__dict__, "_tokens": None}
+
+  def __repr__(self) -> str:
+    return f"StreamSource({len(self)} chunks in {len(self._files)} shards)"

@@ -1,6 +1,6 @@
 """The Grain input pipeline: tokenized pieces -> shuffled, repeated, UL2-corrupted -> packed bucketed batches.
 
-    source (PieceSource of one split, sliced by JAX process)
+    source (PieceSource of one split, or StreamSource with data.stream; sliced by JAX process)
       .shuffle(seed).repeat()            a new permutation each epoch
       .random_map(UL2Transform, seed)    example i depends only on (seed, i); i counts across epochs
     PackedBatchDataset(rows, buckets)    first-fit packing per decoder bucket
@@ -35,7 +35,12 @@ def example_dataset(config: Config, tokenizer: Tokenizer, split: str, *, process
   data = config.data
   directory = cache.pretokenize(data, config.workdir, tokenizer)
   transform = make_transform(data, tokenizer)
-  source = grain.MapDataset.source(cache.PieceSource(directory, split, transform.max_raw_length))
+  if data.stream:
+    chunks = cache.StreamSource(directory, split, transform.raw_lengths, data.denoiser_proportions, data.seed,
+                                tokenizer.eos_id)
+  else:
+    chunks = cache.PieceSource(directory, split, transform.max_raw_length)
+  source = grain.MapDataset.source(chunks)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} outside [0, process_count={process_count})")
   source = source[process_index::process_count]

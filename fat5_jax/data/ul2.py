@@ -139,7 +139,7 @@ def uncorrupt(inputs: np.ndarray, targets: np.ndarray, sentinels: np.ndarray, ha
 
 
 class UL2Transform(grain.transforms.RandomMap):
-  """Grain random map: piece of tokens -> the fields of an `Example` for one sampled denoiser.
+  """Grain random map: piece of tokens (or stream chunk) -> the fields of an `Example` for one denoiser.
 
   All randomness comes from the rng Grain derives from (seed, index), so example i can be rebuilt alone.
   """
@@ -168,5 +168,9 @@ class UL2Transform(grain.transforms.RandomMap):
                                          self._prefix_ids[denoiser], self._eos_id)
     return Example(denoiser, chunk, inputs, targets, sentinels)
 
-  def random_map(self, element: np.ndarray, rng: np.random.Generator) -> dict:
+  def random_map(self, element: np.ndarray | dict, rng: np.random.Generator) -> dict:
+    """`element`: a piece (a denoiser is sampled, a window of its raw length taken) or a stream chunk
+    {"tokens", "denoiser"} (`cache.StreamSource`: already of that denoiser's raw length, corrupted whole)."""
+    if isinstance(element, dict):
+      return dict(vars(self.example(element["tokens"], rng, element["denoiser"])))
     return dict(vars(self.example(element, rng)))
