@@ -117,7 +117,10 @@ class DataConfig:
       "Long rows).")
   denoisers: tuple = _field(DEFAULT_DENOISERS, "UL2 denoisers (mu, r, max_spans, prefix); max_spans 0: no limit.")
   denoiser_proportions: tuple = _field(DEFAULT_PROPORTIONS, "Sampling weight of each denoiser.")
-  num_workers: int = _field(0, "Grain worker processes (0: in the main process).")
+  num_workers: int = _field(
+      -1, "Grain worker processes of the train batches (0: in the main process). -1: on resume the count the "
+      "checkpoint was saved with (the batch sequence depends on it), else 0 on the CPU backend and min(cores - 1, "
+      "4 x local devices) on a GPU or TPU host.")
   seed: int = _field(0, "Seed of shuffling and noise.")
   inspect_examples: int = _field(4, "Examples per denoiser written by --mode=inspect_data.")
 
@@ -354,7 +357,7 @@ def _validate_data(d: DataConfig, m: ModelConfig):
   _require(all(w >= 0 for w in weights) and math.isclose(sum(weights), 1.0, abs_tol=1e-3),
            f"data.denoiser_proportions must be non-negative and sum to 1, got {weights} (sum {sum(weights):.4f})")
   _require(not (d.stream and d.pack), "data.stream=True puts one chunk of the stream per row: set data.pack=False")
-  _require(d.num_workers >= 0, "data.num_workers must be >= 0")
+  _require(d.num_workers >= -1, f"data.num_workers must be >= 0, or -1 (auto), got {d.num_workers}")
   _require(0 <= d.max_malformed_fraction <= 1, f"data.max_malformed_fraction must be in [0, 1], got "
            f"{d.max_malformed_fraction}")
 

@@ -12,7 +12,12 @@ bucket: the trainer reshapes it to [grad_accum_steps, rows_per_step, ...] for it
 
 from __future__ import annotations
 
+import json
+import os
+from typing import Any, Callable
+
 import grain
+import jax
 import numpy as np
 
 from fat5_jax.config import Config, ConfigError, DataConfig
@@ -77,13 +82,70 @@ def make_train_iterator(config: Config, tokenizer: Tokenizer, *, process_index: 
                         process_count: int = 1) -> grain.DatasetIterator:
   """Checkpointable iterator (grain.checkpoint.CheckpointSave/Restore) of this process's train batches.
 
-  With `data.num_workers > 0` Grain reads absl flags: outside `absl.app` (main.py), call
+  With worker processes Grain reads absl flags: outside `absl.app` (main.py), call
   `absl.flags.FLAGS.mark_as_parsed()` first.
   """
   dataset = _batches(config, tokenizer, "train", train_rows(config, process_count), process_index, process_count)
-  if config.data.num_workers > 0:
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+  num_workers = resolve_num_workers(config.data.num_workers)
+  if num_workers > 0:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(dataset)
+
+
+def resolve_num_workers(configured: int, saved: int | None = None) -> int:
+  """The Grain worker processes of `data.num_workers`: a count >= 0 as configured; -1 (auto) the count the resumed
+  checkpoint was saved with (`saved`), else one sized from this host. Each worker packs its own share of the
+  examples, so the batch sequence depends on the count: a resume must keep it, and a configured count that differs
+  from the saved one is refused."""
+  if saved is not None and configured not in (-1, saved):
+    raise ConfigError(f"data.num_workers={configured}, but the checkpoint being resumed was saved with {saved} "
+                      f"workers, and the batch sequence depends on the count: set data.num_workers={saved} (or -1), "
+                      "or use a new workdir")
+  if configured >= 0:
+    return configured
+  if saved is not None:
+    return saved
+  if jax.default_backend() == "cpu":
+    return 0  # the CPU computes the steps too: workers would take cores from it (and CI has two)
+  # The cores this process may run on (a launcher's CPU binding included), one kept for the main process (it
+  # dispatches the steps and receives the batches). Up to 4 per local device: one core packs more small_fr rows per
+  # second than an H200 trains (docs/data.md, Throughput), so 4 leave a wide margin for slower cores and longer
+  # documents, while each worker costs its own memory and copy of the pipeline. Several processes on one host
+  # without CPU binding (one per GPU) then take 4 workers each rather than all the cores each.
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  return max(1, min(cores - 1, 4 * jax.local_device_count()))
+
+
+class DevicePrefetch(grain.DatasetIterator):
+  """Train batches one step ahead on the device(s): `prefetch()` draws the next batch and starts its transfer
+  (`prepare`, e.g. the trainer's put_batch, which returns before the copy ends), so that the host never waits for
+  it; `next()` returns it (drawing one then if none is ahead).
+
+  Its checkpoint state is the position after the batches returned, not after the one prefetched: a run saved with
+  a batch ahead resumes with that batch. A checkpoint stores it as the wrapped iterator's own state, which restores
+  into a plain train iterator."""
+
+  def __init__(self, iterator: grain.DatasetIterator, prepare: Callable[[dict], Any]):
+    super().__init__()
+    self._iterator, self._prepare = iterator, prepare
+    self._ahead = None  # (the wrapped iterator's state before the batch ahead, as JSON; the prepared batch)
+
+  def prefetch(self) -> None:
+    if self._ahead is None:
+      position = json.dumps(self._iterator.get_state())  # a copy: the live state changes with the next draws
+      self._ahead = (position, self._prepare(next(self._iterator)))
+
+  def __next__(self):
+    self.prefetch()
+    (_, batch), self._ahead = self._ahead, None
+    return batch
+
+  def get_state(self) -> dict:
+    return self._iterator.get_state() if self._ahead is None else json.loads(self._ahead[0])
+
+  def set_state(self, state: dict) -> None:
+    self._iterator.set_state(state)
+    self._ahead = None
 
 
 def make_eval_batches(config: Config, tokenizer: Tokenizer, num_batches: int, *, process_index: int = 0,

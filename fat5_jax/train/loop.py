@@ -3,6 +3,7 @@ the latest checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from fat5_jax import checkpoint, data, flops, generate, hf, optim, sharding
 from fat5_jax.config import Config
+from fat5_jax.data import pipeline
 from fat5_jax.metrics import MetricWriter, SkippedRun, WindowMeans, plot_losses
 from fat5_jax.train import distributed, workdir_lock
 from fat5_jax.train.trainer import Trainer
@@ -38,6 +40,54 @@ def _restore_or_init(trainer: Trainer, checkpointer: checkpoint.Checkpointer, da
   return restored
 
 
+class ThroughputWindow:
+  """Rows and training FLOPs per second over a logging window: the counted rows over the window's wall time, less
+  the time spent outside training steps (evaluation, checkpoint saves) and in steps that compile (a new decoder
+  length: the first step, and the first of each other bucket), whose rows are not counted either. Each excluded
+  span starts once the steps before it are done, so the window times exactly its counted steps, as the device ran
+  them."""
+
+  def __init__(self):
+    self.rows, self.flops, self.excluded, self.start = 0, 0.0, 0.0, time.perf_counter()
+
+  def add(self, rows: int, flops: float) -> None:
+    self.rows += rows
+    self.flops += flops
+
+  @contextlib.contextmanager
+  def excluding(self, state):
+    jax.block_until_ready(state)  # the steps so far belong to the window
+    begin = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.excluded += time.perf_counter() - begin
+
+  def rates(self, encoder_length: int, peak_flops: float | None) -> dict[str, float]:
+    """The window's throughput metrics (none when all its steps compiled), then a fresh window."""
+    elapsed = time.perf_counter() - self.start - self.excluded
+    out = {}
+    if self.rows:
+      out.update(rows_per_s=self.rows / elapsed, tflops_per_s=self.flops / elapsed / 1e12,
+                 encoder_tokens_per_s=self.rows * encoder_length / elapsed)
+      if peak_flops:
+        out["mfu"] = self.flops / elapsed / (peak_flops * jax.device_count())
+    self.__init__()
+    return out
+
+
+def _with_resolved_workers(config: Config, checkpointer: checkpoint.Checkpointer) -> Config:
+  """The config with data.num_workers resolved (pipeline.resolve_num_workers), printed once: the saved config and
+  config.json record the count, so that a resume with -1 keeps it."""
+  newest = checkpointer._newest_readable()  # (step, saved config, item metadata) of the step a resume restores
+  saved = newest[1]["data"]["num_workers"] if newest is not None and "data" in newest[2] else None
+  workers = pipeline.resolve_num_workers(config.data.num_workers, saved)
+  if jax.process_index() == 0:
+    how = "configured" if config.data.num_workers >= 0 else "as saved" if saved is not None else "auto"
+    print(f"data.num_workers={workers} ({how}): Grain worker processes of the train batches")
+  return dataclasses.replace(config, data=dataclasses.replace(config.data, num_workers=workers))
+
+
 def train(config: Config) -> dict:
   """The main job: data -> sharded training with evaluation and checkpoints -> plot, export, sample predictions."""
   distributed.initialize()
@@ -54,6 +104,7 @@ def _train(config: Config) -> dict:
   trainer = Trainer(config, mesh)
   checkpointer = checkpoint.Checkpointer(workdir, keep=tc.keep_checkpoints)
   checkpointer.check_resume(config, trainer.abstract_state)  # before the token cache: a refusal changes nothing
+  config = _with_resolved_workers(config, checkpointer)
   if is_main:  # the resolved config of the run (main.py prints it only with --verbose)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(dataclasses.asdict(config), f, indent=1, default=str)
@@ -62,17 +113,25 @@ def _train(config: Config) -> dict:
   state = _restore_or_init(trainer, checkpointer, train_iterator)
   eval_batches = _eval_batches(config, tokenizer)
   train_decoder_lengths = distributed.DecoderLengths("train")
+
+  def prepare(batch: dict) -> tuple[dict, int, int]:
+    """Host rows -> (device batch, rows, decoder length), the decoder length agreed between processes first."""
+    [batch] = train_decoder_lengths([batch])
+    return trainer.put_batch(batch, micro_batches=tc.grad_accum_steps), *batch["decoder_input_tokens"].shape
+
+  train_batches = pipeline.DevicePrefetch(train_iterator, prepare)
   writer = MetricWriter(workdir, enabled=is_main)
   start = int(state["step"])
   save = lambda eval_loss=None, force=False: checkpointer.save(
-      int(state["step"]), state, config=config, tokenizer_path=tokenizer.path, data_iterator=train_iterator,
+      int(state["step"]), state, config=config, tokenizer_path=tokenizer.path, data_iterator=train_batches,
       eval_loss=eval_loss, force=force)
   stop = distributed.StopSignal()
   peak = flops.peak_flops(jax.devices()[0])
   bar = tqdm(total=tc.steps, initial=start, disable=not is_main, dynamic_ncols=True, desc="train")
   if start == 0:  # the starting point of the validation curve
     writer.write(0, "eval", trainer.evaluate(state["params"], eval_batches))
-  window = {"rows": 0, "flops": 0.0, "time": time.perf_counter()}
+  train_batches.prefetch()  # the pipeline's start-up (worker processes, first batch) stays out of the first window
+  window, compiled_lengths = ThroughputWindow(), set()
   # A copy: the state is donated to the first step.
   window_means, skipped_run = WindowMeans(), SkippedRun(jnp.copy(optim.skipped_steps(state["opt_state"])))
   tracing = False
@@ -81,37 +140,40 @@ def _train(config: Config) -> dict:
       if tc.profile_steps and step == tc.profile_steps[0]:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         tracing = True
-      [batch] = train_decoder_lengths([next(train_iterator)])
-      rows, decoder_length = batch["decoder_input_tokens"].shape
-      state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=tc.grad_accum_steps))
+      batch, rows, decoder_length = next(train_batches)
+      if decoder_length in compiled_lengths:
+        state, metrics = trainer.train_step(state, batch)
+        rows *= jax.process_count()
+        window.add(rows, rows * flops.training_flops_per_row(config.model, config.data.encoder_length,
+                                                            decoder_length))
+      else:
+        with window.excluding(state):
+          state, metrics = trainer.train_step(state, batch)
+          jax.block_until_ready(state)
+        compiled_lengths.add(decoder_length)
+      done = step + 1
+      if done < tc.steps:
+        train_batches.prefetch()  # while the step runs
       window_means.add(metrics)
       skipped_run.add(metrics)
       checkpointer.check_saves()
-      window["rows"] += rows * jax.process_count()
-      window["flops"] += rows * jax.process_count() * flops.training_flops_per_row(
-          config.model, config.data.encoder_length, decoder_length)
-      done = step + 1
       if tracing and done == tc.profile_steps[0] + tc.profile_steps[1]:
         jax.profiler.stop_trace()
         tracing = False
       if done % tc.log_every == 0 or done == tc.steps:
         metrics = window_means.means()  # waits for the window's steps
-        elapsed = time.perf_counter() - window["time"]
-        metrics.update(rows_per_s=window["rows"] / elapsed, tflops_per_s=window["flops"] / elapsed / 1e12,
-                       encoder_tokens_per_s=window["rows"] * config.data.encoder_length / elapsed)
-        if peak:
-          metrics["mfu"] = window["flops"] / elapsed / (peak * jax.device_count())
-        window = {"rows": 0, "flops": 0.0, "time": time.perf_counter()}
+        metrics.update(window.rates(config.data.encoder_length, peak))
         writer.write(done, "train", metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", rows_s=f"{metrics['rows_per_s']:.0f}",
-                        tok_s=f"{metrics['encoder_tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", rows_s=f"{metrics.get('rows_per_s', 0):.0f}",
+                        tok_s=f"{metrics.get('encoder_tokens_per_s', 0):.0f}")
         if tc.max_nonfinite_steps and int(skipped_run.length) >= tc.max_nonfinite_steps:
           raise Diverged(f"diverged: the last {int(skipped_run.length)} updates were skipped for non-finite "
                          f"gradients (train.max_nonfinite_steps={tc.max_nonfinite_steps}) at step {done}; the "
                          "checkpoints are kept; lower train.learning_rate or raise train.warmup_steps")
       eval_loss = None
       if done % tc.eval_every == 0 or done == tc.steps:
-        eval_metrics = trainer.evaluate(state["params"], eval_batches)
+        with window.excluding(state):
+          eval_metrics = trainer.evaluate(state["params"], eval_batches)
         writer.write(done, "eval", eval_metrics)
         eval_loss = eval_metrics["loss"]
         if not np.isfinite(eval_loss):
@@ -120,7 +182,8 @@ def _train(config: Config) -> dict:
         bar.write(f"step {done}: eval loss {eval_loss:.4f}, accuracy {eval_metrics['accuracy']:.3f}")
       stopping = stop.should_stop(done)
       if done % tc.checkpoint_every == 0 or done == tc.steps or eval_loss is not None or stopping:
-        save(eval_loss, force=stopping or done == tc.steps)
+        with window.excluding(state):
+          save(eval_loss, force=stopping or done == tc.steps)
       bar.update(1)
       if stopping:
         break

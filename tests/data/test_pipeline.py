@@ -5,13 +5,14 @@ import logging
 import os
 
 import grain
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from fat5_jax import data
-from fat5_jax.config import from_config_dict, to_config_dict
-from fat5_jax.data import cache, corpus, ul2
+from fat5_jax.config import ConfigError, from_config_dict, to_config_dict
+from fat5_jax.data import cache, corpus, pipeline, ul2
 
 VOCAB = 1024
 
@@ -154,11 +155,13 @@ def test_train_iterator_batches(run):
   assert next(other)["encoder_input_tokens"].shape == (4, 64)
 
 
-def test_resume_through_orbax_with_workers(run, tmp_path):
+def test_resume_through_orbax_with_workers_and_a_batch_prefetched(run, tmp_path):
   config, tokenizer = run
   config = _config(config.workdir, num_workers=2)
-  iterator = data.make_train_iterator(config, tokenizer)
+  # As the training loop reads it: the saved position is that of the batches taken, not of the one ahead.
+  iterator = pipeline.DevicePrefetch(data.make_train_iterator(config, tokenizer), lambda batch: batch)
   head = [next(iterator) for _ in range(3)]
+  iterator.prefetch()
   manager = ocp.CheckpointManager(tmp_path / "ckpt")
   manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
   manager.wait_until_finished()
@@ -171,6 +174,37 @@ def test_resume_through_orbax_with_workers(run, tmp_path):
   for a, b in zip(tail, [next(restored) for _ in range(4)]):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_one_worker_process_gives_the_batches_of_none(run):
+  config, tokenizer = run
+  inline, worker = (data.make_train_iterator(_config(config.workdir, num_workers=n), tokenizer) for n in (0, 1))
+  for _ in range(3):
+    a, b = next(inline), next(worker)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  worker.close()
+
+
+def test_auto_workers_follow_the_host_and_a_resume_keeps_the_saved_count(monkeypatch):
+  assert pipeline.resolve_num_workers(-1) == 0  # the CPU backend computes the steps: no workers
+  assert pipeline.resolve_num_workers(3) == 3
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for cores, devices, workers in [(16, 1, 4), (16, 8, 15), (128, 8, 32), (2, 1, 1), (1, 1, 1)]:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _, cores=cores: set(range(cores)))
+    monkeypatch.setattr(jax, "local_device_count", lambda devices=devices: devices)
+    assert pipeline.resolve_num_workers(-1) == workers, (cores, devices)
+  assert pipeline.resolve_num_workers(-1, saved=0) == 0  # a checkpoint of before: kept, whatever the host
+  assert pipeline.resolve_num_workers(2, saved=2) == 2
+  with pytest.raises(ConfigError, match=r"^data.num_workers=4, but the checkpoint being resumed was saved with 2 "
+                                        r"workers.*set data.num_workers=2 \(or -1\)"):
+    pipeline.resolve_num_workers(4, saved=2)
+
+
+def test_num_workers_is_a_count_or_auto(tmp_path):
+  assert _config(tmp_path).data.num_workers == -1
+  with pytest.raises(ConfigError, match=r"^data.num_workers must be >= 0, or -1 \(auto\), got -2$"):
+    _config(tmp_path, num_workers=-2)
 
 
 def test_eval_batches_are_deterministic(run):

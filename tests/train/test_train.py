@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -173,3 +174,20 @@ def test_decoder_buckets_are_padded_to_the_longest_process_of_each_batch(monkeyp
 def test_one_process_agrees_nothing_and_passes_batches_through():
   batches = [random_packed_batch(6, 4, 32, 16, 512)]
   assert distributed.DecoderLengths("test")(batches) is batches
+
+
+def test_throughput_window_leaves_out_excluded_spans_and_empty_windows():
+  from fat5_jax.train.loop import ThroughputWindow
+  state = jax.block_until_ready({"params": jax.numpy.zeros(3)})
+  window = ThroughputWindow()
+  assert window.rates(512, None) == {}  # a window whose steps all compiled reports no throughput
+  with window.excluding(state):
+    time.sleep(0.3)  # an evaluation, a save, a compiling step
+  window.add(100, 1e12)
+  rates = window.rates(512, peak_flops=1e15)
+  assert rates["rows_per_s"] > 100 / 0.3 * 10, rates  # the window lasted microseconds, not the 0.3 s
+  assert rates["encoder_tokens_per_s"] == pytest.approx(512 * rates["rows_per_s"])
+  assert rates["mfu"] == pytest.approx(rates["tflops_per_s"] * 1e12 / (1e15 * jax.device_count()))
+  time.sleep(0.1)
+  window.add(10, 0.0)
+  assert window.rates(512, None)["rows_per_s"] < 10 / 0.1  # a fresh window: its own time only
