@@ -2,10 +2,11 @@
 
 Measures one process (num_workers=0, one core) on the embedded wiki_fr corpus (short documents: several
 examples per row) and on the same text joined into long documents (one full-length chunk per row), with and
-without packing, then the same with Grain worker processes. Prints a table; writes
-benchmarks/results/data_pipeline.json. Run from the repository root:
+without packing, and wiki_fr read as one stream (data.stream), then the same with Grain worker processes. Prints a
+table; writes benchmarks/results/data_pipeline.json (data_pipeline_encoder{N}.json at another --encoder-length).
+Run from the repository root:
 
-  python -m benchmarks.data_pipeline [--seconds 10]
+  python -m benchmarks.data_pipeline [--seconds 10] [--encoder-length 8192 --rows 64 --workers 0]
 """
 
 import argparse
@@ -58,39 +59,50 @@ def _measure(config, tokenizer, seconds: float) -> dict:
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--seconds", type=float, default=10.0)
-  parser.add_argument("--workers", type=int, default=os.cpu_count())
+  parser.add_argument("--workers", type=int, default=os.cpu_count(), help="0: no worker cases")
+  parser.add_argument("--encoder-length", type=int, default=0, help="0: small_fr's")
+  parser.add_argument("--rows", type=int, default=0, help="rows per batch; 0: small_fr's")
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags, which only absl.app parses
   base = small_fr.get_config()
   results = []
   with tempfile.TemporaryDirectory() as workdir:
     base.workdir = workdir
+    base.data.encoder_length = args.encoder_length or base.data.encoder_length
+    if args.rows:
+      base.train.update(batch_size=args.rows, grad_accum_steps=1)
     long_path = _long_document_corpus(workdir)
     config = from_config_dict(base)
     tokenizer = data.load_tokenizer(config.data, workdir, config.model.vocab_size)
-    cases = [("wiki_fr", True, 0), ("wiki_fr", False, 0), ("long_docs", True, 0), ("long_docs", False, 0),
-             ("wiki_fr", True, args.workers), ("long_docs", True, args.workers)]
-    for name, pack, workers in cases:
-      case = dataclasses.replace(config.data, corpus=long_path if name == "long_docs" else "wiki_fr", pack=pack,
-                                 num_workers=workers, tokenizer_path=tokenizer.path)
+    cases = [("wiki_fr", "packed", 0), ("wiki_fr", "unpacked", 0), ("wiki_fr", "stream", 0),
+             ("long_docs", "packed", 0), ("long_docs", "unpacked", 0)]
+    if args.workers:
+      cases += [("wiki_fr", "packed", args.workers), ("long_docs", "packed", args.workers)]
+    for name, layout, workers in cases:
+      case = dataclasses.replace(config.data, corpus=long_path if name == "long_docs" else "wiki_fr",
+                                 pack=layout == "packed", stream=layout == "stream", num_workers=workers,
+                                 tokenizer_path=tokenizer.path)
       result = _measure(dataclasses.replace(config, data=case), tokenizer, args.seconds)
       cores = max(workers, 1)
       per_core = result["rows_per_second"] / cores
-      result.update(corpus=name, pack=pack, num_workers=workers, rows_per_second_per_core=per_core,
+      result.update(corpus=name, layout=layout, num_workers=workers, rows_per_second_per_core=per_core,
                     workers_for_target=int(np.ceil(TARGET_ROWS_PER_SECOND / per_core)))
       results.append(result)
       print(json.dumps(result))
-  report = {"benchmark": "data_pipeline", "shapes": "small_fr: encoder 512, decoder buckets (128, 256, 512), "
-            "512 rows per batch (128 x 4 accumulation), tokenizer 32768", "machine": platform.processor() or
+  shapes = (f"small_fr: encoder {config.data.encoder_length}, decoder buckets {config.data.decoder_length_buckets}, "
+            f"{data.train_rows(config)} rows per batch, tokenizer {config.data.tokenizer_vocab_size}")
+  report = {"benchmark": "data_pipeline", "shapes": shapes, "machine": platform.processor() or
             platform.machine(), "cpu_count": os.cpu_count(), "device": "CPU of the development machine (not the GPU "
             "host)", "target_rows_per_second": TARGET_ROWS_PER_SECOND, "results": results}
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  with open(RESULTS, "w") as f:
+  results_path = RESULTS if config.data.encoder_length == 512 else RESULTS.replace(
+      ".json", f"_encoder{config.data.encoder_length}.json")
+  os.makedirs(os.path.dirname(results_path), exist_ok=True)
+  with open(results_path, "w") as f:
     json.dump(report, f, indent=1)
-  print(f"\n{'corpus':<10} {'pack':<5} {'workers':>7} {'rows/s':>8} {'per core':>8} {'enc pad':>8} {'dec pad':>8} "
+  print(f"\n{'corpus':<10} {'layout':<8} {'workers':>7} {'rows/s':>8} {'per core':>8} {'enc pad':>8} {'dec pad':>8} "
         f"{'mean dec':>8} {'workers for 1000/s':>18}")
   for r in results:
-    print(f"{r['corpus']:<10} {str(r['pack']):<5} {r['num_workers']:>7} {r['rows_per_second']:>8.0f} "
+    print(f"{r['corpus']:<10} {r['layout']:<8} {r['num_workers']:>7} {r['rows_per_second']:>8.0f} "
           f"{r['rows_per_second_per_core']:>8.0f} {r['encoder_padding']:>8.1%} {r['decoder_padding']:>8.1%} "
           f"{r['mean_decoder_length']:>8.0f} {r['workers_for_target']:>18}")
 
