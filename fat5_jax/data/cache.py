@@ -190,7 +190,7 @@ class StreamSource:
       raise ValueError(f"no {split} shard in {directory}")
     self._tokens = None
     self._eos_id = eos_id
-    self.raw_lengths = np.asarray(raw_lengths, np.int64)
+    self._raw_lengths = np.asarray(raw_lengths, np.int64)
     offsets = [np.load(path.replace(".tokens.npy", ".offsets.npy")) for path in self._files]
     self._shard_starts = np.cumsum([0] + [int(o[-1]) for o in offsets])  # Of each shard in the token sequence.
     lengths = np.concatenate([np.diff(o) for o in offsets])
@@ -201,16 +201,16 @@ class StreamSource:
     blocks, covered = [], 0
     while covered < stream_length:
       blocks.append(rng.choice(len(weights), size=self._PLAN_BLOCK, p=weights))
-      covered += int(self.raw_lengths[blocks[-1]].sum())
+      covered += int(self._raw_lengths[blocks[-1]].sum())
     denoisers = np.concatenate(blocks)
-    ends = np.cumsum(self.raw_lengths[denoisers])
+    ends = np.cumsum(self._raw_lengths[denoisers])
     count = int(np.searchsorted(ends, stream_length, side="right"))
     if count == 0:
       raise ConfigError(f"the {split} split's stream holds {stream_length} tokens, fewer than one chunk of "
-                        f"{int(self.raw_lengths[denoisers[0]])}: use a larger corpus or validation_fraction, or "
+                        f"{int(self._raw_lengths[denoisers[0]])}: use a larger corpus or validation_fraction, or "
                         "shorter rows")
     self._denoisers = denoisers[:count].astype(np.int8)
-    self._starts = ends[:count] - self.raw_lengths[self._denoisers]
+    self._starts = ends[:count] - self._raw_lengths[self._denoisers]
 
   def __len__(self) -> int:
     return len(self._starts)
@@ -218,7 +218,7 @@ class StreamSource:
   def __getitem__(self, index: int) -> dict:
     denoiser = int(self._denoisers[index])
     start = int(self._starts[index])
-    end = start + int(self.raw_lengths[denoiser])
+    end = start + int(self._raw_lengths[denoiser])
     # A stream position p holds token p - (eos before p) of the token sequence, or an eos.
     first_eos, last_eos = np.searchsorted(self._eos_positions, [start, end])
     tokens = self._read(start - first_eos, end - last_eos)
