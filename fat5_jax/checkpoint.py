@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Settings that the saved data position depends on: with others, Grain's iterator state means other batches.
 DATA_POSITION_FIELDS = ("train.batch_size", "train.grad_accum_steps", "data.encoder_length", "data.decoder_length",
-                        "data.decoder_length_buckets", "data.pack")
+                        "data.decoder_length_buckets", "data.pack", "data.stream")
 # Settings that decide the optimizer state's arrays (clipping on or off, Kahan buffers, moment and parameter dtypes).
 OPTIMIZER_FIELDS = ("train.clip_norm", "train.kahan", "train.moment_dtype", "model.param_dtype")
 # TensorStore reports missing, truncated or garbled array files as a ValueError starting with one of these codes
@@ -140,8 +140,11 @@ def _verify(saved: dict, state) -> None:
 
 
 def _differences(saved: dict, ours: dict, fields: tuple) -> dict:
-  """{"section.field": (saved, ours)} for the `fields` whose values differ between two configs as JSON."""
-  get = lambda config, field: config.get(field.split(".")[0], {}).get(field.split(".")[1])
+  """{"section.field": (saved, ours)} for the `fields` whose values differ between two configs as JSON. A field the
+  saved config lacks is older than the field: it was saved with the field's default behaviour."""
+  defaults = json.loads(json.dumps(dataclasses.asdict(Config())))
+  get = lambda config, field: config.get(field.split(".")[0], {}).get(
+      field.split(".")[1], defaults[field.split(".")[0]][field.split(".")[1]])
   return {field: (get(saved, field), get(ours, field)) for field in fields if get(saved, field) != get(ours, field)}
 
 

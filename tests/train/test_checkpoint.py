@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fat5_jax.checkpoint import RESULTS_FILE, Checkpointer, CheckpointError, CheckpointMismatchError, restore_params
-from fat5_jax.config import Config, TrainConfig
+from fat5_jax.config import Config, DataConfig, TrainConfig
 
 
 def _state(seed, opt_leaves=2):
@@ -154,6 +154,22 @@ def test_a_changed_batch_size_is_refused_naming_the_field_and_deletes_nothing(tm
   assert "saved settings" in message and "new workdir" in message and "\n" not in message
   assert _entries(tmp_path) == ["1", "2"]
   checkpointer.check_resume(Config(), _abstract(_state(0)))
+
+
+def test_a_changed_row_layout_is_refused_and_a_config_older_than_the_field_means_its_default(tmp_path):
+  checkpointer = _saved(tmp_path)
+  streamed = dataclasses.replace(Config(), data=DataConfig(stream=True, pack=False))
+  with pytest.raises(CheckpointMismatchError, match="data.stream: False vs True"):
+    checkpointer.check_resume(streamed, _abstract(_state(0)))
+  older = json.loads(json.dumps(dataclasses.asdict(Config())))
+  del older["data"]["stream"]  # saved before data.stream existed: rows were never streamed
+  checkpointer.save(3, _state(3), config=Config(), data_iterator=_iterator(), force=True)
+  checkpointer.wait()
+  with open(os.path.join(checkpointer.directory, "3", "config", "metadata"), "w") as f:
+    json.dump(older, f)
+  checkpointer.check_resume(Config(), _abstract(_state(0)))
+  with pytest.raises(CheckpointMismatchError, match="data.stream: False vs True"):
+    checkpointer.check_resume(streamed, _abstract(_state(0)))
 
 
 def test_imported_parameters_resume_with_any_batch_size(tmp_path):
