@@ -54,10 +54,14 @@ def build(values: ml_collections.ConfigDict, *, rows: int, accum: int, encoder_l
   return config, trainer, trainer.init_state(), batches
 
 
-def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, steps: int) -> dict:
-  values = small_fr.get_config()
+def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, steps: int,
+            values: ml_collections.ConfigDict | None = None, encoder_length: int = 512,
+            decoder_length: int = 512) -> dict:
+  """The step's median time and throughput for `values` (default small_fr) on full rows of these lengths."""
+  values = values or small_fr.get_config()
   values.model.update(attention_impl=attention_impl, kernel_backend=kernel_backend)
-  config, trainer, state, batches = build(values, rows=rows, accum=accum)
+  config, trainer, state, batches = build(values, rows=rows, accum=accum, encoder_length=encoder_length,
+                                          decoder_length=decoder_length)
   for i in range(3):  # compile and warm up
     state, metrics = trainer.train_step(state, batches[i % 2])
   jax.block_until_ready(state)
@@ -69,12 +73,12 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   rows_per_s = rows * accum / step_s
-  tflops = rows_per_s * flops.training_flops_per_row(config.model, 512, 512) / 1e12
+  tflops = rows_per_s * flops.training_flops_per_row(config.model, encoder_length, decoder_length) / 1e12
   peak = flops.peak_flops(jax.devices()[0])
   memory = jax.devices()[0].memory_stats() or {}
   return {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "rows": rows, "grad_accum_steps": accum,
           "step_s": step_s, "step_s_spread": [min(times), max(times)], "rows_per_s": rows_per_s,
-          "encoder_tokens_per_s": rows_per_s * 512, "tflops_per_s": tflops,
+          "encoder_tokens_per_s": rows_per_s * encoder_length, "tflops_per_s": tflops,
           "mfu": tflops * 1e12 / peak if peak else None, "vs_fat5": rows_per_s / FAT5_ROWS_PER_S,
           "peak_memory_gib": memory.get("peak_bytes_in_use", 0) / 2 ** 30, "loss": float(metrics["loss"])}
 
