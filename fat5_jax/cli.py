@@ -26,9 +26,12 @@ def run(mode: str, config: Config, *, hf_dir: str | None = None, export_dir: str
   `predict_files`: predict's (input, output) files, decoded with `num_beams` beams (1: greedy)."""
   if mode in DISTRIBUTED_MODES:
     distributed.initialize()
+  elif distributed.launched_as_several_processes():  # each process would run the whole job, in the same workdir
+    raise ValueError(f"--mode={mode} runs in one process: launch it once, without JAX_NUM_PROCESSES > 1 or srun's "
+                     "several tasks")
   if mode == "train":
     train.train(config)
-  elif mode == "finetune":  # one process: fine-tuning does not take part in multi-host agreement yet
+  elif mode == "finetune":
     train.finetune.finetune(config)
   elif mode == "eval":
     train.evaluate_latest(config)

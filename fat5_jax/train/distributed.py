@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 _AGREEMENT_TIMEOUT_MS = 30 * 60 * 1000
 
 
+def launched_as_several_processes() -> bool:
+  """Whether this process was launched as one of several: JAX_NUM_PROCESSES > 1, or SLURM with several tasks."""
+  return int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
 def initialize():
   """Joins a multi-process job when launched as one: under SLURM with several tasks (JAX reads srun's variables), or
   with JAX_NUM_PROCESSES > 1, JAX_PROCESS_ID and JAX_COORDINATOR_ADDRESS (host:port of process 0) set on every

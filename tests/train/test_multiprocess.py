@@ -173,3 +173,16 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_rerun_resumes_bit
   with open(os.path.join(workdir, "hf", "model.safetensors"), "rb") as a, \
        open(os.path.join(straight, "hf", "model.safetensors"), "rb") as b:
     assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("mode", ["finetune", "predict"])
+@pytest.mark.parametrize("launch", [{"JAX_NUM_PROCESSES": "2"}, {"SLURM_NTASKS": "4"}])
+def test_one_process_modes_refuse_a_multi_process_launch_in_one_line(mode, launch, monkeypatch, tmp_path):
+  from fat5_jax import cli
+  from fat5_jax.config import Config
+
+  for name, value in launch.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(ValueError, match=f"--mode={mode} runs in one process: launch it once"):
+    cli.run(mode, Config(workdir=str(tmp_path)), predict_files=("in.txt", "out.jsonl"))
+  assert not os.listdir(tmp_path)  # refused before anything was written
