@@ -6,7 +6,13 @@ recipe. A variant is `model.attention_impl/model.kernel_backend` (xla|cudnn|flas
 per optimizer step is the median over repeats after warm-up; throughput is rows/s, encoder tokens/s, TFLOP/s from
 `fat5_jax.flops` and MFU against the chip's dense bf16 peak.
 
-  python -m benchmarks.train_step [--steps 10] [--variants flash/auto,cudnn/auto,xla/xla]
+`--remat` runs each variant under each `train.remat` policy, and `--encoder-length` / `--decoder-length` change the
+rows (e.g. 8 rows of 8,192 + 512 tokens). Memory of each run: `compiled_temp_gib` and `compiled_total_gib` from XLA's
+memory analysis of its compiled step (scratch; and arguments + outputs + scratch, the donated state counted once),
+and `peak_memory_gib`, the device's peak since the process started: give the policies from least to most memory
+(full,block,attention,none) and each run's peak is its own.
+
+  python -m benchmarks.train_step [--steps 10] [--variants flash/auto,cudnn/auto,xla/xla] [--remat none,block]
 """
 
 from __future__ import annotations
@@ -62,25 +68,33 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
   values.model.update(attention_impl=attention_impl, kernel_backend=kernel_backend)
   config, trainer, state, batches = build(values, rows=rows, accum=accum, encoder_length=encoder_length,
                                           decoder_length=decoder_length)
-  for i in range(3):  # compile and warm up
-    state, metrics = trainer.train_step(state, batches[i % 2])
+  train_step = trainer.train_step.lower(state, batches[0]).compile()  # compiled once, for its memory analysis too
+  analysis = train_step.memory_analysis()
+  for i in range(3):  # warm up
+    state, metrics = train_step(state, batches[i % 2])
   jax.block_until_ready(state)
   times = []
   for i in range(steps):
     start = time.perf_counter()
-    state, metrics = trainer.train_step(state, batches[i % 2])
+    state, metrics = train_step(state, batches[i % 2])
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   rows_per_s = rows * accum / step_s
+  # Model FLOPs: what remat recomputes is not counted, so policies are compared on the same work.
   tflops = rows_per_s * flops.training_flops_per_row(config.model, encoder_length, decoder_length) / 1e12
   peak = flops.peak_flops(jax.devices()[0])
   memory = jax.devices()[0].memory_stats() or {}
-  return {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "rows": rows, "grad_accum_steps": accum,
+  compiled_total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+                    - analysis.alias_size_in_bytes)
+  return {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "remat": config.train.remat,
+          "rows": rows, "grad_accum_steps": accum, "encoder_length": encoder_length, "decoder_length": decoder_length,
           "step_s": step_s, "step_s_spread": [min(times), max(times)], "rows_per_s": rows_per_s,
           "encoder_tokens_per_s": rows_per_s * encoder_length, "tflops_per_s": tflops,
           "mfu": tflops * 1e12 / peak if peak else None, "vs_fat5": rows_per_s / FAT5_ROWS_PER_S,
-          "peak_memory_gib": memory.get("peak_bytes_in_use", 0) / 2 ** 30, "loss": float(metrics["loss"])}
+          "peak_memory_gib": memory.get("peak_bytes_in_use", 0) / 2 ** 30,
+          "compiled_temp_gib": analysis.temp_size_in_bytes / 2 ** 30, "compiled_total_gib": compiled_total / 2 ** 30,
+          "loss": float(metrics["loss"])}
 
 
 def plot(results: dict, path: str):
@@ -90,15 +104,19 @@ def plot(results: dict, path: str):
   import matplotlib.pyplot as plt
 
   measured = [r for r in results["results"] if "error" not in r]
+  lengths = (measured[0].get("encoder_length", 512), measured[0].get("decoder_length", 512))
+  # FAT5's figure is for rows of 512 + 512 tokens only.
+  bars = [("FAT5 (PyTorch, Triton kernels)", results["fat5_reference_rows_per_s"])] if lengths == (512, 512) else []
   # Results written before model.kernel_impl became model.kernel_backend name it kernel_impl.
-  names = ["FAT5 (PyTorch, Triton kernels)"] + [
-      f"ours: attention {r['attention_impl']}, kernels {r.get('kernel_backend', r.get('kernel_impl'))}"
-      for r in measured]
-  rows = [results["fat5_reference_rows_per_s"]] + [r["rows_per_s"] for r in measured]
+  bars += [(f"ours: attention {r['attention_impl']}, kernels {r.get('kernel_backend', r.get('kernel_impl'))}"
+            + (f", remat {r['remat']}" if r.get("remat", "none") != "none" else ""), r["rows_per_s"])
+           for r in measured]
+  names, rows = zip(*bars)
   fig, ax = plt.subplots(figsize=(9, 2.8))
-  bars = ax.barh(names, rows, color=["grey"] + ["tab:blue"] * len(measured))
-  ax.bar_label(bars, [f"{r:.0f}" for r in rows], padding=3)
-  ax.set_xlabel(f"small_fr training rows/s, 512 + 512 tokens, one {results['environment']['device']}")
+  drawn = ax.barh(names, rows, color=["grey"] * (len(bars) - len(measured)) + ["tab:blue"] * len(measured))
+  ax.bar_label(drawn, [f"{r:.0f}" for r in rows], padding=3)
+  ax.set_xlabel(f"small_fr training rows/s, {lengths[0]} + {lengths[1]} tokens, one "
+                f"{results['environment']['device']}")
   ax.invert_yaxis()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -113,23 +131,33 @@ def main():
   parser.add_argument("--variants", default="flash/auto",
                       help="comma-separated model.attention_impl/model.kernel_backend pairs, e.g. "
                            "flash/auto,cudnn/auto,xla/xla")
+  parser.add_argument("--remat", default="none",
+                      help=f"comma-separated train.remat policies ({', '.join(config_lib.REMAT_POLICIES)}), each run "
+                           "with every variant; least memory first, so that each run's peak_memory_gib is its own")
+  parser.add_argument("--encoder-length", type=int, default=512)
+  parser.add_argument("--decoder-length", type=int, default=512)
   args = common.parse_args(parser, "train_step", plot)
   if args is None:
     return
   results = {"fat5_reference_rows_per_s": FAT5_ROWS_PER_S, "results": []}
   for variant in args.variants.split(","):
     attention_impl, kernel_backend = variant.split("/")
-    try:
-      row = measure(attention_impl, kernel_backend, rows=args.rows, accum=args.accum, steps=args.steps)
-    except Exception as error:  # e.g. out of memory for a materialized baseline: record it and go on
-      row = {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "error": repr(error)[:500]}
-    results["results"].append(row)
-    print(row, flush=True)
-    # Written after every variant, so a run cut short keeps what it measured.
-    common.write_results(args.out, results)
+    for remat in args.remat.split(","):
+      values = small_fr.get_config()
+      values.train.update(remat=remat)
+      try:
+        row = measure(attention_impl, kernel_backend, rows=args.rows, accum=args.accum, steps=args.steps,
+                      values=values, encoder_length=args.encoder_length, decoder_length=args.decoder_length)
+      except Exception as error:  # e.g. out of memory for a materialized baseline: record it and go on
+        row = {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "remat": remat,
+               "error": repr(error)[:500]}
+      results["results"].append(row)
+      print(row, flush=True)
+      # Written after every run, so a run cut short keeps what it measured.
+      common.write_results(args.out, results)
   common.print_table([r for r in results["results"] if "error" not in r],
-                     ["attention_impl", "kernel_backend", "step_s", "rows_per_s", "tflops_per_s", "mfu", "vs_fat5",
-                      "peak_memory_gib"])
+                     ["attention_impl", "kernel_backend", "remat", "step_s", "rows_per_s", "tflops_per_s", "mfu",
+                      "vs_fat5", "peak_memory_gib", "compiled_total_gib"])
   plot({"environment": common.environment(), **results}, args.plot)
 
 

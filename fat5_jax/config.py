@@ -127,6 +127,7 @@ class DataConfig:
 
 SCHEDULES = ("linear", "cosine", "wsd", "inverse_sqrt", "constant")
 OPTIMIZERS = ("adamw_scale", "adamw")
+REMAT_POLICIES = ("none", "attention", "block", "full")  # fat5_jax.model.REMAT_PARTS implements them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +155,12 @@ class TrainConfig:
   moment_dtype: str = _field("float32", "Dtype of Adam's moments.", DTYPES)
   z_loss: float = _field(1e-4, "Weight of log(Z)^2 in the loss.")
   label_smoothing: float = _field(0.0, "Label smoothing of the cross-entropy.")
+  remat: str = _field(
+      "none", "What the backward pass recomputes instead of keeping from the forward (less memory, more compute; "
+      "the same values): none keeps every activation it needs; attention recomputes each attention sub-block (norm, "
+      "q/k/v projections, attention, output projection), keeping only its input; block recomputes each block, "
+      "keeping only block inputs; full recomputes each whole stack, keeping only its inputs, and each block within "
+      "it (the blocks' forward runs three times). Speeds and memory: benchmarks/README.md.", REMAT_POLICIES)
   log_every: int = _field(100, "Steps between metric logs.")
   max_nonfinite_steps: int = _field(
       100, "Consecutive updates skipped for non-finite gradients after which the run stops with an error, keeping "

@@ -29,6 +29,21 @@ ACTIVATIONS = {
 }
 
 
+# What each `train.remat` policy rematerializes: the parts of the model run as checkpoints that save only their
+# inputs (jax.checkpoint_policies.nothing_saveable), everything inside them recomputed in the backward pass.
+# attention: each attention sub-block (RMSNorm, q/k/v projections, RoPE, the attention op, output projection) of
+# self- and cross-attention; block: each block; full: each stack, and inside it each block, so that the stack's
+# recomputation holds only block inputs (the blocks' forward then runs three times).
+REMAT_PARTS = {"none": (), "attention": ("attention",), "block": ("block",), "full": ("stack", "block")}
+
+
+def _checkpointed(fn, remat: str, part: str):
+  """`fn`, a checkpoint saving only its inputs when the `remat` policy rematerializes `part`, else `fn` itself."""
+  if part not in REMAT_PARTS[remat]:
+    return fn
+  return nnx.remat(fn, policy=jax.checkpoint_policies.nothing_saveable)
+
+
 def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> nnx.Param:
   return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype))
 
@@ -132,7 +147,7 @@ class FeedForward(nnx.Module):
 class Block(nnx.Module):
   """One pre-norm layer: self-attention, cross-attention (decoder only, no position bias), feed-forward."""
 
-  def __init__(self, config: ModelConfig, *, is_decoder: bool, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, is_decoder: bool, rngs: nnx.Rngs, remat: str = "none"):
     self.self_attention_norm = RMSNorm(config)
     rotary = config.position_encoding_type == "rope"
     self.self_attention = Attention(config, causal=is_decoder, rotary=rotary, rngs=rngs)
@@ -142,18 +157,18 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config)
     self.mlp = FeedForward(config, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
-    self.is_decoder = is_decoder
+    self.is_decoder, self.remat = is_decoder, remat
 
   def __call__(self, x, *, bias, segment_ids, positions, encoded=None, encoder_segment_ids=None):
-    h = self.self_attention_norm(x)
-    x = x + self.dropout(self.self_attention(h, h, bias=bias, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                             q_positions=positions, kv_positions=positions))
+    attend = _checkpointed(_attention_sub_block, self.remat, "attention")
+    x = x + self.dropout(attend(self.self_attention_norm, self.self_attention, x, None, dict(
+        bias=bias, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
+        kv_positions=positions)))
     if self.is_decoder:
-      h = self.cross_attention_norm(x)
       # No position bias across stacks: positions would only slow the flash kernel down.
-      x = x + self.dropout(self.cross_attention(
-          h, encoded, bias=None, q_segment_ids=segment_ids, kv_segment_ids=encoder_segment_ids, q_positions=None,
-          kv_positions=None))
+      x = x + self.dropout(attend(self.cross_attention_norm, self.cross_attention, x, encoded, dict(
+          bias=None, q_segment_ids=segment_ids, kv_segment_ids=encoder_segment_ids, q_positions=None,
+          kv_positions=None)))
     return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
   def decode_step(self, x, cache: dict, *, step, bias, encoder_segment_ids):
@@ -179,15 +194,22 @@ class Block(nnx.Module):
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
+def _attention_sub_block(norm: RMSNorm, attention: Attention, x, kv_input, masks_and_bias: dict):
+  """Attention over the normed `x`: self-attention when `kv_input` is None, else over `kv_input` (the encoder)."""
+  h = norm(x)
+  return attention(h, h if kv_input is None else kv_input, **masks_and_bias)
+
+
 class Stack(nnx.Module):
   """Encoder or decoder: blocks sharing one position encoding, then a final norm."""
 
-  def __init__(self, config: ModelConfig, *, is_decoder: bool, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, is_decoder: bool, rngs: nnx.Rngs, remat: str = "none"):
     num_layers = config.num_decoder_layers if is_decoder else config.num_layers
     self.position = positions.make_position_module(config, bidirectional=not is_decoder, rngs=rngs)
-    self.blocks = nnx.List([Block(config, is_decoder=is_decoder, rngs=rngs) for _ in range(num_layers)])
+    self.blocks = nnx.List([Block(config, is_decoder=is_decoder, rngs=rngs, remat=remat) for _ in range(num_layers)])
     self.final_norm = RMSNorm(config)
     self.dropout = nnx.Dropout(config.dropout_rate, rngs=rngs)
+    self.remat = remat
 
   def __call__(self, x, *, segment_ids, positions, **cross_inputs):
     if self.position is None:
@@ -195,9 +217,15 @@ class Stack(nnx.Module):
     else:
       bias_positions = index_positions(segment_ids) if positions is None else positions
       bias = self.position(bias_positions, bias_positions)
-    x = self.dropout(x)
-    for block in self.blocks:
-      x = block(x, bias=bias, segment_ids=segment_ids, positions=positions, **cross_inputs)
+    run_block = _checkpointed(lambda block, x, inputs: block(x, **inputs), self.remat, "block")
+
+    def run_blocks(blocks, x, inputs):
+      for block in blocks:
+        x = run_block(block, x, inputs)
+      return x
+
+    inputs = dict(bias=bias, segment_ids=segment_ids, positions=positions, **cross_inputs)
+    x = _checkpointed(run_blocks, self.remat, "stack")(self.blocks, self.dropout(x), inputs)
     return self.dropout(self.final_norm(x))
 
 
@@ -215,14 +243,17 @@ class T5(nnx.Module):
   positions are not its indices minus its start (e.g. non-contiguous segments), or for FIRE, whose normalizer
   reads the absolute query position; otherwise leave them out: index differences give the same distances, and the
   flash kernel runs faster without them.
+
+  `remat` (`train.remat`, REMAT_PARTS) chooses what the backward pass recomputes rather than keeps; it changes no
+  value.
   """
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none"):
     self.config = config
     c = config.initializer_factor
     self.shared = Embedding(config, rngs=rngs)
-    self.encoder = Stack(config, is_decoder=False, rngs=rngs)
-    self.decoder = Stack(config, is_decoder=True, rngs=rngs)
+    self.encoder = Stack(config, is_decoder=False, rngs=rngs, remat=remat)
+    self.decoder = Stack(config, is_decoder=True, rngs=rngs, remat=remat)
     if not config.tie_word_embeddings:
       # std: FAT5's d_model**-0.5 (Hugging Face's 1.0 made the initial logits ~sqrt(d_model) times too large).
       self.lm_head = _normal(rngs, (config.d_model, config.vocab_size), c * config.d_model ** -0.5,
@@ -290,23 +321,24 @@ def abstract_parameters(config: ModelConfig) -> nnx.State:
   return nnx.state(nnx.eval_shape(lambda: T5(config, rngs=nnx.Rngs(0))), nnx.Param)
 
 
-_SKELETONS: dict = {}  # (config, seed) -> (graph, dropout streams) of from_parameters, built once per process
+_SKELETONS: dict = {}  # (config, seed, remat) -> (graph, dropout streams) of from_parameters, built once per process
 
 
-def from_parameters(config: ModelConfig, params, seed: int = 0) -> T5:
+def from_parameters(config: ModelConfig, params, seed: int = 0, remat: str = "none") -> T5:
   """A T5 holding `params` (an nnx.State or a nested dict of arrays), built without drawing random weights.
 
-  The graph and the non-parameter state (the dropout streams, seeded with `seed`) are made once per (config, seed)
-  and reused: the trainer calls this inside its jitted steps, at every trace.
+  The graph and the non-parameter state (the dropout streams, seeded with `seed`) are made once per (config, seed,
+  remat) and reused: the trainer calls this inside its jitted steps, at every trace.
   """
-  if (config, seed) not in _SKELETONS:
-    new = lambda: T5(config, rngs=nnx.Rngs(params=seed, dropout=seed))
+  key = config, seed, remat
+  if key not in _SKELETONS:
+    new = lambda: T5(config, rngs=nnx.Rngs(params=seed, dropout=seed), remat=remat)
     graphdef = nnx.split(nnx.eval_shape(new), nnx.Param, ...)[0]
     with jax.ensure_compile_time_eval():  # concrete keys even when the first call comes from inside a trace
       # Under jit the unused weight initialization is dropped: only the dropout keys are computed.
       rest = jax.jit(lambda: nnx.to_pure_dict(nnx.split(new(), nnx.Param, ...)[2]))()
-    _SKELETONS[config, seed] = graphdef, rest
-  graphdef, rest = _SKELETONS[config, seed]
+    _SKELETONS[key] = graphdef, rest
+  graphdef, rest = _SKELETONS[key]
   return nnx.merge(graphdef, params, rest)
 
 

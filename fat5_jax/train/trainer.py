@@ -62,7 +62,8 @@ class Trainer:
 
   def model(self, params, dropout_key=None) -> model_lib.T5:
     """The model over `params`: training mode with dropout drawn from `dropout_key`, else deterministic."""
-    return model_lib.with_dropout(model_lib.from_parameters(self.config.model, params, self.config.train.seed),
+    tc = self.config.train
+    return model_lib.with_dropout(model_lib.from_parameters(self.config.model, params, tc.seed, tc.remat),
                                   dropout_key)
 
   def _loss(self, params, batch, dropout_key=None):
