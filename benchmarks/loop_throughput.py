@@ -2,7 +2,7 @@
 temporary workdir, and the rows/s it logs per window (docs/training.md) are compared with `train_step.measure` on
 the same shapes in the same run.
 
-  python -m benchmarks.loop_throughput [--steps 300] [--out DIR]        # small_fr on a GPU
+  python -m benchmarks.loop_throughput [--steps 200] [--out DIR]        # small_fr on a GPU: ~5 min on an H200
   python -m benchmarks.loop_throughput --tiny --out /tmp/loop           # tiny_fr shapes on any CPU: ~1-2 min
 
 Same shapes on both sides: `train.batch_size` rows per micro-batch, the config's `train.grad_accum_steps`, the
@@ -63,8 +63,8 @@ def logged_windows(workdir: str) -> list[dict]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/small_fr.py")
-  parser.add_argument("--steps", type=int, default=300, help="steps of the main.py run")
-  parser.add_argument("--log-every", type=int, default=25, help="steps per logged window")
+  parser.add_argument("--steps", type=int, default=200, help="steps of the main.py run")
+  parser.add_argument("--log-every", type=int, default=20, help="steps per logged window")
   parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations and checkpoint saves")
   parser.add_argument("--buckets", default=None, help="the loop's decoder buckets, e.g. 128,256,512 (default: the "
                                                       "longest only, the bare step's shape)")
