@@ -69,8 +69,9 @@ def test_recomputed_dropout_draws_the_forward_masks():
 
 def _saved_residual_bytes(remat: str) -> int:
   """Bytes the forward pass keeps for the backward pass (the residuals of jax.vjp of the loss, parameters included),
-  from shapes alone. XLA's memory analysis of the compiled step on a CPU (jax 0.10.2) does not show them: its scratch
-  size stayed within 3% across the policies while these fell 7-fold, so the test reads them from JAX instead."""
+  from shapes alone. XLA's memory analysis of the compiled step on a CPU (jax 0.10.2) does not show them: here its
+  scratch size is 8.42 MB under none and attention, 8.02 MB under block and full, while these fall from 12.3 MB
+  (none) to 5.5 (attention), 1.69 (block) and 1.59 (full), so the test reads them from JAX."""
   config = remat_config(remat)
   trainer = Trainer(config, sharding.make_mesh(config.train))
   batch = trainer.put_batch(random_packed_batch(0, ROWS, ENCODER_LENGTH, DECODER_LENGTH, config.model.vocab_size))
