@@ -235,7 +235,7 @@ class Checkpointer:
                             "and run again")
     return outcomes.index("damaged") if "damaged" in outcomes else None
 
-  def _newest_readable(self) -> Optional[tuple[int, dict, Any]]:
+  def newest_readable(self) -> Optional[tuple[int, dict, Any]]:
     """(step, saved config, item metadata) of the newest step that reads; None without one (restore reports
     damaged steps)."""
     for step in reversed(self.all_steps()):
@@ -246,7 +246,7 @@ class Checkpointer:
 
   def check_architecture(self, config: Config):
     """Refuses to resume a run whose model differs from the checkpoint's (the error lists the fields)."""
-    newest = self._newest_readable()
+    newest = self.newest_readable()
     if newest is None:
       return
     diff = architecture_differences(newest[1]["model"], config.model)
@@ -260,7 +260,7 @@ class Checkpointer:
     """Refuses, before anything is read into the run or changed on disk, to resume with settings that do not fit
     the newest readable step: its architecture, the batching and lengths its data position was saved with, and
     its optimizer state's arrays. The error names each differing field (saved vs configured) and the ways out."""
-    newest = self._newest_readable()
+    newest = self.newest_readable()
     if newest is None:
       return
     step, saved, metadata = newest

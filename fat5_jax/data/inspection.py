@@ -70,7 +70,7 @@ def _batch_statistics(config: Config, tokenizer: Tokenizer) -> dict:
           "encoder_padding": float(np.mean([p["encoder_padding"] for p in padding])),
           "decoder_padding": float(np.mean([p["decoder_padding"] for p in padding])),
           "decoder_buckets": {int(b): buckets.count(b) for b in sorted(set(buckets))},
-          "num_workers": config.data.num_workers}
+          "num_workers": pipeline.resolve_num_workers(config.data.num_workers)}
 
 
 def _print_side_by_side(left: str, right: str):

@@ -79,7 +79,7 @@ class ThroughputWindow:
 def _with_resolved_workers(config: Config, checkpointer: checkpoint.Checkpointer) -> Config:
   """The config with data.num_workers resolved (pipeline.resolve_num_workers), printed once: the saved config and
   config.json record the count, so that a resume with -1 keeps it."""
-  newest = checkpointer._newest_readable()  # (step, saved config, item metadata) of the step a resume restores
+  newest = checkpointer.newest_readable()  # the step a resume restores
   saved = newest[1]["data"]["num_workers"] if newest is not None and "data" in newest[2] else None
   workers = pipeline.resolve_num_workers(config.data.num_workers, saved)
   if jax.process_index() == 0:
