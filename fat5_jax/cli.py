@@ -142,12 +142,13 @@ def _encoder_head(workdir: str) -> tuple[str, int] | None:
   every run records a finetune section."""
   checkpointer = checkpoint.Checkpointer(workdir)
   try:
-    steps = checkpointer.all_steps()
-    if not steps:
-      return None
-    params = checkpointer.manager.item_metadata(steps[-1])["state"]["params"]
-    if "head_kernel" not in params:
-      return None
-    return checkpointer.saved_config(steps[-1])["finetune"]["head"], params["head_kernel"].shape[-1]
+    newest = checkpointer.newest_readable()
   finally:
     checkpointer.close()
+  if newest is None:
+    return None
+  _, saved_config, metadata = newest
+  params = metadata["state"]["params"]
+  if "head_kernel" not in params:
+    return None
+  return saved_config["finetune"]["head"], params["head_kernel"].shape[-1]

@@ -32,8 +32,8 @@ from fat5_jax.train.trainer import Trainer
 
 # Model fields that are the run's choice whatever the weights were trained with (as import_hf keeps them).
 RUN_MODEL_FIELDS = ("param_dtype", "dtype", "attention_impl", "kernel_backend", "dropout_rate")
-# Fine-tuning settings that a resumed run must share with its checkpoints (steps and eval_every may change).
 LABELS_FILE = "labels.json"  # the task's label names in id order, for exports of an encoder head
+# Fine-tuning settings that a resumed run must share with its checkpoints (steps and eval_every may change).
 RESUME_FIELDS = ("task", "train_file", "validation_file", "test_file", "input_field", "target_field", "init_from",
                  "head", "optimizer", "learning_rate", "batch_size", "input_length", "target_length", "seed")
 
