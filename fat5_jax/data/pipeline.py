@@ -147,6 +147,11 @@ class DevicePrefetch(grain.DatasetIterator):
     self._iterator.set_state(state)
     self._ahead = None
 
+  def close(self) -> None:
+    # Stops the wrapped iterator's worker processes now, not at garbage collection: a run that fails would otherwise
+    # leave their shared memory for Python's resource tracker to report after the error.
+    self._iterator.close()
+
 
 def make_eval_batches(config: Config, tokenizer: Tokenizer, num_batches: int, *, process_index: int = 0,
                       process_count: int = 1) -> list[dict[str, np.ndarray]]:

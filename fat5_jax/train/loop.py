@@ -191,6 +191,7 @@ def _train(config: Config) -> dict:
     if tracing:
       jax.profiler.stop_trace()
     bar.close()
+    train_batches.close()
     checkpointer.wait()
     checkpointer.close()
     writer.close()

@@ -35,7 +35,8 @@ def _config(workdir, denoisers="mixture", encoder_length=8192, stream=False, **d
                              decoder_length_buckets=(DECODER_LENGTH,), tokenizer_vocab_size=VOCAB,
                              num_sentinels=NUM_SENTINELS, tokenizer_max_sentences=3000, denoisers=chosen,
                              denoiser_proportions=DEFAULT_PROPORTIONS if denoisers == "mixture" else (1.0,),
-                             stream=stream, pack=not stream), **data_overrides})
+                             # No worker processes (auto gives some on a GPU): the test reads batches in index order.
+                             stream=stream, pack=not stream, num_workers=0), **data_overrides})
   config.train.update(batch_size=ROWS, grad_accum_steps=1)
   return from_config_dict(config)
 

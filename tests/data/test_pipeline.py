@@ -187,6 +187,7 @@ def test_one_worker_process_gives_the_batches_of_none(run):
 
 
 def test_auto_workers_follow_the_host_and_a_resume_keeps_the_saved_count(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   assert pipeline.resolve_num_workers(-1) == 0  # the CPU backend computes the steps: no workers
   assert pipeline.resolve_num_workers(3) == 3
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
