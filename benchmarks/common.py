@@ -1,5 +1,6 @@
 """Shared benchmark helpers: the command-line options every benchmark has, timing (warm-up + median), random
-inputs and cotangents, copy bandwidth, compiled memory, and the JSON results writer.
+inputs and cotangents, copy bandwidth, compiled memory, training throughput figures, the JSON line a measuring
+subprocess prints, and the JSON results writer.
 
 Timing: each sample launches `calls` back-to-back executions of a jitted function (rotating among input sets so
 that no run reads what the previous one left in L2), blocks once, and divides; the reported time is the median
@@ -14,12 +15,16 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from fat5_jax import flops
+from fat5_jax.config import ModelConfig
 
 
 def parse_args(parser: argparse.ArgumentParser, name: str,
@@ -91,6 +96,27 @@ def compiled_memory(fn: Callable, *args) -> dict[str, int]:
   analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
   return {"temp_bytes": int(analysis.temp_size_in_bytes), "output_bytes": int(analysis.output_size_in_bytes),
           "argument_bytes": int(analysis.argument_size_in_bytes)}
+
+
+def training_throughput(rows_per_s: float, model: ModelConfig, encoder_length: int, decoder_length: int,
+                        peak: float | None) -> dict[str, float | None]:
+  """Encoder tokens/s, TFLOP/s and MFU against `peak` FLOP/s (None: no MFU) of `rows_per_s` training rows of these
+  lengths for `model`. Model FLOPs (`fat5_jax.flops`): what remat recomputes is not counted, so policies and
+  implementations are compared on the same work."""
+  tflops = rows_per_s * flops.training_flops_per_row(model, encoder_length, decoder_length) / 1e12
+  return {"encoder_tokens_per_s": rows_per_s * encoder_length, "tflops_per_s": tflops,
+          "mfu": tflops * 1e12 / peak if peak else None}
+
+
+def json_line_of(command: Sequence[str], **kwargs) -> dict[str, Any]:
+  """Runs `command` (subprocess.run's `kwargs`) and returns the last JSON object it printed on a line of its own,
+  or {"error": its last line of stderr} when it printed none (a process killed by a CUDA fault cannot report)."""
+  run = subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
+  printed = [line for line in run.stdout.splitlines() if line.startswith("{")]
+  if printed:
+    return json.loads(printed[-1])
+  stderr = run.stderr.strip().splitlines()
+  return {"error": stderr[-1][:500] if stderr else f"exited with {run.returncode}, printing nothing"}
 
 
 def environment() -> dict[str, str]:

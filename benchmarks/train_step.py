@@ -1,4 +1,4 @@
-"""Training throughput of small_fr on one GPU, against FAT5's own PyTorch step measured on the same GPU model.
+"""Training throughput of small_fr on one GPU, against FAT5's own PyTorch step measured in the same run.
 
 Each variant runs the public `fat5_jax.train.Trainer` on full 512-token encoder and decoder rows (FAT5 pads its
 decoder to 512 too), 128 rows per micro-batch, bf16 parameters with Kahan-compensated AdamWScale: the small_fr
@@ -12,7 +12,12 @@ memory analysis of its compiled step (scratch; and arguments + outputs + scratch
 and `peak_memory_gib`, the device's peak since the process started: give the policies from least to most memory
 (full,block,attention,none) and each run's peak is its own.
 
+`--fat5 PATH` (a checkout of catie-aq/flashT5, never committed here) measures FAT5's own PyTorch step first
+(`fat5_peer.py`: its Triton kernels, bf16 autocast, AdamWScale) on the same rows, rows x accum in one step, and each
+of our runs gets `vs_fat5`, its rows/s over FAT5's from this run.
+
   python -m benchmarks.train_step [--steps 10] [--variants flash/auto,cudnn/auto,xla/xla] [--remat none,block]
+                                  [--fat5 PATH]
 """
 
 from __future__ import annotations
@@ -20,20 +25,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, fat5_peer
 from configs import small_fr
 from fat5_jax import config as config_lib, flops, sharding
 from fat5_jax.train import Trainer
-
-# FAT5's own PyTorch training step (its Triton kernels, bf16 autocast, AdamWScale; 128 rows of 512 + 512 tokens),
-# measured on the H200 on 2026-11-29: 0.2748 s = 466 rows/s (a second run: 464). On the H100 (2026-11-22) it ran
-# 0.284 s = 451 rows/s. vs_fat5 compares with this figure, so it holds for runs on the H200.
-FAT5_ROWS_PER_S = 466.0
 
 
 def full_rows(rows: int, encoder_length: int, decoder_length: int, vocab: int, seed: int) -> dict:
@@ -49,12 +50,12 @@ def full_rows(rows: int, encoder_length: int, decoder_length: int, vocab: int, s
 
 
 def build(values: ml_collections.ConfigDict, *, rows: int, accum: int, encoder_length: int = 512,
-          decoder_length: int = 512) -> tuple[config_lib.Config, Trainer, dict, list[dict]]:
+          decoder_length: int = 512, devices=None) -> tuple[config_lib.Config, Trainer, dict, list[dict]]:
   """The step measured here, for the config `values`: (config, trainer, fresh state, two batches of full rows on the
-  device), `accum` micro-batches of `rows` rows per step."""
+  device), `accum` micro-batches of `rows` rows per step, on `devices` (default all) meshed as `values.train` says."""
   values.train.update(batch_size=rows, grad_accum_steps=accum)
   config = config_lib.from_config_dict(values)
-  trainer = Trainer(config, sharding.make_mesh(config.train))
+  trainer = Trainer(config, sharding.make_mesh(config.train, devices))
   batches = [trainer.put_batch(full_rows(rows * accum, encoder_length, decoder_length, config.model.vocab_size, seed),
                                micro_batches=accum) for seed in range(2)]
   return config, trainer, trainer.init_state(), batches
@@ -62,12 +63,14 @@ def build(values: ml_collections.ConfigDict, *, rows: int, accum: int, encoder_l
 
 def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, steps: int,
             values: ml_collections.ConfigDict | None = None, encoder_length: int = 512,
-            decoder_length: int = 512) -> dict:
-  """The step's median time and throughput for `values` (default small_fr) on full rows of these lengths."""
+            decoder_length: int = 512, devices=None, inspect: Callable[[Any], dict] | None = None) -> dict:
+  """The step's median time and throughput for `values` (default small_fr) on full rows of these lengths, on
+  `devices` (default all); `inspect(compiled_step)` adds its entries to the result (scaling.py: the collectives).
+  MFU is against the peak of all the devices, `peak_memory_gib` the fullest device's."""
   values = values or small_fr.get_config()
   values.model.update(attention_impl=attention_impl, kernel_backend=kernel_backend)
   config, trainer, state, batches = build(values, rows=rows, accum=accum, encoder_length=encoder_length,
-                                          decoder_length=decoder_length)
+                                          decoder_length=decoder_length, devices=devices)
   train_step = trainer.train_step.lower(state, batches[0]).compile()  # compiled once, for its memory analysis too
   analysis = train_step.memory_analysis()
   for i in range(3):  # warm up
@@ -81,32 +84,33 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
     times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   rows_per_s = rows * accum / step_s
-  # Model FLOPs: what remat recomputes is not counted, so policies are compared on the same work.
-  tflops = rows_per_s * flops.training_flops_per_row(config.model, encoder_length, decoder_length) / 1e12
-  peak = flops.peak_flops(jax.devices()[0])
-  memory = jax.devices()[0].memory_stats() or {}
+  mesh_devices = list(trainer.mesh.devices.flat)
+  chip_peak = flops.peak_flops(mesh_devices[0])
+  peak_bytes = max((device.memory_stats() or {}).get("peak_bytes_in_use", 0) for device in mesh_devices)
   compiled_total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
                     - analysis.alias_size_in_bytes)
   return {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "remat": config.train.remat,
           "rows": rows, "grad_accum_steps": accum, "encoder_length": encoder_length, "decoder_length": decoder_length,
           "step_s": step_s, "step_s_spread": [min(times), max(times)], "rows_per_s": rows_per_s,
-          "encoder_tokens_per_s": rows_per_s * encoder_length, "tflops_per_s": tflops,
-          "mfu": tflops * 1e12 / peak if peak else None, "vs_fat5": rows_per_s / FAT5_ROWS_PER_S,
-          "peak_memory_gib": memory.get("peak_bytes_in_use", 0) / 2 ** 30,
+          **common.training_throughput(rows_per_s, config.model, encoder_length, decoder_length,
+                                       chip_peak and chip_peak * len(mesh_devices)),
+          "peak_memory_gib": peak_bytes / 2 ** 30,
           "compiled_temp_gib": analysis.temp_size_in_bytes / 2 ** 30, "compiled_total_gib": compiled_total / 2 ** 30,
-          "loss": float(metrics["loss"])}
+          "loss": float(metrics["loss"]), **(inspect(train_step) if inspect else {})}
 
 
 def plot(results: dict, path: str):
-  """Rows/s of each measured variant beside FAT5's PyTorch step on the same GPU model."""
+  """Rows/s of each measured variant beside FAT5's PyTorch step when the run measured it."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   measured = [r for r in results["results"] if "error" not in r]
   lengths = (measured[0].get("encoder_length", 512), measured[0].get("decoder_length", 512))
-  # FAT5's figure is for rows of 512 + 512 tokens only.
-  bars = [("FAT5 (PyTorch, Triton kernels)", results["fat5_reference_rows_per_s"])] if lengths == (512, 512) else []
+  fat5 = results.get("fat5", {}).get("rows_per_s")
+  if fat5 is None and lengths == (512, 512):  # results written before --fat5 hold an earlier run's 512 + 512 figure
+    fat5 = results.get("fat5_reference_rows_per_s")
+  bars = [("FAT5 (PyTorch, Triton kernels)", fat5)] if fat5 is not None else []
   # Results written before model.kernel_impl became model.kernel_backend name it kernel_impl.
   bars += [(f"ours: attention {r['attention_impl']}, kernels {r.get('kernel_backend', r.get('kernel_impl'))}"
             + (f", remat {r['remat']}" if r.get("remat", "none") != "none" else ""), r["rows_per_s"])
@@ -136,10 +140,17 @@ def main():
                            "with every variant; least memory first, so that each run's peak_memory_gib is its own")
   parser.add_argument("--encoder-length", type=int, default=512)
   parser.add_argument("--decoder-length", type=int, default=512)
+  parser.add_argument("--fat5", metavar="PATH", help="checkout of catie-aq/flashT5: measure its step on these rows "
+                                                     "first, and each of ours against it")
   args = common.parse_args(parser, "train_step", plot)
   if args is None:
     return
-  results = {"fat5_reference_rows_per_s": FAT5_ROWS_PER_S, "results": []}
+  results = {"results": []}
+  if args.fat5:  # before any JAX work: JAX takes most of the GPU's memory at its first use
+    results["fat5"] = fat5_peer.measure(args.fat5, rows=args.rows * args.accum, encoder_length=args.encoder_length,
+                                        decoder_length=args.decoder_length, steps=args.steps)
+    print("FAT5:", results["fat5"], flush=True)
+  fat5_rows_per_s = results.get("fat5", {}).get("rows_per_s")
   for variant in args.variants.split(","):
     attention_impl, kernel_backend = variant.split("/")
     for remat in args.remat.split(","):
@@ -151,11 +162,14 @@ def main():
       except Exception as error:  # e.g. out of memory for a materialized baseline: record it and go on
         row = {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "remat": remat,
                "error": repr(error)[:500]}
+      if fat5_rows_per_s and "error" not in row:
+        row["vs_fat5"] = row["rows_per_s"] / fat5_rows_per_s
       results["results"].append(row)
       print(row, flush=True)
       # Written after every run, so a run cut short keeps what it measured.
       common.write_results(args.out, results)
-  common.print_table([r for r in results["results"] if "error" not in r],
+  fat5_row = [{"attention_impl": "FAT5 (PyTorch)", **results["fat5"]}] if fat5_rows_per_s else []
+  common.print_table(fat5_row + [r for r in results["results"] if "error" not in r],
                      ["attention_impl", "kernel_backend", "remat", "step_s", "rows_per_s", "tflops_per_s", "mfu",
                       "vs_fat5", "peak_memory_gib", "compiled_total_gib"])
   plot({"environment": common.environment(), **results}, args.plot)

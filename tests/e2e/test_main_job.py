@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from fat5_jax.train.local_job import last_value_per_step, saved_steps
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # tiny_fr made smaller still, so that each run takes seconds.
@@ -48,22 +50,6 @@ def wait_for_checkpoint(workdir, step, process, timeout=300):
     assert process.poll() is None, f"the run ended before checkpoint {step}: {process.stderr.read()[-3000:]}"
     assert time.time() < deadline, f"no checkpoint {step} after {timeout} s"
     time.sleep(0.05)
-
-
-def last_value_per_step(workdir, split="train", key="loss"):
-  values = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if record["split"] == split:
-        values[record["step"]] = record[key]
-  return values
-
-
-def saved_steps(workdir):
-  """Completed steps (a killed save leaves a `N.orbax-checkpoint-tmp` directory, which does not count)."""
-  names = os.listdir(os.path.join(workdir, "checkpoints"))
-  return sorted(int(name) for name in names if name.isdigit())
 
 
 @pytest.fixture(scope="module")
