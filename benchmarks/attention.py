@@ -14,6 +14,10 @@ Methods, all measured in one run on the same random inputs (bf16, B x S x H x D)
 - ours_t5_packed[_positions]: ours on rows packed with 4 segments, without / with per-segment positions (same
                   result; TFLOP/s counted as for unpacked rows; with positions only Pallas runs), only when named
                   in --methods
+- ours_t5_documents: ours on rows packed with documents of 64 to 1,024 tokens (seeded, the same in every row),
+                  ours_t5_one_segment: the same kernels on rows that are one segment (segment ids, nothing to
+                  skip): the cost of packed rows without tile skipping. Only when named in --methods; TFLOP/s
+                  counted as for unpacked rows, and `tiles_run` records the fraction of tiles the ranges keep.
 
 Forward and forward+backward (jax.vjp with a random cotangent; gradients of q, k, v and the table). Times are
 `common.time_ms` medians over three input sets in rotation. TFLOP/s: forward 4*B*S^2*H*D (halved when causal),
@@ -33,9 +37,11 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import common
-from pallas_kernels.attention import BlockSizes, flash_attention, reference
+from pallas_kernels.attention import BlockSizes, default_block_sizes, flash_attention, reference
+from pallas_kernels.attention.config import segment_block_ranges
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 METHODS = ("ours_t5", "ours_t5_pallas", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none")
@@ -77,11 +83,31 @@ def methods(causal, block_sizes=None):
     extra = dict(q_positions=index % (seq_len // 4), kv_positions=index % (seq_len // 4)) if with_positions else {}
     return dict(q_segment_ids=ids, kv_segment_ids=ids, **extra)
 
+  def segments(q, ids):
+    ids = jnp.broadcast_to(ids, q.shape[:2])
+    return dict(q_segment_ids=ids, kv_segment_ids=ids)
+
   return dict(
       ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, backend="pallas"), ours_none=ours_none,
       xla_t5=xla_t5, cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none,
       ours_t5_packed=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, False)),
-      ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, backend="pallas", **packed(q, True)))
+      ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, backend="pallas", **packed(q, True)),
+      ours_t5_documents=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, document_ids(q.shape[1]))),
+      ours_t5_one_segment=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, jnp.ones(q.shape[1], jnp.int32))))
+
+
+def document_ids(seq_len, seed=0):
+  """Segment ids of a row packed with documents of 64 to 1,024 tokens, the last one cut at the row's end."""
+  sizes = np.random.default_rng(seed).integers(64, 1025, seq_len // 64 + 1)
+  return jnp.asarray(np.repeat(np.arange(1, len(sizes) + 1), sizes)[:seq_len], jnp.int32)
+
+
+def tiles_run(seq_len, blocks):
+  """The fraction of the forward's tiles that packed documents keep (segment_block_ranges)."""
+  ids = document_ids(seq_len)[None]
+  kv_range, _ = segment_block_ranges(ids, ids, blocks.block_q, blocks.block_k)
+  return float(jnp.sum(kv_range[..., 1] - kv_range[..., 0]) / ((seq_len // blocks.block_q) *
+                                                                (seq_len // blocks.block_k)))
 
 
 def make_inputs(key, batch, seq_len, heads, head_dim, sets=3):
@@ -121,6 +147,8 @@ def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=Non
     if name not in names:
       continue
     row = dict(method=name, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq_len, causal=causal)
+    if name == "ours_t5_documents":
+      row["tiles_run"] = tiles_run(seq_len, block_sizes or default_block_sizes(head_dim, interpret=False))
     for mode, f, flops in (("fwd", fn, flops_fwd), ("fwd_bwd", fwd_bwd(fn), 3.5 * flops_fwd)):
       try:
         t = common.time_ms(jax.jit(f), [_args(s, mode) for s in sets])

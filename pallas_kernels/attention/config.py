@@ -73,6 +73,31 @@ def kernel_inputs(cfg: Config, table, slopes, bq: int, bk: int) -> tuple[Optiona
   return t5, slopes2
 
 
+def segment_block_ranges(q_seg, kv_seg, block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
+  """The tiles packed rows need: ([B, Sq / block_q, 2] int32, for each q block the kv blocks [first, end) that may
+  hold a key visible to one of its queries; [B, Sk / block_k, 2], for each kv block the q blocks likewise).
+
+  A query sees only keys of its own nonzero segment, so a q block and a kv block whose ranges of nonzero ids do not
+  intersect share no visible pair, and the kernels skip that tile. Packed rows have non-decreasing ids (then
+  padding): the tiles kept are about the sum of the squares of the segments, not the square of the row. Blocks
+  between first and end that see nothing are still run, masked as usual, so any ids stay correct."""
+  def id_ranges(ids, block):  # [B, blocks]: lowest and highest nonzero id (empty blocks: max int, 0)
+    ids = ids.reshape(ids.shape[0], -1, block)
+    real = ids > 0
+    return jnp.where(real, ids, jnp.iinfo(jnp.int32).max).min(-1), jnp.where(real, ids, 0).max(-1)
+
+  def spans(share):  # [first, end) of the True entries along the last axis, (0, 0) if none
+    first = jnp.argmax(share, -1)
+    end = share.shape[-1] - jnp.argmax(share[..., ::-1], -1)
+    found = share.any(-1)
+    return jnp.stack([jnp.where(found, first, 0), jnp.where(found, end, 0)], -1).astype(jnp.int32)
+
+  q_low, q_high = id_ranges(q_seg, block_q)
+  k_low, k_high = id_ranges(kv_seg, block_k)
+  share = (q_low[:, :, None] <= k_high[:, None, :]) & (k_low[:, None, :] <= q_high[:, :, None])  # [B, nq, nk]
+  return spans(share), spans(share.swapaxes(1, 2))
+
+
 def validate(q, k, v, rpe_table, alibi_slopes, bias, q_segment_ids, kv_segment_ids, q_positions,
              kv_positions) -> None:
   """The shapes attention takes, kernels or reference (the kernels also restrict head_dim to HEAD_DIMS)."""

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from pallas_kernels import common
 from pallas_kernels.attention.buckets import band_shifts
-from pallas_kernels.attention.config import Config
+from pallas_kernels.attention.config import Config, segment_block_ranges
 
 _MASK = tl.constexpr(common.MASK)
 _LOG2E = tl.constexpr(common.LOG2E)
@@ -102,12 +102,19 @@ def _kv_blocks(q_start, KV_LEN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl
 
 
 @triton.jit
-def _kv_band(q_start, hi, BLOCK_K: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
+def _kv_band(q_start, lo, hi, BLOCK_K: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
              BAND_COUNT: tl.constexpr):
-  """kv blocks [lo, hi) of the T5 band for the q block at q_start (pallas._kv_band), clipped to `hi`."""
+  """kv blocks [band_lo, band_hi) of the T5 band for the q block at q_start (pallas._kv_band), within [lo, hi)."""
   band_last: tl.constexpr = BAND_FIRST + (BAND_COUNT - 1) * BAND_STEP
-  band_lo = tl.minimum(tl.maximum(tl.cdiv(q_start + BAND_FIRST, BLOCK_K), 0), hi)  # cdiv truncates: clamp
-  return band_lo, tl.minimum((q_start + band_last) // BLOCK_K + 1, hi)
+  band_lo = tl.minimum(tl.maximum(tl.cdiv(q_start + BAND_FIRST, BLOCK_K), lo), hi)  # cdiv truncates: clamp
+  return band_lo, tl.maximum(tl.minimum((q_start + band_last) // BLOCK_K + 1, hi), band_lo)
+
+
+@triton.jit
+def _segment_blocks(range_ptr, lo, hi):
+  """[lo, hi) narrowed to the blocks of `segment_block_ranges` at range_ptr: those that can share a segment."""
+  hi = tl.minimum(hi, tl.load(range_ptr + 1))
+  return tl.minimum(tl.maximum(lo, tl.load(range_ptr)), hi), hi
 
 
 @triton.jit
@@ -203,7 +210,8 @@ def _fwd_region(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_p
 
 
 @triton.jit
-def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, band_ptr, ends_ptr, q_seg_ptr, kv_seg_ptr, o_ptr, lse_ptr,
+def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, band_ptr, ends_ptr, q_seg_ptr, kv_seg_ptr, kv_range_ptr, o_ptr,
+                          lse_ptr,
                           Q_LEN: tl.constexpr, KV_LEN: tl.constexpr, HEADS: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                           SCALE2: tl.constexpr, T5: tl.constexpr, CAUSAL: tl.constexpr,
@@ -225,14 +233,17 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, band_ptr, ends_ptr, q_seg_ptr, kv
   acc = tl.zeros((BLOCK_Q, HEAD_DIM), tl.float32)
   m_i = tl.full((BLOCK_Q,), _MASK, tl.float32)
   l_i = tl.zeros((BLOCK_Q,), tl.float32)
+  lo = 0
   hi, first_masked = _kv_blocks(q_start, KV_LEN, BLOCK_Q, BLOCK_K, CAUSAL)
-  band_lo, band_hi = _kv_band(q_start, hi, BLOCK_K, BAND_FIRST, BAND_STEP, BAND_COUNT)
+  if HAS_SEGMENTS:
+    lo, hi = _segment_blocks(kv_range_ptr + (batch * (Q_LEN // BLOCK_Q) + q_block) * 2, lo, hi)
+  band_lo, band_hi = _kv_band(q_start, lo, hi, BLOCK_K, BAND_FIRST, BAND_STEP, BAND_COUNT)
   bias_ptr = band_ptr + head * BAND_COUNT * BLOCK_Q * BLOCK_K
   for region in tl.static_range(_FAR_LEFT if T5 else _NO_BIAS, _FAR_RIGHT + 1 if T5 else _NO_BIAS + 1):
-    lo, end = _region_blocks(0, hi, band_lo, band_hi, REGION=region, KV_LOOP=True)
+    start, end = _region_blocks(lo, hi, band_lo, band_hi, REGION=region, KV_LOOP=True)
     acc, m_i, l_i = _fwd_region(
         acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr,
-        _far_bias(ends_ptr + 2 * head, REGION=region), q_start, lo, end,
+        _far_bias(ends_ptr + 2 * head, REGION=region), q_start, start, end,
         first_masked, REGION=region, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2,
         ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST,
         BAND_STEP=BAND_STEP, PRECISION=PRECISION)
@@ -328,7 +339,7 @@ def _dq_region(dq, buckets, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_se
 
 @triton.jit
 def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_ptr, ends_ptr, lut_ptr, q_seg_ptr,
-                         kv_seg_ptr, dq_ptr, dtable_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
+                         kv_seg_ptr, kv_range_ptr, dq_ptr, dtable_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
                          HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
                          BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SCALE2: tl.constexpr, T5: tl.constexpr,
                          CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, BAND_FIRST: tl.constexpr,
@@ -352,14 +363,17 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_p
 
   dq = tl.zeros((BLOCK_Q, HEAD_DIM), tl.float32)
   buckets = tl.zeros((NUM_BUCKETS_PADDED,), tl.float32)
+  lo = 0
   hi, first_masked = _kv_blocks(q_start, KV_LEN, BLOCK_Q, BLOCK_K, CAUSAL)
-  band_lo, band_hi = _kv_band(q_start, hi, BLOCK_K, BAND_FIRST, BAND_STEP, BAND_COUNT)
+  if HAS_SEGMENTS:
+    lo, hi = _segment_blocks(kv_range_ptr + (batch * (Q_LEN // BLOCK_Q) + q_block) * 2, lo, hi)
+  band_lo, band_hi = _kv_band(q_start, lo, hi, BLOCK_K, BAND_FIRST, BAND_STEP, BAND_COUNT)
   bias_ptr = band_ptr + head * BAND_COUNT * BLOCK_Q * BLOCK_K
   for region in tl.static_range(_FAR_LEFT if T5 else _NO_BIAS, _FAR_RIGHT + 1 if T5 else _NO_BIAS + 1):
-    lo, end = _region_blocks(0, hi, band_lo, band_hi, REGION=region, KV_LOOP=True)
+    start, end = _region_blocks(lo, hi, band_lo, band_hi, REGION=region, KV_LOOP=True)
     dq, buckets, far_sum = _dq_region(
         dq, buckets, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, lut_ptr,
-        _far_bias(ends_ptr + 2 * head, REGION=region), q_start, lo, end,
+        _far_bias(ends_ptr + 2 * head, REGION=region), q_start, start, end,
         first_masked, REGION=region, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2,
         ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST,
         BAND_STEP=BAND_STEP, NUM_BUCKETS_PADDED=NUM_BUCKETS_PADDED, MAX_DISTANCE=MAX_DISTANCE,
@@ -428,7 +442,7 @@ def _dkv_region(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q
 
 @triton.jit
 def _attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_ptr, ends_ptr, q_seg_ptr,
-                          kv_seg_ptr, dk_ptr, dv_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
+                          kv_seg_ptr, q_range_ptr, dk_ptr, dv_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
                           HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
                           BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SCALE2: tl.constexpr, T5: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, BAND_FIRST: tl.constexpr,
@@ -456,6 +470,8 @@ def _attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_
   if CAUSAL:  # q blocks before cdiv(k_start + BLOCK_K - 1, BLOCK_Q) hold a query before some key of the block
     lo = k_start // BLOCK_Q
     first_unmasked = tl.cdiv(k_start + BLOCK_K - 1, BLOCK_Q)
+  if HAS_SEGMENTS:
+    lo, hi = _segment_blocks(q_range_ptr + (batch * (KV_LEN // BLOCK_K) + kv_block) * 2, lo, hi)
   # Walking q blocks, the band's keys lie after the queries of later blocks: far right comes first.
   band_lo, band_hi = _q_band(k_start, lo, hi, BLOCK_Q, BAND_FIRST, BAND_STEP, BAND_COUNT)
   bias_ptr = band_ptr + head * BAND_COUNT * BLOCK_Q * BLOCK_K
@@ -484,8 +500,11 @@ def _arguments(cfg: Config, q, k, t5, q_seg, kv_seg, bq: int, bk: int):
   else:  # the far biases [H, 2]: the vector's two ends
     band, ends = t5.band, t5.vector[:, jnp.array([0, 2 * cfg.max_distance])]
     first, step, count = band_shifts(cfg.max_distance, bq, bk)
+  kv_range = q_range = placeholder
+  if q_seg is not None:
+    kv_range, q_range = segment_block_ranges(q_seg, kv_seg, bq, bk)
   arrays = dict(band=band, ends=ends, q_seg=placeholder if q_seg is None else q_seg,
-                kv_seg=placeholder if kv_seg is None else kv_seg)
+                kv_seg=placeholder if kv_seg is None else kv_seg, kv_range=kv_range, q_range=q_range)
   constants = dict(Q_LEN=q.shape[1], KV_LEN=k.shape[1], HEADS=q.shape[2], HEAD_DIM=q.shape[3], BLOCK_Q=bq,
                    BLOCK_K=bk, SCALE2=cfg.scale * common.LOG2E, T5=t5 is not None, CAUSAL=cfg.causal,
                    HAS_SEGMENTS=q_seg is not None, BAND_FIRST=first, BAND_STEP=step, BAND_COUNT=count,
@@ -501,7 +520,7 @@ def forward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_po
   blocks = cfg.blocks
   a, constants = _arguments(cfg, q, k, t5, q_seg, kv_seg, blocks.block_q, blocks.block_k)
   return common.triton_call(
-      q, k, v, a["band"], a["ends"], a["q_seg"], a["kv_seg"], kernel=_attention_fwd_kernel,
+      q, k, v, a["band"], a["ends"], a["q_seg"], a["kv_seg"], a["kv_range"], kernel=_attention_fwd_kernel,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
       grid=(q_len // blocks.block_q, batch * heads), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
       interpret=cfg.interpret, **constants)
@@ -522,14 +541,15 @@ def backward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_p
   dtable_shape = (batch, heads, q_len // bq, cfg.buckets_padded) if t5_bias else (1,)
   dq, dtable = common.triton_call(
       q, k, v, dout, lse2, delta, a["band"], a["ends"], jnp.asarray(cfg.lut()) if t5_bias else a["ends"],
-      a["q_seg"], a["kv_seg"], kernel=_attention_dq_kernel,
+      a["q_seg"], a["kv_seg"], a["kv_range"], kernel=_attention_dq_kernel,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(dtable_shape, jnp.float32)],
       grid=(q_len // bq, batch * heads), NUM_BUCKETS_PADDED=cfg.buckets_padded if t5_bias else 1,
       MAX_DISTANCE=cfg.max_distance, LEFT_BUCKET=left_bucket, RIGHT_BUCKET=right_bucket, **launch)
   if t5_bias:  # [H, count * bq, bk] -> [H, count * bk, bq]: the dk/dv kernel's [keys, queries] tiles
     a["band"] = a["band"].reshape(heads, -1, bq, bk).swapaxes(2, 3).reshape(heads, -1, bq)
   dk, dv = common.triton_call(
-      q, k, v, dout, lse2, delta, a["band"], a["ends"], a["q_seg"], a["kv_seg"], kernel=_attention_dkv_kernel,
+      q, k, v, dout, lse2, delta, a["band"], a["ends"], a["q_seg"], a["kv_seg"], a["q_range"],
+      kernel=_attention_dkv_kernel,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       grid=(k.shape[1] // bk, batch * heads), **launch)
   return dq, dk, dv, dtable if t5_bias else None

@@ -17,6 +17,7 @@ import pytest
 from pallas_kernels.attention import (HEAD_DIMS, BlockSizes, default_block_sizes, flash_attention,
                                       relative_position_bucket, triton_supports)
 from pallas_kernels.attention import reference, tuning
+from pallas_kernels.attention.config import segment_block_ranges
 from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
 
 # float32 in the interpreters is exact up to rounding; the GPU's float32 dots run in tf32.
@@ -37,13 +38,14 @@ def test_relative_position_bucket_matches_hugging_face(bidirectional, num_bucket
   np.testing.assert_array_equal(np.asarray(got), expected.numpy())
 
 
-def _packed_ids(rng, batch, length):
-  """Segment ids 1, 2, ... of random lengths followed by padding (0), and per-segment positions."""
+def _packed_ids(rng, batch, length, longest=None):
+  """Segment ids 1, 2, ... of random lengths (1 to `longest`, default length / 2) followed by padding (0), and
+  per-segment positions."""
   ids, positions = np.zeros((batch, length), np.int32), np.zeros((batch, length), np.int32)
   for row in range(batch):
     start, segment = 0, 1
     while start < length - length // 5:  # leave a padded tail
-      size = int(rng.integers(1, length // 2))
+      size = int(rng.integers(1, longest or length // 2))
       end = min(start + size, length - length // 5)
       ids[row, start:end], positions[row, start:end] = segment, np.arange(end - start)
       start, segment = end, segment + 1
@@ -66,6 +68,8 @@ CASES = {
     "t5_head_dim_128": (1, 2, 150, 150, 128, False, "t5", False, dict(rpe_max_distance=40)),
     "t5_packed": (2, 2, 200, 200, 32, False, "t5", True, dict(rpe_max_distance=24)),
     "t5_packed_causal": (2, 1, 160, 160, 32, True, "t5", True, dict(rpe_bidirectional=False, rpe_max_distance=24)),
+    # Segments of at most 20 tokens in 32-token blocks: most tiles share no segment and are skipped.
+    "t5_packed_short": (2, 2, 250, 250, 32, False, "t5", 20, dict(rpe_max_distance=24)),
     "t5_cross": (2, 1, 70, 150, 32, False, "t5", False, dict(rpe_max_distance=20)),
     "cross": (2, 2, 90, 200, 64, False, None, True, {}),
     "alibi_symmetric_causal": (2, 2, 100, 100, 32, True, "alibi1", False, {}),
@@ -97,7 +101,7 @@ def _inputs(seed, case):
   elif bias_kind == "full_b":
     bias = ("bias", jax.random.normal(keys[3], (batch, 1, q_len, kv_len)))
   if segments:
-    q_ids, q_pos = _packed_ids(rng, batch, q_len)
+    q_ids, q_pos = _packed_ids(rng, batch, q_len, longest=None if segments is True else segments)
     if q_len == kv_len:
       kv_ids, kv_pos = q_ids, q_pos
     else:
@@ -293,6 +297,34 @@ def test_triton_supports():
   assert not triton_supports(alibi_slopes=slopes)
   assert not triton_supports(bias=jnp.ones((1, 1, 16, 16)))
   assert not triton_supports(q_positions=positions)
+
+
+@pytest.mark.parametrize("layout", ["packed", "random"])
+def test_segment_block_ranges_cover_every_visible_tile_and_skip_the_rest_of_packed_rows(layout):
+  """Every tile holding a visible pair (same nonzero segment) lies in its block's range; on packed rows (ids in
+  order, then padding) the ranges are exactly the span of those tiles, so the kernels skip all the others."""
+  rng = np.random.default_rng(0)
+  bq, bk, q_len, kv_len = 32, 16, 256, 192
+  if layout == "packed":
+    q_ids = _packed_ids(rng, 3, q_len, longest=40)[0]
+    kv_ids = _packed_ids(rng, 3, kv_len, longest=40)[0]
+  else:  # ids in any order, zeros anywhere: ranges stay correct, if wider
+    q_ids, kv_ids = (jnp.asarray(rng.integers(0, 6, (3, n)), jnp.int32) for n in (q_len, kv_len))
+  kv_range, q_range = segment_block_ranges(q_ids, kv_ids, bq, bk)
+  q_ids, kv_ids = np.asarray(q_ids), np.asarray(kv_ids)
+  visible = (q_ids[:, :, None] == kv_ids[:, None, :]) & (kv_ids[:, None, :] != 0)
+  tiles = visible.reshape(3, q_len // bq, bq, kv_len // bk, bk).any(axis=(2, 4))  # [B, q blocks, kv blocks]
+  for ranges, seen in ((np.asarray(kv_range), tiles), (np.asarray(q_range), tiles.swapaxes(1, 2))):
+    blocks = np.arange(seen.shape[2])
+    inside = (ranges[..., :1] <= blocks) & (blocks < ranges[..., 1:])
+    assert not (seen & ~inside).any()
+    if layout == "packed":
+      first = np.where(seen.any(-1), seen.argmax(-1), 0)
+      end = np.where(seen.any(-1), seen.shape[2] - seen[..., ::-1].argmax(-1), 0)
+      np.testing.assert_array_equal(ranges, np.stack([first, end], -1))
+      assert inside.mean() < 0.4  # most tiles skipped
+  if layout == "random":
+    assert (np.asarray(kv_range) == [0, kv_len // bk]).all()  # every block holds every id: nothing skipped
 
 
 def test_reference_bias_and_mask_shapes():
