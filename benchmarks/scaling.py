@@ -13,9 +13,9 @@ its devices' memory peaks are its own. Reported per run:
     gather activations rather than parameters (a dimension of rows or tokens, and not a parameter's size): expected
     empty, since every device computes on its own rows (docs/training.md, "The mesh").
 
-  python -m benchmarks.scaling --devices 1,2 --out OUT/scaling.json --plot OUT/scaling.png   # 2 GPUs: ~3 min
+  python -m benchmarks.scaling --devices 1,2 --out OUT/scaling.json --plot OUT/scaling.png   # 2 GPUs: ~4 min
   XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \\
-    python -m benchmarks.scaling --tiny --devices 1,2 --out /tmp/scaling.json --plot /tmp/scaling.png  # ~30 s
+    python -m benchmarks.scaling --tiny --devices 1,2,4 --out /tmp/scaling.json --plot /tmp/scaling.png  # ~1 min
 """
 
 from __future__ import annotations
@@ -79,15 +79,15 @@ def collectives(hlo: str, *, parameter_sizes: set[int], batch_dimensions: set[in
 
 
 def run_one(devices: int, mesh: str, args) -> dict:
-  """The step on the first `devices` devices, meshed `mesh` (data or fsdp): train_step.measure's result, with the
-  collectives of the compiled step."""
+  """The step on the first `devices` devices, meshed `mesh` (data, fsdp, or for one device "one device"):
+  train_step.measure's result, with the collectives of the compiled step."""
   import jax
 
   values = (tiny_fr if args.tiny else small_fr).get_config()
-  data, fsdp = (devices, 1) if mesh == "data" else (1, devices)
+  data, fsdp = (1, devices) if mesh == "fsdp" else (devices, 1)
   values.train.update(mesh_data=data, mesh_fsdp=fsdp)
   encoder_length, decoder_length = TINY_LENGTHS if args.tiny else (512, 512)
-  rows_each = args.rows_per_device or (TINY_ROWS_PER_DEVICE if args.tiny else 128)
+  rows_each = args.rows_per_device
   rows = rows_each * devices
   batch_dimensions = {rows_each, rows, encoder_length, decoder_length, rows_each * encoder_length,
                       rows_each * decoder_length, rows * encoder_length, rows * decoder_length}
@@ -100,15 +100,14 @@ def run_one(devices: int, mesh: str, args) -> dict:
   result = train_step.measure(values.model.attention_impl, values.model.kernel_backend, rows=rows, accum=1,
                               steps=args.steps, values=values, encoder_length=encoder_length,
                               decoder_length=decoder_length, devices=jax.devices()[:devices], inspect=inspect)
-  return {"devices": devices, "mesh": mesh if devices > 1 else "one device", "mesh_data": data, "mesh_fsdp": fsdp,
-          "rows_per_device": rows_each, **result, "rows_per_s_per_device": result["rows_per_s"] / devices}
+  return {"devices": devices, "mesh": mesh, "mesh_data": data, "mesh_fsdp": fsdp, **result,
+          "rows_per_s_per_device": result["rows_per_s"] / devices}
 
 
 def measured_in_subprocess(devices: int, mesh: str, args, environment: dict) -> dict:
   """run_one in a fresh process (its own memory peaks); a failure (e.g. out of memory) is recorded, not raised."""
   command = [sys.executable, "-m", "benchmarks.scaling", "--one", f"{devices},{mesh}", "--steps", str(args.steps),
-             *(["--rows-per-device", str(args.rows_per_device)] if args.rows_per_device else []),
-             *(["--tiny"] if args.tiny else [])]
+             "--rows-per-device", str(args.rows_per_device), *(["--tiny"] if args.tiny else [])]
   out = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
   if out.returncode:
     error = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
@@ -193,6 +192,7 @@ def main():
   args = common.parse_args(parser, "scaling", plot)
   if args is None:
     return
+  args.rows_per_device = args.rows_per_device or (TINY_ROWS_PER_DEVICE if args.tiny else 128)
   if args.one:
     devices, mesh = args.one.split(",")
     print(json.dumps(run_one(int(devices), mesh, args)))
@@ -211,10 +211,9 @@ def main():
     parser.error(str(error))
   encoder_length, decoder_length = TINY_LENGTHS if args.tiny else (512, 512)
   results = {"config": "tiny_fr" if args.tiny else "small_fr", "encoder_length": encoder_length,
-             "decoder_length": decoder_length,
-             "rows_per_device": args.rows_per_device or (TINY_ROWS_PER_DEVICE if args.tiny else 128), "runs": []}
+             "decoder_length": decoder_length, "rows_per_device": args.rows_per_device, "runs": []}
   for devices in counts:
-    for mesh in meshes if devices > 1 else meshes[:1]:
+    for mesh in meshes if devices > 1 else ["one device"]:  # one device: one run, the baseline of both meshes
       run = measured_in_subprocess(devices, mesh, args, environment)
       print(json.dumps({k: v for k, v in run.items() if k != "collectives"}), flush=True)
       results["runs"] = with_ratios(results["runs"] + [run])

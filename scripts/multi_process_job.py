@@ -20,7 +20,7 @@ files, checks, commands); exits with 1 when a check fails.
 
 Default run: small_fr's architecture, kernels and optimizer, 16 rows per device per step, one decoder bucket (512) so
 that each launch compiles one training step; --tiny: tiny_fr at 64 + 32 tokens, 2 rows per device. `--config.X=Y`
-arguments go to every run.
+arguments go to every run (e.g. `--config.data.tokenizer_path=spm.model`: no tokenizer training).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import signal
 import sys
 import tempfile
 import time
+
+import jax  # its version only: this process leaves the devices to the runs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,7 +51,7 @@ RUNS = {
 TIMEOUT_S = 600  # per launch: longer is a hang (a process waiting for another)
 
 
-def relative_differences(ours: dict, reference: dict) -> dict:
+def largest_differences(ours: dict, reference: dict) -> dict:
   """Largest absolute and relative difference of `ours` from `reference` over their common steps."""
   steps = sorted(set(ours) & set(reference))
   absolute = [abs(ours[step] - reference[step]) for step in steps]
@@ -110,24 +112,26 @@ def main():
     print(f"{phase}: {wall_s[phase]:.0f} s", flush=True)
     return result
 
-  timed("one_process", lambda: local_job.run_one_process([*settings, f"--config.workdir={reference}"], devices,
-                                                         TIMEOUT_S))
-
   def preempted():
     with local_job.processes(train, devices, logs("preempted")) as launched:
       local_job.wait_for_checkpoint(workdir, args.checkpoint_every, launched, TIMEOUT_S)
       launched[1].send_signal(signal.SIGTERM)
       return local_job.finish(launched, TIMEOUT_S)
 
-  stopped = timed("preempted", preempted)
+  try:
+    timed("one_process", lambda: local_job.run_one_process([*settings, f"--config.workdir={reference}"], devices,
+                                                           TIMEOUT_S))
+    stopped = timed("preempted", preempted)
+    saved_at_stop = saved_steps(workdir)
+    timed("resumed", lambda: local_job.run_processes(train, devices, logs("resumed"), TIMEOUT_S))
+    timed("export", lambda: local_job.run_processes(export, devices, logs("export"), TIMEOUT_S))
+  except (RuntimeError, TimeoutError) as error:
+    raise SystemExit(f"{error}\n(workdirs and logs in {root})") from None
   stops = [local_job.preemption_stop_step(stderr) for _, _, stderr in stopped]
-  saved_at_stop = saved_steps(workdir)
-  timed("resumed", lambda: local_job.run_processes(train, devices, logs("resumed"), TIMEOUT_S))
-  timed("export", lambda: local_job.run_processes(export, devices, logs("export"), TIMEOUT_S))
 
   ours, theirs = last_value_per_step(workdir), last_value_per_step(reference)
   ours_eval, theirs_eval = last_value_per_step(workdir, "eval"), last_value_per_step(reference, "eval")
-  train_diff, eval_diff = relative_differences(ours, theirs), relative_differences(ours_eval, theirs_eval)
+  train_diff, eval_diff = largest_differences(ours, theirs), largest_differences(ours_eval, theirs_eval)
   weights = lambda directory: os.path.join(workdir, directory, "model.safetensors")
   checks = {
       "both_stopped_on_the_preemption_notice": all(code and stop is not None for (code, _, _), stop
@@ -140,7 +144,7 @@ def main():
       "export_matches_the_run_export": same_bytes(weights("export"), weights("hf")),
   }
   summary = {
-      "environment": {"python": platform.python_version(), "date": datetime.datetime.now(
+      "environment": {"python": platform.python_version(), "jax": jax.__version__, "date": datetime.datetime.now(
           datetime.timezone.utc).isoformat(), "command": " ".join(["python"] + sys.argv)},
       "processes": args.processes, "devices_per_process": args.cpu_devices_each or 1,
       "platform": "cpu" if args.cpu_devices_each else "gpu", "config": config, "rows_per_step": rows,

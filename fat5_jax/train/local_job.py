@@ -1,6 +1,6 @@
-"""`main.py` run as the processes of a multi-process job on this host, launched as a user launches one (docs/training.md,
-"Several GPUs, several hosts"), and what the runs leave in their workdirs. Used by scripts/multi_process_job.py and
-tests/train/test_multiprocess.py, from a checkout (main.py is not part of the package).
+"""`main.py` run as the processes of a multi-process job on this host, launched as a user launches one
+(docs/training.md, "Several GPUs, several hosts"), and what the runs leave in their workdirs. Used by
+scripts/multi_process_job.py and tests/train/test_multiprocess.py, from a checkout (main.py is not in the package).
 
 Devices: on GPUs, process i sees only the i-th GPU (CUDA_VISIBLE_DEVICES), as `srun --gpus-per-task=1` has it; on a
 CPU, each process gets simulated devices and the processes' collectives go through gloo. The reference run, one
