@@ -14,9 +14,9 @@ padding). A query that sees no key returns zeros, an lse of -inf and zero gradie
 (about 1.4x forward, 2.3x backward on packed rows): when they are per-segment aranges of contiguous segments, leave
 them out, the result is the same.
 
-Packed rows: the Triton kernels skip the tiles whose q block and kv block share no segment
-(`config.segment_block_ranges`), so a row packed with short documents costs about the sum of their squares, not the
-square of the row. The Pallas kernels run every tile.
+Packed rows: the kernels skip the tiles whose q block and kv block share no segment (`config.segment_block_ranges`),
+so a row packed with short documents costs about the sum of their squares, not the square of the row (the Pallas dq
+kernel still visits every tile of a full bias, whose gradient it writes whole).
 
 Two backends run the same algorithm: `pallas.py` (every case) and `triton.py` (raw Triton, faster on Hopper: no
 bias or the T5 bias without positions). The caller chooses (`fat5_jax.ops`); `triton_supports` says whether

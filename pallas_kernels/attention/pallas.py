@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.attention.buckets import band_shifts
-from pallas_kernels.attention.config import Config
+from pallas_kernels.attention.config import Config, segment_block_ranges
 from pallas_kernels.common import LOG2E, MASK
 
 # Loop regions of the t5 bias without positions: the kv (or q) blocks split into the tiles wholly before the band
@@ -239,6 +239,14 @@ def _kv_blocks(cfg, q_block, bq, bk, num_kv_blocks):
   return num_kv_blocks
 
 
+def _segment_blocks(cfg, range_ref, lo, hi):
+  """[lo, hi) narrowed to this program's blocks of `segment_block_ranges`: those that can share a segment."""
+  if not cfg.has_segments:
+    return lo, hi
+  hi = jnp.minimum(hi, range_ref[1])
+  return jnp.minimum(jnp.maximum(lo, range_ref[0]), hi), hi
+
+
 def _run_loops(loops, body, carry):
   for region, start, stop in loops:
     carry = lax.fori_loop(start, stop, functools.partial(body, region), carry)
@@ -249,7 +257,7 @@ def _run_loops(loops, body, carry):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, rpe_ref, slopes_ref, bias_ref, q_seg_ref, kv_seg_ref, q_pos_ref,
-                kv_pos_ref, o_ref, lse_ref, *, cfg: Config):
+                kv_pos_ref, range_ref, o_ref, lse_ref, *, cfg: Config):
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
   q_start = pl.program_id(0) * bq
   q = q_ref[...]
@@ -270,8 +278,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rpe_ref, slopes_ref, bias_ref, q_seg_ref, k
     acc = acc * correction[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return acc, m_new, l * correction + jnp.sum(p, axis=1)
 
-  hi = _kv_blocks(cfg, pl.program_id(0), bq, bk, k_ref.shape[0] // bk)
-  loops = _loops(cfg, 0, hi, *(_kv_band(cfg, q_start, bq, bk) if cfg.bias_mode == "t5" else (0, 0)),
+  lo, hi = _segment_blocks(cfg, range_ref, 0, _kv_blocks(cfg, pl.program_id(0), bq, bk, k_ref.shape[0] // bk))
+  loops = _loops(cfg, lo, hi, *(_kv_band(cfg, q_start, bq, bk) if cfg.bias_mode == "t5" else (0, 0)),
                  kv_loop=True)
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASK, jnp.float32), jnp.zeros((bq,), jnp.float32))
   acc, m, l = _run_loops(loops, body, init)
@@ -285,7 +293,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, rpe_ref, slopes_ref, bias_ref, q_seg_ref, k
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, rpe_ref, lut_ref, slopes_ref, bias_ref, q_seg_ref, kv_seg_ref, q_pos_ref,
-               kv_pos_ref, do_ref, lse_ref, delta_ref, dq_ref, *grad_refs, cfg: Config):
+               kv_pos_ref, range_ref, do_ref, lse_ref, delta_ref, dq_ref, *grad_refs, cfg: Config):
   bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
   q_start = pl.program_id(0) * bq
   q, do = q_ref[...], do_ref[...]
@@ -347,8 +355,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, rpe_ref, lut_ref, slopes_ref, bias_ref, q_se
 
   num_kv_blocks = k_ref.shape[0] // bk
   # The full-bias gradient is written tile by tile: visit every tile so hidden ones get their zeros.
-  hi = num_kv_blocks if cfg.bias_mode == "full" else _kv_blocks(cfg, pl.program_id(0), bq, bk, num_kv_blocks)
-  loops = _loops(cfg, 0, hi, *(_kv_band(cfg, q_start, bq, bk) if cfg.bias_mode == "t5" else (0, 0)),
+  lo, hi = 0, num_kv_blocks
+  if cfg.bias_mode != "full":
+    lo, hi = _segment_blocks(cfg, range_ref, lo, _kv_blocks(cfg, pl.program_id(0), bq, bk, num_kv_blocks))
+  loops = _loops(cfg, lo, hi, *(_kv_band(cfg, q_start, bq, bk) if cfg.bias_mode == "t5" else (0, 0)),
                  kv_loop=True)
   acc = jnp.zeros((nbp if cfg.bias_mode == "t5" else 2,), jnp.float32)
   dq, acc = _run_loops(loops, body, (jnp.zeros(q.shape, jnp.float32), acc))
@@ -358,7 +368,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, rpe_ref, lut_ref, slopes_ref, bias_ref, q_se
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, rpe_ref, slopes_ref, bias_ref, q_seg_ref, kv_seg_ref, q_pos_ref,
-                kv_pos_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: Config):
+                kv_pos_ref, range_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: Config):
   bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
   k_start = pl.program_id(0) * bk
   k, v = k_ref[...], v_ref[...]
@@ -377,8 +387,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, rpe_ref, slopes_ref, bias_ref, q_seg_ref, k
     dk = dk + jnp.dot(ds.astype(q.dtype).T, q, preferred_element_type=jnp.float32)
     return dk, dv
 
-  lo = lax.div(k_start, bq) if cfg.causal else 0
-  loops = _loops(cfg, lo, q_ref.shape[0] // bq,
+  lo, hi = _segment_blocks(cfg, range_ref, lax.div(k_start, bq) if cfg.causal else 0, q_ref.shape[0] // bq)
+  loops = _loops(cfg, lo, hi,
                  *(_q_band(cfg, k_start, bq, bk) if cfg.bias_mode == "t5" else (0, 0)), kv_loop=False)
   zeros = jnp.zeros(k.shape, jnp.float32)
   dk, dv = _run_loops(loops, body, (zeros, zeros))
@@ -404,6 +414,9 @@ def _specs(cfg, bq, bk, q_len, kv_len, head_dim, *, q_blocked):
   def per_batch(x):
     return None if x is None else pl.BlockSpec((None, x.shape[1]), lambda i, b, h: (b, 0))
 
+  def per_program(x):  # [B, blocks, 2]: this program's row
+    return None if x is None else pl.BlockSpec((None, None, 2), lambda i, b, h: (b, i, 0))
+
   rpe_specs = None
   if cfg.bias_mode == "t5":
     band_rows = band_shifts(cfg.max_distance, bq, bk)[2] * bq
@@ -420,7 +433,7 @@ def _specs(cfg, bq, bk, q_len, kv_len, head_dim, *, q_blocked):
       q=rows(q_len, q_blocked), kv=rows(kv_len, not q_blocked),
       rpe=rpe_specs,
       slopes=pl.BlockSpec((None, 2), lambda i, b, h: (h, 0)) if cfg.bias_mode == "alibi" else None,
-      bias=full, per_batch=per_batch)
+      bias=full, per_batch=per_batch, per_program=per_program)
 
 
 def forward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos):
@@ -430,8 +443,9 @@ def forward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_po
   kv_len = k.shape[1]
   bq = cfg.blocks.block_q
   sp = _specs(cfg, bq, cfg.blocks.block_k, q_len, kv_len, head_dim, q_blocked=True)
+  kv_range = None if q_seg is None else segment_block_ranges(q_seg, kv_seg, bq, cfg.blocks.block_k)[0]
   in_specs = [sp["q"], sp["kv"], sp["kv"], sp["rpe"], sp["slopes"], sp["bias"], sp["per_batch"](q_seg),
-              sp["per_batch"](kv_seg), sp["per_batch"](q_pos), sp["per_batch"](kv_pos)]
+              sp["per_batch"](kv_seg), sp["per_batch"](q_pos), sp["per_batch"](kv_pos), sp["per_program"](kv_range)]
   return pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg),
       grid=(q_len // bq, batch, heads),
@@ -442,7 +456,7 @@ def forward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_po
       compiler_params=plgpu.CompilerParams(num_warps=cfg.blocks.num_warps, num_stages=cfg.blocks.num_stages),
       interpret=cfg.interpret,
       name="flash_attention_fwd",
-  )(q, k, v, None if t5 is None else tuple(t5), slopes2, bias, q_seg, kv_seg, q_pos, kv_pos)
+  )(q, k, v, None if t5 is None else tuple(t5), slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, kv_range)
 
 
 def backward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2, delta):
@@ -462,6 +476,7 @@ def backward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_p
 
   sp = _specs(cfg, bq, bk, q_len, kv_len, head_dim, q_blocked=True)
   segments_and_positions = [sp["per_batch"](x) for x in (q_seg, kv_seg, q_pos, kv_pos)]
+  kv_range, q_range = (None, None) if q_seg is None else segment_block_ranges(q_seg, kv_seg, bq, bk)
   num_q_blocks = q_len // bq
   grad_shapes, grad_specs = [], []
   if cfg.bias_mode in ("t5", "alibi"):
@@ -480,20 +495,21 @@ def backward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_p
       functools.partial(_dq_kernel, cfg=cfg),
       grid=(num_q_blocks, batch, heads),
       in_specs=[sp["q"], sp["kv"], sp["kv"], sp["rpe"], lut_spec, sp["slopes"], sp["bias"],
-                *segments_and_positions, sp["q"], rows(lse2, True, bq), rows(lse2, True, bq)],
+                *segments_and_positions, sp["per_program"](kv_range), sp["q"], rows(lse2, True, bq),
+                rows(lse2, True, bq)],
       out_specs=[sp["q"], *grad_specs],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), *grad_shapes],
       compiler_params=params, interpret=cfg.interpret, name="flash_attention_dq",
-  )(q, k, v, rpe, lut, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2, delta)
+  )(q, k, v, rpe, lut, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, kv_range, dout, lse2, delta)
 
   sp = _specs(cfg, bq, bk, q_len, kv_len, head_dim, q_blocked=False)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, cfg=cfg),
       grid=(kv_len // bk, batch, heads),
       in_specs=[sp["q"], sp["kv"], sp["kv"], sp["rpe"], sp["slopes"], sp["bias"], *segments_and_positions,
-                sp["q"], rows(lse2, False, bq), rows(lse2, False, bq)],
+                sp["per_program"](q_range), sp["q"], rows(lse2, False, bq), rows(lse2, False, bq)],
       out_specs=[sp["kv"], sp["kv"]],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params, interpret=cfg.interpret, name="flash_attention_dkv",
-  )(q, k, v, rpe, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2, delta)
+  )(q, k, v, rpe, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, q_range, dout, lse2, delta)
   return dq, dk, dv, grads[0] if grads else None
