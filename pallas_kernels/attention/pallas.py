@@ -243,8 +243,11 @@ def _segment_blocks(cfg, range_ref, lo, hi):
   """[lo, hi) narrowed to this program's blocks of `segment_block_ranges`: those that can share a segment."""
   if not cfg.has_segments:
     return lo, hi
-  hi = jnp.minimum(hi, range_ref[1])
-  return jnp.minimum(jnp.maximum(lo, range_ref[0]), hi), hi
+  # One 2-vector load, split by masked sums, as _t5_ends does (scalar loads misbehaved in the Triton lowering).
+  which, blocks = lax.broadcasted_iota(jnp.int32, (2,), 0), range_ref[...]
+  first, end = jnp.sum(jnp.where(which == 0, blocks, 0)), jnp.sum(jnp.where(which == 1, blocks, 0))
+  hi = jnp.minimum(hi, end)
+  return jnp.minimum(jnp.maximum(lo, first), hi), hi
 
 
 def _run_loops(loops, body, carry):
