@@ -10,7 +10,7 @@ from flax import nnx
 from fat5_jax import hf
 from fat5_jax.config import POSITION_ENCODINGS, model_config
 from fat5_jax.generate import generate, greedy_decode
-from fat5_jax.model import T5
+from fat5_jax.model import T5, from_parameters
 
 
 def _model(kind, seed=0, **overrides):
@@ -201,3 +201,23 @@ def test_sampling_without_a_key_is_refused(peaky):
   _, model, ids, mask = peaky
   with pytest.raises(ValueError, match="PRNG key"):
     generate(model, ids, mask, max_length=2, do_sample=True)
+
+
+@pytest.mark.parametrize("attention_impl,growth", [("flash", "linear"), ("xla", "quadratic")])
+def test_generation_memory_grows_linearly_with_the_input_through_the_flash_kernels(attention_impl, growth):
+  """Generation from long inputs: with the flash kernels no [S, S] buffer exists (encoder or cache), so the compiled
+  program's scratch memory grows by the same amount per added input token, to 16,384 tokens; the materialized
+  attention's grows quadratically (the check can tell). Compiled only; the kernels are Pallas' interpreted ones."""
+  config = model_config(vocab_size=256, d_model=64, d_kv=32, d_ff=128, num_heads=2, num_layers=1,
+                        num_decoder_layers=1, attention_impl=attention_impl,
+                        kernel_backend="pallas" if attention_impl == "flash" else "xla")
+  params = nnx.to_pure_dict(nnx.state(T5(config, rngs=nnx.Rngs(0)), nnx.Param))
+  run = jax.jit(lambda params, ids, mask: generate(from_parameters(config, params), ids, mask, max_length=8))
+  lengths = (4096, 8192, 16384) if growth == "linear" else (1024, 2048, 4096)
+  scratch = [run.lower(params, *[jax.ShapeDtypeStruct((1, n), jnp.int32)] * 2).compile().memory_analysis()
+             .temp_size_in_bytes for n in lengths]
+  second_over_first_step = (scratch[2] - scratch[1]) / (scratch[1] - scratch[0])  # doubling steps: 2 if linear
+  if growth == "linear":
+    assert 1.8 < second_over_first_step < 2.2, scratch
+  else:
+    assert second_over_first_step > 3.5, scratch
