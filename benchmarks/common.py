@@ -1,6 +1,6 @@
 """Shared benchmark helpers: the command-line options every benchmark has, timing (warm-up + median), random
-inputs and cotangents, copy bandwidth, compiled memory, training throughput figures, the JSON line a measuring
-subprocess prints, and the JSON results writer.
+inputs and cotangents, copy bandwidth, compiled memory, training throughput figures, the environment of measuring
+subprocesses and the JSON line each prints, and the JSON results writer.
 
 Timing: each sample launches `calls` back-to-back executions of a jitted function (rotating among input sets so
 that no run reads what the previous one left in L2), blocks once, and divides; the reported time is the median
@@ -117,6 +117,15 @@ def json_line_of(command: Sequence[str], **kwargs) -> dict[str, Any]:
     return json.loads(printed[-1])
   stderr = run.stderr.strip().splitlines()
   return {"error": stderr[-1][:500] if stderr else f"exited with {run.returncode}, printing nothing"}
+
+
+def subprocess_environment() -> dict[str, str]:
+  """The environment for the subprocesses that measure: this process's as it is. This process, which only starts
+  them and records the device's name, then opens the device without preallocating (JAX takes 75% of a GPU's memory
+  at its first use otherwise), so that it takes no memory from them: call this before JAX first touches a device."""
+  environment = dict(os.environ)
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  return environment
 
 
 def environment() -> dict[str, str]:

@@ -22,6 +22,8 @@ import json
 import os
 import sys
 
+import jax
+
 from benchmarks import common, fat5_peer, train_step
 from configs import small_fr, tiny_fr
 
@@ -30,31 +32,28 @@ SMALL_FR = {"config": small_fr, "lengths": "1024,2048,4096,8192,16384", "decoder
             "tokens_per_batch": 65536, "variant": "flash/auto", "steps": 10}
 TINY = {"config": tiny_fr, "lengths": "128,256", "decoder_length": 64, "tokens_per_batch": 1024, "variant": "xla/auto",
         "steps": 2}
-# This process only starts the runs and writes their results, and the device name it records makes JAX open the GPU
-# here: without preallocation, or this process would hold 75% of the memory the runs measure. Runs get the environment
-# as it was.
-RUN_ENVIRONMENT = dict(os.environ)
 
 
 def one_run(args: argparse.Namespace) -> dict:
-  """Our step at encoder length `args.one` under remat policy `args.remat` (this module's --one), or {"error": ...}."""
+  """Our step at encoder length `args.one` under remat policy `args.remat` (this module's --one), or {"error": ...}.
+  On one device, as FAT5's step runs."""
   values = args.preset["config"].get_config()
   values.train.update(remat=args.remat)
   attention_impl, kernel_backend = args.variant.split("/")
   try:
     return train_step.measure(attention_impl, kernel_backend, rows=args.tokens_per_batch // args.one, accum=1,
                               steps=args.steps, values=values, encoder_length=args.one,
-                              decoder_length=args.decoder_length)
+                              decoder_length=args.decoder_length, devices=jax.devices()[:1])
   except Exception as error:  # pylint: disable=broad-except
     return {"error": " ".join(f"{type(error).__name__}: {error}".split())[:500]}
 
 
-def ours(args: argparse.Namespace, length: int, remat: str) -> dict:
-  """`one_run` in a process of its own."""
+def ours(args: argparse.Namespace, length: int, remat: str, environment: dict[str, str]) -> dict:
+  """`one_run` in a process of its own, with `environment`."""
   command = [sys.executable, "-m", "benchmarks.long_context", "--one", str(length), "--remat", remat,
              "--variant", args.variant, "--steps", str(args.steps), "--tokens-per-batch", str(args.tokens_per_batch),
              "--decoder-length", str(args.decoder_length)] + (["--tiny"] if args.tiny else [])
-  return common.json_line_of(command, cwd=ROOT, env=RUN_ENVIRONMENT)
+  return common.json_line_of(command, cwd=ROOT, env=environment)
 
 
 def table_rows(results: dict) -> list[dict]:
@@ -136,7 +135,7 @@ def main():
   lengths = [int(length) for length in args.lengths.split(",")]
   if max(lengths) > args.tokens_per_batch:
     parser.error(f"--tokens-per-batch {args.tokens_per_batch} is less than one row of {max(lengths)} tokens")
-  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # see RUN_ENVIRONMENT
+  environment = common.subprocess_environment()
 
   results = {"config": args.preset["config"].__name__, "variant": args.variant, "tokens_per_batch":
              args.tokens_per_batch, "decoder_length": args.decoder_length, "results": []}
@@ -152,7 +151,7 @@ def main():
   fat5_rows_per_s = {r["encoder_length"]: r.get("rows_per_s") for r in results.get("fat5", [])}
   for length in lengths:
     for remat in args.remat.split(","):
-      run = {"encoder_length": length, "rows": rows[length], "remat": remat, **ours(args, length, remat)}
+      run = {"encoder_length": length, "rows": rows[length], "remat": remat, **ours(args, length, remat, environment)}
       if fat5_rows_per_s.get(length) and "error" not in run:
         run["vs_fat5"] = run["rows_per_s"] / fat5_rows_per_s[length]
       results["results"].append(run)

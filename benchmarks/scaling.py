@@ -25,8 +25,9 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
+
+import jax
 
 from benchmarks import common, train_step
 from configs import small_fr, tiny_fr
@@ -81,8 +82,6 @@ def collectives(hlo: str, *, parameter_sizes: set[int], batch_dimensions: set[in
 def run_one(devices: int, mesh: str, args) -> dict:
   """The step on the first `devices` devices, meshed `mesh` (data, fsdp, or for one device "one device"):
   train_step.measure's result, with the collectives of the compiled step."""
-  import jax
-
   values = (tiny_fr if args.tiny else small_fr).get_config()
   data, fsdp = (1, devices) if mesh == "fsdp" else (devices, 1)
   values.train.update(mesh_data=data, mesh_fsdp=fsdp)
@@ -108,11 +107,7 @@ def measured_in_subprocess(devices: int, mesh: str, args, environment: dict) -> 
   """run_one in a fresh process (its own memory peaks); a failure (e.g. out of memory) is recorded, not raised."""
   command = [sys.executable, "-m", "benchmarks.scaling", "--one", f"{devices},{mesh}", "--steps", str(args.steps),
              "--rows-per-device", str(args.rows_per_device), *(["--tiny"] if args.tiny else [])]
-  out = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
-  if out.returncode:
-    error = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
-    return {"devices": devices, "mesh": mesh, "error": error[:500]}
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return {"devices": devices, "mesh": mesh, **common.json_line_of(command, cwd=ROOT, env=environment)}
 
 
 def with_ratios(runs: list[dict]) -> list[dict]:
@@ -150,6 +145,8 @@ def plot(results: dict, path: str):
       continue
     ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=f"{mesh}=N")
     for devices, rows_per_s, efficiency in points[1:]:
+      if efficiency is None:  # the one-device baseline failed
+        continue
       ax.annotate(f"{efficiency:.0%}", (devices, rows_per_s), textcoords="offset points", xytext=(6, -10 if
                   mesh == "fsdp" else 4), fontsize=8)
   ax.set_xscale("log", base=2)
@@ -200,11 +197,7 @@ def main():
   meshes = args.meshes.split(",")
   if set(meshes) - set(MESHES):
     parser.error(f"--meshes={args.meshes}: choose among {', '.join(MESHES)}")
-  # The runs get the caller's environment. This process only counts the devices and writes the results: without
-  # preallocation it takes no device memory from them.
-  environment = dict(os.environ)
-  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-  import jax
+  environment = common.subprocess_environment()  # before this process counts the devices
   try:
     counts = device_counts(args.devices, jax.local_device_count())
   except ValueError as error:

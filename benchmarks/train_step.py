@@ -158,7 +158,8 @@ def main():
       values.train.update(remat=remat)
       try:
         row = measure(attention_impl, kernel_backend, rows=args.rows, accum=args.accum, steps=args.steps,
-                      values=values, encoder_length=args.encoder_length, decoder_length=args.decoder_length)
+                      values=values, encoder_length=args.encoder_length, decoder_length=args.decoder_length,
+                      devices=jax.devices()[:1])  # one GPU, as FAT5's step runs
       except Exception as error:  # e.g. out of memory for a materialized baseline: record it and go on
         row = {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "remat": remat,
                "error": repr(error)[:500]}

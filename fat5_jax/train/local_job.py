@@ -141,10 +141,13 @@ def run_processes(arguments: list[str], devices: Devices, logs: str, timeout_s: 
 
 def run_one_process(arguments: list[str], devices: Devices, timeout_s: float) -> subprocess.CompletedProcess:
   """`main.py ARGUMENTS` as one process with all the job's devices, reading all its processes' data shards;
-  RuntimeError if it failed."""
+  RuntimeError if it failed, TimeoutError (as `finish` raises) if it ran past `timeout_s`."""
   program = ONE_PROCESS_WITH_ALL_SHARDS % {"processes": devices.processes}
-  out = subprocess.run([sys.executable, "-c", program, *arguments], cwd=ROOT, env=devices.environment(),
-                       capture_output=True, text=True, timeout=timeout_s)
+  try:
+    out = subprocess.run([sys.executable, "-c", program, *arguments], cwd=ROOT, env=devices.environment(),
+                         capture_output=True, text=True, timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    raise TimeoutError(f"the one process was still running after {timeout_s} s") from None
   if out.returncode:
     raise RuntimeError(f"the one process exited with code {out.returncode}:\n{out.stdout[-2000:]}\n"
                        f"{out.stderr[-4000:]}")
