@@ -245,7 +245,7 @@ def test_t5_table_gradient_accumulates_in_float32(backend):
   _, _, (_, dtable) = _run(_kernel(backend), (q, k, v), ("rpe_table", table), kwargs, cts)
   _, _, (_, ref_dtable) = _reference((q, k, v), ("rpe_table", table), kwargs, cts)
   assert dtable.dtype == jnp.bfloat16
-  assert np.abs(ref_dtable).max() > 300  # hundreds of terms in a bucket
+  assert np.abs(ref_dtable).max() > 200  # hundreds of terms in a bucket (fresh inputs: 300-700 typically)
   assert relative_error(dtable, ref_dtable) < 1e-2
 
 
