@@ -81,7 +81,7 @@ def methods(causal, block_sizes=None):
     index = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
     ids = index // (seq_len // 4) + 1
     extra = dict(q_positions=index % (seq_len // 4), kv_positions=index % (seq_len // 4)) if with_positions else {}
-    return dict(q_segment_ids=ids, kv_segment_ids=ids, **extra)
+    return dict(segments(q, ids), **extra)
 
   def segments(q, ids):
     ids = jnp.broadcast_to(ids, q.shape[:2])

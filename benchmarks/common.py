@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from fat5_jax import flops
 from fat5_jax.config import ModelConfig
 
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where main.py is: subprocesses run there
+
 
 def parse_args(parser: argparse.ArgumentParser, name: str,
                plot: Callable[[dict, str], None]) -> argparse.Namespace | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import jax
@@ -27,7 +26,6 @@ import jax
 from benchmarks import common, fat5_peer, train_step
 from configs import small_fr, tiny_fr
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_FR = {"config": small_fr, "lengths": "1024,2048,4096,8192,16384", "decoder_length": 512,
             "tokens_per_batch": 65536, "variant": "flash/auto", "steps": 10}
 TINY = {"config": tiny_fr, "lengths": "128,256", "decoder_length": 64, "tokens_per_batch": 1024, "variant": "xla/auto",
@@ -53,7 +51,7 @@ def ours(args: argparse.Namespace, length: int, remat: str, environment: dict[st
   command = [sys.executable, "-m", "benchmarks.long_context", "--one", str(length), "--remat", remat,
              "--variant", args.variant, "--steps", str(args.steps), "--tokens-per-batch", str(args.tokens_per_batch),
              "--decoder-length", str(args.decoder_length)] + (["--tiny"] if args.tiny else [])
-  return common.json_line_of(command, cwd=ROOT, env=environment)
+  return common.json_line_of(command, cwd=common.CHECKOUT, env=environment)
 
 
 def table_rows(results: dict) -> list[dict]:

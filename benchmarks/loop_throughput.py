@@ -29,7 +29,6 @@ import time
 
 from benchmarks import common, train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --tiny: tiny_fr at the sizes of profile_step.py --tiny, quick on 2 CPU cores.
 TINY = {"config": "configs/tiny_fr.py", "steps": 60, "log_every": 10, "eval_every": 30, "bench_steps": 5,
         "overrides": {"data.encoder_length": 128, "data.decoder_length": 64, "train.batch_size": 16,
@@ -93,7 +92,7 @@ def main():
     command = loop_command(config_path, workdir, loop_overrides)
     print(" ".join(command[1:]), flush=True)
     start = time.perf_counter()
-    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(command, cwd=common.CHECKOUT, capture_output=True, text=True)
     loop_s = time.perf_counter() - start
     if run.returncode:
       raise SystemExit(f"main.py failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 
@@ -32,7 +31,6 @@ import jax
 from benchmarks import common, train_step
 from configs import small_fr, tiny_fr
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = ("data", "fsdp")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 # An instruction of the optimized HLO: `%name = RESULT op(%operand, ...), attributes`.
@@ -107,7 +105,7 @@ def measured_in_subprocess(devices: int, mesh: str, args, environment: dict) -> 
   """run_one in a fresh process (its own memory peaks); a failure (e.g. out of memory) is recorded, not raised."""
   command = [sys.executable, "-m", "benchmarks.scaling", "--one", f"{devices},{mesh}", "--steps", str(args.steps),
              "--rows-per-device", str(args.rows_per_device), *(["--tiny"] if args.tiny else [])]
-  return {"devices": devices, "mesh": mesh, **common.json_line_of(command, cwd=ROOT, env=environment)}
+  return {"devices": devices, "mesh": mesh, **common.json_line_of(command, cwd=common.CHECKOUT, env=environment)}
 
 
 def with_ratios(runs: list[dict]) -> list[dict]:

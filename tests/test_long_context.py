@@ -5,13 +5,13 @@ import os
 import subprocess
 import sys
 
-from benchmarks import long_context
+from benchmarks import common, long_context
 
 
 def test_tiny_runs_each_length_in_its_own_process(tmp_path):
   out = tmp_path / "long_context.json"
   subprocess.run([sys.executable, "-m", "benchmarks.long_context", "--tiny", "--out", str(out), "--plot",
-                  str(tmp_path / "long_context.png")], cwd=long_context.ROOT, check=True, timeout=300)
+                  str(tmp_path / "long_context.png")], cwd=common.CHECKOUT, check=True, timeout=300)
   results = json.loads(out.read_text())
   assert "fat5" not in results and results["tokens_per_batch"] == 1024
   assert [(r["encoder_length"], r["rows"], r["decoder_length"]) for r in results["results"]] == [(128, 8, 64),
