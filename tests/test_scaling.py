@@ -63,3 +63,20 @@ def test_tiny_run_on_two_simulated_devices(tmp_path):
   assert count((2, "data"), "all-reduce") and not count((2, "data"), "all-gather")  # gradients summed, weights whole
   assert count((2, "fsdp"), "all-gather")  # each weight gathered where it is used
   assert os.path.getsize(tmp_path / "scaling.png") > 10_000
+
+
+@pytest.mark.parametrize("text", ["1,3", "0", "two"])
+def test_device_counts_outside_the_host_are_refused_in_one_line(text):
+  with pytest.raises(ValueError, match=r"^--devices=.*: comma-separated counts between 1 and the 2 devices here$"):
+    scaling.device_counts(text, 2)
+  assert scaling.device_counts("2", 2) == [1, 2] and scaling.device_counts(None, 4) == [1, 2, 4]
+
+
+def test_multi_process_job_refuses_a_used_directory_before_running_anything(tmp_path):
+  (tmp_path / "one_process").mkdir()  # an earlier run's workdir, which a new run would resume
+  out = subprocess.run([sys.executable, "scripts/multi_process_job.py", "--dir", str(tmp_path), "--out",
+                        str(tmp_path / "summary.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].endswith("is not empty: its workdirs would resume earlier runs; give a "
+                                                      "new or empty one")
+  assert sorted(os.listdir(tmp_path)) == ["one_process"]  # nothing written
