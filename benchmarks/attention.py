@@ -148,7 +148,7 @@ def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=Non
       continue
     row = dict(method=name, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq_len, causal=causal)
     if name == "ours_t5_documents":
-      row["tiles_run"] = tiles_run(seq_len, block_sizes or default_block_sizes(head_dim, interpret=False))
+      row["tiles_run"] = tiles_run(seq_len, block_sizes or default_block_sizes(head_dim, interpret=False, q_len=seq_len))
     for mode, f, flops in (("fwd", fn, flops_fwd), ("fwd_bwd", fwd_bwd(fn), 3.5 * flops_fwd)):
       try:
         t = common.time_ms(jax.jit(f), [_args(s, mode) for s in sets])

@@ -18,7 +18,9 @@ on the kernel name (XLA names a fusion's kernel after the instruction). A matmul
 the lm_head matmuls of the loss are matmuls.
 
 Host gaps are the step's wall time minus the time at least one kernel runs; on a CPU the thunks of a step run on
-several threads at once, so the categories can sum to more than the step there.
+several threads at once, so the categories can sum to more than the step there. `idle_before_ms` charges each stretch
+of idle device time to the category of the kernel that ends it: what the GPU waited for the host to launch (the
+stretch between two traced steps included).
 """
 
 from __future__ import annotations
@@ -170,6 +172,18 @@ def _busy_us(events: Iterable[dict]) -> float:
   return busy
 
 
+def _idle_before_us(events: list[dict], categories: list[str]) -> dict[str, float]:
+  """Idle device time (us) between kernels, each idle stretch charged to the category of the kernel that ends it:
+  what the GPU was waiting for the host to launch."""
+  idle = collections.defaultdict(float)
+  end = None
+  for e, category in sorted(zip(events, categories), key=lambda pair: pair[0]["ts"]):
+    if end is not None and e["ts"] > end:
+      idle[category] += e["ts"] - end
+    end = max(end if end is not None else e["ts"], e["ts"] + e["dur"])
+  return idle
+
+
 def breakdown(trace: dict, paths: dict[str, str], steps: int, step_ms: float) -> dict[str, Any]:
   """Per-step device time of a trace of `steps` steps by category and by kernel (numbered names merged), the
   share of kernel time whose op path came from the event or the program, and the host gaps against `step_ms`."""
@@ -177,9 +191,11 @@ def breakdown(trace: dict, paths: dict[str, str], steps: int, step_ms: float) ->
   by_category = dict.fromkeys(CATEGORIES, 0.0)
   by_kernel = collections.defaultdict(lambda: {"ms": 0.0, "calls": 0})
   sources = collections.Counter()
+  categories = []
   for e in events:
     path, source = op_path(e, paths)
     category = categorize(e["name"], path)
+    categories.append(category)
     ms = e["dur"] / 1e3 / steps
     by_category[category] += ms
     kernel = by_kernel[(re.sub(r"([._]\d+)+$", "", e["name"]), category)]
@@ -192,6 +208,8 @@ def breakdown(trace: dict, paths: dict[str, str], steps: int, step_ms: float) ->
   total = sum(sources.values()) or 1.0
   return {"step_ms": step_ms, "device_busy_ms": busy_ms, "host_gaps_ms": step_ms - busy_ms,
           "kernel_ms": sum(by_category.values()), "categories_ms": by_category, "kernels": kernels,
+          "idle_before_ms": {c: us / 1e3 / steps for c, us in sorted(_idle_before_us(events, categories).items(),
+                                                                      key=lambda item: -item[1])},
           "op_path_source": {k: sources[k] / total for k in ("event", "program", "none")}}
 
 
@@ -276,6 +294,8 @@ def main():
         f"{result['device_busy_ms']:.2f} ms per step\n")
   common.print_table(result["kernels"][:15], ["kernel", "category", "ms", "calls"])
   print()
+  print(f"idle device time before each category's kernels, ms per step: "
+        f"{ {c: round(ms, 2) for c, ms in result['idle_before_ms'].items()} }")
   common.print_table(table_rows(result), ["category", "ms_per_step", "pct_of_step"])
 
 

@@ -209,9 +209,12 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
 
   def update(grads, state, params=None):
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    shapes = jax.eval_shape(inner.update, grads, state.inner_state, params)[0]
-    skip = lambda: (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), state.inner_state)
-    updates, inner_state = jax.lax.cond(finite, lambda: inner.update(grads, state.inner_state, params), skip)
+    # Selected, not branched with lax.cond: on a GPU a conditional copies its predicate to the host and waits for
+    # the whole backward before the host launches the update's hundreds of small kernels one by one; selects fuse
+    # into those kernels, which stay queued (and in command buffers) ahead of the GPU.
+    updates, inner_state = inner.update(grads, state.inner_state, params)
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    inner_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), inner_state, state.inner_state)
     skipped = state.skipped + (~finite).astype(jnp.int32)
     return updates, SkipNonFiniteState(skipped=skipped, inner_state=inner_state)
 

@@ -150,7 +150,7 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
     raise ValueError("compiled attention kernels (interpret=False) need a GPU")
   batch, q_len, _, head_dim = q.shape
   kv_len = k.shape[1]
-  blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim, interpret, q.dtype), q_len, kv_len)
+  blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim, interpret, q.dtype, q_len=q_len), q_len, kv_len)
   q_block = max(blocks.block_q, blocks.block_q_bwd)
   kv_block = max(blocks.block_k, blocks.block_k_bwd)
   q_pad, kv_pad = -(-q_len // q_block) * q_block, -(-kv_len // kv_block) * kv_block

@@ -7,6 +7,7 @@ Off GPU both backends run in their interpreters, which poison every output first
 the compiled kernels (FAT5_INTERPRET=0 forces them, =1 the interpreters; unset means interpret off GPU only).
 """
 
+import dataclasses
 
 import chex
 import jax
@@ -368,6 +369,14 @@ def test_float32_inputs_get_smaller_forward_tiles():
   for head_dim in HEAD_DIMS:
     blocks = default_block_sizes(head_dim, interpret=False, dtype=jnp.float32, capability=(9, 0))
     assert blocks.block_q <= 64 and blocks.num_stages == 2
+
+
+def test_short_rows_get_smaller_forward_q_blocks():
+  long_rows = default_block_sizes(64, interpret=False, capability=(9, 0), q_len=4096)
+  short_rows = default_block_sizes(64, interpret=False, capability=(9, 0), q_len=512)
+  assert long_rows.block_q == 128 and short_rows.block_q == 64
+  assert short_rows == dataclasses.replace(long_rows, block_q=64)  # the backward's blocks stay
+  assert default_block_sizes(128, interpret=False, capability=(9, 0), q_len=512).block_q == 128
 
 
 def test_block_sizes_must_be_powers_of_two():
