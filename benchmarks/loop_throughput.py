@@ -2,7 +2,7 @@
 temporary workdir, and the rows/s it logs per window (docs/training.md) are compared with `train_step.measure` on
 the same shapes in the same run.
 
-  python -m benchmarks.loop_throughput [--steps 200] [--out DIR]        # small_fr on a GPU: ~5 min on an H200
+  python -m benchmarks.loop_throughput [--steps 100] [--out DIR]        # small_fr on a GPU: several minutes
   python -m benchmarks.loop_throughput --tiny --out /tmp/loop           # tiny_fr shapes on any CPU: ~1-2 min
 
 Same shapes on both sides: `train.batch_size` rows per micro-batch, the config's `train.grad_accum_steps`, the
@@ -11,7 +11,10 @@ others, and `--config.FIELD=VALUE` overrides (e.g. --config.train.grad_accum_ste
 runs the corpus, evaluation and checkpoint saves of a real run (every `--eval-every` steps), which its logged
 figure leaves out. Reported: the median and spread of the logged rows/s over the windows after the first, the bare
 step's rows/s, and their ratio; written to DIR/loop_throughput.json with device, date, versions and both commands.
-The loop runs first, in a subprocess, and the step after it in this process: both would not fit on one GPU.
+The loop runs first, in a subprocess whose output passes through, and the step after it in this process (both would
+not fit on one GPU); the loop's half of the JSON is written before the step runs. small_fr steps 4 x 128 rows (about
+0.7 s each on an H200): 100 steps, the loop's compiles, evaluations and saves, then the bare step's compile took
+more than the 300 s an earlier attempt allowed: give it a call of its own.
 """
 
 from __future__ import annotations
@@ -59,12 +62,26 @@ def logged_windows(workdir: str) -> list[dict]:
           if r["split"] == "train" and "rows_per_s" in r]
 
 
+def run_streamed(command: list[str]) -> list[str]:
+  """Runs main.py with its output passed through as it comes (a run cut short still shows how far it got);
+  returns the output's lines, or exits with main.py's status and last lines if it failed."""
+  lines = []
+  with subprocess.Popen(command, cwd=common.CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                        text=True) as run:
+    for line in run.stdout:
+      print(line, end="", flush=True)
+      lines.append(line.rstrip("\n"))
+  if run.returncode:
+    raise SystemExit(f"main.py failed ({run.returncode}); its last lines:\n" + "\n".join(lines[-30:]))
+  return lines
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/small_fr.py")
-  parser.add_argument("--steps", type=int, default=200, help="steps of the main.py run")
-  parser.add_argument("--log-every", type=int, default=20, help="steps per logged window")
-  parser.add_argument("--eval-every", type=int, default=100, help="steps between evaluations and checkpoint saves")
+  parser.add_argument("--steps", type=int, default=100, help="steps of the main.py run")
+  parser.add_argument("--log-every", type=int, default=10, help="steps per logged window")
+  parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations and checkpoint saves")
   parser.add_argument("--buckets", default=None, help="the loop's decoder buckets, e.g. 128,256,512 (default: the "
                                                       "longest only, the bare step's shape)")
   parser.add_argument("--bench-steps", type=int, default=10, help="timed steps of the bare step")
@@ -92,27 +109,29 @@ def main():
     command = loop_command(config_path, workdir, loop_overrides)
     print(" ".join(command[1:]), flush=True)
     start = time.perf_counter()
-    run = subprocess.run(command, cwd=common.CHECKOUT, capture_output=True, text=True)
+    output = run_streamed(command)
     loop_s = time.perf_counter() - start
-    if run.returncode:
-      raise SystemExit(f"main.py failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
     windows = logged_windows(workdir)
-  workers = [line for line in run.stdout.splitlines() if line.startswith("data.num_workers=")]
+  workers = [line for line in output if line.startswith("data.num_workers=")]
   steady = [w["rows_per_s"] for w in windows[1:]]
   if not steady:
     raise SystemExit(f"main.py logged {len(windows)} windows: raise --steps or lower --log-every")
-  bench = train_step.measure(values.model.attention_impl, values.model.kernel_backend,
-                             rows=values.train.batch_size, accum=values.train.grad_accum_steps,
-                             steps=tiny.get("bench_steps", args.bench_steps), values=values,
-                             encoder_length=values.data.encoder_length, decoder_length=values.data.decoder_length)
   loop = {"median_rows_per_s": statistics.median(steady), "min_rows_per_s": min(steady),
           "max_rows_per_s": max(steady), "windows": windows, "steps": steps, "log_every": log_every,
           "eval_every": eval_every, "decoder_length_buckets": list(buckets),
           "data_workers": workers[0] if workers else None, "wall_s": loop_s,
           "command": " ".join(["python"] + command[1:])}
-  results = {"config": config_path, "tiny": args.tiny, "loop": loop, "step": bench,
-             "ratio": loop["median_rows_per_s"] / bench["rows_per_s"]}
-  common.write_results(os.path.join(args.out, "loop_throughput.json"), results)
+  results = {"config": config_path, "tiny": args.tiny, "loop": loop}
+  path = os.path.join(args.out, "loop_throughput.json")
+  common.write_results(path, results)  # the loop's half is kept if the bare step fails or is cut short
+  print(f"loop: median {loop['median_rows_per_s']:.1f} rows/s over {len(steady)} windows; now the bare step",
+        flush=True)
+  bench = train_step.measure(values.model.attention_impl, values.model.kernel_backend,
+                             rows=values.train.batch_size, accum=values.train.grad_accum_steps,
+                             steps=tiny.get("bench_steps", args.bench_steps), values=values,
+                             encoder_length=values.data.encoder_length, decoder_length=values.data.decoder_length)
+  results.update(step=bench, ratio=loop["median_rows_per_s"] / bench["rows_per_s"])
+  common.write_results(path, results)
   print(f"loop ({len(steady)} windows of {log_every} steps after the first): median {loop['median_rows_per_s']:.1f} "
         f"rows/s (spread {loop['min_rows_per_s']:.1f}-{loop['max_rows_per_s']:.1f}); bare step "
         f"{bench['rows_per_s']:.1f} rows/s ({bench['step_s']:.4f} s per {values.train.batch_size} x "
