@@ -11,6 +11,9 @@ Methods, all measured in one run on the same random inputs (bf16, B x S x H x D)
 - cudnn_t5:       jax.nn.dot_product_attention(implementation="cudnn") with that materialized bias
 - cudnn_none:     cuDNN without bias
 - pallas_none:    JAX's own Pallas attention (jax.experimental.pallas.ops.gpu.attention.mha), no bias
+- mgpu_none:      JAX's own Mosaic GPU attention for Hopper (jax.experimental.pallas.ops.gpu.attention_mgpu:
+                  warp-specialized, TMA, wgmma; FlashAttention-3's design), no bias: 64-row q blocks, 128-key
+                  blocks, 2 stages; Hopper only (elsewhere its row records the error)
 - ours_t5_packed[_positions]: ours on rows packed with 4 segments, without / with per-segment positions (same
                   result; TFLOP/s counted as for unpacked rows; with positions only Pallas runs), only when named
                   in --methods
@@ -44,7 +47,7 @@ from pallas_kernels.attention import BlockSizes, default_block_sizes, flash_atte
 from pallas_kernels.attention.config import segment_block_ranges
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
-METHODS = ("ours_t5", "ours_t5_pallas", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none")
+METHODS = ("ours_t5", "ours_t5_pallas", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none", "mgpu_none")
 
 
 def methods(causal, block_sizes=None):
@@ -75,6 +78,12 @@ def methods(causal, block_sizes=None):
     del table
     return jax_pallas.mha(q, k, v, segment_ids=None, causal=causal)
 
+  def mgpu_none(q, k, v, table):
+    del table
+    from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=import-outside-toplevel
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal)
+    return attention_mgpu.attention(q, k, v, config)
+
   def packed(q, with_positions):
     """Four segments per row, with or without (equivalent) per-segment positions."""
     batch, seq_len = q.shape[:2]
@@ -89,7 +98,7 @@ def methods(causal, block_sizes=None):
 
   return dict(
       ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, backend="pallas"), ours_none=ours_none,
-      xla_t5=xla_t5, cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none,
+      xla_t5=xla_t5, cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none, mgpu_none=mgpu_none,
       ours_t5_packed=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, False)),
       ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, backend="pallas", **packed(q, True)),
       ours_t5_documents=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, document_ids(q.shape[1]))),
@@ -214,7 +223,8 @@ def ratios(rows):
                                 else "-")
     out.append(dict(head_dim=d, seq_len=s, causal=c, fwd_vs_cudnn_none=ratio("ours_t5", "cudnn_none", "fwd"),
                     fwd_bwd_vs_pallas_none=ratio("ours_t5", "pallas_none", "fwd_bwd"),
-                    fwd_bwd_vs_cudnn_t5=ratio("ours_t5", "cudnn_t5", "fwd_bwd")))
+                    fwd_bwd_vs_cudnn_t5=ratio("ours_t5", "cudnn_t5", "fwd_bwd"),
+                    fwd_bwd_vs_mgpu_none=ratio("ours_t5", "mgpu_none", "fwd_bwd")))
   return out
 
 
@@ -310,7 +320,7 @@ def main():
     common.print_table(results["rows"], ["head_dim", "seq_len", "causal", "method", "fwd_tflops", "fwd_bwd_tflops",
                                          "fwd_ms", "fwd_bwd_ms"])
     common.print_table(ratios(results["rows"]), ["head_dim", "seq_len", "causal", "fwd_vs_cudnn_none",
-                                                 "fwd_bwd_vs_pallas_none", "fwd_bwd_vs_cudnn_t5"])
+                                                 "fwd_bwd_vs_pallas_none", "fwd_bwd_vs_cudnn_t5", "fwd_bwd_vs_mgpu_none"])
   for r in results.get("memory", []):
     print(f"memory S={r['seq_len']} {r['method']}: runs={r['runs']} compiled={r.get('compiled_bytes', 0) / 2**30:.2f}"
           f" GiB {r.get('error', '')}")
