@@ -5,6 +5,8 @@ Methods, all measured in one run on the same random inputs (bf16, B x S x H x D)
 - ours_t5:        pallas_kernels.attention.flash_attention(backend="triton") with rpe_table (bias computed in the
                   kernel): the raw Triton kernels
 - ours_t5_pallas: the same with backend="pallas" (the Pallas kernels)
+- ours_t5_mosaic: the Mosaic GPU forward (pallas_kernels.attention.mosaic, Hopper, 64 x 128 blocks) with the same
+                  T5 inputs; forward only (no backward yet: its fwd_bwd row records the error)
 - ours_none:      ours (Triton) without bias
 - xla_t5:         the jnp reference (pallas_kernels.attention.reference.attention: the [1, H, S, S] bias
                   materialized from the table), under jit
@@ -44,10 +46,10 @@ import numpy as np
 
 from benchmarks import common
 from pallas_kernels.attention import BlockSizes, default_block_sizes, flash_attention, reference
-from pallas_kernels.attention.config import segment_block_ranges
+from pallas_kernels.attention.config import Config, kernel_inputs, segment_block_ranges
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
-METHODS = ("ours_t5", "ours_t5_pallas", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none", "mgpu_none")
+METHODS = ("ours_t5", "ours_t5_pallas", "ours_t5_mosaic", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none", "mgpu_none")
 
 
 def methods(causal, block_sizes=None):
@@ -56,6 +58,14 @@ def methods(causal, block_sizes=None):
 
   def ours_t5(q, k, v, table, backend="triton", **extra):
     return flash_attention(q, k, v, rpe_table=table, block_sizes=block_sizes, backend=backend, **t5, **extra)
+
+  def ours_t5_mosaic(q, k, v, table):
+    from pallas_kernels.attention import mosaic  # pylint: disable=import-outside-toplevel
+    cfg = Config(bias_mode="t5", causal=causal, scale=1.0, has_segments=False, has_positions=False,
+                 blocks=BlockSizes(64, 128, 64, 128), interpret=False, backend="mosaic", num_buckets=NUM_BUCKETS,
+                 bidirectional=not causal, max_distance=MAX_DISTANCE)
+    t5_inputs, _ = kernel_inputs(cfg, table, None, 64, 128)
+    return mosaic.forward(cfg, q, k, v, t5_inputs)[0]
 
   def ours_none(q, k, v, table):
     del table
@@ -97,7 +107,8 @@ def methods(causal, block_sizes=None):
     return dict(q_segment_ids=ids, kv_segment_ids=ids)
 
   return dict(
-      ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, backend="pallas"), ours_none=ours_none,
+      ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, backend="pallas"), ours_t5_mosaic=ours_t5_mosaic,
+      ours_none=ours_none,
       xla_t5=xla_t5, cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none, mgpu_none=mgpu_none,
       ours_t5_packed=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, False)),
       ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, backend="pallas", **packed(q, True)),
@@ -224,7 +235,8 @@ def ratios(rows):
     out.append(dict(head_dim=d, seq_len=s, causal=c, fwd_vs_cudnn_none=ratio("ours_t5", "cudnn_none", "fwd"),
                     fwd_bwd_vs_pallas_none=ratio("ours_t5", "pallas_none", "fwd_bwd"),
                     fwd_bwd_vs_cudnn_t5=ratio("ours_t5", "cudnn_t5", "fwd_bwd"),
-                    fwd_bwd_vs_mgpu_none=ratio("ours_t5", "mgpu_none", "fwd_bwd")))
+                    fwd_bwd_vs_mgpu_none=ratio("ours_t5", "mgpu_none", "fwd_bwd"),
+                    mosaic_fwd_vs_cudnn_none=ratio("ours_t5_mosaic", "cudnn_none", "fwd")))
   return out
 
 
@@ -320,7 +332,8 @@ def main():
     common.print_table(results["rows"], ["head_dim", "seq_len", "causal", "method", "fwd_tflops", "fwd_bwd_tflops",
                                          "fwd_ms", "fwd_bwd_ms"])
     common.print_table(ratios(results["rows"]), ["head_dim", "seq_len", "causal", "fwd_vs_cudnn_none",
-                                                 "fwd_bwd_vs_pallas_none", "fwd_bwd_vs_cudnn_t5", "fwd_bwd_vs_mgpu_none"])
+                                                 "fwd_bwd_vs_pallas_none", "fwd_bwd_vs_cudnn_t5", "fwd_bwd_vs_mgpu_none",
+                                                 "mosaic_fwd_vs_cudnn_none"])
   for r in results.get("memory", []):
     print(f"memory S={r['seq_len']} {r['method']}: runs={r['runs']} compiled={r.get('compiled_bytes', 0) / 2**30:.2f}"
           f" GiB {r.get('error', '')}")
