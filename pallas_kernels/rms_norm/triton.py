@@ -60,12 +60,14 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr
 @triton.jit
 def _bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr,
                 EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                NUM_ITERS: tl.constexpr, MASKED: tl.constexpr):
+                NUM_ITERS: tl.constexpr, NUM_STAGES: tl.constexpr, MASKED: tl.constexpr):
   pid = tl.program_id(0)
   cols = tl.arange(0, BLOCK_COLS)
   w = tl.load(w_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
   dw = tl.zeros([BLOCK_COLS], dtype=tl.float32)
-  for i in range(NUM_ITERS):
+  # tl.range with stages: Triton then prefetches the next rows of x and dy (cp.async) while this one is computed;
+  # a plain range loop has no dot, and Triton 3.6 does not pipeline it (one synchronous load per row).
+  for i in tl.range(0, NUM_ITERS, num_stages=NUM_STAGES):
     # Programs stride over row blocks so that each one's partial weight gradient covers many rows.
     offsets, _, mask = _row_tile((pid + i * NUM_PROGRAMS) * BLOCK_ROWS, NUM_ROWS, WIDTH, BLOCK_ROWS,
                                  BLOCK_COLS)
@@ -105,5 +107,5 @@ def backward(x: jax.Array, weight: jax.Array, dy: jax.Array, eps: float, block_s
       x, weight, dy, kernel=_bwd_kernel, out_shape=out_shape, grid=(num_programs,), num_warps=bs.bwd_num_warps,
       num_stages=bs.num_stages, interpret=interpret, NUM_ROWS=num_rows, WIDTH=width, EPS=eps,
       BLOCK_ROWS=bs.bwd_block_rows, BLOCK_COLS=block_cols, NUM_PROGRAMS=num_programs,
-      NUM_ITERS=triton.cdiv(num_blocks, num_programs),
+      NUM_ITERS=triton.cdiv(num_blocks, num_programs), NUM_STAGES=bs.num_stages,
       MASKED=bool(num_rows % bs.bwd_block_rows or width != block_cols or num_blocks % num_programs))
