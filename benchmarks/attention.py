@@ -5,8 +5,7 @@ Methods, all measured in one run on the same random inputs (bf16, B x S x H x D)
 - ours_t5:        pallas_kernels.attention.flash_attention(backend="triton") with rpe_table (bias computed in the
                   kernel): the raw Triton kernels
 - ours_t5_pallas: the same with backend="pallas" (the Pallas kernels)
-- ours_t5_mosaic: the Mosaic GPU forward (pallas_kernels.attention.mosaic, Hopper, 64 x 128 blocks) with the same
-                  T5 inputs; forward only (no backward yet: its fwd_bwd row records the error)
+- ours_t5_mosaic: the same with backend="mosaic" (the Pallas Mosaic GPU kernels, Hopper only)
 - ours_none:      ours (Triton) without bias
 - xla_t5:         the jnp reference (pallas_kernels.attention.reference.attention: the [1, H, S, S] bias
                   materialized from the table), under jit
@@ -46,7 +45,7 @@ import numpy as np
 
 from benchmarks import common
 from pallas_kernels.attention import BlockSizes, default_block_sizes, flash_attention, reference
-from pallas_kernels.attention.config import Config, kernel_inputs, segment_block_ranges
+from pallas_kernels.attention.config import segment_block_ranges
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
 METHODS = ("ours_t5", "ours_t5_pallas", "ours_t5_mosaic", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none", "mgpu_none")
@@ -58,14 +57,6 @@ def methods(causal, block_sizes=None):
 
   def ours_t5(q, k, v, table, backend="triton", **extra):
     return flash_attention(q, k, v, rpe_table=table, block_sizes=block_sizes, backend=backend, **t5, **extra)
-
-  def ours_t5_mosaic(q, k, v, table):
-    from pallas_kernels.attention import mosaic  # pylint: disable=import-outside-toplevel
-    cfg = Config(bias_mode="t5", causal=causal, scale=1.0, has_segments=False, has_positions=False,
-                 blocks=BlockSizes(64, 128, 64, 128), interpret=False, backend="mosaic", num_buckets=NUM_BUCKETS,
-                 bidirectional=not causal, max_distance=MAX_DISTANCE)
-    t5_inputs, _ = kernel_inputs(cfg, table, None, 64, 128)
-    return mosaic.forward(cfg, q, k, v, t5_inputs)[0]
 
   def ours_none(q, k, v, table):
     del table
@@ -107,7 +98,7 @@ def methods(causal, block_sizes=None):
     return dict(q_segment_ids=ids, kv_segment_ids=ids)
 
   return dict(
-      ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, backend="pallas"), ours_t5_mosaic=ours_t5_mosaic,
+      ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, backend="pallas"), ours_t5_mosaic=functools.partial(ours_t5, backend="mosaic"),
       ours_none=ours_none,
       xla_t5=xla_t5, cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none, mgpu_none=mgpu_none,
       ours_t5_packed=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, False)),
@@ -168,7 +159,8 @@ def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=Non
       continue
     row = dict(method=name, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq_len, causal=causal)
     if name == "ours_t5_documents":
-      row["tiles_run"] = tiles_run(seq_len, block_sizes or default_block_sizes(head_dim, interpret=False, q_len=seq_len))
+      row["tiles_run"] = tiles_run(seq_len, block_sizes or default_block_sizes(head_dim, interpret=False,
+                                                                               q_len=seq_len))
     for mode, f, flops in (("fwd", fn, flops_fwd), ("fwd_bwd", fwd_bwd(fn), 3.5 * flops_fwd)):
       try:
         t = common.time_ms(jax.jit(f), [_args(s, mode) for s in sets])

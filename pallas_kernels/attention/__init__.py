@@ -21,7 +21,8 @@ kernel still visits every tile of a full bias, whose gradient it writes whole).
 Two backends run the same algorithm: `pallas.py` (every case) and `triton.py` (raw Triton, faster on Hopper: no
 bias or the T5 bias without positions). The caller chooses (`fat5_jax.ops`); `triton_supports` says whether
 Triton can. Off a GPU both run in their interpreters. Each loads only when chosen, so importing this module loads
-neither Pallas' Triton lowering nor Triton.
+neither Pallas' Triton lowering nor Triton. A third, `mosaic.py` (Pallas Mosaic GPU: TMA and wgmma, Hopper only;
+the cases Triton runs, with 16-bit inputs and head_dim 64 or 128), is chosen by name only until it is measured.
 
 Sequence lengths that are not multiples of the blocks are padded here and masked in the kernel. Softmax runs in
 base 2 (the logits and bias are scaled by log2(e) once), in float32, with the log-sum-exp saved for the backward.
@@ -48,6 +49,8 @@ from pallas_kernels.attention.buckets import check_buckets, relative_position_bu
 from pallas_kernels.attention.config import HEAD_DIMS, Config, kernel_inputs, validate
 from pallas_kernels.attention.tuning import BlockSizes, default_block_sizes
 
+BACKENDS = (*common.BACKENDS, "mosaic")
+
 __all__ = ["HEAD_DIMS", "BlockSizes", "default_block_sizes", "flash_attention", "relative_position_bucket",
            "triton_supports"]
 
@@ -61,6 +64,9 @@ def _backend(cfg: Config):
   """The kernel module of cfg.backend, imported on first use (each backend's import is heavy or GPU-bound)."""
   if cfg.backend == "triton":
     return common.load_triton_kernels("pallas_kernels.attention.triton", cfg.interpret)
+  if cfg.backend == "mosaic":
+    from pallas_kernels.attention import mosaic  # pylint: disable=import-outside-toplevel
+    return mosaic
   from pallas_kernels.attention import pallas  # pylint: disable=import-outside-toplevel
   return pallas
 
@@ -117,9 +123,9 @@ def _pad_axis(x, axis, length):
   return jnp.pad(x, widths)
 
 
-def _fit_blocks(blocks: BlockSizes, q_len: int, kv_len: int) -> BlockSizes:
-  """Shrink blocks for short sequences (never under 16, Triton's smallest dot)."""
-  fit = lambda block, length: max(16, min(block, common.next_power_of_2(length)))
+def _fit_blocks(blocks: BlockSizes, q_len: int, kv_len: int, smallest: int) -> BlockSizes:
+  """Shrink blocks for short sequences, never under `smallest` (16: Triton's smallest dot; 64: a wgmma's rows)."""
+  fit = lambda block, length: max(smallest, min(block, common.next_power_of_2(length)))
   return dataclasses.replace(
       blocks, block_q=fit(blocks.block_q, q_len), block_k=fit(blocks.block_k, kv_len),
       block_q_bwd=fit(blocks.block_q_bwd, q_len), block_k_bwd=fit(blocks.block_k_bwd, kv_len))
@@ -134,7 +140,8 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
   See the module docstring for the bias kinds and masks, and for the numerics: the T5 bias is float32(rpe_table) *
   log2(e) rounded once in float32 in every tile (2**-23 relative), and its gradient is accumulated in float32 and
   returned in rpe_table's dtype. Differentiable in q, k, v, rpe_table, alibi_slopes and bias (and through the
-  lse). backend: "pallas" or "triton" (see `triton_supports`). interpret: None runs the kernels compiled on a GPU
+  lse). backend: "pallas", "triton" (see `triton_supports`) or "mosaic" (the same cases with 16-bit inputs and
+  head_dim 64 or 128; Hopper). interpret: None runs the kernels compiled on a GPU
   and in their interpreter anywhere else.
   """
   validate(q, k, v, rpe_table, alibi_slopes, bias, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
@@ -142,15 +149,18 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
     raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q.shape[3]}")
   if not scale > 0:  # the kernels take row maxima of q.k before scaling
     raise ValueError(f"scale must be positive; got {scale}")
-  common.check_backend(backend)
-  if backend == "triton" and not triton_supports(alibi_slopes=alibi_slopes, bias=bias, q_positions=q_positions):
-    raise ValueError("backend='triton' takes no alibi_slopes, bias or positions; use backend='pallas'")
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+  if backend != "pallas" and not triton_supports(alibi_slopes=alibi_slopes, bias=bias, q_positions=q_positions):
+    raise ValueError(f"backend={backend!r} takes no alibi_slopes, bias or positions; use backend='pallas'")
+
   interpret = common.resolve_interpret(interpret)
   if not interpret and jax.default_backend() != "gpu":
     raise ValueError("compiled attention kernels (interpret=False) need a GPU")
   batch, q_len, _, head_dim = q.shape
   kv_len = k.shape[1]
-  blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim, interpret, q.dtype, q_len=q_len), q_len, kv_len)
+  blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim, interpret, q.dtype, q_len=q_len, backend=backend),
+                       q_len, kv_len, smallest=64 if backend == "mosaic" else 16)
   q_block = max(blocks.block_q, blocks.block_q_bwd)
   kv_block = max(blocks.block_k, blocks.block_k_bwd)
   q_pad, kv_pad = -(-q_len // q_block) * q_block, -(-kv_len // kv_block) * kv_block

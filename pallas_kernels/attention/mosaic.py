@@ -1,25 +1,35 @@
-"""Flash attention forward as a Pallas Mosaic GPU kernel (Hopper: TMA copies, wgmma, mbarriers), with the T5 bias.
+"""Flash attention, forward and backward, as Pallas Mosaic GPU kernels (Hopper: TMA copies, wgmma, mbarriers),
+with the T5 bias.
 
-A first step towards a FlashAttention-3 style backend: the algorithm of `triton.py`'s forward (base-2 online
-softmax in float32, the T5 bias as far scalars plus precomputed band tiles, causal and segment masks, lse in base 2
-with +inf for rows that see no key, so the Triton backward can consume it), written with Mosaic GPU constructs.
-One warpgroup per program computes one q block of one (batch, head): q is copied once by TMA into swizzled shared
-memory; k, v (and the bias tile in the band, the key segment ids with segments) stream through two shared memory
-slots, block i + 1 copied while block i is computed; q.k^T and p.v are wgmma's into float32 accumulators.
+A first step towards a FlashAttention-3 style backend: the algorithm of `triton.py` (base-2 online softmax in
+float32, the T5 bias as far scalars plus precomputed band tiles, causal and segment masks, lse in base 2 with +inf
+for rows that see no key, per-program partial table gradients), written with Mosaic GPU constructs; `forward` and
+`backward` have triton.py's contracts. One warpgroup per program:
+- forward: one q block of one (batch, head): q is copied once by TMA into swizzled shared memory; k, v (and the
+  bias tile in the band, the key segment ids with segments) stream through two shared memory slots, block i + 1
+  copied while block i is computed; q.k^T and p.v are wgmma's into float32 accumulators.
+- backward, dq kernel: one q block (q, do, lse, delta once), k, v streamed as in the forward; q.k^T, do.v^T and
+  ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket;
+  band tiles take, per bucket, the row sums of ds masked by a precomputed tile of the bucket ids of its shift
+  (loaded like the band bias tile). Each program writes [num_buckets, bq] row sums, which `backward` sums.
+- backward, dk/dv kernel: one kv block (k, v once), q, do, lse, delta (and the band tile, pre-transposed) streamed,
+  on [keys, queries] tiles: k.q^T, p^T.do, v.do^T and ds^T.q are wgmma's.
 
-Supports: no bias or the T5 bias (without positions), causal or not, segment ids (the kv loop narrowed to the
-blocks `segment_block_ranges` keeps). Restrictions (`check`): block_q and block_k multiples of 64, Sq and Sk
-multiples of them (the public function pads), head_dim 64 or 128, 16-bit q, k, v.
+Supports: no bias or the T5 bias (without positions), causal or not, segment ids (the loops narrowed to the blocks
+`segment_block_ranges` keeps). Restrictions (`check`): blocks multiples of 64, Sq and Sk multiples of them (the
+public function pads), head_dim 64 or 128, 16-bit q, k, v.
 
-Run only in Mosaic GPU's interpreter so far (`InterpretGPUParams`, jax 0.10.2 and 0.11.2); the compiled variant
-goes through the Pallas -> Mosaic GPU lowering on a CPU (jax 0.10.2 and 0.11.2), but was never compiled to PTX nor
-run on a GPU. The interpreter lacks a few constructs the compiled kernel uses, so `_Target` swaps them (and only
-them) when interpreting: layout hints, k read transposed by wgmma, p as a wgmma operand in registers. It also
-lacks `pl.run_state`, so each p.v product goes to a fresh accumulator and is added to the running output in
-registers (both targets), instead of accumulating in place as JAX's `attention_mgpu.py` does.
+Run only in Mosaic GPU's interpreter so far (`InterpretGPUParams`, jax 0.10.2 and 0.11.2); the compiled variants
+go through the Pallas -> Mosaic GPU lowering on a CPU (jax 0.10.2 and 0.11.2), but were never compiled to PTX nor
+run on a GPU. The interpreter lacks a few constructs the compiled kernels use, so `_Target` swaps them (and only
+them) when interpreting: layout hints, B operands read transposed by wgmma, A operands in registers. It also lacks
+`pl.run_state`, so each product goes to a fresh accumulator and is added to the running one in registers (both
+targets), instead of accumulating in place as JAX's `attention_mgpu.py` does.
 
-Not done yet: the backward, warp specialization (a producer warpgroup and two consumer warpgroups, as in
-`attention_mgpu.py`), tuning, and the public function's dispatch to this backend.
+Not done yet: speed. The table gradient's one-hot sums (num_buckets masked row sums per band tile, and
+num_buckets row vectors carried in registers) are the simplest correct way, not a fast one; no warp
+specialization (a producer warpgroup and two consumer warpgroups, as in `attention_mgpu.py`), no tuning.
+`flash_attention(..., backend="mosaic")` runs it; nothing chooses it by default until it is measured.
 
 Mosaic GPU is imported when a kernel is built, so importing this module needs no GPU.
 """
@@ -35,7 +45,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.attention.buckets import band_shifts
+from pallas_kernels.attention.buckets import band_shifts, band_tiles
 from pallas_kernels.attention.config import Config, T5Inputs, segment_block_ranges
 
 HEAD_DIMS = (64, 128)
@@ -44,7 +54,8 @@ _SWIZZLE = 128  # bytes: the widest swizzle, conflict-free rows for wgmma and TM
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-  """The static sizes the kernel body needs."""
+  """The static sizes the kernel bodies need."""
+  q_len: int
   kv_len: int
   head_dim: int
   block_q: int
@@ -69,15 +80,38 @@ def _band_bounds(q_start, lo, hi, s: Shape, max_distance: int):
   return band_lo, band_hi
 
 
+def _kv_loop(s: Shape, cfg: Config, t5: bool, segments: bool, kv_range_ref, batch, q_block):
+  """The kv loop of a q block (forward and dq kernels): blocks [lo, hi), the causal mask from first_masked on, the
+  T5 band [band_lo, band_hi) (empty without the bias)."""
+  bq, bk = s.block_q, s.block_k
+  q_start = q_block * bq
+  lo, hi, first_masked = 0, s.kv_len // bk, s.kv_len // bk
+  if cfg.causal:  # blocks from cdiv(q_start + bq, bk) on lie after every query; from (q_start + 1) // bk on, some
+    hi = jnp.minimum(lax.div(q_start + bq + bk - 1, bk), hi)
+    first_masked = lax.div(q_start + 1, bk)
+  if segments:
+    hi = jnp.minimum(hi, kv_range_ref[batch, q_block, 1])
+    lo = jnp.minimum(jnp.maximum(lo, kv_range_ref[batch, q_block, 0]), hi)
+  band_lo = band_hi = hi
+  if t5:
+    band_lo, band_hi = _band_bounds(q_start, lo, hi, s, cfg.max_distance)
+  return lo, hi, first_masked, band_lo, band_hi
+
+
+def _cut(start, stop, split):
+  """[start, stop) cut at split: (end of the first part, start of the second)."""
+  return jnp.minimum(stop, jnp.maximum(split, start)), jnp.maximum(start, jnp.minimum(split, stop))
+
+
 class _Target:
   """What differs between the compiled kernel and Mosaic GPU's interpreter (jax 0.10 to 0.11), which implements
   neither layout hints (`plgpu.layout_cast`, `plgpu.load`) nor wgmma operands other than plain shared memory refs
   (no transposed refs, no A operand in registers).
 
-  Compiled: the FlashAttention-3 operands: k tiles [bk, D] read transposed by wgmma (K-major B), p fed to the
-  p.v wgmma from registers, WGMMA fragment layouts. Interpreted: k pre-transposed in global memory ([B, H, D, Sk],
-  one XLA transpose) and copied as [D, bk] tiles, p staged through a shared memory tile, no layouts. Everything
-  else (copies, barriers, slots, masks, softmax) is the same code in both."""
+  Compiled: the FlashAttention-3 operands: k tiles [bk, D] read transposed by wgmma (K-major B; likewise the
+  backward's v, q and do tiles), p (the backward's p and ds) fed to wgmma from registers, WGMMA fragment layouts.
+  Interpreted: those tiles transposed in registers into a shared memory tile, p (ds) staged through a shared
+  memory tile, no layouts. Everything else (copies, barriers, slots, masks, softmax) is the same code in both."""
 
   def __init__(self, plgpu, interpret: bool):
     self.plgpu, self.interpret = plgpu, interpret
@@ -98,39 +132,35 @@ class _Target:
   def iota(self, shape, dimension):
     return self.cast(lax.broadcasted_iota(jnp.int32, shape, dimension), self.tile)
 
-  def k_global(self, k):
-    return k.transpose(0, 2, 3, 1) if self.interpret else k
-
-  def k_tiles(self, bk: int, head_dim: int, dtype):
-    """The two k slots in shared memory."""
-    return _smem_tile(self.plgpu, (2, head_dim, bk) if self.interpret else (2, bk, head_dim), dtype)
-
-  def k_block(self, pl, k_ref, batch, head, start, bk: int):
-    """The k rows [start, start + bk) of (batch, head) in global memory."""
-    if self.interpret:
-      return k_ref.at[batch, head, :, pl.ds(start, bk)]
-    return k_ref.at[batch, pl.ds(start, bk), head]
-
-  def k_transposed(self, k_tile):
-    """wgmma's B operand for q.k^T: [D, bk]."""
-    return k_tile if self.interpret else k_tile.transpose((1, 0))
-
   def p_scratch(self, bq: int, bk: int, dtype):
     return _smem_tile(self.plgpu, (bq, bk), dtype) if self.interpret else None
 
   def p_operand(self, p, p_smem):
-    """wgmma's A operand for p.v."""
+    """wgmma's A operand for p.v (and the backward's products of p and ds)."""
     if not self.interpret:
       return p
     p_smem[...] = p
     self.plgpu.commit_smem()  # make the generic-proxy stores visible to wgmma
     return p_smem
 
+  def t_scratch(self, rows: int, head_dim: int, dtype):
+    """The staging tile of `transposed` (interpreted only)."""
+    return _smem_tile(self.plgpu, (head_dim, rows), dtype) if self.interpret else None
+
+  def transposed(self, tile, t_smem):
+    """wgmma's B operand x^T of a [rows, D] tile (k for q.k^T; the backward's v, q, do too): read transposed by
+    wgmma, or, interpreted, transposed in registers into the [D, rows] tile t_smem."""
+    if not self.interpret:
+      return tile.transpose((1, 0))
+    t_smem[...] = tile[...].T
+    self.plgpu.commit_smem()
+    return t_smem
+
 
 def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
             q_ref, k_ref, v_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref, kv_range_ref,  # inputs (global memory)
             out_ref, lse_ref,  # outputs (global memory)
-            q_smem, k_smem, v_smem, band_smem, q_seg_smem, kv_seg_smem, lse_smem, p_smem,  # shared memory
+            q_smem, k_smem, v_smem, band_smem, q_seg_smem, kv_seg_smem, lse_smem, p_smem, t_smem,  # shared memory
             q_barrier, q_seg_barrier, k_barriers, v_barriers, band_barriers, kv_seg_barriers):
   """One q block of one (batch, head): the kv loop in the regions of triton._attention_fwd_kernel. Unused
   inputs and scratch (no T5 bias, no segments) are placeholders or None."""
@@ -143,24 +173,13 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
   if segments:
     plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, pl.ds(q_start, bq)], q_seg_smem, q_seg_barrier)
 
-  # The kv loop: [lo, hi), causal mask from first_masked on, T5 band [band_lo, band_hi).
-  lo, hi, first_masked = 0, s.kv_len // bk, s.kv_len // bk
-  if cfg.causal:  # blocks from cdiv(q_start + bq, bk) on lie after every query; from (q_start + 1) // bk on, some
-    hi = jnp.minimum(lax.div(q_start + bq + bk - 1, bk), hi)
-    first_masked = lax.div(q_start + 1, bk)
-  if segments:
-    hi = jnp.minimum(hi, kv_range_ref[batch, q_block, 1])
-    lo = jnp.minimum(jnp.maximum(lo, kv_range_ref[batch, q_block, 0]), hi)
-  band_lo = band_hi = hi
-  if t5:
-    band_lo, band_hi = _band_bounds(q_start, lo, hi, s, cfg.max_distance)
-    band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
+  lo, hi, first_masked, band_lo, band_hi = _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, q_block)
+  band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
 
   def fetch(kv_block):
     """Start the copies of kv block `kv_block` into its slot (kv_block % 2)."""
     slot = lax.rem(kv_block, jnp.int32(2))
-    plgpu.copy_gmem_to_smem(target.k_block(pl, k_ref, batch, head, kv_block * bk, bk), k_smem.at[slot],
-                            k_barriers.at[slot])
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(kv_block * bk, bk), head], k_smem.at[slot], k_barriers.at[slot])
     plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(kv_block * bk, bk), head], v_smem.at[slot], v_barriers.at[slot])
     if segments:
       plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, pl.ds(kv_block * bk, bk)], kv_seg_smem.at[slot],
@@ -193,7 +212,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
     plgpu.barrier_wait(k_barriers.at[slot])
 
     def qk(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, target.k_transposed(k_smem.at[slot]))
+      plgpu.wgmma(acc_ref, q_smem, target.transposed(k_smem.at[slot], t_smem))
       return acc_ref[...]
 
     raw = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -236,10 +255,6 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
         pv, plgpu.ACC((bq, s.head_dim), jnp.float32))
     return acc, m_new, l_i
 
-  def cut(start, stop, split):
-    """[start, stop) cut at split: (end of the first part, start of the second)."""
-    return jnp.minimum(stop, jnp.maximum(split, start)), jnp.maximum(start, jnp.minimum(split, stop))
-
   carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
            target.cast(jnp.full((bq,), common.MASK, jnp.float32), target.row),
            target.cast(jnp.zeros((bq,), jnp.float32), target.row))
@@ -250,7 +265,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
   else:
     regions = ((lo, hi, 0.0, False),)
   for start, stop, far_bias, band in regions:
-    end, masked_start = cut(start, stop, first_masked)
+    end, masked_start = _cut(start, stop, first_masked)
     step = functools.partial(tiles, far_bias=far_bias, band=band)
     carry = lax.fori_loop(start, end, functools.partial(step, masked=segments), carry)
     if cfg.causal:  # blocks from first_masked on cross the diagonal
@@ -270,9 +285,10 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
   plgpu.wait_smem_to_gmem(0)
 
 
-def check(q, k, cfg: Config) -> None:
-  """The restrictions of this kernel (see the module docstring)."""
-  bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+def check(q, k, cfg: Config, backward: bool = False) -> None:
+  """The restrictions of the forward's (or the backward's) kernels (see the module docstring)."""
+  blocks = cfg.blocks
+  bq, bk = (blocks.block_q_bwd, blocks.block_k_bwd) if backward else (blocks.block_q, blocks.block_k)
   if bq % 64 or bk % 64:  # a warpgroup's wgmma covers 64 rows
     raise ValueError(f"the Mosaic GPU kernel needs blocks that are multiples of 64; got {bq}, {bk}")
   if q.shape[1] % bq or k.shape[1] % bk:
@@ -297,7 +313,7 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
   import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
 
   batch, q_len, heads, head_dim = q.shape
-  s = Shape(k.shape[1], head_dim, cfg.blocks.block_q, cfg.blocks.block_k)
+  s = Shape(q_len, k.shape[1], head_dim, cfg.blocks.block_q, cfg.blocks.block_k)
   bq, bk = s.block_q, s.block_k
   placeholder = jnp.zeros((1, 1), jnp.float32)
   segments = q_seg is not None
@@ -312,30 +328,387 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
 
   target = _Target(plgpu, cfg.interpret)
   scratch = [
-      _smem_tile(plgpu, (bq, head_dim), q.dtype), target.k_tiles(bk, head_dim, k.dtype),
+      _smem_tile(plgpu, (bq, head_dim), q.dtype), _smem_tile(plgpu, (2, bk, head_dim), k.dtype),
       _smem_tile(plgpu, (2, bk, head_dim), v.dtype),
       _smem_tile(plgpu, (2, bq, bk), band_dtype) if t5 is not None else None,
       plgpu.SMEM((bq,), jnp.int32) if segments else None,
       plgpu.SMEM((2, bk), jnp.int32) if segments else None,
-      plgpu.SMEM((bq,), jnp.float32), target.p_scratch(bq, bk, q.dtype),
+      plgpu.SMEM((bq,), jnp.float32), target.p_scratch(bq, bk, q.dtype), target.t_scratch(bk, head_dim, k.dtype),
       plgpu.Barrier(), plgpu.Barrier() if segments else None,  # q, its segment ids
       plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),  # k, v slots
       plgpu.Barrier(num_barriers=2) if t5 is not None else None,
       plgpu.Barrier(num_barriers=2) if segments else None,
   ]
+  kernel = functools.partial(_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
+  return _launch(
+      plgpu, cfg, kernel, scratch, (q_len // bq, heads, batch), "q",
+      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
+  )(q, k, v, band, ends, q_seg, kv_seg, kv_range)
+
+
+def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type):
+  """plgpu.kernel over (blocks, heads, batch), in Mosaic GPU's interpreter if cfg.interpret. scratch: a list (the
+  forward) or a dict of keyword arguments (the backward's kernels)."""
+  interpret = None
   if cfg.interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import \
         InterpretGPUParams  # pylint: disable=import-outside-toplevel
     interpret = InterpretGPUParams()
+  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+                      grid_names=(block_axis, "heads", "batch"),
+                      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+
+def _matmul(plgpu, pl, a, b, shape):
+  """a @ b as a wgmma into a fresh float32 accumulator (the interpreter lacks pl.run_state to accumulate in place)."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start, q_seg, k_seg):
+  """The pairs of a masked tile (queries along q_axis) that a query sees: same nonzero segment (q_seg None without
+  segments), key not after the query when causal."""
+  k_axis = 1 - q_axis
+  visible = None
+  if q_seg is not None:
+    q_ids = lax.broadcast_in_dim(q_seg, shape, [q_axis])
+    k_ids = lax.broadcast_in_dim(k_seg, shape, [k_axis])
+    visible = (q_ids == k_ids) & (k_ids != 0)
+  if cfg.causal:
+    causal = target.iota(shape, q_axis) + q_start >= target.iota(shape, k_axis) + k_start
+    visible = causal if visible is None else visible & causal
+  return visible
+
+
+def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, bias, visible):
+  """The backward's p of a tile (triton._tile_probabilities): its base-2 logits against the forward's lse (+inf
+  gives p = 0). bias: the band tile's table entries in float32, else None (far_bias applies); visible: the mask of
+  a masked tile, else None."""
+  scale2 = cfg.scale * common.LOG2E
+  if bias is None and visible is None:  # scale and scalar bias kept apart: one multiply-add per element
+    return jnp.exp2(raw * scale2 + lax.broadcast_in_dim(far_bias - lse, raw.shape, [q_axis]))
+  logits = raw * scale2 + (far_bias if bias is None else bias * common.LOG2E)  # exact entries, as in the forward
+  if visible is not None:
+    logits = jnp.where(visible, logits, common.MASK)
+  return jnp.exp2(logits - lax.broadcast_in_dim(lse, raw.shape, [q_axis]))
+
+
+def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
+               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ids_ref, ends_ref, q_seg_ref, kv_seg_ref,
+               kv_range_ref, dq_ref, parts_ref, **scratch):
+  """dq of one q block of one (batch, head) over the kv loop of the forward (triton._attention_dq_kernel), and
+  with the T5 bias the block's table gradient: per bucket, a [bq] vector of row sums of ds (far tiles add theirs
+  to one bucket; band tiles one masked sum per bucket, with the tile of bucket ids of their shift), written as
+  parts_ref[batch, head, q_block] [num_buckets, bq]. k, v (and band tiles, bucket ids, key segment ids) stream
+  through two slots as in the forward. scratch: shared memory tiles (`*_smem`) and barriers (`*_barrier`, two
+  slots `*_barriers`) by name, without those of absent features."""
+  bq, bk = s.block_q, s.block_k
+  q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
+  q_start = q_block * bq
+  rows = pl.ds(q_start, bq)
+
+  for name, src in (("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
+                    ("lse", lse_ref.at[batch, head, rows]), ("delta", delta_ref.at[batch, head, rows])):
+    plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"], scratch[name + "_barrier"])
+  if segments:
+    plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], scratch["q_seg_smem"], scratch["q_seg_barrier"])
+
+  lo, hi, first_masked, band_lo, band_hi = _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, q_block)
+  band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
+
+  def fetch(kv_block):
+    """Start the copies of kv block `kv_block` into its slot (kv_block % 2)."""
+    slot, cols = lax.rem(kv_block, jnp.int32(2)), pl.ds(kv_block * bk, bk)
+    plgpu.copy_gmem_to_smem(k_ref.at[batch, cols, head], scratch["k_smem"].at[slot], scratch["k_barriers"].at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[batch, cols, head], scratch["v_smem"].at[slot], scratch["v_barriers"].at[slot])
+    if segments:
+      plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, cols], scratch["kv_seg_smem"].at[slot],
+                              scratch["kv_seg_barriers"].at[slot])
+    if t5:
+      @pl.when((kv_block >= band_lo) & (kv_block < band_hi))
+      def _():
+        tile = pl.ds(lax.div(kv_block * bk - q_start - band_first, band_step) * bq, bq)
+        plgpu.copy_gmem_to_smem(band_ref.at[head, tile], scratch["band_smem"].at[slot],
+                                scratch["band_barriers"].at[slot])
+        plgpu.copy_gmem_to_smem(ids_ref.at[tile], scratch["ids_smem"].at[slot], scratch["ids_barriers"].at[slot])
+
+  @pl.when(lo < hi)
+  def _():
+    fetch(lo)
+
+  for name in ("q", "do", "lse", "delta") + (("q_seg",) if segments else ()):
+    plgpu.barrier_wait(scratch[name + "_barrier"])
+  lse, delta = target.load(scratch["lse_smem"], target.row), target.load(scratch["delta_smem"], target.row)
+  q_seg = target.load(scratch["q_seg_smem"], target.row) if segments else None
+
+  def tiles(kv_block, carry, far_bias, band: bool, masked: bool, bucket):
+    """One kv block: dq += ds.k, and the table gradient's row sums (`bucket`: a far region's bucket, or None)."""
+    dq, sums = carry
+    slot = lax.rem(kv_block, jnp.int32(2))
+
+    @pl.when(kv_block + 1 < hi)
+    def _():
+      fetch(kv_block + 1)  # its slot's last reader, block kv_block - 1, has finished (wgmma results are read)
+
+    plgpu.barrier_wait(scratch["k_barriers"].at[slot])
+    raw = _matmul(plgpu, pl, scratch["q_smem"], target.transposed(scratch["k_smem"].at[slot], scratch.get("t_smem")),
+                  (bq, bk))
+    bias = visible = None
+    if band:
+      plgpu.barrier_wait(scratch["band_barriers"].at[slot])
+      bias = target.load(scratch["band_smem"].at[slot], target.tile).astype(jnp.float32)
+    if masked:
+      kv_seg = None
+      if segments:
+        plgpu.barrier_wait(scratch["kv_seg_barriers"].at[slot])
+        kv_seg = target.load(scratch["kv_seg_smem"].at[slot], target.col)
+      visible = _visible(target, cfg, (bq, bk), 0, q_start, kv_block * bk, q_seg, kv_seg)
+    p = _probabilities(cfg, raw, lse, 0, far_bias, bias, visible)
+    plgpu.barrier_wait(scratch["v_barriers"].at[slot])
+    dp = _matmul(plgpu, pl, scratch["do_smem"], target.transposed(scratch["v_smem"].at[slot], scratch.get("t_smem")),
+                 (bq, bk))
+    ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # gradient of the natural-log logits and bias
+    dq = dq + _matmul(plgpu, pl, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")),
+                      scratch["k_smem"].at[slot], (bq, s.head_dim))
+    if band:
+      plgpu.barrier_wait(scratch["ids_barriers"].at[slot])
+      ids = target.load(scratch["ids_smem"].at[slot], target.tile)
+      sums = tuple(total + jnp.where(ids == b, ds, 0.0).sum(axis=1) for b, total in enumerate(sums))
+    elif bucket is not None:
+      sums = sums[:bucket] + (sums[bucket] + ds.sum(axis=1),) + sums[bucket + 1:]
+    return dq, sums
+
+  zero_row = lambda: target.cast(jnp.zeros((bq,), jnp.float32), target.row)
+  carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
+           tuple(zero_row() for _ in range(cfg.num_buckets)) if t5 else ())
+  if t5:
+    left, right = cfg.end_buckets()
+    regions = ((lo, band_lo, ends_ref[head, 0], False, left), (band_lo, band_hi, 0.0, True, None),
+               (band_hi, hi, ends_ref[head, 1], False, right))
   else:
-    interpret = None
-  kernel = functools.partial(_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
-  return plgpu.kernel(
-      kernel,
-      out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
-      scratch_types=scratch,
-      grid=(q_len // bq, heads, batch),
-      grid_names=("q", "heads", "batch"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=interpret,
-  )(q, target.k_global(k), v, band, ends, q_seg, kv_seg, kv_range)
+    regions = ((lo, hi, 0.0, False, None),)
+  for start, stop, far_bias, band, bucket in regions:
+    end, masked_start = _cut(start, stop, first_masked)
+    step = functools.partial(tiles, far_bias=far_bias, band=band, bucket=bucket)
+    carry = lax.fori_loop(start, end, functools.partial(step, masked=segments), carry)
+    if cfg.causal:  # blocks from first_masked on cross the diagonal
+      carry = lax.fori_loop(masked_start, stop, functools.partial(step, masked=True), carry)
+  dq, sums = carry
+
+  scratch["q_smem"][...] = (dq * cfg.scale).astype(q_ref.dtype)  # q is no longer read: its tile stages dq
+  for b, total in enumerate(sums):
+    scratch["parts_smem"].at[b][...] = total
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(scratch["q_smem"], dq_ref.at[batch, rows, head])
+  if t5:
+    plgpu.copy_smem_to_gmem(scratch["parts_smem"], parts_ref.at[batch, head, q_block])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _q_band_bounds(k_start, lo, hi, s: Shape, max_distance: int):
+  """q blocks [band_lo, band_hi) of the T5 band within [lo, hi) for the kv block at k_start (triton._q_band).
+  k_start - first >= 0; a negative k_start - last rounds towards 0 but is clamped to lo >= 0 anyway."""
+  first, step, count = band_shifts(max_distance, s.block_q, s.block_k)
+  last = first + (count - 1) * step
+  band_lo = jnp.minimum(jnp.maximum(lax.div(k_start - last + s.block_q - 1, s.block_q), lo), hi)
+  band_hi = jnp.maximum(jnp.minimum(lax.div(k_start - first, s.block_q) + 1, hi), band_lo)
+  return band_lo, band_hi
+
+
+def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
+                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref,
+                q_range_ref, dk_ref, dv_ref, **scratch):
+  """dk, dv of one kv block of one (batch, head) over its q blocks (triton._attention_dkv_kernel), on [keys,
+  queries] tiles: q, do, lse, delta (and band tiles, pre-transposed, and query segment ids) stream through two
+  slots. The band tile of shift k_start - q_start is read transposed from band_ref [H, count * bk, bq]. scratch as
+  in _dq_kernel."""
+  bq, bk = s.block_q, s.block_k
+  kv_block, head, batch = lax.axis_index("kv"), lax.axis_index("heads"), lax.axis_index("batch")
+  k_start = kv_block * bk
+  keys = pl.ds(k_start, bk)
+
+  plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], scratch["k_smem"], scratch["k_barrier"])
+  plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], scratch["v_smem"], scratch["v_barrier"])
+  if segments:
+    plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], scratch["kv_seg_smem"], scratch["kv_seg_barrier"])
+
+  # The q loop: [lo, hi), the causal mask before first_unmasked, the T5 band [band_lo, band_hi).
+  lo, hi, first_unmasked = 0, s.q_len // bq, 0
+  if cfg.causal:  # q blocks before k_start // bq see no key; before cdiv(k_start + bk - 1, bq), not all
+    lo = lax.div(k_start, bq)
+    first_unmasked = lax.div(k_start + bk - 1 + bq - 1, bq)
+  if segments:
+    hi = jnp.minimum(hi, q_range_ref[batch, kv_block, 1])
+    lo = jnp.minimum(jnp.maximum(lo, q_range_ref[batch, kv_block, 0]), hi)
+  band_lo = band_hi = hi
+  if t5:
+    band_lo, band_hi = _q_band_bounds(k_start, lo, hi, s, cfg.max_distance)
+  band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
+
+  def fetch(q_block):
+    """Start the copies of q block `q_block` into its slot (q_block % 2)."""
+    slot, rows = lax.rem(q_block, jnp.int32(2)), pl.ds(q_block * bq, bq)
+    for name, src in (("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
+                      ("lse", lse_ref.at[batch, head, rows]), ("delta", delta_ref.at[batch, head, rows])):
+      plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[slot], scratch[name + "_barriers"].at[slot])
+    if segments:
+      plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], scratch["q_seg_smem"].at[slot],
+                              scratch["q_seg_barriers"].at[slot])
+    if t5:
+      @pl.when((q_block >= band_lo) & (q_block < band_hi))
+      def _():
+        tile = lax.div(k_start - q_block * bq - band_first, band_step)
+        plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bk, bk)], scratch["band_smem"].at[slot],
+                                scratch["band_barriers"].at[slot])
+
+  @pl.when(lo < hi)
+  def _():
+    fetch(lo)
+
+  for name in ("k", "v") + (("kv_seg",) if segments else ()):
+    plgpu.barrier_wait(scratch[name + "_barrier"])
+  kv_seg = target.load(scratch["kv_seg_smem"], target.row) if segments else None
+
+  def tiles(q_block, carry, far_bias, band: bool, masked: bool):
+    """One q block: dv += p^T.do, dk += ds^T.q on [bk, bq] tiles."""
+    dk, dv = carry
+    slot = lax.rem(q_block, jnp.int32(2))
+
+    @pl.when(q_block + 1 < hi)
+    def _():
+      fetch(q_block + 1)  # its slot's last reader, block q_block - 1, has finished (wgmma results are read)
+
+    plgpu.barrier_wait(scratch["q_barriers"].at[slot])
+    q_tile = scratch["q_smem"].at[slot]
+    raw = _matmul(plgpu, pl, scratch["k_smem"], target.transposed(q_tile, scratch.get("t_smem")), (bk, bq))
+    plgpu.barrier_wait(scratch["lse_barriers"].at[slot])
+    lse = target.load(scratch["lse_smem"].at[slot], target.col)
+    bias = visible = None
+    if band:
+      plgpu.barrier_wait(scratch["band_barriers"].at[slot])
+      bias = target.load(scratch["band_smem"].at[slot], target.tile).astype(jnp.float32)
+    if masked:
+      q_seg = None
+      if segments:
+        plgpu.barrier_wait(scratch["q_seg_barriers"].at[slot])
+        q_seg = target.load(scratch["q_seg_smem"].at[slot], target.col)
+      visible = _visible(target, cfg, (bk, bq), 1, q_block * bq, k_start, q_seg, kv_seg)
+    p = _probabilities(cfg, raw, lse, 1, far_bias, bias, visible)
+    plgpu.barrier_wait(scratch["do_barriers"].at[slot])
+    do_tile = scratch["do_smem"].at[slot]
+    dv = dv + _matmul(plgpu, pl, target.p_operand(p.astype(q_ref.dtype), scratch.get("p_smem")), do_tile,
+                      (bk, s.head_dim))
+    dp = _matmul(plgpu, pl, scratch["v_smem"], target.transposed(do_tile, scratch.get("t_smem")), (bk, bq))
+    plgpu.barrier_wait(scratch["delta_barriers"].at[slot])
+    delta = target.load(scratch["delta_smem"].at[slot], target.col)
+    ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))
+    dk = dk + _matmul(plgpu, pl, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")), q_tile,
+                      (bk, s.head_dim))
+    return dk, dv
+
+  zero = lambda: target.cast(jnp.zeros((bk, s.head_dim), jnp.float32), target.tile)
+  carry = (zero(), zero())
+  # Regions in the order of the q blocks: far right (keys far after the queries), band, far left; or no bias.
+  if t5:
+    regions = ((lo, band_lo, ends_ref[head, 1], False), (band_lo, band_hi, 0.0, True),
+               (band_hi, hi, ends_ref[head, 0], False))
+  else:
+    regions = ((lo, hi, 0.0, False),)
+  for start, stop, far_bias, band in regions:
+    end, unmasked_start = _cut(start, stop, first_unmasked)
+    step = functools.partial(tiles, far_bias=far_bias, band=band)
+    if cfg.causal:  # blocks before first_unmasked cross the diagonal
+      carry = lax.fori_loop(start, end, functools.partial(step, masked=True), carry)
+      start = unmasked_start
+    carry = lax.fori_loop(start, stop, functools.partial(step, masked=segments), carry)
+  dk, dv = carry
+
+  scratch["k_smem"][...] = (dk * cfg.scale).astype(k_ref.dtype)  # k and v are no longer read: they stage dk, dv
+  scratch["v_smem"][...] = dv.astype(v_ref.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(scratch["k_smem"], dk_ref.at[batch, keys, head])
+  plgpu.copy_smem_to_gmem(scratch["v_smem"], dv_ref.at[batch, keys, head])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2,
+             delta):
+  """(dq, dk, dv, per-program table gradients [B, H, Sq / bq, buckets_padded] float32 or None): triton.backward's
+  contract, on block-padded inputs, blocks cfg.blocks.block_q_bwd x block_k_bwd and t5 built for them. lse2 is the
+  forward's (+inf for rows that see no key); delta [B, H, Sq] is rowsum(out * dout) minus the lse cotangent."""
+  del slopes2, bias, q_pos, kv_pos
+  check(q, k, cfg, backward=True)
+  import jax.experimental.pallas as pl  # pylint: disable=import-outside-toplevel
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+
+  batch, q_len, heads, head_dim = q.shape
+  s = Shape(q_len, k.shape[1], head_dim, cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd)
+  bq, bk = s.block_q, s.block_k
+  placeholder = jnp.zeros((1, 1), jnp.float32)
+  segments = q_seg is not None
+  band = band_t = ends = ids = placeholder
+  if t5 is not None:  # far biases [H, 2]; the bucket ids of the band tiles' pairs [count * bq, bk]
+    ends = t5.vector[:, jnp.array([0, 2 * cfg.max_distance])]
+    ids = jnp.asarray(band_tiles(cfg.lut()[None], cfg.max_distance, bq, bk)[0])
+    band = t5.band
+    band_t = band.reshape(heads, -1, bq, bk).swapaxes(2, 3).reshape(heads, -1, bq)  # [keys, queries] tiles
+  kv_range = q_range = jnp.zeros((1, 1, 2), jnp.int32)
+  if segments:
+    kv_range, q_range = segment_block_ranges(q_seg, kv_seg, bq, bk)
+  else:
+    q_seg = kv_seg = jnp.zeros((1, 1), jnp.int32)
+  target = _Target(plgpu, cfg.interpret)
+  slots = lambda: plgpu.Barrier(num_barriers=2)
+  tile = lambda shape, dtype: _smem_tile(plgpu, shape, dtype)
+
+  # dq kernel: q, do, lse, delta (q_seg) once; k, v (band tile, bucket ids, kv_seg) in two slots.
+  scratch = dict(q_smem=tile((bq, head_dim), q.dtype), do_smem=tile((bq, head_dim), dout.dtype),
+                 lse_smem=plgpu.SMEM((bq,), jnp.float32), delta_smem=plgpu.SMEM((bq,), jnp.float32),
+                 k_smem=tile((2, bk, head_dim), k.dtype), v_smem=tile((2, bk, head_dim), v.dtype),
+                 q_barrier=plgpu.Barrier(), do_barrier=plgpu.Barrier(), lse_barrier=plgpu.Barrier(),
+                 delta_barrier=plgpu.Barrier(), k_barriers=slots(), v_barriers=slots())
+  if segments:
+    scratch.update(q_seg_smem=plgpu.SMEM((bq,), jnp.int32), q_seg_barrier=plgpu.Barrier(),
+                   kv_seg_smem=plgpu.SMEM((2, bk), jnp.int32), kv_seg_barriers=slots())
+  if t5 is not None:
+    scratch.update(band_smem=tile((2, bq, bk), band.dtype), band_barriers=slots(),
+                   ids_smem=tile((2, bq, bk), jnp.int32), ids_barriers=slots(),
+                   parts_smem=plgpu.SMEM((cfg.num_buckets, bq), jnp.float32))
+  if cfg.interpret:
+    scratch.update(t_smem=target.t_scratch(bk, head_dim, k.dtype), p_smem=target.p_scratch(bq, bk, q.dtype))
+  parts_shape = (batch, heads, q_len // bq, cfg.num_buckets, bq) if t5 is not None else (1,)
+  kernel = functools.partial(_dq_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
+  dq, rows = _launch(
+      plgpu, cfg, kernel, scratch, (q_len // bq, heads, batch), "q",
+      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(parts_shape, jnp.float32)),
+  )(q, k, v, dout, lse2, delta, band, ids, ends, q_seg, kv_seg, kv_range)
+
+  # dk/dv kernel: k, v (kv_seg) once; q, do, lse, delta (transposed band tile, q_seg) in two slots.
+  scratch = dict(k_smem=tile((bk, head_dim), k.dtype), v_smem=tile((bk, head_dim), v.dtype),
+                 q_smem=tile((2, bq, head_dim), q.dtype), do_smem=tile((2, bq, head_dim), dout.dtype),
+                 lse_smem=plgpu.SMEM((2, bq), jnp.float32), delta_smem=plgpu.SMEM((2, bq), jnp.float32),
+                 k_barrier=plgpu.Barrier(), v_barrier=plgpu.Barrier(), q_barriers=slots(), do_barriers=slots(),
+                 lse_barriers=slots(), delta_barriers=slots())
+  if segments:
+    scratch.update(kv_seg_smem=plgpu.SMEM((bk,), jnp.int32), kv_seg_barrier=plgpu.Barrier(),
+                   q_seg_smem=plgpu.SMEM((2, bq), jnp.int32), q_seg_barriers=slots())
+  if t5 is not None:
+    scratch.update(band_smem=tile((2, bk, bq), band.dtype), band_barriers=slots())
+  if cfg.interpret:
+    scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype), p_smem=target.p_scratch(bk, bq, q.dtype))
+  kernel = functools.partial(_dkv_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
+  dk, dv = _launch(
+      plgpu, cfg, kernel, scratch, (k.shape[1] // bk, heads, batch), "kv",
+      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+  )(q, k, v, dout, lse2, delta, band_t, ends, q_seg, kv_seg, q_range)
+
+  parts = None
+  if t5 is not None:  # the row sums of each program, summed, and padded to buckets_padded
+    parts = jnp.pad(rows.sum(-1), ((0, 0),) * 3 + ((0, cfg.buckets_padded - cfg.num_buckets),))
+  return dq, dk, dv, parts

@@ -57,6 +57,10 @@ _BLOCK_TABLE = {
 # H200 (B=128, H=8, D=64: T5 bias 0.421 -> 0.364 ms, causal 0.409 -> 0.336, no bias 0.223 -> 0.205); at 1,024 the
 # two were level on the H100 (293 vs 299 TFLOP/s), at 4,096 128 rows win (414 vs 390).
 SHORT_ROWS, SHORT_ROWS_BLOCK_Q = 512, 64
+# Mosaic GPU (mosaic.py), compiled or interpreted: every block a multiple of 64, a warpgroup's wgmma rows; forward
+# 64-row q blocks and 128-key blocks as JAX's attention_mgpu takes them. Not measured yet.
+_MOSAIC_BLOCKS = BlockSizes(64, 128, 64, 64)
+_MOSAIC_INTERPRET_BLOCKS = BlockSizes(64, 64, 64, 64)
 # Interpreters (CPU): small tiles, so short test sequences still span several blocks and a padded tail.
 _INTERPRET_BLOCKS = BlockSizes(32, 32, 32, 32)
 
@@ -89,8 +93,11 @@ def table_key(capability: tuple[int, int]) -> tuple[int, int]:
 
 
 def default_block_sizes(head_dim: int, interpret: bool, dtype=jnp.bfloat16,
-                        capability: tuple[int, int] | None = None, q_len: int | None = None) -> BlockSizes:
-  """The blocks for this device (or `capability`), head_dim, input dtype and (if given) query length."""
+                        capability: tuple[int, int] | None = None, q_len: int | None = None,
+                        backend: str = "pallas") -> BlockSizes:
+  """The blocks for this device (or `capability`), head_dim, input dtype, (if given) query length and backend."""
+  if backend == "mosaic":
+    return _MOSAIC_INTERPRET_BLOCKS if interpret else _MOSAIC_BLOCKS
   if interpret:
     return _INTERPRET_BLOCKS
   blocks = _BLOCK_TABLE[table_key(capability or device_capability())][head_dim]

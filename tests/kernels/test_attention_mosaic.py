@@ -1,6 +1,7 @@
-"""The Mosaic GPU attention forward (`attention/mosaic.py`) against the float32 jnp reference: out and lse, on fresh
-random bf16 inputs, with and without the T5 bias, causal or not, with segment ids; and its compiled variant lowered
-for CUDA (on any machine).
+"""The Mosaic GPU attention (`attention/mosaic.py`) against the float32 jnp reference: out and lse of the forward,
+dq, dk, dv and the T5 table gradient of the backward (against jax.vjp, with fresh random cotangents for out and the
+lse), on fresh random bf16 inputs, with and without the T5 bias, causal or not, with segment ids; and the compiled
+variants of its kernels lowered for CUDA (on any machine).
 
 Off GPU the kernel runs in Mosaic GPU's interpreter, which fills every output with NaN before the kernel runs, so
 an element the kernel forgets to write shows up as non-finite (FAT5_INTERPRET as in `checks.py`; compiled, the
@@ -28,6 +29,8 @@ from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relati
 INTERPRETED = INTERPRET is True or (INTERPRET is None and not ON_GPU)
 # bf16 inputs: p is rounded to bf16 for the p.v product and out is bf16 (2**-9 relative each); the lse is float32.
 OUT_TOL, LSE_TOL = 5e-3, 1e-5
+# The backward also rounds ds to bf16 for its products, and dq, dk, dv are bf16 (measured: <= 7e-3).
+GRAD_TOL = 1e-2
 
 # 256 tokens in 64-row blocks: with max_distance 40 every q block has far-left, band and far-right kv blocks
 # (interior blocks all three); with 128, five band tiles per q block.
@@ -60,7 +63,7 @@ def _segment_ids(rng, length):
 
 
 def _case(case, seed, interpret):
-  """(kernel, its inputs, reference keyword arguments) of a case."""
+  """(config, inputs q, k, v, table, segment ids, reference keyword arguments) of a case."""
   head_dim, causal, table_dtype, max_distance, segments, (bq, bk) = CASES[case]
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   q, k, v = (jax.random.normal(key, (BATCH, LENGTH, HEADS, head_dim)).astype(jnp.bfloat16) for key in keys[:3])
@@ -71,24 +74,38 @@ def _case(case, seed, interpret):
     bias = "t5"
     table = jax.random.normal(keys[3], (32, HEADS)).astype(table_dtype)
     t5_kwargs = dict(num_buckets=32, bidirectional=not causal, max_distance=max_distance)
-    ref_kwargs = dict(rpe_table=table.astype(jnp.float32), rpe_bidirectional=not causal,
-                      rpe_max_distance=max_distance)
+    ref_kwargs = dict(rpe_bidirectional=not causal, rpe_max_distance=max_distance)
   cfg = Config(bias_mode=bias, causal=causal, scale=1.0, has_segments=segments, has_positions=False,
                blocks=BlockSizes(bq, bk, bq, bk), interpret=interpret, backend="mosaic", **t5_kwargs)
+  return cfg, (q, k, v, table, ids), dict(causal=causal, q_segment_ids=ids, kv_segment_ids=ids, **ref_kwargs)
 
+
+def _forward(cfg):
   def kernel(q, k, v, table, ids):
-    t5, _ = kernel_inputs(cfg, table, None, bq, bk)
+    t5, _ = kernel_inputs(cfg, table, None, cfg.blocks.block_q, cfg.blocks.block_k)
     return mosaic.forward(cfg, q, k, v, t5, q_seg=ids, kv_seg=ids)
 
-  return jax.jit(kernel), (q, k, v, table, ids), dict(causal=causal, **ref_kwargs)
+  return jax.jit(kernel)
+
+
+def _gradients(cfg):
+  """The forward, then the backward as `attention._backward` runs it: (dq, dk, dv, dtable or None)."""
+  def kernel(q, k, v, table, ids, dout, dlse2):
+    out, lse2 = _forward(cfg)(q, k, v, table, ids)
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32)) - dlse2 * common.LOG2E
+    t5, _ = kernel_inputs(cfg, table, None, cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd)
+    dq, dk, dv, parts = mosaic.backward(cfg, q, k, v, t5, None, None, ids, ids, None, None, dout, lse2, delta)
+    return dq, dk, dv, None if parts is None else jnp.sum(parts, axis=(0, 2))[:, :cfg.num_buckets].T
+
+  return jax.jit(kernel)
 
 
 def _run(case, seed):
-  kernel, (q, k, v, table, ids), ref_kwargs = _case(case, seed, INTERPRETED)
+  cfg, (q, k, v, table, ids), ref_kwargs = _case(case, seed, INTERPRETED)
   poison_device_memory()
-  out, lse2 = kernel(q, k, v, table, ids)
+  out, lse2 = _forward(cfg)(q, k, v, table, ids)
   wide = lambda x: x.astype(jnp.float32)
-  ref_out, ref_lse = reference.attention(wide(q), wide(k), wide(v), q_segment_ids=ids, kv_segment_ids=ids,
+  ref_out, ref_lse = reference.attention(wide(q), wide(k), wide(v), rpe_table=None if table is None else wide(table),
                                          return_lse=True, **ref_kwargs)
   return (np.asarray(out, np.float32), np.asarray(lse2)), (np.asarray(ref_out), np.asarray(ref_lse)), ids
 
@@ -112,15 +129,45 @@ def test_forward_matches_reference(case):
   assert out_error < OUT_TOL, out_error
 
 
-@pytest.mark.parametrize("case", ["t5_causal", "t5_head_dim_128", "t5_bf16_table", "t5_packed_causal",
+@pytest.mark.parametrize("case", list(CASES))
+def test_backward_matches_reference(case):
+  cfg, (q, k, v, table, ids), ref_kwargs = _case(case, seed=len(case), interpret=INTERPRETED)
+  wide = lambda x: x.astype(jnp.float32)
+  reference_fn = lambda q, k, v, table: reference.attention(q, k, v, rpe_table=table, return_lse=True, **ref_kwargs)
+  (ref_out, ref_lse), vjp = jax.vjp(reference_fn, wide(q), wide(k), wide(v), None if table is None else wide(table))
+  keys = jax.random.split(jax.random.PRNGKey(len(case) + 1))
+  dout = jax.random.normal(keys[0], ref_out.shape).astype(q.dtype)
+  # An lse cotangent too (delta's second term), none on the rows that see no key (their lse is -inf).
+  dlse = jnp.where(jnp.isneginf(ref_lse), 0.0, jax.random.normal(keys[1], ref_lse.shape))
+  refs = vjp((wide(dout), dlse))
+  poison_device_memory()
+  # lse = lse2 * ln(2): the cotangent of the kernel's lse2 is dlse * ln(2).
+  grads = _gradients(cfg)(q, k, v, table, ids, dout, dlse * common.LN2)
+  assert (grads[3] is None) == (table is None)
+  for name, grad, ref in zip(("dq", "dk", "dv", "dtable"), grads, refs):
+    if ref is None:
+      continue
+    grad = np.asarray(grad, np.float32)
+    chex.assert_shape(grad, ref.shape)
+    chex.assert_tree_all_finite(grad)
+    if ids is not None and name != "dtable":  # padding: no query, no key, no gradient
+      np.testing.assert_array_equal(grad[np.asarray(ids) == 0], 0.0)
+    error = relative_error(grad, ref)
+    assert error < GRAD_TOL, (name, error)
+
+
+@pytest.mark.parametrize("case", ["plain", "t5_causal", "t5_head_dim_128", "t5_bf16_table", "t5_packed_causal",
                                   "t5_tall_q_blocks"])
-def test_compiled_kernel_lowers_for_cuda(case):
-  """The compiled variant (with what the interpreter cannot run: layouts, k transposed by wgmma, p in registers)
-  goes through the Pallas -> Mosaic GPU lowering, down to NVVM operations (wgmma, TMA, mbarriers), on a CPU: this
-  catches unsupported layouts, operands and shared memory overflows without a GPU."""
-  kernel, args, _ = _case(case, seed=0, interpret=False)
-  text = kernel.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+def test_compiled_kernels_lower_for_cuda(case):
+  """The compiled variants of the three kernels (with what the interpreter cannot run: layouts, operands read
+  transposed by wgmma, p and ds in registers) go through the Pallas -> Mosaic GPU lowering, down to NVVM
+  operations (wgmma, TMA, mbarriers), on a CPU: this catches unsupported layouts, operands and shared memory
+  overflows without a GPU."""
+  cfg, args, _ = _case(case, seed=0, interpret=False)
+  q = args[0]
+  lse = jnp.zeros((BATCH, HEADS, LENGTH), jnp.float32)
+  text = _gradients(cfg).trace(*args, q, lse).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 3, text.count("mosaic_gpu")
 
 
 def test_rejects_what_it_does_not_support():
