@@ -9,9 +9,11 @@ for rows that see no key, per-program partial table gradients), written with Mos
   bias tile in the band, the key segment ids with segments) stream through two shared memory slots, block i + 1
   copied while block i is computed; q.k^T and p.v are wgmma's into float32 accumulators.
 - backward, dq kernel: one q block (q, do, lse, delta once), k, v streamed as in the forward; q.k^T, do.v^T and
-  ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket;
-  band tiles take, per bucket, the row sums of ds masked by a precomputed tile of the bucket ids of its shift
-  (loaded like the band bias tile). Each program writes [num_buckets, bq] row sums, which `backward` sums.
+  ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket
+  (carried in registers); band tiles take, for each bucket their shift can hold (one or two ranges of bucket ids,
+  precomputed per shift), the row sums of ds masked by a precomputed int8 tile of the bucket ids of its shift
+  (loaded like the band bias tile), added to that bucket's row of a [num_buckets, bq] shared memory tile, which
+  each program writes once and `backward` sums.
 - backward, dk/dv kernel: one kv block (k, v once), q, do, lse, delta (and the band tile, pre-transposed) streamed,
   on [keys, queries] tiles: k.q^T, p^T.do, v.do^T and ds^T.q are wgmma's.
 
@@ -26,9 +28,11 @@ them) when interpreting: layout hints, B operands read transposed by wgmma, A op
 `pl.run_state`, so each product goes to a fresh accumulator and is added to the running one in registers (both
 targets), instead of accumulating in place as JAX's `attention_mgpu.py` does.
 
-Not done yet: speed. The table gradient's one-hot sums (num_buckets masked row sums per band tile, and
-num_buckets row vectors carried in registers) are the simplest correct way, not a fast one; no warp
-specialization (a producer warpgroup and two consumer warpgroups, as in `attention_mgpu.py`), no tuning.
+Not done yet: speed. The table gradient's band sums are still one masked row sum of the tile per bucket the
+tile holds (only those since the bucket ranges per shift: e.g. 61 instead of 160 over the five band shifts of
+max_distance 128 in 64 x 64 tiles, bidirectional; little fewer where one tile holds nearly every bucket, as the
+diagonal tile of a causal max_distance 40), not a cheaper contraction; no warp specialization (a producer
+warpgroup and two consumer warpgroups, as in `attention_mgpu.py`), no tuning.
 `flash_attention(..., backend="mosaic")` runs it; nothing chooses it by default until it is measured.
 
 Mosaic GPU is imported when a kernel is built, so importing this module needs no GPU.
@@ -43,6 +47,7 @@ import inspect
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import common
 from pallas_kernels.attention.buckets import band_shifts, band_tiles
@@ -63,9 +68,11 @@ class Shape:
 
 
 def _smem_tile(plgpu, shape, dtype):
-  """A shared memory tile laid out for TMA and wgmma: 8-row tiles as wide as one 128-byte swizzle."""
-  minor = _SWIZZLE // jnp.dtype(dtype).itemsize
-  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(_SWIZZLE)))
+  """A shared memory tile laid out for TMA and wgmma: 8-row tiles as wide as one 128-byte swizzle (as one row of
+  the tile if that is narrower: the 8-bit bucket ids' 64-key rows)."""
+  swizzle = min(_SWIZZLE, shape[-1] * jnp.dtype(dtype).itemsize)
+  minor = swizzle // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, minor)), plgpu.SwizzleTransform(swizzle)))
 
 
 def _band_bounds(q_start, lo, hi, s: Shape, max_distance: int):
@@ -400,12 +407,13 @@ def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, bias, visible):
 
 
 def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
-               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ids_ref, ends_ref, q_seg_ref, kv_seg_ref,
-               kv_range_ref, dq_ref, parts_ref, **scratch):
+               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ids_ref, ranges_ref, ends_ref, q_seg_ref,
+               kv_seg_ref, kv_range_ref, dq_ref, parts_ref, **scratch):
   """dq of one q block of one (batch, head) over the kv loop of the forward (triton._attention_dq_kernel), and
   with the T5 bias the block's table gradient: per bucket, a [bq] vector of row sums of ds (far tiles add theirs
-  to one bucket; band tiles one masked sum per bucket, with the tile of bucket ids of their shift), written as
-  parts_ref[batch, head, q_block] [num_buckets, bq]. k, v (and band tiles, bucket ids, key segment ids) stream
+  to one bucket; band tiles one masked sum per bucket in the ranges_ref [count, 4] ranges of their shift, with its
+  tile of bucket ids), accumulated in parts_smem and written as parts_ref[batch, head, q_block] [num_buckets,
+  bq]. k, v (and band tiles, bucket ids, key segment ids) stream
   through two slots as in the forward. scratch: shared memory tiles (`*_smem`) and barriers (`*_barrier`, two
   slots `*_barriers`) by name, without those of absent features."""
   bq, bk = s.block_q, s.block_k
@@ -447,9 +455,12 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
   lse, delta = target.load(scratch["lse_smem"], target.row), target.load(scratch["delta_smem"], target.row)
   q_seg = target.load(scratch["q_seg_smem"], target.row) if segments else None
 
+  parts_smem = scratch.get("parts_smem")
+
   def tiles(kv_block, carry, far_bias, band: bool, masked: bool, bucket):
-    """One kv block: dq += ds.k, and the table gradient's row sums (`bucket`: a far region's bucket, or None)."""
-    dq, sums = carry
+    """One kv block: dq += ds.k, and the table gradient's row sums (`bucket`: a far region's bucket, whose sum is
+    carried, or None)."""
+    dq, far = carry
     slot = lax.rem(kv_block, jnp.int32(2))
 
     @pl.when(kv_block + 1 < hi)
@@ -477,17 +488,35 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
     dq = dq + _matmul(plgpu, pl, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")),
                       scratch["k_smem"].at[slot], (bq, s.head_dim))
     if band:
+      # The tile of shift kv_block * bk - q_start holds only the distances shift - (bq - 1) ... shift + bk - 1,
+      # and buckets are monotone in the distance on each side of 0: its buckets are one or two ranges
+      # (ranges_ref [count, 4], from its tile of ids), not all num_buckets. One masked row sum per bucket of those
+      # ranges, added to that bucket's row of parts_smem (read-modify-write, the bucket dynamic); the others would
+      # add exactly 0, so the sums are the same, in the same order. Masked sums per band tile: its number of
+      # buckets (max_distance 128, 64 x 64 tiles: 2, 15, 27, 15, 2 over the five shifts, 61 instead of 160;
+      # causal, over the three shifts it visits: 6, 31, 27, 64 instead of 96; max_distance 40: 61 / 96
+      # bidirectional, 63 / 64 causal), each for 2 row accesses of shared memory (a few registers a thread), plus
+      # 4 scalar loads and one warpgroup barrier per tile; and a far row vector carried in registers instead of
+      # num_buckets row vectors (2 * num_buckets registers a thread at bq = 64).
       plgpu.barrier_wait(scratch["ids_barriers"].at[slot])
-      ids = target.load(scratch["ids_smem"].at[slot], target.tile)
-      sums = tuple(total + jnp.where(ids == b, ds, 0.0).sum(axis=1) for b, total in enumerate(sums))
-    elif bucket is not None:
-      sums = sums[:bucket] + (sums[bucket] + ds.sum(axis=1),) + sums[bucket + 1:]
-    return dq, sums
+      ids = target.load(scratch["ids_smem"].at[slot], target.tile).astype(jnp.int32)
+      shift = lax.div(kv_block * bk - q_start - band_first, band_step)
+      plgpu.commit_smem()  # the rows' last writers (replicas of a row, other threads) are seen by their readers
 
-  zero_row = lambda: target.cast(jnp.zeros((bq,), jnp.float32), target.row)
-  carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
-           tuple(zero_row() for _ in range(cfg.num_buckets)) if t5 else ())
-  if t5:
+      def add(b, unused):
+        row = parts_smem.at[b]
+        row[...] = target.load(row, target.row) + jnp.where(ids == b, ds, 0.0).sum(axis=1)
+        return unused
+
+      for r in range(2):
+        lax.fori_loop(ranges_ref[shift, 2 * r], ranges_ref[shift, 2 * r + 1], add, ())
+    elif bucket is not None:
+      far = far + ds.sum(axis=1)
+    return dq, far
+
+  dq = target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile)
+  if t5:  # the row sums accumulate in parts_smem [num_buckets, bq], copied out once
+    parts_smem[...] = jnp.zeros((cfg.num_buckets, bq), jnp.float32)
     left, right = cfg.end_buckets()
     regions = ((lo, band_lo, ends_ref[head, 0], False, left), (band_lo, band_hi, 0.0, True, None),
                (band_hi, hi, ends_ref[head, 1], False, right))
@@ -496,19 +525,39 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
   for start, stop, far_bias, band, bucket in regions:
     end, masked_start = _cut(start, stop, first_masked)
     step = functools.partial(tiles, far_bias=far_bias, band=band, bucket=bucket)
-    carry = lax.fori_loop(start, end, functools.partial(step, masked=segments), carry)
+    far = ()
+    if bucket is not None:  # a far region's bucket sum in registers, from and back to its row (same order of sums)
+      plgpu.commit_smem()
+      far = target.load(parts_smem.at[bucket], target.row)
+    dq, far = lax.fori_loop(start, end, functools.partial(step, masked=segments), (dq, far))
     if cfg.causal:  # blocks from first_masked on cross the diagonal
-      carry = lax.fori_loop(masked_start, stop, functools.partial(step, masked=True), carry)
-  dq, sums = carry
+      dq, far = lax.fori_loop(masked_start, stop, functools.partial(step, masked=True), (dq, far))
+    if bucket is not None:
+      parts_smem.at[bucket][...] = far
 
   scratch["q_smem"][...] = (dq * cfg.scale).astype(q_ref.dtype)  # q is no longer read: its tile stages dq
-  for b, total in enumerate(sums):
-    scratch["parts_smem"].at[b][...] = total
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(scratch["q_smem"], dq_ref.at[batch, rows, head])
   if t5:
     plgpu.copy_smem_to_gmem(scratch["parts_smem"], parts_ref.at[batch, head, q_block])
   plgpu.wait_smem_to_gmem(0)
+
+
+def _bucket_ranges(ids, bq: int):
+  """[count, 4] int32: per band shift, two bucket ranges [r0, r1), [r2, r3) that cover the bucket ids of its tile
+  (of ids [count * bq, bk]): the ids' runs of consecutive values, at most two (T5 buckets are monotone in the
+  distance on each side of 0); more runs would be covered by merging all but the last (still exact: the buckets
+  in between add 0)."""
+  ranges = []
+  for tile in ids.reshape(-1, bq, ids.shape[-1]):
+    present = np.unique(tile)
+    cut = np.flatnonzero(np.diff(present) > 1)
+    starts, stops = np.append(present[:1], present[cut + 1]), np.append(present[cut] + 1, present[-1:] + 1)
+    if len(starts) == 1:
+      ranges.append((starts[0], stops[0], stops[0], stops[0]))
+    else:
+      ranges.append((starts[0], stops[-2], starts[-1], stops[-1]))
+  return np.asarray(ranges, np.int32)
 
 
 def _q_band_bounds(k_start, lo, hi, s: Shape, max_distance: int):
@@ -652,10 +701,14 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   bq, bk = s.block_q, s.block_k
   placeholder = jnp.zeros((1, 1), jnp.float32)
   segments = q_seg is not None
-  band = band_t = ends = ids = placeholder
-  if t5 is not None:  # far biases [H, 2]; the bucket ids of the band tiles' pairs [count * bq, bk]
+  band = band_t = ends = ids = ranges = placeholder
+  # 8-bit bucket ids: a quarter of an int32 tile's shared memory and copy bytes (2 slots of 64 x 64: 8 KiB instead
+  # of 32); widened to int32 in registers once per tile. 64-key rows take a 64-byte swizzle (`_smem_tile`).
+  ids_dtype = jnp.int8 if cfg.num_buckets <= 128 else jnp.int16
+  if t5 is not None:  # far biases [H, 2]; the bucket ids of the band tiles' pairs [count * bq, bk], their ranges
     ends = t5.vector[:, jnp.array([0, 2 * cfg.max_distance])]
-    ids = jnp.asarray(band_tiles(cfg.lut()[None], cfg.max_distance, bq, bk)[0])
+    bucket_ids = np.asarray(band_tiles(cfg.lut()[None], cfg.max_distance, bq, bk)[0])
+    ids, ranges = jnp.asarray(bucket_ids.astype(ids_dtype)), jnp.asarray(_bucket_ranges(bucket_ids, bq))
     band = t5.band
     band_t = band.reshape(heads, -1, bq, bk).swapaxes(2, 3).reshape(heads, -1, bq)  # [keys, queries] tiles
   kv_range = q_range = jnp.zeros((1, 1, 2), jnp.int32)
@@ -678,7 +731,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
                    kv_seg_smem=plgpu.SMEM((2, bk), jnp.int32), kv_seg_barriers=slots())
   if t5 is not None:
     scratch.update(band_smem=tile((2, bq, bk), band.dtype), band_barriers=slots(),
-                   ids_smem=tile((2, bq, bk), jnp.int32), ids_barriers=slots(),
+                   ids_smem=tile((2, bq, bk), ids_dtype), ids_barriers=slots(),
                    parts_smem=plgpu.SMEM((cfg.num_buckets, bq), jnp.float32))
   if cfg.interpret:
     scratch.update(t_smem=target.t_scratch(bk, head_dim, k.dtype), p_smem=target.p_scratch(bq, bk, q.dtype))
@@ -687,7 +740,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   dq, rows = _launch(
       plgpu, cfg, kernel, scratch, (q_len // bq, heads, batch), "q",
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(parts_shape, jnp.float32)),
-  )(q, k, v, dout, lse2, delta, band, ids, ends, q_seg, kv_seg, kv_range)
+  )(q, k, v, dout, lse2, delta, band, ids, ranges, ends, q_seg, kv_seg, kv_range)
 
   # dk/dv kernel: k, v (kv_seg) once; q, do, lse, delta (transposed band tile, q_seg) in two slots.
   scratch = dict(k_smem=tile((bk, head_dim), k.dtype), v_smem=tile((bk, head_dim), v.dtype),

@@ -21,7 +21,7 @@ pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params",
 
 # pylint: disable=wrong-import-position
 from pallas_kernels import common
-from pallas_kernels.attention import mosaic, reference
+from pallas_kernels.attention import buckets, mosaic, reference
 from pallas_kernels.attention.config import Config, kernel_inputs
 from pallas_kernels.attention.tuning import BlockSizes
 from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
@@ -186,3 +186,20 @@ def test_rejects_what_it_does_not_support():
     mosaic.check(jnp.zeros((1, 64, 1, 32), jnp.bfloat16), jnp.zeros((1, 64, 1, 32), jnp.bfloat16), plain)
   with pytest.raises(ValueError, match="16-bit"):
     mosaic.check(q.astype(jnp.float32), q.astype(jnp.float32), plain)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("max_distance, blocks", [(40, (64, 64)), (128, (64, 64)), (128, (128, 64)), (128, (64, 128))])
+def test_band_bucket_ranges_are_the_tiles_buckets(bidirectional, max_distance, blocks):
+  """The dq kernel sums a band tile's ds only over the bucket ranges of its shift: they must hold every bucket id
+  of the tile (a missing one drops its gradient) and here, T5 buckets being monotone on each side of distance 0,
+  nothing else (at most two runs)."""
+  bq, bk = blocks
+  lut = buckets.padded_lut(bidirectional, 32, max_distance)
+  ids = np.asarray(buckets.band_tiles(lut[None], max_distance, bq, bk)[0])
+  ranges = mosaic._bucket_ranges(ids, bq)  # pylint: disable=protected-access
+  _, _, count = buckets.band_shifts(max_distance, bq, bk)
+  chex.assert_shape(ranges, (count, 4))
+  for tile, (r0, r1, r2, r3) in zip(ids.reshape(count, bq, bk), ranges):
+    assert r0 <= r1 <= r2 <= r3, (r0, r1, r2, r3)
+    np.testing.assert_array_equal(np.unique(tile), np.union1d(np.arange(r0, r1), np.arange(r2, r3)))
