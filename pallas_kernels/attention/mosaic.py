@@ -105,9 +105,15 @@ def _kv_loop(s: Shape, cfg: Config, t5: bool, segments: bool, kv_range_ref, batc
   return lo, hi, first_masked, band_lo, band_hi
 
 
-def _cut(start, stop, split):
-  """[start, stop) cut at split: (end of the first part, start of the second)."""
-  return jnp.minimum(stop, jnp.maximum(split, start)), jnp.maximum(start, jnp.minimum(split, stop))
+def _walk_region(step, carry, start, stop, split, causal: bool, segments: bool, masked_first: bool):
+  """step(block, carry, masked=) over the blocks [start, stop) of one region. Causal, the blocks on one side of
+  `split` cross the diagonal and are masked: those before it if masked_first (the dk/dv kernel's q blocks), else
+  those from it on (the forward's and the dq kernel's kv blocks). Segment ids mask every block."""
+  if not causal:
+    return lax.fori_loop(start, stop, functools.partial(step, masked=segments), carry)
+  end, resume = jnp.minimum(stop, jnp.maximum(split, start)), jnp.maximum(start, jnp.minimum(split, stop))
+  carry = lax.fori_loop(start, end, functools.partial(step, masked=masked_first or segments), carry)
+  return lax.fori_loop(resume, stop, functools.partial(step, masked=not masked_first or segments), carry)
 
 
 class _Target:
@@ -272,11 +278,8 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
   else:
     regions = ((lo, hi, 0.0, False),)
   for start, stop, far_bias, band in regions:
-    end, masked_start = _cut(start, stop, first_masked)
-    step = functools.partial(tiles, far_bias=far_bias, band=band)
-    carry = lax.fori_loop(start, end, functools.partial(step, masked=segments), carry)
-    if cfg.causal:  # blocks from first_masked on cross the diagonal
-      carry = lax.fori_loop(masked_start, stop, functools.partial(step, masked=True), carry)
+    carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop, first_masked,
+                         cfg.causal, segments, masked_first=False)
   acc, m_i, l_i = carry
 
   # Rows that saw no key (m_i still MASK) summed p = 1 over masked keys: out 0, lse +inf.
@@ -406,6 +409,26 @@ def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, bias, visible):
   return jnp.exp2(logits - lax.broadcast_in_dim(lse, raw.shape, [q_axis]))
 
 
+def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, raw, lse, far_bias, band: bool,
+                            masked: bool, q_axis: int, q_start, k_start, ids):
+  """_probabilities of a backward tile with what streams through `slot` beside its operands: the band tile (band
+  tiles), and with segments (`ids`: the resident side's ids and the scratch name of the walked side's, "kv_seg" in
+  the dq kernel, "q_seg" in the dk/dv kernel) the walked blocks' segment ids (masked tiles)."""
+  bias = visible = None
+  if band:
+    plgpu.barrier_wait(scratch["band_barriers"].at[slot])
+    bias = target.load(scratch["band_smem"].at[slot], target.tile).astype(jnp.float32)
+  if masked:
+    q_seg = k_seg = None
+    if ids is not None:
+      resident, walked_name = ids
+      plgpu.barrier_wait(scratch[f"{walked_name}_barriers"].at[slot])
+      walked = target.load(scratch[f"{walked_name}_smem"].at[slot], target.col)
+      q_seg, k_seg = (resident, walked) if q_axis == 0 else (walked, resident)
+    visible = _visible(target, cfg, raw.shape, q_axis, q_start, k_start, q_seg, k_seg)
+  return _probabilities(cfg, raw, lse, q_axis, far_bias, bias, visible)
+
+
 def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ids_ref, ranges_ref, ends_ref, q_seg_ref,
                kv_seg_ref, kv_range_ref, dq_ref, parts_ref, **scratch):
@@ -470,17 +493,8 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
     plgpu.barrier_wait(scratch["k_barriers"].at[slot])
     raw = _matmul(plgpu, pl, scratch["q_smem"], target.transposed(scratch["k_smem"].at[slot], scratch.get("t_smem")),
                   (bq, bk))
-    bias = visible = None
-    if band:
-      plgpu.barrier_wait(scratch["band_barriers"].at[slot])
-      bias = target.load(scratch["band_smem"].at[slot], target.tile).astype(jnp.float32)
-    if masked:
-      kv_seg = None
-      if segments:
-        plgpu.barrier_wait(scratch["kv_seg_barriers"].at[slot])
-        kv_seg = target.load(scratch["kv_seg_smem"].at[slot], target.col)
-      visible = _visible(target, cfg, (bq, bk), 0, q_start, kv_block * bk, q_seg, kv_seg)
-    p = _probabilities(cfg, raw, lse, 0, far_bias, bias, visible)
+    p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 0, q_start,
+                                kv_block * bk, (q_seg, "kv_seg") if segments else None)
     plgpu.barrier_wait(scratch["v_barriers"].at[slot])
     dp = _matmul(plgpu, pl, scratch["do_smem"], target.transposed(scratch["v_smem"].at[slot], scratch.get("t_smem")),
                  (bq, bk))
@@ -523,15 +537,12 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
   else:
     regions = ((lo, hi, 0.0, False, None),)
   for start, stop, far_bias, band, bucket in regions:
-    end, masked_start = _cut(start, stop, first_masked)
-    step = functools.partial(tiles, far_bias=far_bias, band=band, bucket=bucket)
     far = ()
     if bucket is not None:  # a far region's bucket sum in registers, from and back to its row (same order of sums)
       plgpu.commit_smem()
       far = target.load(parts_smem.at[bucket], target.row)
-    dq, far = lax.fori_loop(start, end, functools.partial(step, masked=segments), (dq, far))
-    if cfg.causal:  # blocks from first_masked on cross the diagonal
-      dq, far = lax.fori_loop(masked_start, stop, functools.partial(step, masked=True), (dq, far))
+    dq, far = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band, bucket=bucket), (dq, far), start,
+                           stop, first_masked, cfg.causal, segments, masked_first=False)
     if bucket is not None:
       parts_smem.at[bucket][...] = far
 
@@ -638,17 +649,8 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
     raw = _matmul(plgpu, pl, scratch["k_smem"], target.transposed(q_tile, scratch.get("t_smem")), (bk, bq))
     plgpu.barrier_wait(scratch["lse_barriers"].at[slot])
     lse = target.load(scratch["lse_smem"].at[slot], target.col)
-    bias = visible = None
-    if band:
-      plgpu.barrier_wait(scratch["band_barriers"].at[slot])
-      bias = target.load(scratch["band_smem"].at[slot], target.tile).astype(jnp.float32)
-    if masked:
-      q_seg = None
-      if segments:
-        plgpu.barrier_wait(scratch["q_seg_barriers"].at[slot])
-        q_seg = target.load(scratch["q_seg_smem"].at[slot], target.col)
-      visible = _visible(target, cfg, (bk, bq), 1, q_block * bq, k_start, q_seg, kv_seg)
-    p = _probabilities(cfg, raw, lse, 1, far_bias, bias, visible)
+    p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 1,
+                                q_block * bq, k_start, (kv_seg, "q_seg") if segments else None)
     plgpu.barrier_wait(scratch["do_barriers"].at[slot])
     do_tile = scratch["do_smem"].at[slot]
     dv = dv + _matmul(plgpu, pl, target.p_operand(p.astype(q_ref.dtype), scratch.get("p_smem")), do_tile,
@@ -670,12 +672,8 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
   else:
     regions = ((lo, hi, 0.0, False),)
   for start, stop, far_bias, band in regions:
-    end, unmasked_start = _cut(start, stop, first_unmasked)
-    step = functools.partial(tiles, far_bias=far_bias, band=band)
-    if cfg.causal:  # blocks before first_unmasked cross the diagonal
-      carry = lax.fori_loop(start, end, functools.partial(step, masked=True), carry)
-      start = unmasked_start
-    carry = lax.fori_loop(start, stop, functools.partial(step, masked=segments), carry)
+    carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop, first_unmasked,
+                         cfg.causal, segments, masked_first=True)
   dk, dv = carry
 
   scratch["k_smem"][...] = (dk * cfg.scale).astype(k_ref.dtype)  # k and v are no longer read: they stage dk, dv
