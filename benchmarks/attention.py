@@ -48,7 +48,8 @@ from pallas_kernels.attention import BlockSizes, default_block_sizes, flash_atte
 from pallas_kernels.attention.config import segment_block_ranges
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
-METHODS = ("ours_t5", "ours_t5_pallas", "ours_t5_mosaic", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none", "pallas_none", "mgpu_none")
+METHODS = ("ours_t5", "ours_t5_pallas", "ours_t5_mosaic", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none",
+           "pallas_none", "mgpu_none")
 
 
 def methods(causal, block_sizes=None):
@@ -98,9 +99,9 @@ def methods(causal, block_sizes=None):
     return dict(q_segment_ids=ids, kv_segment_ids=ids)
 
   return dict(
-      ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, backend="pallas"), ours_t5_mosaic=functools.partial(ours_t5, backend="mosaic"),
-      ours_none=ours_none,
-      xla_t5=xla_t5, cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none, mgpu_none=mgpu_none,
+      ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, backend="pallas"),
+      ours_t5_mosaic=functools.partial(ours_t5, backend="mosaic"), ours_none=ours_none, xla_t5=xla_t5,
+      cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none, mgpu_none=mgpu_none,
       ours_t5_packed=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, False)),
       ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, backend="pallas", **packed(q, True)),
       ours_t5_documents=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, document_ids(q.shape[1]))),
@@ -324,8 +325,8 @@ def main():
     common.print_table(results["rows"], ["head_dim", "seq_len", "causal", "method", "fwd_tflops", "fwd_bwd_tflops",
                                          "fwd_ms", "fwd_bwd_ms"])
     common.print_table(ratios(results["rows"]), ["head_dim", "seq_len", "causal", "fwd_vs_cudnn_none",
-                                                 "fwd_bwd_vs_pallas_none", "fwd_bwd_vs_cudnn_t5", "fwd_bwd_vs_mgpu_none",
-                                                 "mosaic_fwd_vs_cudnn_none"])
+                                                 "fwd_bwd_vs_pallas_none", "fwd_bwd_vs_cudnn_t5",
+                                                 "fwd_bwd_vs_mgpu_none", "mosaic_fwd_vs_cudnn_none"])
   for r in results.get("memory", []):
     print(f"memory S={r['seq_len']} {r['method']}: runs={r['runs']} compiled={r.get('compiled_bytes', 0) / 2**30:.2f}"
           f" GiB {r.get('error', '')}")

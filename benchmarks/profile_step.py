@@ -176,11 +176,11 @@ def _idle_before_us(events: list[dict], categories: list[str]) -> dict[str, floa
   """Idle device time (us) between kernels, each idle stretch charged to the category of the kernel that ends it:
   what the GPU was waiting for the host to launch."""
   idle = collections.defaultdict(float)
-  end = None
+  end = float("inf")  # no idle stretch before the first kernel
   for e, category in sorted(zip(events, categories), key=lambda pair: pair[0]["ts"]):
-    if end is not None and e["ts"] > end:
+    if e["ts"] > end:
       idle[category] += e["ts"] - end
-    end = max(end if end is not None else e["ts"], e["ts"] + e["dur"])
+    end = e["ts"] + e["dur"] if end == float("inf") else max(end, e["ts"] + e["dur"])
   return idle
 
 

@@ -27,9 +27,9 @@ def resolve_interpret(interpret: bool | None) -> bool:
   return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
 
 
-def check_backend(backend: str) -> str:
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+def check_backend(backend: str, backends: tuple[str, ...] = BACKENDS) -> str:
+  if backend not in backends:
+    raise ValueError(f"backend must be one of {backends}; got {backend!r}")
   return backend
 
 

@@ -149,11 +149,9 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
     raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q.shape[3]}")
   if not scale > 0:  # the kernels take row maxima of q.k before scaling
     raise ValueError(f"scale must be positive; got {scale}")
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+  common.check_backend(backend, BACKENDS)
   if backend != "pallas" and not triton_supports(alibi_slopes=alibi_slopes, bias=bias, q_positions=q_positions):
     raise ValueError(f"backend={backend!r} takes no alibi_slopes, bias or positions; use backend='pallas'")
-
   interpret = common.resolve_interpret(interpret)
   if not interpret and jax.default_backend() != "gpu":
     raise ValueError("compiled attention kernels (interpret=False) need a GPU")

@@ -170,6 +170,30 @@ class _Target:
     return t_smem
 
 
+def _matmul(plgpu, pl, a, b, shape):
+  """a @ b as a wgmma into a fresh float32 accumulator (the interpreter lacks pl.run_state to accumulate in place)."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b)
+    return acc_ref[...]
+
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start, q_seg, k_seg):
+  """The pairs of a masked tile (queries along q_axis) that a query sees: same nonzero segment (q_seg None without
+  segments), key not after the query when causal."""
+  k_axis = 1 - q_axis
+  visible = None
+  if q_seg is not None:
+    q_ids = lax.broadcast_in_dim(q_seg, shape, [q_axis])
+    k_ids = lax.broadcast_in_dim(k_seg, shape, [k_axis])
+    visible = (q_ids == k_ids) & (k_ids != 0)
+  if cfg.causal:
+    causal = target.iota(shape, q_axis) + q_start >= target.iota(shape, k_axis) + k_start
+    visible = causal if visible is None else visible & causal
+  return visible
+
+
 def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
             q_ref, k_ref, v_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref, kv_range_ref,  # inputs (global memory)
             out_ref, lse_ref,  # outputs (global memory)
@@ -209,6 +233,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
     fetch(lo)
 
   plgpu.barrier_wait(q_barrier)
+  q_seg = None
   if segments:
     plgpu.barrier_wait(q_seg_barrier)
     q_seg = target.load(q_seg_smem, target.row)
@@ -224,11 +249,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
 
     plgpu.barrier_wait(k_barriers.at[slot])
 
-    def qk(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, target.transposed(k_smem.at[slot], t_smem))
-      return acc_ref[...]
-
-    raw = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+    raw = _matmul(plgpu, pl, q_smem, target.transposed(k_smem.at[slot], t_smem), (bq, bk))
     if band or masked:
       logits = raw * scale2
       if band:  # exact table entries: times log2(e) in float32, the far tiles' value
@@ -238,18 +259,11 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
       else:
         logits = logits + far_bias
       if masked:
-        visible = None
+        kv_seg = None
         if segments:
           plgpu.barrier_wait(kv_seg_barriers.at[slot])
           kv_seg = target.load(kv_seg_smem.at[slot], target.col)
-          q_ids = lax.broadcast_in_dim(q_seg, (bq, bk), [0])
-          k_ids = lax.broadcast_in_dim(kv_seg, (bq, bk), [1])
-          visible = (q_ids == k_ids) & (k_ids != 0)
-        if cfg.causal:
-          rows = target.iota((bq, bk), 0) + q_start
-          cols = target.iota((bq, bk), 1) + kv_block * bk
-          causal = rows >= cols
-          visible = causal if visible is None else visible & causal
+        visible = _visible(target, cfg, (bq, bk), 0, q_start, kv_block * bk, q_seg, kv_seg)
         logits = jnp.where(visible, logits, common.MASK)
       m_new = jnp.maximum(m_i, logits.max(axis=1))
       p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
@@ -260,12 +274,8 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
     l_i = l_i * correction + p.sum(axis=1)
     plgpu.barrier_wait(v_barriers.at[slot])
 
-    def pv(acc_ref):
-      plgpu.wgmma(acc_ref, target.p_operand(p.astype(q_ref.dtype), p_smem), v_smem.at[slot])
-      return acc_ref[...]
-
-    acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + pl.run_scoped(
-        pv, plgpu.ACC((bq, s.head_dim), jnp.float32))
+    acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + _matmul(
+        plgpu, pl, target.p_operand(p.astype(q_ref.dtype), p_smem), v_smem.at[slot], (bq, s.head_dim))
     return acc, m_new, l_i
 
   carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
@@ -370,30 +380,6 @@ def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type
 
 
 # ---------------------------------------------------------------------------------------------- backward
-
-
-def _matmul(plgpu, pl, a, b, shape):
-  """a @ b as a wgmma into a fresh float32 accumulator (the interpreter lacks pl.run_state to accumulate in place)."""
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-    return acc_ref[...]
-
-  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start, q_seg, k_seg):
-  """The pairs of a masked tile (queries along q_axis) that a query sees: same nonzero segment (q_seg None without
-  segments), key not after the query when causal."""
-  k_axis = 1 - q_axis
-  visible = None
-  if q_seg is not None:
-    q_ids = lax.broadcast_in_dim(q_seg, shape, [q_axis])
-    k_ids = lax.broadcast_in_dim(k_seg, shape, [k_axis])
-    visible = (q_ids == k_ids) & (k_ids != 0)
-  if cfg.causal:
-    causal = target.iota(shape, q_axis) + q_start >= target.iota(shape, k_axis) + k_start
-    visible = causal if visible is None else visible & causal
-  return visible
 
 
 def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, bias, visible):
