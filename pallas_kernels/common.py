@@ -151,9 +151,9 @@ def triton_call(*args, kernel, out_shape, grid, num_warps: int, num_stages: int,
   """
   shapes = out_shape if isinstance(out_shape, (list, tuple)) else [out_shape]
   if not interpret:
-    import jax_triton as jt  # GPU only: jax-triton 0.3 refuses to import on a CPU jaxlib
     if TRITON_LAUNCH not in TRITON_LAUNCHES:
       raise ValueError(f"FAT5_TRITON_LAUNCH must be one of {TRITON_LAUNCHES}; got {TRITON_LAUNCH!r}")
+    import jax_triton as jt  # GPU only: jax-triton 0.3 refuses to import on a CPU jaxlib
     if TRITON_LAUNCH == "ffi":
       _launch_through_ffi()
     return jt.triton_call(*args, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps,

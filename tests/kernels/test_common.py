@@ -1,6 +1,9 @@
-"""pallas_kernels/common.py: the FFI form of a Triton launch (the launch itself needs a GPU)."""
+"""pallas_kernels/common.py: the FFI form of a Triton launch and the launch switch's check (the launch itself needs
+a GPU)."""
 
 import zlib
+
+import pytest
 
 from jax._src.interpreters import mlir
 from jax._src.lib.mlir import ir
@@ -26,3 +29,9 @@ def test_a_legacy_triton_call_becomes_an_ffi_call_with_the_same_opaque():
     assert ir.IntegerAttr(attributes["api_version"]).value == 4
     assert ir.StringAttr(ir.DictAttr(attributes["backend_config"])["opaque"]).value_bytes == opaque
     assert module.operation.verify()
+
+
+def test_an_unknown_launch_is_one_clear_error_before_any_gpu_work(monkeypatch):
+  monkeypatch.setattr(common, "TRITON_LAUNCH", "graph")
+  with pytest.raises(ValueError, match="FAT5_TRITON_LAUNCH must be one of"):
+    common.triton_call(kernel=None, out_shape=None, grid=(1,), num_warps=4, num_stages=2, interpret=False)
