@@ -14,7 +14,9 @@ Methods, all measured in one run on the same random inputs (bf16, B x S x H x D)
 - pallas_none:    JAX's own Pallas attention (jax.experimental.pallas.ops.gpu.attention.mha), no bias
 - mgpu_none:      JAX's own Mosaic GPU attention for Hopper (jax.experimental.pallas.ops.gpu.attention_mgpu:
                   warp-specialized, TMA, wgmma; FlashAttention-3's design), no bias: 64-row q blocks, 128-key
-                  blocks, 2 stages; Hopper only (elsewhere its row records the error)
+                  blocks, 2 stages, 64 x 64 backward blocks; Hopper only (elsewhere its row records the error). Its shared memory buffers
+                  are float16 in jax 0.11.2 (bf16 inputs fail), so it runs on float16 copies of the inputs, made
+                  outside the timing: wgmma takes both 16-bit types at the same rate
 - ours_t5_packed[_positions]: ours on rows packed with 4 segments, without / with per-segment positions (same
                   result; TFLOP/s counted as for unpacked rows; with positions only Pallas runs), only when named
                   in --methods
@@ -83,7 +85,8 @@ def methods(causal, block_sizes=None):
   def mgpu_none(q, k, v, table):
     del table
     from jax.experimental.pallas.ops.gpu import attention_mgpu  # pylint: disable=import-outside-toplevel
-    config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal)
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=causal,
+                                         block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
     return attention_mgpu.attention(q, k, v, config)
 
   def packed(q, with_positions):
@@ -141,9 +144,14 @@ def fwd_bwd(fn):
   return run
 
 
-def _args(s, mode):
+# Methods whose kernels take only float16 inputs (see the docstring).
+FLOAT16_ONLY = ("mgpu_none",)
+
+
+def _args(s, mode, name):
   names = ("q", "k", "v", "table") + (("ct",) if mode == "fwd_bwd" else ())
-  return tuple(s[n] for n in names)
+  cast = jnp.float16 if name in FLOAT16_ONLY else jnp.bfloat16
+  return tuple(s[n] if n == "table" else s[n].astype(cast) for n in names)
 
 
 def is_oom(err):
@@ -164,7 +172,7 @@ def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=Non
                                                                                q_len=seq_len))
     for mode, f, flops in (("fwd", fn, flops_fwd), ("fwd_bwd", fwd_bwd(fn), 3.5 * flops_fwd)):
       try:
-        t = common.time_ms(jax.jit(f), [_args(s, mode) for s in sets])
+        t = common.time_ms(jax.jit(f), [_args(s, mode, name) for s in sets])
         row[f"{mode}_ms"], row[f"{mode}_spread"] = t["median_ms"], (t["max_ms"] - t["min_ms"]) / t["median_ms"]
         row[f"{mode}_tflops"] = flops / t["median_ms"] / 1e9
       except Exception as err:  # noqa: BLE001  (a baseline failing must not stop the run)
@@ -202,10 +210,10 @@ def memory_sweep(seq_lens):
         continue
       row = dict(method=name, seq_len=seq_len, batch=1, heads=8, head_dim=64)
       try:
-        memory = common.compiled_memory(fwd_bwd(fn), *_args(s, "fwd_bwd"))
+        memory = common.compiled_memory(fwd_bwd(fn), *_args(s, "fwd_bwd", name))
         row["compiled_bytes"] = sum(memory.values())
         row["temp_bytes"] = memory["temp_bytes"]
-        t = common.time_ms(jax.jit(fwd_bwd(fn)), [_args(s, "fwd_bwd")], samples=3, calls=2)
+        t = common.time_ms(jax.jit(fwd_bwd(fn)), [_args(s, "fwd_bwd", name)], samples=3, calls=2)
         row["fwd_bwd_ms"], row["runs"] = t["median_ms"], True
       except Exception as err:  # noqa: BLE001
         row["runs"] = False

@@ -106,42 +106,6 @@ def _repair_triton_interpreter() -> None:
   interpreter.pallas_kernels_repaired = True
 
 
-# How raw Triton kernels reach the GPU (issue 17, to be settled by a measurement, then this switch removed):
-# "legacy", jax-triton 0.3.1's own custom call `triton_kernel_call`, which XLA runs outside its command buffers
-# and whose opaque (the kernel's compressed PTX and IR, 37 KiB for the T5 forward) jaxlib looks up at every launch;
-# or "ffi", the same opaque through jaxlib's typed FFI call `triton_kernel_call_ffi` (what Pallas' Triton lowering
-# emits from jaxlib 0.11 on), parsed once at initialization and marked command-buffer compatible in jaxlib's source.
-TRITON_LAUNCHES = ("legacy", "ffi")
-TRITON_LAUNCH = os.environ.get("FAT5_TRITON_LAUNCH", "legacy")
-
-
-def as_ffi_call(op) -> None:
-  """Turns a lowered `triton_kernel_call` custom call (opaque in backend_config, API version 2) into
-  `triton_kernel_call_ffi` (opaque as an attribute, API version 4), in place."""
-  from jax._src.lib.mlir import ir  # pylint: disable=import-outside-toplevel
-  op = getattr(op, "operation", op)
-  opaque = ir.StringAttr(op.attributes["backend_config"]).value_bytes
-  op.attributes["call_target_name"] = ir.StringAttr.get("triton_kernel_call_ffi")
-  op.attributes["api_version"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32), 4)
-  op.attributes["backend_config"] = ir.DictAttr.get({"opaque": ir.StringAttr.get(opaque)})
-
-
-@functools.lru_cache(maxsize=None)
-def _launch_through_ffi() -> None:
-  """Wraps jax-triton's CUDA lowering once so that every kernel it emits is an FFI call."""
-  from jax._src.interpreters import mlir  # pylint: disable=import-outside-toplevel
-  from jax_triton import triton_lib  # pylint: disable=import-outside-toplevel
-  entry = mlir._platform_specific_lowerings["cuda"][triton_lib.triton_kernel_call_p]  # pylint: disable=protected-access
-  legacy = getattr(entry, "rule", entry)
-
-  def lowering(ctx, *args, **params):
-    results = legacy(ctx, *args, **params)
-    as_ffi_call(results[0].owner)
-    return results
-
-  mlir.register_lowering(triton_lib.triton_kernel_call_p, lowering, platform="cuda")
-
-
 def triton_call(*args, kernel, out_shape, grid, num_warps: int, num_stages: int, interpret: bool, **constants):
   """Launch `kernel[grid](*args, *outputs, **constants)` on JAX arrays; returns the outputs like jax-triton.
 
@@ -151,11 +115,7 @@ def triton_call(*args, kernel, out_shape, grid, num_warps: int, num_stages: int,
   """
   shapes = out_shape if isinstance(out_shape, (list, tuple)) else [out_shape]
   if not interpret:
-    if TRITON_LAUNCH not in TRITON_LAUNCHES:
-      raise ValueError(f"FAT5_TRITON_LAUNCH must be one of {TRITON_LAUNCHES}; got {TRITON_LAUNCH!r}")
     import jax_triton as jt  # GPU only: jax-triton 0.3 refuses to import on a CPU jaxlib
-    if TRITON_LAUNCH == "ffi":
-      _launch_through_ffi()
     return jt.triton_call(*args, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps,
                           num_stages=num_stages, **constants)
   if type(kernel).__name__ != "InterpretedFunction":

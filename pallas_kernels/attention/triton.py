@@ -26,6 +26,11 @@ _MASK = tl.constexpr(common.MASK)
 _LOG2E = tl.constexpr(common.LOG2E)
 # Regions of the kv (or q) loop: the tiles before the T5 band (one bucket), the band, the tiles after it.
 _NO_BIAS, _FAR_LEFT, _BAND, _FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+# The forward's band loop streams a float32 [bq, bk] bias tile beside k and v. Pipelined as deep as the far loops
+# (3 stages) it took the whole kernel from 96 to 128 KiB of shared memory (D=64, 128 x 64 blocks, compiled for sm90):
+# one program per SM instead of two, and the forward fell from 382 to 289 TFLOP/s at S=4,096 on the H200
+# (benchmarks/notes_attention.md). Two stages keep it at 80 KiB, and the forward at 385 TFLOP/s.
+_FWD_BAND_STAGES = tl.constexpr(2)
 
 
 # ------------------------------------------------------------------------------------------------ tiles
@@ -164,7 +169,7 @@ def _fwd_tiles(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_pt
                PRECISION: tl.constexpr):
   """Online softmax over kv blocks [lo, hi), all of one region and one masking."""
   offs_d = tl.arange(0, HEAD_DIM)
-  for kv_block in tl.range(lo, hi):
+  for kv_block in tl.range(lo, hi, num_stages=_FWD_BAND_STAGES if REGION == _BAND else None):
     k_start = kv_block * BLOCK_K
     k_idx = k_start + tl.arange(0, BLOCK_K)
     rows = k_idx[:, None] * ROW_STRIDE + offs_d[None, :]
