@@ -14,9 +14,9 @@ Methods, all measured in one run on the same random inputs (bf16, B x S x H x D)
 - pallas_none:    JAX's own Pallas attention (jax.experimental.pallas.ops.gpu.attention.mha), no bias
 - mgpu_none:      JAX's own Mosaic GPU attention for Hopper (jax.experimental.pallas.ops.gpu.attention_mgpu:
                   warp-specialized, TMA, wgmma; FlashAttention-3's design), no bias: 64-row q blocks, 128-key
-                  blocks, 2 stages, 64 x 64 backward blocks; Hopper only (elsewhere its row records the error). Its shared memory buffers
-                  are float16 in jax 0.11.2 (bf16 inputs fail), so it runs on float16 copies of the inputs, made
-                  outside the timing: wgmma takes both 16-bit types at the same rate
+                  blocks, 2 stages, 64 x 64 backward blocks; Hopper only (elsewhere its row records the error).
+                  Its shared memory buffers are float16 in jax 0.11.2 (bf16 inputs fail), so it runs on float16
+                  copies of the inputs, made outside the timing: wgmma takes both 16-bit types at the same rate
 - ours_t5_packed[_positions]: ours on rows packed with 4 segments, without / with per-segment positions (same
                   result; TFLOP/s counted as for unpacked rows; with positions only Pallas runs), only when named
                   in --methods

@@ -176,11 +176,12 @@ def _idle_before_us(events: list[dict], categories: list[str]) -> dict[str, floa
   """Idle device time (us) between kernels, each idle stretch charged to the category of the kernel that ends it:
   what the GPU was waiting for the host to launch."""
   idle = collections.defaultdict(float)
-  end = float("inf")  # no idle stretch before the first kernel
-  for e, category in sorted(zip(events, categories), key=lambda pair: pair[0]["ts"]):
+  ordered = sorted(zip(events, categories), key=lambda pair: pair[0]["ts"])
+  end = ordered[0][0]["ts"] if ordered else 0.0  # no idle stretch before the first kernel
+  for e, category in ordered:
     if e["ts"] > end:
       idle[category] += e["ts"] - end
-    end = e["ts"] + e["dur"] if end == float("inf") else max(end, e["ts"] + e["dur"])
+    end = max(end, e["ts"] + e["dur"])
   return idle
 
 

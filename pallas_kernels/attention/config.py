@@ -26,7 +26,7 @@ class Config:
   has_positions: bool
   blocks: BlockSizes
   interpret: bool
-  backend: str = "pallas"  # or "triton"; "mosaic" for mosaic.forward, not yet behind the public function
+  backend: str = "pallas"  # or "triton" or "mosaic" (__init__.BACKENDS)
   num_buckets: int = 0
   bidirectional: bool = True
   max_distance: int = 0
