@@ -4,10 +4,14 @@ with the T5 bias.
 A first step towards a FlashAttention-3 style backend: the algorithm of `triton.py` (base-2 online softmax in
 float32, the T5 bias as far scalars plus precomputed band tiles, causal and segment masks, lse in base 2 with +inf
 for rows that see no key, per-program partial table gradients), written with Mosaic GPU constructs; `forward` and
-`backward` have triton.py's contracts. One warpgroup per program:
-- forward: one q block of one (batch, head): q is copied once by TMA into swizzled shared memory; k, v (and the
-  bias tile in the band, the key segment ids with segments) stream through two shared memory slots, block i + 1
-  copied while block i is computed; q.k^T and p.v are wgmma's into float32 accumulators.
+`backward` have triton.py's contracts.
+- forward, warp specialized as JAX's `attention_mgpu.py`: two q blocks of one (batch, head) per program, one per
+  consumer warpgroup, which copies its q once by TMA into swizzled shared memory; a producer warpgroup streams k, v
+  (the key segment ids with segments, each consumer's bias tile in its band) through two shared memory slots,
+  refilling a slot once both consumers have released it, so the copies of the next block run while the consumers
+  compute; q.k^T and p.v are wgmma's into float32 accumulators. Both consumers walk the union of their kv loops
+  (the other's blocks only awaited and released: every barrier phase is observed by each of its waiters).
+One warpgroup per program in the backward:
 - backward, dq kernel: one q block (q, do, lse, delta once), k, v streamed as in the forward; q.k^T, do.v^T and
   ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket
   (carried in registers); band tiles take, for each bucket their shift can hold (one or two ranges of bucket ids,
@@ -31,8 +35,9 @@ targets), instead of accumulating in place as JAX's `attention_mgpu.py` does.
 Not done yet: speed. The table gradient's band sums are still one masked row sum of the tile per bucket the
 tile holds (only those since the bucket ranges per shift: e.g. 61 instead of 160 over the five band shifts of
 max_distance 128 in 64 x 64 tiles, bidirectional; little fewer where one tile holds nearly every bucket, as the
-diagonal tile of a causal max_distance 40), not a cheaper contraction; no warp specialization (a producer
-warpgroup and two consumer warpgroups, as in `attention_mgpu.py`), no tuning.
+diagonal tile of a causal max_distance 40), not a cheaper contraction; the backward is not warp specialized; no
+tuning. The interpreter runs the forward's three warpgroups as concurrent XLA:CPU executions: tests/conftest.py
+widens XLA's CPU thread pool for them.
 `flash_attention(..., backend="mosaic")` runs it; nothing chooses it by default until it is measured.
 
 Mosaic GPU is imported when a kernel is built, so importing this module needs no GPU.
@@ -145,8 +150,9 @@ class _Target:
   def iota(self, shape, dimension):
     return self.cast(lax.broadcasted_iota(jnp.int32, shape, dimension), self.tile)
 
-  def p_scratch(self, bq: int, bk: int, dtype):
-    return _smem_tile(self.plgpu, (bq, bk), dtype) if self.interpret else None
+  def p_scratch(self, bq: int, bk: int, dtype, leading=()):
+    """The staging tile of `p_operand` (interpreted only), one per index of `leading` (the forward's consumers)."""
+    return _smem_tile(self.plgpu, (*leading, bq, bk), dtype) if self.interpret else None
 
   def p_operand(self, p, p_smem):
     """wgmma's A operand for p.v (and the backward's products of p and ds)."""
@@ -156,9 +162,9 @@ class _Target:
     self.plgpu.commit_smem()  # make the generic-proxy stores visible to wgmma
     return p_smem
 
-  def t_scratch(self, rows: int, head_dim: int, dtype):
-    """The staging tile of `transposed` (interpreted only)."""
-    return _smem_tile(self.plgpu, (head_dim, rows), dtype) if self.interpret else None
+  def t_scratch(self, rows: int, head_dim: int, dtype, leading=()):
+    """The staging tile of `transposed` (interpreted only), one per index of `leading`."""
+    return _smem_tile(self.plgpu, (*leading, head_dim, rows), dtype) if self.interpret else None
 
   def transposed(self, tile, t_smem):
     """wgmma's B operand x^T of a [rows, D] tile (k for q.k^T; the backward's v, q, do too): read transposed by
@@ -194,115 +200,194 @@ def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start,
   return visible
 
 
+_CONSUMERS = 2  # forward: warpgroups that each own one q block of a program; one more issues the copies
+_PRODUCER = _CONSUMERS  # the copying warpgroup's index
+_STAGES = 2  # forward: shared memory slots of the streamed kv blocks
+
+
+def _union(a, b):
+  """The smallest kv range [lo, hi) holding the ranges a and b, an empty one ignored."""
+  (lo_a, hi_a), (lo_b, hi_b) = a, b
+  a_empty, b_empty = lo_a >= hi_a, lo_b >= hi_b
+  lo = jnp.where(a_empty, lo_b, jnp.where(b_empty, lo_a, jnp.minimum(lo_a, lo_b)))
+  hi = jnp.where(a_empty, hi_b, jnp.where(b_empty, hi_a, jnp.maximum(hi_a, hi_b)))
+  return lo, hi
+
+
 def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
             q_ref, k_ref, v_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref, kv_range_ref,  # inputs (global memory)
             out_ref, lse_ref,  # outputs (global memory)
             q_smem, k_smem, v_smem, band_smem, q_seg_smem, kv_seg_smem, lse_smem, p_smem, t_smem,  # shared memory
-            q_barrier, q_seg_barrier, k_barriers, v_barriers, band_barriers, kv_seg_barriers):
-  """One q block of one (batch, head): the kv loop in the regions of triton._attention_fwd_kernel. Unused
-  inputs and scratch (no T5 bias, no segments) are placeholders or None."""
+            q_barriers, q_seg_barriers, k_barriers, v_barriers, band_barriers, kv_seg_barriers, consumed_barriers):
+  """Two q blocks of one (batch, head), warp specialized: consumer warpgroup c < _CONSUMERS runs the kv loop of
+  q block _CONSUMERS * program + c in the regions of triton._attention_fwd_kernel; the producer warpgroup streams
+  the kv blocks of the union of their loops through _STAGES slots. Both consumers walk every block of the union
+  (the ones outside their own loop only waited for and released), so each observes every phase of the shared
+  barriers. Unused inputs and scratch (no T5 bias, no segments) are placeholders or None.
+
+  Barrier counts, per kv block j of the union [u_lo, u_hi) in slot j % _STAGES:
+  - k, v (kv_seg) slots: one TMA arrival (the producer's copy); waited once by each consumer.
+  - band slot of consumer c (2 * c + slot): one TMA arrival for j in c's band; waited once by c for j in its band.
+  - consumed slot: one arrival by each consumer once it has read the slot (num_arrivals=_CONSUMERS); waited once
+    by the producer: before copying block j + _STAGES into the slot, or at the end (the last _STAGES blocks).
+  - q (q_seg) of consumer c: one TMA arrival, one wait by c."""
   bq, bk = s.block_q, s.block_k
-  q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
-  q_start = q_block * bq
+  program, head, batch, wg = (lax.axis_index(name) for name in ("q", "heads", "batch", "wg"))
+  q_blocks = s.q_len // bq
   scale2 = cfg.scale * common.LOG2E
-
-  plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, bq), head], q_smem, q_barrier)
-  if segments:
-    plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, pl.ds(q_start, bq)], q_seg_smem, q_seg_barrier)
-
-  lo, hi, first_masked, band_lo, band_hi = _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, q_block)
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
 
-  def fetch(kv_block):
-    """Start the copies of kv block `kv_block` into its slot (kv_block % 2)."""
-    slot = lax.rem(kv_block, jnp.int32(2))
-    plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(kv_block * bk, bk), head], k_smem.at[slot], k_barriers.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[batch, pl.ds(kv_block * bk, bk), head], v_smem.at[slot], v_barriers.at[slot])
-    if segments:
-      plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, pl.ds(kv_block * bk, bk)], kv_seg_smem.at[slot],
-                              kv_seg_barriers.at[slot])
-    if t5:
-      @pl.when((kv_block >= band_lo) & (kv_block < band_hi))
+  def loop_of(q_block):
+    """_kv_loop of q_block, empty where the last program has one q block only."""
+    bounds = _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, jnp.minimum(q_block, q_blocks - 1))
+    return tuple(jnp.where(q_block < q_blocks, x, 0) for x in bounds)
+
+  loops = [loop_of(_CONSUMERS * program + c) for c in range(_CONSUMERS)]
+  u_lo, u_hi = _union(*((lo, hi) for lo, hi, *_ in loops))
+
+  @pl.when(wg == _PRODUCER)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")  # issuing copies needs few: the consumers take the rest
+
+    def fetch(kv_block):
+      """Start the copies of kv block `kv_block` into its slot."""
+      slot = lax.rem(kv_block, jnp.int32(_STAGES))
+      keys = pl.ds(kv_block * bk, bk)
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_smem.at[slot], k_barriers.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot], v_barriers.at[slot])
+      if segments:
+        plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], kv_seg_smem.at[slot], kv_seg_barriers.at[slot])
+      if t5:
+        for c, (_, _, _, band_lo, band_hi) in enumerate(loops):
+          @pl.when((kv_block >= band_lo) & (kv_block < band_hi))
+          def _():
+            tile = lax.div(kv_block * bk - (_CONSUMERS * program + c) * bq - band_first, band_step)
+            plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bq, bq)], band_smem.at[_STAGES * c + slot],
+                                    band_barriers.at[_STAGES * c + slot])
+
+    def wait_consumed(kv_block):
+      plgpu.barrier_wait(consumed_barriers.at[lax.rem(kv_block, jnp.int32(_STAGES))])
+
+    @pl.loop(u_lo, u_hi)
+    def _(kv_block):
+      @pl.when(kv_block >= u_lo + _STAGES)
       def _():
-        tile = lax.div(kv_block * bk - q_start - band_first, band_step)
-        plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bq, bq)], band_smem.at[slot],
-                                band_barriers.at[slot])
+        wait_consumed(kv_block - _STAGES)  # the slot's previous block is read by both consumers
 
-  @pl.when(lo < hi)
-  def _():
-    fetch(lo)
+      fetch(kv_block)
 
-  plgpu.barrier_wait(q_barrier)
-  q_seg = None
-  if segments:
-    plgpu.barrier_wait(q_seg_barrier)
-    q_seg = target.load(q_seg_smem, target.row)
+    # The last blocks' releases: unneeded for the copies, but each completion of a barrier is observed by every
+    # warpgroup that waits on it (the interpreter checks it), and the consumers have finished reading here.
+    pl.loop(jnp.maximum(u_lo, u_hi - _STAGES), u_hi)(wait_consumed)
 
-  def tiles(kv_block, carry, far_bias, band: bool, masked: bool):
-    """One online softmax step on kv block `kv_block`."""
-    acc, m_i, l_i = carry
-    slot = lax.rem(kv_block, jnp.int32(2))
+  @pl.when(wg < _CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_block = _CONSUMERS * program + wg
+    exists = q_block < q_blocks
+    q_start = q_block * bq
+    rows = pl.ds(q_start, bq)
+    lo, hi, first_masked, band_lo, band_hi = (jnp.where(wg == 0, *pair) for pair in zip(*loops))
+    # An empty loop (no q block, or one that sees no key) may lie outside the union: it is moved to its end, so
+    # that the first `skip` walks the whole union.
+    empty_loop = lo >= hi
+    lo, hi, band_lo, band_hi = (jnp.where(empty_loop, u_hi, x) for x in (lo, hi, band_lo, band_hi))
+    q_tile, lse_tile = q_smem.at[wg], lse_smem.at[wg]
+    p_tile = None if p_smem is None else p_smem.at[wg]
+    t_tile = None if t_smem is None else t_smem.at[wg]
 
-    @pl.when(kv_block + 1 < hi)
+    q_seg = None
+
+    @pl.when(exists)
     def _():
-      fetch(kv_block + 1)  # its slot's last reader, block kv_block - 1, has finished (wgmma results are read)
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, q_barriers.at[wg])
+      if segments:
+        plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], q_seg_smem.at[wg], q_seg_barriers.at[wg])
+      plgpu.barrier_wait(q_barriers.at[wg])
+      if segments:
+        plgpu.barrier_wait(q_seg_barriers.at[wg])
 
-    plgpu.barrier_wait(k_barriers.at[slot])
+    if segments:
+      q_seg = target.load(q_seg_smem.at[wg], target.row)  # (unread garbage without a q block: nothing uses it)
 
-    raw = _matmul(plgpu, pl, q_smem, target.transposed(k_smem.at[slot], t_smem), (bq, bk))
-    if band or masked:
-      logits = raw * scale2
-      if band:  # exact table entries: times log2(e) in float32, the far tiles' value
-        plgpu.barrier_wait(band_barriers.at[slot])
-        bias = target.load(band_smem.at[slot], target.tile).astype(jnp.float32)
-        logits = logits + bias * common.LOG2E
-      else:
-        logits = logits + far_bias
-      if masked:
-        kv_seg = None
-        if segments:
-          plgpu.barrier_wait(kv_seg_barriers.at[slot])
-          kv_seg = target.load(kv_seg_smem.at[slot], target.col)
-        visible = _visible(target, cfg, (bq, bk), 0, q_start, kv_block * bk, q_seg, kv_seg)
-        logits = jnp.where(visible, logits, common.MASK)
-      m_new = jnp.maximum(m_i, logits.max(axis=1))
-      p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
-    else:  # scale and scalar bias kept apart: `logits - row max` is one multiply-add per element
-      m_new = jnp.maximum(m_i, raw.max(axis=1) * scale2 + far_bias)
-      p = jnp.exp2(raw * scale2 + lax.broadcast_in_dim(far_bias - m_new, (bq, bk), [0]))
-    correction = jnp.exp2(m_i - m_new)
-    l_i = l_i * correction + p.sum(axis=1)
-    plgpu.barrier_wait(v_barriers.at[slot])
+    def release(slot):
+      plgpu.barrier_arrive(consumed_barriers.at[slot])
 
-    acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + _matmul(
-        plgpu, pl, target.p_operand(p.astype(q_ref.dtype), p_smem), v_smem.at[slot], (bq, s.head_dim))
-    return acc, m_new, l_i
+    def skip(kv_block, carry):
+      """A block of the other consumer's loop only: its copies are awaited (every phase is observed) and its slot
+      released."""
+      slot = lax.rem(kv_block, jnp.int32(_STAGES))
+      plgpu.barrier_wait(k_barriers.at[slot])
+      plgpu.barrier_wait(v_barriers.at[slot])
+      if segments:
+        plgpu.barrier_wait(kv_seg_barriers.at[slot])
+      release(slot)
+      return carry
 
-  carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
-           target.cast(jnp.full((bq,), common.MASK, jnp.float32), target.row),
-           target.cast(jnp.zeros((bq,), jnp.float32), target.row))
-  # Regions of the kv loop, in order: (start, stop, far bias, band tile?); one region without bias.
-  if t5:
-    regions = ((lo, band_lo, ends_ref[head, 0], False), (band_lo, band_hi, 0.0, True),
-               (band_hi, hi, ends_ref[head, 1], False))
-  else:
-    regions = ((lo, hi, 0.0, False),)
-  for start, stop, far_bias, band in regions:
-    carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop, first_masked,
-                         cfg.causal, segments, masked_first=False)
-  acc, m_i, l_i = carry
+    def tiles(kv_block, carry, far_bias, band: bool, masked: bool):
+      """One online softmax step on kv block `kv_block`."""
+      acc, m_i, l_i = carry
+      slot = lax.rem(kv_block, jnp.int32(_STAGES))
+      plgpu.barrier_wait(k_barriers.at[slot])
+      if segments:  # every block of the loop is masked with segments; its ids are awaited first
+        plgpu.barrier_wait(kv_seg_barriers.at[slot])
 
-  # Rows that saw no key (m_i still MASK) summed p = 1 over masked keys: out 0, lse +inf.
-  empty = m_i == common.MASK
-  l_safe = jnp.where(empty, 1.0, l_i)
-  out = acc * lax.broadcast_in_dim(jnp.where(empty, 0.0, 1.0 / l_safe), acc.shape, [0])
-  q_smem[...] = out.astype(q_ref.dtype)  # q is no longer read: its tile stages the output
-  # Mosaic GPU lowers log, not log2.
-  lse_smem[...] = jnp.where(empty, jnp.inf, m_i + jnp.log(l_safe) * common.LOG2E)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_smem, out_ref.at[batch, pl.ds(q_start, bq), head])
-  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])
-  plgpu.wait_smem_to_gmem(0)
+      raw = _matmul(plgpu, pl, q_tile, target.transposed(k_smem.at[slot], t_tile), (bq, bk))
+      if band or masked:
+        logits = raw * scale2
+        if band:  # exact table entries: times log2(e) in float32, the far tiles' value
+          plgpu.barrier_wait(band_barriers.at[_STAGES * wg + slot])
+          bias = target.load(band_smem.at[_STAGES * wg + slot], target.tile).astype(jnp.float32)
+          logits = logits + bias * common.LOG2E
+        else:
+          logits = logits + far_bias
+        if masked:
+          kv_seg = target.load(kv_seg_smem.at[slot], target.col) if segments else None
+          visible = _visible(target, cfg, (bq, bk), 0, q_start, kv_block * bk, q_seg, kv_seg)
+          logits = jnp.where(visible, logits, common.MASK)
+        m_new = jnp.maximum(m_i, logits.max(axis=1))
+        p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
+      else:  # scale and scalar bias kept apart: `logits - row max` is one multiply-add per element
+        m_new = jnp.maximum(m_i, raw.max(axis=1) * scale2 + far_bias)
+        p = jnp.exp2(raw * scale2 + lax.broadcast_in_dim(far_bias - m_new, (bq, bk), [0]))
+      correction = jnp.exp2(m_i - m_new)
+      l_i = l_i * correction + p.sum(axis=1)
+      plgpu.barrier_wait(v_barriers.at[slot])
+
+      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + _matmul(
+          plgpu, pl, target.p_operand(p.astype(q_ref.dtype), p_tile), v_smem.at[slot], (bq, s.head_dim))
+      release(slot)  # the products' results are read: wgmma has finished reading k and v
+      return acc, m_new, l_i
+
+    lax.fori_loop(u_lo, lo, skip, ())
+    carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
+             target.cast(jnp.full((bq,), common.MASK, jnp.float32), target.row),
+             target.cast(jnp.zeros((bq,), jnp.float32), target.row))
+    # Regions of the kv loop, in order: (start, stop, far bias, band tile?); one region without bias.
+    if t5:
+      regions = ((lo, band_lo, ends_ref[head, 0], False), (band_lo, band_hi, 0.0, True),
+                 (band_hi, hi, ends_ref[head, 1], False))
+    else:
+      regions = ((lo, hi, 0.0, False),)
+    for start, stop, far_bias, band in regions:
+      carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop,
+                           first_masked, cfg.causal, segments, masked_first=False)
+    acc, m_i, l_i = carry
+    lax.fori_loop(hi, u_hi, skip, ())
+
+    @pl.when(exists)
+    def _():
+      # Rows that saw no key (m_i still MASK) summed p = 1 over masked keys: out 0, lse +inf.
+      empty = m_i == common.MASK
+      l_safe = jnp.where(empty, 1.0, l_i)
+      out = acc * lax.broadcast_in_dim(jnp.where(empty, 0.0, 1.0 / l_safe), acc.shape, [0])
+      q_tile[...] = out.astype(q_ref.dtype)  # q is no longer read: its tile stages the output
+      # Mosaic GPU lowers log, not log2.
+      lse_tile[...] = jnp.where(empty, jnp.inf, m_i + jnp.log(l_safe) * common.LOG2E)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_tile, out_ref.at[batch, rows, head])
+      plgpu.copy_smem_to_gmem(lse_tile, lse_ref.at[batch, head, rows])
+      plgpu.wait_smem_to_gmem(0)
 
 
 def check(q, k, cfg: Config, backward: bool = False) -> None:
@@ -347,35 +432,41 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
     q_seg = kv_seg = jnp.zeros((1, 1), jnp.int32)
 
   target = _Target(plgpu, cfg.interpret)
+  tile = lambda shape, dtype: _smem_tile(plgpu, shape, dtype)
+  slots = lambda count=_STAGES: plgpu.Barrier(num_barriers=count)
   scratch = [
-      _smem_tile(plgpu, (bq, head_dim), q.dtype), _smem_tile(plgpu, (2, bk, head_dim), k.dtype),
-      _smem_tile(plgpu, (2, bk, head_dim), v.dtype),
-      _smem_tile(plgpu, (2, bq, bk), band_dtype) if t5 is not None else None,
-      plgpu.SMEM((bq,), jnp.int32) if segments else None,
-      plgpu.SMEM((2, bk), jnp.int32) if segments else None,
-      plgpu.SMEM((bq,), jnp.float32), target.p_scratch(bq, bk, q.dtype), target.t_scratch(bk, head_dim, k.dtype),
-      plgpu.Barrier(), plgpu.Barrier() if segments else None,  # q, its segment ids
-      plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),  # k, v slots
-      plgpu.Barrier(num_barriers=2) if t5 is not None else None,
-      plgpu.Barrier(num_barriers=2) if segments else None,
+      tile((_CONSUMERS, bq, head_dim), q.dtype), tile((_STAGES, bk, head_dim), k.dtype),
+      tile((_STAGES, bk, head_dim), v.dtype),
+      tile((_CONSUMERS * _STAGES, bq, bk), band_dtype) if t5 is not None else None,  # per consumer and slot
+      plgpu.SMEM((_CONSUMERS, bq), jnp.int32) if segments else None,
+      plgpu.SMEM((_STAGES, bk), jnp.int32) if segments else None,
+      plgpu.SMEM((_CONSUMERS, bq), jnp.float32),
+      target.p_scratch(bq, bk, q.dtype, (_CONSUMERS,)), target.t_scratch(bk, head_dim, k.dtype, (_CONSUMERS,)),
+      slots(_CONSUMERS), slots(_CONSUMERS) if segments else None,  # q, its segment ids
+      slots(), slots(),  # k, v
+      slots(_CONSUMERS * _STAGES) if t5 is not None else None,
+      slots() if segments else None,
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES),  # the slots' releases
   ]
   kernel = functools.partial(_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   return _launch(
-      plgpu, cfg, kernel, scratch, (q_len // bq, heads, batch), "q",
+      plgpu, cfg, kernel, scratch, (pl.cdiv(q_len // bq, _CONSUMERS), heads, batch), "q",
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
+      num_threads=_CONSUMERS + 1,
   )(q, k, v, band, ends, q_seg, kv_seg, kv_range)
 
 
-def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type):
+def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type, num_threads: int | None = None):
   """plgpu.kernel over (blocks, heads, batch), in Mosaic GPU's interpreter if cfg.interpret. scratch: a list (the
-  forward) or a dict of keyword arguments (the backward's kernels)."""
+  forward) or a dict of keyword arguments (the backward's kernels); num_threads warpgroups (axis "wg") if given."""
   interpret = None
   if cfg.interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import \
         InterpretGPUParams  # pylint: disable=import-outside-toplevel
     interpret = InterpretGPUParams()
   return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
-                      grid_names=(block_axis, "heads", "batch"),
+                      grid_names=(block_axis, "heads", "batch"), num_threads=num_threads,
+                      thread_name=None if num_threads is None else "wg",
                       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
 
 

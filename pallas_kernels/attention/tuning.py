@@ -58,9 +58,12 @@ _BLOCK_TABLE = {
 # two were level on the H100 (293 vs 299 TFLOP/s), at 4,096 128 rows win (414 vs 390).
 SHORT_ROWS, SHORT_ROWS_BLOCK_Q = 512, 64
 # Mosaic GPU (mosaic.py), compiled or interpreted: every block a multiple of 64, a warpgroup's wgmma rows; forward
-# 64-row q blocks and 128-key blocks as JAX's attention_mgpu takes them. Measured once on the H200 (S=1,024 and 4,096,
-# D=64): 0.50-0.52x cuDNN's forward, below the Triton kernel; not tuned yet.
+# 64-row q blocks (one per consumer warpgroup) and 128-key blocks as JAX's attention_mgpu takes them. At head_dim
+# 128, 64-key blocks: the forward's two slots of k, v and of a float32 band tile per consumer took 291 KiB of
+# shared memory at 128 keys (the limit is 227). The single-warpgroup forward before this one measured 0.50-0.52x
+# cuDNN's forward on the H200 (S=1,024 and 4,096, D=64); this one is not measured yet.
 _MOSAIC_BLOCKS = BlockSizes(64, 128, 64, 64)
+_MOSAIC_WIDE_HEAD_BLOCKS = BlockSizes(64, 64, 64, 64)
 _MOSAIC_INTERPRET_BLOCKS = BlockSizes(64, 64, 64, 64)
 # Interpreters (CPU): small tiles, so short test sequences still span several blocks and a padded tail.
 _INTERPRET_BLOCKS = BlockSizes(32, 32, 32, 32)
@@ -98,7 +101,9 @@ def default_block_sizes(head_dim: int, interpret: bool, dtype=jnp.bfloat16,
                         backend: str = "pallas") -> BlockSizes:
   """The blocks for this device (or `capability`), head_dim, input dtype, (if given) query length and backend."""
   if backend == "mosaic":
-    return _MOSAIC_INTERPRET_BLOCKS if interpret else _MOSAIC_BLOCKS
+    if interpret:
+      return _MOSAIC_INTERPRET_BLOCKS
+    return _MOSAIC_WIDE_HEAD_BLOCKS if head_dim > 64 else _MOSAIC_BLOCKS
   if interpret:
     return _INTERPRET_BLOCKS
   blocks = _BLOCK_TABLE[table_key(capability or device_capability())][head_dim]

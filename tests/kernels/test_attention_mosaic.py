@@ -21,7 +21,7 @@ pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params",
 
 # pylint: disable=wrong-import-position
 from pallas_kernels import common
-from pallas_kernels.attention import buckets, mosaic, reference
+from pallas_kernels.attention import buckets, mosaic, reference, tuning
 from pallas_kernels.attention.config import Config, kernel_inputs
 from pallas_kernels.attention.tuning import BlockSizes
 from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
@@ -168,6 +168,19 @@ def test_compiled_kernels_lower_for_cuda(case):
   lse = jnp.zeros((BATCH, HEADS, LENGTH), jnp.float32)
   text = _gradients(cfg).trace(*args, q, lse).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 3, text.count("mosaic_gpu")
+
+
+@pytest.mark.parametrize("head_dim", mosaic.HEAD_DIMS)
+def test_compiled_forward_fits_shared_memory_at_default_blocks(head_dim):
+  """The compiled forward at the blocks `tuning` gives it, with a float32 table (a band tile per consumer
+  warpgroup and slot), lowers for CUDA: its shared memory fits (the lowering checks the limit)."""
+  blocks = tuning.default_block_sizes(head_dim, interpret=False, backend="mosaic")
+  cfg = Config(bias_mode="t5", causal=False, scale=1.0, has_segments=False, has_positions=False, blocks=blocks,
+               interpret=False, backend="mosaic", num_buckets=32, bidirectional=True, max_distance=128)
+  q = jnp.zeros((BATCH, 2 * LENGTH, HEADS, head_dim), jnp.bfloat16)
+  table = jnp.zeros((32, HEADS), jnp.float32)
+  text = _forward(cfg).trace(q, q, q, table, None).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
 
 
 def test_rejects_what_it_does_not_support():
