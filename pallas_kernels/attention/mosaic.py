@@ -28,9 +28,10 @@ public function pads), head_dim 64 or 128, 16-bit q, k, v.
 Run only in Mosaic GPU's interpreter so far (`InterpretGPUParams`, jax 0.10.2 and 0.11.2); the compiled variants
 go through the Pallas -> Mosaic GPU lowering on a CPU (jax 0.10.2 and 0.11.2), but were never compiled to PTX nor
 run on a GPU. The interpreter lacks a few constructs the compiled kernels use, so `_Target` swaps them (and only
-them) when interpreting: layout hints, B operands read transposed by wgmma, A operands in registers. It also lacks
-`pl.run_state`, so each product goes to a fresh accumulator and is added to the running one in registers (both
-targets), instead of accumulating in place as JAX's `attention_mgpu.py` does.
+them) when interpreting: layout hints, B operands read transposed by wgmma, A operands in registers, and
+`pl.run_state`: compiled, the forward's p.v accumulates in place as in JAX's `attention_mgpu.py`; interpreted (and
+every product of the backward), a product goes to a fresh accumulator and is added to the running one in
+registers.
 
 Not done yet: speed. The table gradient's band sums are still one masked row sum of the tile per bucket the
 tile holds (only those since the bucket ranges per shift: e.g. 61 instead of 160 over the five band shifts of
@@ -124,12 +125,13 @@ def _walk_region(step, carry, start, stop, split, causal: bool, segments: bool, 
 class _Target:
   """What differs between the compiled kernel and Mosaic GPU's interpreter (jax 0.10 to 0.11), which implements
   neither layout hints (`plgpu.layout_cast`, `plgpu.load`) nor wgmma operands other than plain shared memory refs
-  (no transposed refs, no A operand in registers).
+  (no transposed refs, no A operand in registers) nor `pl.run_state`.
 
   Compiled: the FlashAttention-3 operands: k tiles [bk, D] read transposed by wgmma (K-major B; likewise the
   backward's v, q and do tiles), p (the backward's p and ds) fed to wgmma from registers, WGMMA fragment layouts.
   Interpreted: those tiles transposed in registers into a shared memory tile, p (ds) staged through a shared
-  memory tile, no layouts. Everything else (copies, barriers, slots, masks, softmax) is the same code in both."""
+  memory tile, no layouts, no accumulation in place (`pl.run_state`). Everything else (copies, barriers, slots,
+  masks, softmax) is the same code in both."""
 
   def __init__(self, plgpu, interpret: bool):
     self.plgpu, self.interpret = plgpu, interpret
@@ -161,6 +163,17 @@ class _Target:
     p_smem[...] = p
     self.plgpu.commit_smem()  # make the generic-proxy stores visible to wgmma
     return p_smem
+
+  def accumulate(self, pl, acc, a, b):
+    """acc + a @ b: the wgmma accumulates into acc in place (`pl.run_state`, as `attention_mgpu.py`), or,
+    interpreted (no run_state), into a fresh accumulator added to acc in registers."""
+    if self.interpret:
+      return acc + _matmul(self.plgpu, pl, a, b, acc.shape)
+
+    def body(acc_ref):
+      self.plgpu.wgmma(acc_ref, a, b)
+
+    return pl.run_state(body)(self.plgpu.ACC.init(acc))
 
   def t_scratch(self, rows: int, head_dim: int, dtype, leading=()):
     """The staging tile of `transposed` (interpreted only), one per index of `leading`."""
@@ -354,8 +367,8 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
       l_i = l_i * correction + p.sum(axis=1)
       plgpu.barrier_wait(v_barriers.at[slot])
 
-      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + _matmul(
-          plgpu, pl, target.p_operand(p.astype(q_ref.dtype), p_tile), v_smem.at[slot], (bq, s.head_dim))
+      acc = target.accumulate(pl, acc * lax.broadcast_in_dim(correction, acc.shape, [0]),
+                              target.p_operand(p.astype(q_ref.dtype), p_tile), v_smem.at[slot])
       release(slot)  # the products' results are read: wgmma has finished reading k and v
       return acc, m_new, l_i
 
