@@ -9,8 +9,10 @@ for rows that see no key, per-program partial table gradients), written with Mos
   consumer warpgroup, which copies its q once by TMA into swizzled shared memory; a producer warpgroup streams k, v
   (the key segment ids with segments, each consumer's bias tile in its band) through two shared memory slots,
   refilling a slot once both consumers have released it, so the copies of the next block run while the consumers
-  compute; q.k^T and p.v are wgmma's into float32 accumulators. Both consumers walk the union of their kv loops
-  (the other's blocks only awaited and released: every barrier phase is observed by each of its waiters).
+  compute; q.k^T and p.v are wgmma's into float32 accumulators, the consumers taking turns on the tensor cores
+  (FlashAttention-3's ping-pong). Both consumers walk the union of their kv loops (the other's blocks only awaited
+  and released: every barrier phase is observed by each of its waiters). Two slots only: a float32 band tile per
+  consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks.
 One warpgroup per program in the backward:
 - backward, dq kernel: one q block (q, do, lse, delta once), k, v streamed as in the forward; q.k^T, do.v^T and
   ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket
@@ -189,10 +191,13 @@ class _Target:
     return t_smem
 
 
-def _matmul(plgpu, pl, a, b, shape):
-  """a @ b as a wgmma into a fresh float32 accumulator (the interpreter lacks pl.run_state to accumulate in place)."""
+def _matmul(plgpu, pl, a, b, shape, while_running=None):
+  """a @ b as a wgmma into a fresh float32 accumulator (the interpreter lacks pl.run_state to accumulate in place);
+  while_running() (if given) runs between the wgmma's issue and the read of its result."""
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b)
+    if while_running is not None:
+      while_running()
     return acc_ref[...]
 
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
@@ -231,7 +236,8 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
             q_ref, k_ref, v_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref, kv_range_ref,  # inputs (global memory)
             out_ref, lse_ref,  # outputs (global memory)
             q_smem, k_smem, v_smem, band_smem, q_seg_smem, kv_seg_smem, lse_smem, p_smem, t_smem,  # shared memory
-            q_barriers, q_seg_barriers, k_barriers, v_barriers, band_barriers, kv_seg_barriers, consumed_barriers):
+            q_barriers, q_seg_barriers, k_barriers, v_barriers, band_barriers, kv_seg_barriers, consumed_barriers,
+            schedule_barrier):
   """Two q blocks of one (batch, head), warp specialized: consumer warpgroup c < _CONSUMERS runs the kv loop of
   q block _CONSUMERS * program + c in the regions of triton._attention_fwd_kernel; the producer warpgroup streams
   the kv blocks of the union of their loops through _STAGES slots. Both consumers walk every block of the union
@@ -243,7 +249,10 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
   - band slot of consumer c (2 * c + slot): one TMA arrival for j in c's band; waited once by c for j in its band.
   - consumed slot: one arrival by each consumer once it has read the slot (num_arrivals=_CONSUMERS); waited once
     by the producer: before copying block j + _STAGES into the slot, or at the end (the last _STAGES blocks).
-  - q (q_seg) of consumer c: one TMA arrival, one wait by c."""
+  - q (q_seg) of consumer c: one TMA arrival, one wait by c.
+  - schedule (`take_turn`, num_arrivals=_CONSUMERS): each consumer takes two turns per block of the union (its own
+    or skipped), consumer 1 one more before its loop, consumer 0 one more after it: 2 n + 1 each; every turn
+    arrives once, then waits once, so each phase completes with one arrival of each and is observed by both."""
   bq, bk = s.block_q, s.block_k
   program, head, batch, wg = (lax.axis_index(name) for name in ("q", "heads", "batch", "wg"))
   q_blocks = s.q_len // bq
@@ -326,14 +335,23 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
     def release(slot):
       plgpu.barrier_arrive(consumed_barriers.at[slot])
 
+    def take_turn(between=lambda: None):
+      """FlashAttention-3's ping-pong (as attention_mgpu.py): hand the tensor cores to the other consumer and wait
+      for them back, so that one consumer's softmax runs while the other's wgmma's do. Consumer 1 starts half a
+      block late: the turns taken after q.k^T's issue and before p.v alternate between the two."""
+      plgpu.barrier_arrive(schedule_barrier)
+      between()
+      plgpu.barrier_wait(schedule_barrier)
+
     def skip(kv_block, carry):
       """A block of the other consumer's loop only: its copies are awaited (every phase is observed) and its slot
       released."""
       slot = lax.rem(kv_block, jnp.int32(_STAGES))
       plgpu.barrier_wait(k_barriers.at[slot])
-      plgpu.barrier_wait(v_barriers.at[slot])
       if segments:
         plgpu.barrier_wait(kv_seg_barriers.at[slot])
+      take_turn()  # the turns of a computed block, in its order
+      take_turn(lambda: plgpu.barrier_wait(v_barriers.at[slot]))
       release(slot)
       return carry
 
@@ -345,7 +363,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
       if segments:  # every block of the loop is masked with segments; its ids are awaited first
         plgpu.barrier_wait(kv_seg_barriers.at[slot])
 
-      raw = _matmul(plgpu, pl, q_tile, target.transposed(k_smem.at[slot], t_tile), (bq, bk))
+      raw = _matmul(plgpu, pl, q_tile, target.transposed(k_smem.at[slot], t_tile), (bq, bk), take_turn)
       if band or masked:
         logits = raw * scale2
         if band:  # exact table entries: times log2(e) in float32, the far tiles' value
@@ -365,13 +383,13 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
         p = jnp.exp2(raw * scale2 + lax.broadcast_in_dim(far_bias - m_new, (bq, bk), [0]))
       correction = jnp.exp2(m_i - m_new)
       l_i = l_i * correction + p.sum(axis=1)
-      plgpu.barrier_wait(v_barriers.at[slot])
-
+      take_turn(lambda: plgpu.barrier_wait(v_barriers.at[slot]))  # the softmax is done: p.v waits for its turn
       acc = target.accumulate(pl, acc * lax.broadcast_in_dim(correction, acc.shape, [0]),
                               target.p_operand(p.astype(q_ref.dtype), p_tile), v_smem.at[slot])
       release(slot)  # the products' results are read: wgmma has finished reading k and v
       return acc, m_new, l_i
 
+    pl.when(wg == 1)(take_turn)
     lax.fori_loop(u_lo, lo, skip, ())
     carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
              target.cast(jnp.full((bq,), common.MASK, jnp.float32), target.row),
@@ -387,6 +405,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
                            first_masked, cfg.causal, segments, masked_first=False)
     acc, m_i, l_i = carry
     lax.fori_loop(hi, u_hi, skip, ())
+    pl.when(wg == 0)(take_turn)
 
     @pl.when(exists)
     def _():
@@ -460,6 +479,7 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
       slots(_CONSUMERS * _STAGES) if t5 is not None else None,
       slots() if segments else None,
       plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES),  # the slots' releases
+      plgpu.Barrier(num_arrivals=_CONSUMERS),  # the consumers' turns on the tensor cores
   ]
   kernel = functools.partial(_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   return _launch(
