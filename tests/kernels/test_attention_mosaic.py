@@ -129,6 +129,14 @@ def test_forward_matches_reference(case):
   assert out_error < OUT_TOL, out_error
 
 
+@pytest.mark.parametrize("case", ["causal", "t5_packed_causal"])
+def test_forward_with_an_odd_number_of_q_blocks(case, monkeypatch):
+  """Three 64-row q blocks: the last program's second consumer warpgroup has no q block of its own and only walks
+  the first one's kv loop (waits for its copies and releases their slots)."""
+  monkeypatch.setattr(f"{__name__}.LENGTH", 3 * 64)
+  test_forward_matches_reference(case)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward_matches_reference(case):
   cfg, (q, k, v, table, ids), ref_kwargs = _case(case, seed=len(case), interpret=INTERPRETED)
