@@ -47,9 +47,10 @@ print(json.dumps(compiled.metadata.shared))
 
 
 @pytest.mark.parametrize("seq_len", [512, 4096])
-def test_the_t5_forward_keeps_two_programs_per_sm_on_hopper(seq_len):
+def test_the_t5_forward_keeps_two_programs_per_sm_on_hopper(seq_len, tmp_path):
   blocks = default_block_sizes(64, interpret=False, capability=(9, 0), q_len=seq_len, backend="triton")
   env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+  env["TRITON_CACHE_DIR"] = str(tmp_path)  # the GPU host's default cache dir was not writable from a test worker
   args = [seq_len, blocks.block_q, blocks.block_k, blocks.num_warps, blocks.num_stages]
   result = subprocess.run([sys.executable, "-c", _COMPILE, *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))), check=False)
