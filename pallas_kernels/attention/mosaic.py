@@ -28,17 +28,17 @@ Supports: no bias or the T5 bias (without positions), causal or not, segment ids
 public function pads), head_dim 64 or 128, 16-bit q, k, v.
 
 Tested compiled on an H200 (jax 0.11.2) and in Mosaic GPU's interpreter on CPU (`InterpretGPUParams`, jax 0.10.2
-and 0.11.2), where the compiled variants also go through the Pallas -> Mosaic GPU lowering. The interpreter lacks a few constructs the compiled kernels use, so `_Target` swaps them (and only
-them) when interpreting: layout hints, B operands read transposed by wgmma, A operands in registers, and
-`pl.run_state`: compiled, the forward's p.v accumulates in place as in JAX's `attention_mgpu.py`; interpreted (and
-every product of the backward), a product goes to a fresh accumulator and is added to the running one in
-registers.
+and 0.11.2), where the compiled variants also go through the Pallas -> Mosaic GPU lowering. The interpreter lacks
+a few constructs the compiled kernels use, so `_Target` swaps them (and only them) when interpreting: layout hints,
+B operands read transposed by wgmma, A operands in registers, and `pl.run_state`: compiled, the forward's p.v
+accumulates in place as in JAX's `attention_mgpu.py`; interpreted (and every product of the backward), a product
+goes to a fresh accumulator and is added to the running one in registers.
 
 Speed (H200, D=64): the forward at 0.75-0.79x cuDNN without bias, the backward slower than the Triton kernel's
-(benchmarks/notes_attention.md). The table gradient's band sums are still one masked row sum of the tile per bucket the
-tile holds (only those since the bucket ranges per shift: e.g. 61 instead of 160 over the five band shifts of
-max_distance 128 in 64 x 64 tiles, bidirectional; little fewer where one tile holds nearly every bucket, as the
-diagonal tile of a causal max_distance 40), not a cheaper contraction; the backward is not warp specialized; no
+(benchmarks/notes_attention.md). The table gradient's band sums are still one masked row sum of the tile per
+bucket the tile holds (only those since the bucket ranges per shift: e.g. 61 instead of 160 over the five band
+shifts of max_distance 128 in 64 x 64 tiles, bidirectional; little fewer where one tile holds nearly every bucket,
+as the diagonal tile of a causal max_distance 40), not a cheaper contraction; the backward is not warp specialized; no
 tuning. The interpreter runs the forward's three warpgroups as concurrent XLA:CPU executions: tests/conftest.py
 widens XLA's CPU thread pool for them.
 `flash_attention(..., backend="mosaic")` runs it; nothing chooses it by default, as it is not the fastest.

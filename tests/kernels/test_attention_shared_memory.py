@@ -36,10 +36,11 @@ pointers = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", band_ptr="*fp32", e
 constants = dict(Q_LEN=seq_len, KV_LEN=seq_len, HEADS=8, HEAD_DIM=64, BLOCK_Q=block_q, BLOCK_K=block_k,
                  SCALE2=0.18, T5=True, CAUSAL=False, HAS_SEGMENTS=False, BAND_FIRST=first, BAND_STEP=step,
                  BAND_COUNT=count, PRECISION="tf32")
-names = list(pointers) + list(constants)
-source = ASTSource(kernels._attention_fwd_kernel, {**pointers, **{name: "constexpr" for name in constants}},
+kernel = kernels._attention_fwd_kernel
+names = kernel.arg_names  # positions come from the kernel's own signature
+source = ASTSource(kernel, {name: pointers.get(name, "constexpr") for name in names},
                    constexprs={(names.index(name),): value for name, value in constants.items()},
-                   attrs={(i,): [["tt.divisibility", 16]] for i in range(len(pointers))})
+                   attrs={(names.index(name),): [["tt.divisibility", 16]] for name in pointers})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 print(json.dumps(compiled.metadata.shared))
