@@ -108,9 +108,9 @@ def backward(x: jax.Array, weight: jax.Array, dy: jax.Array, dx_residual: jax.Ar
   out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((num_programs, width), jnp.float32))
   # Without a residual gradient the kernel never reads that pointer; dy stands in for it.
   return common.triton_call(
-      x, weight, dy, dy if dx_residual is None else dx_residual, kernel=_bwd_kernel, out_shape=out_shape, grid=(num_programs,), num_warps=bs.bwd_num_warps,
-      num_stages=bs.num_stages, interpret=interpret, NUM_ROWS=num_rows, WIDTH=width, EPS=eps,
-      BLOCK_ROWS=bs.bwd_block_rows, BLOCK_COLS=block_cols, NUM_PROGRAMS=num_programs,
-      NUM_ITERS=triton.cdiv(num_blocks, num_programs), NUM_STAGES=bs.num_stages,
+      x, weight, dy, dy if dx_residual is None else dx_residual, kernel=_bwd_kernel, out_shape=out_shape,
+      grid=(num_programs,), num_warps=bs.bwd_num_warps, num_stages=bs.num_stages, interpret=interpret,
+      NUM_ROWS=num_rows, WIDTH=width, EPS=eps, BLOCK_ROWS=bs.bwd_block_rows, BLOCK_COLS=block_cols,
+      NUM_PROGRAMS=num_programs, NUM_ITERS=triton.cdiv(num_blocks, num_programs), NUM_STAGES=bs.num_stages,
       HAS_RESIDUAL_GRAD=dx_residual is not None,
       MASKED=bool(num_rows % bs.bwd_block_rows or width != block_cols or num_blocks % num_programs))
