@@ -100,8 +100,8 @@ def backward(x: jax.Array, weight: jax.Array, dy: jax.Array, dx_residual: jax.Ar
                              block_cols=common.next_power_of_2(width), num_programs=num_programs,
                              has_residual_grad=dx_residual is not None)
   out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((num_programs, width), jnp.float32))
+  # Without a residual gradient the kernel never reads that ref; dy stands in for it.
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(num_programs,),
       compiler_params=plgpu.CompilerParams(num_warps=bs.bwd_num_warps, num_stages=bs.num_stages),
-      # Without a residual gradient the kernel never reads that ref; dy stands in for it.
       interpret=interpret, name="rms_norm_bwd")(x, weight, dy, dy if dx_residual is None else dx_residual)
