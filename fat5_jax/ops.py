@@ -30,7 +30,8 @@ from fat5_jax.config import ModelConfig
 from fat5_jax.sharding import BATCH_AXES
 from pallas_kernels.attention import flash_attention, reference as attention_reference, triton_supports
 from pallas_kernels.cross_entropy import chunked_lm_head_cross_entropy
-from pallas_kernels.rms_norm import reference as rms_norm_reference, rms_norm as rms_norm_kernel, rms_norm_with_residual
+from pallas_kernels.rms_norm import (reference as rms_norm_reference, rms_norm as rms_norm_kernel,
+                                     rms_norm_with_residual)
 
 FASTEST_ON_GPU = "triton"
 ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
