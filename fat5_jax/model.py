@@ -77,6 +77,11 @@ class RMSNorm(nnx.Module):
   def __call__(self, x):
     return self.ops.rms_norm(x, self.weight[...], self.eps)
 
+  def with_residual(self, x):
+    """(x, the normed x) for a pre-norm sub-block: build the residual sum on the x returned, and the kernels add
+    its two gradients inside the norm's backward (`Ops.rms_norm`)."""
+    return self.ops.rms_norm(x, self.weight[...], self.eps, with_residual=True)
+
 
 class Attention(nnx.Module):
   """Multi-head attention without biases; q, k, v, o as in Hugging Face's `T5Attention`."""
@@ -160,16 +165,20 @@ class Block(nnx.Module):
     self.is_decoder, self.remat = is_decoder, remat
 
   def __call__(self, x, *, bias, segment_ids, positions, encoded=None, encoder_segment_ids=None):
+    # Each sub-block adds to the x its norm returns (RMSNorm.with_residual), not to its own input.
     attend = _checkpointed(_attention_sub_block, self.remat, "attention")
-    x = x + self.dropout(attend(self.self_attention_norm, self.self_attention, x, None, dict(
+    x, out = attend(self.self_attention_norm, self.self_attention, x, None, dict(
         bias=bias, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, q_positions=positions,
-        kv_positions=positions)))
+        kv_positions=positions))
+    x = x + self.dropout(out)
     if self.is_decoder:
       # No position bias across stacks: positions would only slow the flash kernel down.
-      x = x + self.dropout(attend(self.cross_attention_norm, self.cross_attention, x, encoded, dict(
+      x, out = attend(self.cross_attention_norm, self.cross_attention, x, encoded, dict(
           bias=None, q_segment_ids=segment_ids, kv_segment_ids=encoder_segment_ids, q_positions=None,
-          kv_positions=None)))
-    return x + self.dropout(self.mlp(self.mlp_norm(x)))
+          kv_positions=None))
+      x = x + self.dropout(out)
+    x, h = self.mlp_norm.with_residual(x)
+    return x + self.dropout(self.mlp(h))
 
   def decode_step(self, x, cache: dict, *, step, bias, encoder_segment_ids):
     """Decoder layer for one new token per row, x [B, 1, d], at position `step`: writes its key and value into the
@@ -195,9 +204,10 @@ class Block(nnx.Module):
 
 
 def _attention_sub_block(norm: RMSNorm, attention: Attention, x, kv_input, masks_and_bias: dict):
-  """Attention over the normed `x`: self-attention when `kv_input` is None, else over `kv_input` (the encoder)."""
-  h = norm(x)
-  return attention(h, h if kv_input is None else kv_input, **masks_and_bias)
+  """(x for the residual sum, attention over the normed `x`): self-attention when `kv_input` is None, else over
+  `kv_input` (the encoder)."""
+  x, h = norm.with_residual(x)
+  return x, attention(h, h if kv_input is None else kv_input, **masks_and_bias)
 
 
 class Stack(nnx.Module):

@@ -30,7 +30,8 @@ from fat5_jax.config import ModelConfig
 from fat5_jax.sharding import BATCH_AXES
 from pallas_kernels.attention import flash_attention, reference as attention_reference, triton_supports
 from pallas_kernels.cross_entropy import chunked_lm_head_cross_entropy
-from pallas_kernels.rms_norm import reference as rms_norm_reference, rms_norm as rms_norm_kernel
+from pallas_kernels.rms_norm import (reference as rms_norm_reference, rms_norm as rms_norm_kernel,
+                                     rms_norm_with_residual)
 
 FASTEST_ON_GPU = "triton"
 ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
@@ -120,13 +121,22 @@ class Ops:
     return attention_reference.attention(q, k, v, **kwargs)
 
   @_scoped
-  def rms_norm(self, x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """T5 RMSNorm: no mean, no bias, variance in float32; returns x's dtype."""
+  def rms_norm(self, x: jax.Array, weight: jax.Array, eps: float, *, with_residual: bool = False):
+    """T5 RMSNorm: no mean, no bias, variance in float32; returns x's dtype.
+
+    with_residual: returns (x, y) for a pre-norm block, whose residual sum is built on the returned x; the kernels
+    then add x's gradient from the residual stream inside the norm's backward kernel (`rms_norm_with_residual`),
+    where autodiff would add it in a separate pass. The xla path returns x itself and leaves that add to autodiff.
+    """
     mesh = _row_splitting_mesh()
     if self.backend == "xla":
-      return _constrain_rows(rms_norm_reference.rms_norm(_constrain_rows(x, mesh), weight, eps), mesh)
-    per_device = lambda x, weight: rms_norm_kernel(x, weight, eps, backend=self.backend)
-    return _per_device(per_device, mesh, in_specs=(ROWS, P()), out_specs=ROWS)(x, weight)
+      x = _constrain_rows(x, mesh)
+      y = _constrain_rows(rms_norm_reference.rms_norm(x, weight, eps), mesh)
+      return (x, y) if with_residual else y
+    kernel = rms_norm_with_residual if with_residual else rms_norm_kernel
+    per_device = lambda x, weight: kernel(x, weight, eps, backend=self.backend)
+    out_specs = (ROWS, ROWS) if with_residual else ROWS
+    return _per_device(per_device, mesh, in_specs=(ROWS, P()), out_specs=out_specs)(x, weight)
 
   @_scoped
   def lm_head_loss(self, hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, *,

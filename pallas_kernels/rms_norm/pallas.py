@@ -2,10 +2,11 @@
 raw Triton, helper for helper: change both.
 
 Each forward program normalizes a block of whole rows held in registers (the width padded to a power of two and
-masked), so a row is read once. The backward recomputes the inverse RMS from x (no residual beyond x and the
-weight), writes dx, and reduces the weight gradient without atomics: a fixed number of programs stride over the
-row blocks, each accumulates its partial sum in registers and writes one row of a [programs, width] float32
-buffer, which the caller sums.
+masked), so a row is read once. The backward recomputes the inverse RMS from x (it saves nothing beyond x and the
+weight), writes dx, to which it adds x's gradient from the residual stream when given (`rms_norm_with_residual`),
+and reduces the weight gradient without atomics: a fixed number of programs stride over the row blocks, each
+accumulates its partial sum in registers and writes one row of a [programs, width] float32 buffer, which the caller
+sums.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _fwd_kernel(x_ref, w_ref, y_ref, *, eps, block_rows, block_cols):
   plgpu.store(y_ref.at[rows, cols], y.astype(y_ref.dtype), mask=mask)
 
 
-def _bwd_kernel(x_ref, w_ref, dy_ref, dx_ref, dw_ref, *, eps, block_rows, block_cols, num_programs):
+def _bwd_kernel(x_ref, w_ref, dy_ref, dres_ref, dx_ref, dw_ref, *, eps, block_rows, block_cols, num_programs,
+                has_residual_grad):
   num_rows, width = x_ref.shape
   pid = pl.program_id(0)
   col_mask = jnp.arange(block_cols) < width
@@ -67,6 +69,8 @@ def _bwd_kernel(x_ref, w_ref, dy_ref, dx_ref, dw_ref, *, eps, block_rows, block_
     x_hat = x * rstd
     g = dy * w[None, :]
     dx = (g - x_hat * (jnp.sum(g * x_hat, axis=1, keepdims=True) / width)) * rstd
+    if has_residual_grad:  # x's gradient from the residual stream joins the norm's before the one rounding
+      dx += _load(dres_ref, rows, cols, mask)
     plgpu.store(dx_ref.at[rows, cols], dx.astype(dx_ref.dtype), mask=mask)
     return dw_acc + jnp.sum(dy * x_hat, axis=0)
 
@@ -86,16 +90,18 @@ def forward(x: jax.Array, weight: jax.Array, eps: float, block_sizes: BlockSizes
       interpret=interpret, name="rms_norm_fwd")(x, weight)
 
 
-def backward(x: jax.Array, weight: jax.Array, dy: jax.Array, eps: float, block_sizes: BlockSizes,
-             interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """(dx, partial weight gradients [programs, width] float32)."""
+def backward(x: jax.Array, weight: jax.Array, dy: jax.Array, dx_residual: jax.Array | None, eps: float,
+             block_sizes: BlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """(dx, plus dx_residual when given; partial weight gradients [programs, width] float32)."""
   bs = block_sizes
   num_rows, width = x.shape
   num_programs = bwd_num_programs(bs, num_rows)
   kernel = functools.partial(_bwd_kernel, eps=eps, block_rows=bs.bwd_block_rows,
-                             block_cols=common.next_power_of_2(width), num_programs=num_programs)
+                             block_cols=common.next_power_of_2(width), num_programs=num_programs,
+                             has_residual_grad=dx_residual is not None)
   out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((num_programs, width), jnp.float32))
+  # Without a residual gradient the kernel never reads that ref; dy stands in for it.
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(num_programs,),
       compiler_params=plgpu.CompilerParams(num_warps=bs.bwd_num_warps, num_stages=bs.num_stages),
-      interpret=interpret, name="rms_norm_bwd")(x, weight, dy)
+      interpret=interpret, name="rms_norm_bwd")(x, weight, dy, dy if dx_residual is None else dx_residual)

@@ -58,9 +58,10 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr,
+def _bwd_kernel(x_ptr, w_ptr, dy_ptr, dres_ptr, dx_ptr, dw_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr,
                 EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                NUM_ITERS: tl.constexpr, NUM_STAGES: tl.constexpr, MASKED: tl.constexpr):
+                NUM_ITERS: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr,
+                MASKED: tl.constexpr):
   pid = tl.program_id(0)
   cols = tl.arange(0, BLOCK_COLS)
   w = tl.load(w_ptr + cols, mask=cols < WIDTH, other=0.0).to(tl.float32)
@@ -77,6 +78,8 @@ def _bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_ptr, NUM_ROWS: tl.constexpr, WI
     x_hat = x * rstd
     g = dy * w[None, :]
     dx = (g - x_hat * (tl.sum(g * x_hat, axis=1) / WIDTH)[:, None]) * rstd
+    if HAS_RESIDUAL_GRAD:  # x's gradient from the residual stream joins the norm's before the one rounding
+      dx += _load(dres_ptr + offsets, mask, MASKED)
     _store(dx_ptr + offsets, dx, mask, MASKED)
     dw += tl.sum(dy * x_hat, axis=0)
   tl.store(dw_ptr + pid * WIDTH + cols, dw, mask=cols < WIDTH)
@@ -94,18 +97,20 @@ def forward(x: jax.Array, weight: jax.Array, eps: float, block_sizes: BlockSizes
       MASKED=bool(num_rows % bs.block_rows or width != block_cols))
 
 
-def backward(x: jax.Array, weight: jax.Array, dy: jax.Array, eps: float, block_sizes: BlockSizes,
-             interpret: bool) -> tuple[jax.Array, jax.Array]:
-  """(dx, partial weight gradients [programs, width] float32)."""
+def backward(x: jax.Array, weight: jax.Array, dy: jax.Array, dx_residual: jax.Array | None, eps: float,
+             block_sizes: BlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """(dx, plus dx_residual when given; partial weight gradients [programs, width] float32)."""
   bs = block_sizes
   num_rows, width = x.shape
   block_cols = common.next_power_of_2(width)
   num_blocks = triton.cdiv(num_rows, bs.bwd_block_rows)
   num_programs = bwd_num_programs(bs, num_rows)
   out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((num_programs, width), jnp.float32))
+  # Without a residual gradient the kernel never reads that pointer; dy stands in for it.
   return common.triton_call(
-      x, weight, dy, kernel=_bwd_kernel, out_shape=out_shape, grid=(num_programs,), num_warps=bs.bwd_num_warps,
-      num_stages=bs.num_stages, interpret=interpret, NUM_ROWS=num_rows, WIDTH=width, EPS=eps,
-      BLOCK_ROWS=bs.bwd_block_rows, BLOCK_COLS=block_cols, NUM_PROGRAMS=num_programs,
-      NUM_ITERS=triton.cdiv(num_blocks, num_programs), NUM_STAGES=bs.num_stages,
+      x, weight, dy, dy if dx_residual is None else dx_residual, kernel=_bwd_kernel, out_shape=out_shape,
+      grid=(num_programs,), num_warps=bs.bwd_num_warps, num_stages=bs.num_stages, interpret=interpret,
+      NUM_ROWS=num_rows, WIDTH=width, EPS=eps, BLOCK_ROWS=bs.bwd_block_rows, BLOCK_COLS=block_cols,
+      NUM_PROGRAMS=num_programs, NUM_ITERS=triton.cdiv(num_blocks, num_programs), NUM_STAGES=bs.num_stages,
+      HAS_RESIDUAL_GRAD=dx_residual is not None,
       MASKED=bool(num_rows % bs.bwd_block_rows or width != block_cols or num_blocks % num_programs))

@@ -1,4 +1,5 @@
-"""RMSNorm on every backend against a float64 NumPy reference: values and gradients.
+"""RMSNorm on every backend against a float64 NumPy reference: values and gradients, of `rms_norm` and of
+`rms_norm_with_residual` (whose backward kernel adds x's gradient from the residual stream).
 
 Backends: "xla" (`reference.rms_norm` run as the op), "pallas" and "triton". Off a GPU the kernels run in their
 interpreters, which poison every output first (Pallas' interpreter, and `common.triton_call` for Triton's), so an
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import common
-from pallas_kernels.rms_norm import MAX_WIDTH, BlockSizes, Kernels, rms_norm, reference
+from pallas_kernels.rms_norm import MAX_WIDTH, BlockSizes, Kernels, rms_norm, rms_norm_with_residual, reference
 from pallas_kernels.rms_norm.tuning import bwd_num_programs
 from tests.kernels.checks import INTERPRET, poison_device_memory, relative_error
 
@@ -81,6 +82,53 @@ def test_matches_float64_reference(backend, shape, dtype, weight_dtype, block_si
   for name, actual, want in zip(("y", "dx", "dweight"), (y, dx, dweight), expected):
     err = relative_error(np.asarray(actual, np.float64).reshape(want.shape), want)
     assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+@pytest.mark.parametrize("backend", ["pallas", "triton"])
+@pytest.mark.parametrize("shape,dtype,weight_dtype,block_sizes", [
+    # Rows and width masked; 3 backward programs stride over 19 row blocks.
+    ((37, 1000), jnp.float32, jnp.float32, BlockSizes(block_rows=4, bwd_block_rows=2, bwd_programs_per_core=3)),
+    # Leading axes, bf16 activations with a float32 weight; 2 programs over 5 blocks of 4 rows, the last partial.
+    ((2, 9, 768), jnp.bfloat16, jnp.float32, BlockSizes(block_rows=2, bwd_block_rows=4, bwd_programs_per_core=2)),
+])
+def test_with_residual_matches_float64_reference(backend, shape, dtype, weight_dtype, block_sizes, monkeypatch):
+  """x feeds the residual stream and the norm: it comes back unchanged, and its gradient is the sum of both paths'
+  (the residual stream's cotangent plus the norm's dx), added by the backward kernel."""
+  monkeypatch.setattr(common, "core_count", lambda: 1)
+  x, weight, dy = _inputs(sum(shape) + 1, shape, dtype, weight_dtype)
+  dx_residual = jax.random.normal(jax.random.key(sum(shape) + 2), shape).astype(dtype)
+  eps = 1e-6
+  op = lambda x, w: rms_norm_with_residual(x, w, eps, block_sizes=block_sizes, backend=backend, interpret=INTERPRET)
+  poison_device_memory()
+  (x_out, y), vjp = jax.vjp(op, x, weight)
+  poison_device_memory()
+  dx, dweight = vjp((dx_residual, dy))
+  chex.assert_trees_all_equal(x_out, x)
+  chex.assert_type([y, dx, dweight], [dtype, dtype, weight_dtype])
+  y_want, dx_norm, dweight_want = _float64_reference(x, weight, dy, eps)
+  dx_want = dx_norm + np.asarray(dx_residual, np.float64).reshape(dx_norm.shape)
+  for name, actual, want in zip(("y", "dx", "dweight"), (y, dx, dweight), (y_want, dx_want, dweight_want)):
+    err = relative_error(np.asarray(actual, np.float64).reshape(want.shape), want)
+    assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e} >= {TOLERANCE[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("backend", ["pallas", "triton"])
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 2**-7)])
+def test_with_residual_is_rms_norm_and_the_separate_add(backend, dtype, tolerance):
+  """The fused form against rms_norm whose x also feeds the residual stream, autodiff adding x's two gradients
+  after the kernel: the same y and weight gradient, and the same dx up to rounding (in bf16 the separate add
+  rounds once more: within one bf16 ulp, 2**-7 relative)."""
+  x, weight, dy = _inputs(3, (6, 200), dtype, jnp.float32)
+  dx_residual = jax.random.normal(jax.random.key(4), x.shape).astype(dtype)
+  kwargs = dict(backend=backend, interpret=INTERPRET)
+  fused = lambda x, w: rms_norm_with_residual(x, w, **kwargs)
+  separate = lambda x, w: (x, rms_norm(x, w, **kwargs))
+  (fused_out, fused_vjp), (separate_out, separate_vjp) = jax.vjp(fused, x, weight), jax.vjp(separate, x, weight)
+  chex.assert_trees_all_equal(fused_out, separate_out)
+  (fused_dx, fused_dweight), (separate_dx, separate_dweight) = (
+      fused_vjp((dx_residual, dy)), separate_vjp((dx_residual, dy)))
+  chex.assert_trees_all_close(fused_dweight, separate_dweight, rtol=1e-6)
+  assert relative_error(fused_dx, separate_dx) < tolerance
 
 
 @pytest.mark.parametrize("backend", ["pallas", "triton"])
