@@ -27,12 +27,12 @@ Supports: no bias or the T5 bias (without positions), causal or not, segment ids
 `segment_block_ranges` keeps). Restrictions (`check`): blocks multiples of 64, Sq and Sk multiples of them (the
 public function pads), head_dim 64 or 128, 16-bit q, k, v.
 
-Tested compiled on an H200 (jax 0.11.2) and in Mosaic GPU's interpreter on CPU (`InterpretGPUParams`, jax 0.10.2
-and 0.11.2), where the compiled variants also go through the Pallas -> Mosaic GPU lowering. The interpreter lacks
-a few constructs the compiled kernels use, so `_Target` swaps them (and only them) when interpreting: layout hints,
-B operands read transposed by wgmma, A operands in registers, and `pl.run_state`: compiled, the forward's p.v
-accumulates in place as in JAX's `attention_mgpu.py`; interpreted (and every product of the backward), a product
-goes to a fresh accumulator and is added to the running one in registers.
+Tested compiled on an H200 (jax 0.11.2) and in Mosaic GPU's interpreter on CPU (`InterpretGPUParams`, jax 0.10.2 and
+0.11.2), where the compiled variants also go through the Pallas -> Mosaic GPU lowering. The interpreter lacks a few
+constructs the compiled kernels use, so `_Target` swaps them (and only them) when interpreting: layout hints, B
+operands read transposed by wgmma, A operands in registers, and `pl.run_state`: compiled, the forward's p.v and the
+backward's dq, dk and dv accumulate in place as in JAX's `attention_mgpu.py`; interpreted, a product goes to a fresh
+accumulator and is added to the running one in registers.
 
 Speed (H200, D=64): the forward at 0.75-0.79x cuDNN without bias, the backward slower than the Triton kernel's
 (benchmarks/notes_attention.md). The table gradient's band sums are still one masked row sum of the tile per
@@ -609,8 +609,8 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
     dp = _matmul(plgpu, pl, scratch["do_smem"], target.transposed(scratch["v_smem"].at[slot], scratch.get("t_smem")),
                  (bq, bk))
     ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # gradient of the natural-log logits and bias
-    dq = dq + _matmul(plgpu, pl, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")),
-                      scratch["k_smem"].at[slot], (bq, s.head_dim))
+    dq = target.accumulate(pl, dq, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")),
+                           scratch["k_smem"].at[slot])
     if band:
       # The tile of shift kv_block * bk - q_start holds only the distances shift - (bq - 1) ... shift + bk - 1,
       # and buckets are monotone in the distance on each side of 0: its buckets are one or two ranges
@@ -763,14 +763,12 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
                                 q_block * bq, k_start, (kv_seg, "q_seg") if segments else None)
     plgpu.barrier_wait(scratch["do_barriers"].at[slot])
     do_tile = scratch["do_smem"].at[slot]
-    dv = dv + _matmul(plgpu, pl, target.p_operand(p.astype(q_ref.dtype), scratch.get("p_smem")), do_tile,
-                      (bk, s.head_dim))
+    dv = target.accumulate(pl, dv, target.p_operand(p.astype(q_ref.dtype), scratch.get("p_smem")), do_tile)
     dp = _matmul(plgpu, pl, scratch["v_smem"], target.transposed(do_tile, scratch.get("t_smem")), (bk, bq))
     plgpu.barrier_wait(scratch["delta_barriers"].at[slot])
     delta = target.load(scratch["delta_smem"].at[slot], target.col)
     ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))
-    dk = dk + _matmul(plgpu, pl, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")), q_tile,
-                      (bk, s.head_dim))
+    dk = target.accumulate(pl, dk, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")), q_tile)
     return dk, dv
 
   zero = lambda: target.cast(jnp.zeros((bk, s.head_dim), jnp.float32), target.tile)
