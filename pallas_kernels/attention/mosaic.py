@@ -232,6 +232,96 @@ def _union(a, b):
   return lo, hi
 
 
+# The warp-specialized skeleton of the forward and the dk/dv kernel. A program owns _CONSUMERS resident blocks
+# (the forward's q blocks, the dk/dv kernel's kv blocks), one per consumer warpgroup; each has a loop over the
+# other side's blocks, a tuple (lo, hi, split, band_lo, band_hi): blocks [lo, hi), the causal split of
+# `_walk_region`, the T5 band. The producer streams the blocks of the union of the loops.
+
+
+def _own_loops(loop_of, program, count: int):
+  """([the loop of resident block _CONSUMERS * program + c for each consumer c], the union (u_lo, u_hi) of their
+  ranges); loop_of(block) -> (lo, hi, split, band_lo, band_hi); a loop all zeros (empty) where the last program has
+  fewer than _CONSUMERS of the `count` blocks."""
+  def own(block):
+    bounds = loop_of(jnp.minimum(block, count - 1))
+    return tuple(jnp.where(block < count, x, 0) for x in bounds)
+
+  loops = [own(_CONSUMERS * program + c) for c in range(_CONSUMERS)]
+  return loops, _union(*((lo, hi) for lo, hi, *_ in loops))
+
+
+def _this_loop(wg, loops, u_hi):
+  """Consumer wg's loop. An empty one (no resident block, or one that sees nothing) may lie outside the union: it
+  is moved to the union's end, so that the consumer's first `skip` loop walks the whole union."""
+  lo, hi, split, band_lo, band_hi = (jnp.where(wg == 0, *pair) for pair in zip(*loops))
+  empty = lo >= hi
+  lo, hi, band_lo, band_hi = (jnp.where(empty, u_hi, x) for x in (lo, hi, band_lo, band_hi))
+  return lo, hi, split, band_lo, band_hi
+
+
+def _produce(plgpu, pl, u_lo, u_hi, fetch, consumed_barriers):
+  """The producer warpgroup: fetch(block) starts the copies of each block of the union [u_lo, u_hi) into slot
+  block % _STAGES, once both consumers have released the slot's previous block (consumed_barriers, one per slot,
+  _CONSUMERS arrivals)."""
+  plgpu.set_max_registers(40, action="decrease")  # issuing copies needs few: the consumers take the rest
+
+  def wait_consumed(block):
+    plgpu.barrier_wait(consumed_barriers.at[lax.rem(block, jnp.int32(_STAGES))])
+
+  @pl.loop(u_lo, u_hi)
+  def _(block):
+    @pl.when(block >= u_lo + _STAGES)
+    def _():
+      wait_consumed(block - _STAGES)  # the slot's previous block is read by both consumers
+
+    fetch(block)
+
+  # The last blocks' releases: unneeded for the copies, but each completion of a barrier is observed by every
+  # warpgroup that waits on it (the interpreter checks it), and the consumers have finished reading here.
+  pl.loop(jnp.maximum(u_lo, u_hi - _STAGES), u_hi)(wait_consumed)
+
+
+def _take_turn(plgpu, schedule_barrier, between=lambda: None):
+  """FlashAttention-3's ping-pong (as attention_mgpu.py): hand the tensor cores to the other consumer and wait for
+  them back, so that one consumer's element-wise work runs while the other's wgmma's do. Consumer 1 starts half a
+  block late (`_consume`): the two turns each takes per block alternate with the other's."""
+  plgpu.barrier_arrive(schedule_barrier)
+  between()
+  plgpu.barrier_wait(schedule_barrier)
+
+
+def _release(plgpu, consumed_barriers, slot):
+  """This consumer has read the slot (its wgmma results are read: wgmma has finished reading the tiles)."""
+  plgpu.barrier_arrive(consumed_barriers.at[slot])
+
+
+def _consume(plgpu, pl, wg, union, own, consumed_barriers, schedule_barrier, waits, walk):
+  """A consumer's walk of the union: the blocks of [u_lo, u_hi) before and after its own [lo, hi) skipped, walk()
+  (its own blocks, each with two turns and one release, as `skip`) in between; returns walk()'s result. waits:
+  (the slot barriers a block's tiles wait for before its first turn, those waited for during its second)."""
+  (u_lo, u_hi), (lo, hi) = union, own
+  take_turn = functools.partial(_take_turn, plgpu, schedule_barrier)
+  before, during = waits
+
+  def skip(block, carry):
+    """A block of the other consumer's loop only: its copies are awaited (every phase is observed), it takes the
+    turns of a computed block, in their order, and releases the slot."""
+    slot = lax.rem(block, jnp.int32(_STAGES))
+    for barriers in before:
+      plgpu.barrier_wait(barriers.at[slot])
+    take_turn()
+    take_turn(lambda: [plgpu.barrier_wait(barriers.at[slot]) for barriers in during])
+    _release(plgpu, consumed_barriers, slot)
+    return carry
+
+  pl.when(wg == 1)(take_turn)
+  lax.fori_loop(u_lo, lo, skip, ())
+  result = walk()
+  lax.fori_loop(hi, u_hi, skip, ())
+  pl.when(wg == 0)(take_turn)
+  return result
+
+
 def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
             q_ref, k_ref, v_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref, kv_range_ref,  # inputs (global memory)
             out_ref, lse_ref,  # outputs (global memory)
@@ -259,18 +349,11 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
   scale2 = cfg.scale * common.LOG2E
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
 
-  def loop_of(q_block):
-    """_kv_loop of q_block, empty where the last program has one q block only."""
-    bounds = _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, jnp.minimum(q_block, q_blocks - 1))
-    return tuple(jnp.where(q_block < q_blocks, x, 0) for x in bounds)
-
-  loops = [loop_of(_CONSUMERS * program + c) for c in range(_CONSUMERS)]
-  u_lo, u_hi = _union(*((lo, hi) for lo, hi, *_ in loops))
+  loops, (u_lo, u_hi) = _own_loops(
+      lambda q_block: _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, q_block), program, q_blocks)
 
   @pl.when(wg == _PRODUCER)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")  # issuing copies needs few: the consumers take the rest
-
     def fetch(kv_block):
       """Start the copies of kv block `kv_block` into its slot."""
       slot = lax.rem(kv_block, jnp.int32(_STAGES))
@@ -287,20 +370,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
             plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bq, bq)], band_smem.at[_STAGES * c + slot],
                                     band_barriers.at[_STAGES * c + slot])
 
-    def wait_consumed(kv_block):
-      plgpu.barrier_wait(consumed_barriers.at[lax.rem(kv_block, jnp.int32(_STAGES))])
-
-    @pl.loop(u_lo, u_hi)
-    def _(kv_block):
-      @pl.when(kv_block >= u_lo + _STAGES)
-      def _():
-        wait_consumed(kv_block - _STAGES)  # the slot's previous block is read by both consumers
-
-      fetch(kv_block)
-
-    # The last blocks' releases: unneeded for the copies, but each completion of a barrier is observed by every
-    # warpgroup that waits on it (the interpreter checks it), and the consumers have finished reading here.
-    pl.loop(jnp.maximum(u_lo, u_hi - _STAGES), u_hi)(wait_consumed)
+    _produce(plgpu, pl, u_lo, u_hi, fetch, consumed_barriers)
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
@@ -309,14 +379,11 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
     exists = q_block < q_blocks
     q_start = q_block * bq
     rows = pl.ds(q_start, bq)
-    lo, hi, first_masked, band_lo, band_hi = (jnp.where(wg == 0, *pair) for pair in zip(*loops))
-    # An empty loop (no q block, or one that sees no key) may lie outside the union: it is moved to its end, so
-    # that the first `skip` walks the whole union.
-    empty_loop = lo >= hi
-    lo, hi, band_lo, band_hi = (jnp.where(empty_loop, u_hi, x) for x in (lo, hi, band_lo, band_hi))
+    lo, hi, first_masked, band_lo, band_hi = _this_loop(wg, loops, u_hi)
     q_tile, lse_tile = q_smem.at[wg], lse_smem.at[wg]
     p_tile = None if p_smem is None else p_smem.at[wg]
     t_tile = None if t_smem is None else t_smem.at[wg]
+    take_turn = functools.partial(_take_turn, plgpu, schedule_barrier)
 
     q_seg = None
 
@@ -331,29 +398,6 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
 
     if segments:
       q_seg = target.load(q_seg_smem.at[wg], target.row)  # (unread garbage without a q block: nothing uses it)
-
-    def release(slot):
-      plgpu.barrier_arrive(consumed_barriers.at[slot])
-
-    def take_turn(between=lambda: None):
-      """FlashAttention-3's ping-pong (as attention_mgpu.py): hand the tensor cores to the other consumer and wait
-      for them back, so that one consumer's softmax runs while the other's wgmma's do. Consumer 1 starts half a
-      block late: the turns taken after q.k^T's issue and before p.v alternate between the two."""
-      plgpu.barrier_arrive(schedule_barrier)
-      between()
-      plgpu.barrier_wait(schedule_barrier)
-
-    def skip(kv_block, carry):
-      """A block of the other consumer's loop only: its copies are awaited (every phase is observed) and its slot
-      released."""
-      slot = lax.rem(kv_block, jnp.int32(_STAGES))
-      plgpu.barrier_wait(k_barriers.at[slot])
-      if segments:
-        plgpu.barrier_wait(kv_seg_barriers.at[slot])
-      take_turn()  # the turns of a computed block, in its order
-      take_turn(lambda: plgpu.barrier_wait(v_barriers.at[slot]))
-      release(slot)
-      return carry
 
     def tiles(kv_block, carry, far_bias, band: bool, masked: bool):
       """One online softmax step on kv block `kv_block`."""
@@ -386,26 +430,27 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
       take_turn(lambda: plgpu.barrier_wait(v_barriers.at[slot]))  # the softmax is done: p.v waits for its turn
       acc = target.accumulate(pl, acc * lax.broadcast_in_dim(correction, acc.shape, [0]),
                               target.p_operand(p.astype(q_ref.dtype), p_tile), v_smem.at[slot])
-      release(slot)  # the products' results are read: wgmma has finished reading k and v
+      _release(plgpu, consumed_barriers, slot)  # the products' results are read: wgmma has read k and v
       return acc, m_new, l_i
 
-    pl.when(wg == 1)(take_turn)
-    lax.fori_loop(u_lo, lo, skip, ())
-    carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
-             target.cast(jnp.full((bq,), common.MASK, jnp.float32), target.row),
-             target.cast(jnp.zeros((bq,), jnp.float32), target.row))
-    # Regions of the kv loop, in order: (start, stop, far bias, band tile?); one region without bias.
-    if t5:
-      regions = ((lo, band_lo, ends_ref[head, 0], False), (band_lo, band_hi, 0.0, True),
-                 (band_hi, hi, ends_ref[head, 1], False))
-    else:
-      regions = ((lo, hi, 0.0, False),)
-    for start, stop, far_bias, band in regions:
-      carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop,
-                           first_masked, cfg.causal, segments, masked_first=False)
-    acc, m_i, l_i = carry
-    lax.fori_loop(hi, u_hi, skip, ())
-    pl.when(wg == 0)(take_turn)
+    def walk():
+      carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
+               target.cast(jnp.full((bq,), common.MASK, jnp.float32), target.row),
+               target.cast(jnp.zeros((bq,), jnp.float32), target.row))
+      # Regions of the kv loop, in order: (start, stop, far bias, band tile?); one region without bias.
+      if t5:
+        regions = ((lo, band_lo, ends_ref[head, 0], False), (band_lo, band_hi, 0.0, True),
+                   (band_hi, hi, ends_ref[head, 1], False))
+      else:
+        regions = ((lo, hi, 0.0, False),)
+      for start, stop, far_bias, band in regions:
+        carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop,
+                             first_masked, cfg.causal, segments, masked_first=False)
+      return carry
+
+    waits = ([k_barriers] + ([kv_seg_barriers] if segments else []), [v_barriers])
+    acc, m_i, l_i = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed_barriers, schedule_barrier, waits,
+                             walk)
 
     @pl.when(exists)
     def _():
@@ -520,14 +565,16 @@ def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, bias, visible):
 
 
 def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, raw, lse, far_bias, band: bool,
-                            masked: bool, q_axis: int, q_start, k_start, ids):
+                            masked: bool, q_axis: int, q_start, k_start, ids, band_slot=None):
   """_probabilities of a backward tile with what streams through `slot` beside its operands: the band tile (band
-  tiles), and with segments (`ids`: the resident side's ids and the scratch name of the walked side's, "kv_seg" in
-  the dq kernel, "q_seg" in the dk/dv kernel) the walked blocks' segment ids (masked tiles)."""
+  tiles; in band_slot if given: the dk/dv kernel's per consumer and slot), and with segments (`ids`: the resident
+  side's ids and the scratch name of the walked side's, "kv_seg" in the dq kernel, "q_seg" in the dk/dv kernel)
+  the walked blocks' segment ids (masked tiles)."""
   bias = visible = None
   if band:
-    plgpu.barrier_wait(scratch["band_barriers"].at[slot])
-    bias = target.load(scratch["band_smem"].at[slot], target.tile).astype(jnp.float32)
+    band_slot = slot if band_slot is None else band_slot
+    plgpu.barrier_wait(scratch["band_barriers"].at[band_slot])
+    bias = target.load(scratch["band_smem"].at[band_slot], target.tile).astype(jnp.float32)
   if masked:
     q_seg = k_seg = None
     if ids is not None:
@@ -691,24 +738,11 @@ def _q_band_bounds(k_start, lo, hi, s: Shape, max_distance: int):
   return band_lo, band_hi
 
 
-def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
-                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref,
-                q_range_ref, dk_ref, dv_ref, **scratch):
-  """dk, dv of one kv block of one (batch, head) over its q blocks (triton._attention_dkv_kernel), on [keys,
-  queries] tiles: q, do, lse, delta (and band tiles, pre-transposed, and query segment ids) stream through two
-  slots. The band tile of shift k_start - q_start is read transposed from band_ref [H, count * bk, bq]. scratch as
-  in _dq_kernel."""
+def _q_loop(s: Shape, cfg: Config, t5: bool, segments: bool, q_range_ref, batch, kv_block):
+  """The q loop of a kv block (dk/dv kernel): blocks [lo, hi), the causal mask before first_unmasked, the T5 band
+  [band_lo, band_hi) (empty without the bias)."""
   bq, bk = s.block_q, s.block_k
-  kv_block, head, batch = lax.axis_index("kv"), lax.axis_index("heads"), lax.axis_index("batch")
   k_start = kv_block * bk
-  keys = pl.ds(k_start, bk)
-
-  plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], scratch["k_smem"], scratch["k_barrier"])
-  plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], scratch["v_smem"], scratch["v_barrier"])
-  if segments:
-    plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], scratch["kv_seg_smem"], scratch["kv_seg_barrier"])
-
-  # The q loop: [lo, hi), the causal mask before first_unmasked, the T5 band [band_lo, band_hi).
   lo, hi, first_unmasked = 0, s.q_len // bq, 0
   if cfg.causal:  # q blocks before k_start // bq see no key; before cdiv(k_start + bk - 1, bq), not all
     lo = lax.div(k_start, bq)
@@ -719,77 +753,134 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
   band_lo = band_hi = hi
   if t5:
     band_lo, band_hi = _q_band_bounds(k_start, lo, hi, s, cfg.max_distance)
+  return lo, hi, first_unmasked, band_lo, band_hi
+
+
+def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
+                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref,
+                q_range_ref, dk_ref, dv_ref, **scratch):
+  """dk, dv of two kv blocks of one (batch, head) (triton._attention_dkv_kernel), warp specialized as the forward
+  (`_kernel`) with the sides swapped: consumer warpgroup c < _CONSUMERS owns kv block _CONSUMERS * program + c (k,
+  v, key segment ids copied once) and walks its q loop (`_q_loop`: far right, band, far left) on [keys, queries]
+  tiles, k.q^T, v.do^T, p^T.do and ds^T.q wgmma's, dk and dv accumulated in place; the producer warpgroup streams q,
+  do, lse, delta (query segment ids, each consumer's band tile, pre-transposed: band_ref [H, count * bk, bq]) of
+  the union of their q loops through _STAGES slots. Both consumers walk the whole union (`_consume`). scratch:
+  shared memory tiles (`*_smem`) and barriers (`*_barriers`, `*_barrier`) by name, without those of absent
+  features.
+
+  Barrier counts, per q block i of the union [u_lo, u_hi) in slot i % _STAGES:
+  - q, do, lse, delta (q_seg) slots: one TMA arrival (the producer's copy); waited once by each consumer.
+  - band slot of consumer c (_STAGES * c + slot): one TMA arrival for i in c's band; waited once by c for i in its
+    band.
+  - consumed slot: one arrival by each consumer once it has read the slot (num_arrivals=_CONSUMERS); waited once
+    by the producer: before copying block i + _STAGES into the slot, or at the end (the last _STAGES blocks).
+  - k, v (kv_seg) of consumer c: one TMA arrival, one wait by c (none without a kv block).
+  - schedule (num_arrivals=_CONSUMERS): as the forward's, 2 n + 1 turns each (two per block of the union, consumer
+    1 one before its walk, consumer 0 one after), each one arrival then one wait."""
+  bq, bk = s.block_q, s.block_k
+  program, head, batch, wg = (lax.axis_index(name) for name in ("kv", "heads", "batch", "wg"))
+  kv_blocks = s.kv_len // bk
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
+  consumed, schedule = scratch["consumed_barriers"], scratch["schedule_barrier"]
+  streamed = ("q", "do", "lse", "delta") + (("q_seg",) if segments else ())
 
-  def fetch(q_block):
-    """Start the copies of q block `q_block` into its slot (q_block % 2)."""
-    slot, rows = lax.rem(q_block, jnp.int32(2)), pl.ds(q_block * bq, bq)
-    for name, src in (("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
-                      ("lse", lse_ref.at[batch, head, rows]), ("delta", delta_ref.at[batch, head, rows])):
-      plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[slot], scratch[name + "_barriers"].at[slot])
-    if segments:
-      plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], scratch["q_seg_smem"].at[slot],
-                              scratch["q_seg_barriers"].at[slot])
-    if t5:
-      @pl.when((q_block >= band_lo) & (q_block < band_hi))
-      def _():
-        tile = lax.div(k_start - q_block * bq - band_first, band_step)
-        plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bk, bk)], scratch["band_smem"].at[slot],
-                                scratch["band_barriers"].at[slot])
+  loops, (u_lo, u_hi) = _own_loops(
+      lambda kv_block: _q_loop(s, cfg, t5, segments, q_range_ref, batch, kv_block), program, kv_blocks)
 
-  @pl.when(lo < hi)
-  def _():
-    fetch(lo)
+  @pl.when(wg == _PRODUCER)
+  def _producer():
+    def fetch(q_block):
+      """Start the copies of q block `q_block` into its slot."""
+      slot, rows = lax.rem(q_block, jnp.int32(_STAGES)), pl.ds(q_block * bq, bq)
+      for name, src in (("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
+                        ("lse", lse_ref.at[batch, head, rows]), ("delta", delta_ref.at[batch, head, rows]),
+                        ("q_seg", q_seg_ref.at[batch, rows]))[:len(streamed)]:
+        plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[slot], scratch[name + "_barriers"].at[slot])
+      if t5:
+        for c, (_, _, _, band_lo, band_hi) in enumerate(loops):
+          @pl.when((q_block >= band_lo) & (q_block < band_hi))
+          def _():
+            tile = lax.div((_CONSUMERS * program + c) * bk - q_block * bq - band_first, band_step)
+            plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bk, bk)],
+                                    scratch["band_smem"].at[_STAGES * c + slot],
+                                    scratch["band_barriers"].at[_STAGES * c + slot])
 
-  for name in ("k", "v") + (("kv_seg",) if segments else ()):
-    plgpu.barrier_wait(scratch[name + "_barrier"])
-  kv_seg = target.load(scratch["kv_seg_smem"], target.row) if segments else None
+    _produce(plgpu, pl, u_lo, u_hi, fetch, consumed)
 
-  def tiles(q_block, carry, far_bias, band: bool, masked: bool):
-    """One q block: dv += p^T.do, dk += ds^T.q on [bk, bq] tiles."""
-    dk, dv = carry
-    slot = lax.rem(q_block, jnp.int32(2))
+  @pl.when(wg < _CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    kv_block = _CONSUMERS * program + wg
+    exists = kv_block < kv_blocks
+    k_start = kv_block * bk
+    keys = pl.ds(k_start, bk)
+    lo, hi, first_unmasked, band_lo, band_hi = _this_loop(wg, loops, u_hi)
+    k_tile, v_tile = scratch["k_smem"].at[wg], scratch["v_smem"].at[wg]
+    p_tile = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
+    t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
+    take_turn = functools.partial(_take_turn, plgpu, schedule)
+    resident = (("k", k_ref.at[batch, keys, head]), ("v", v_ref.at[batch, keys, head]),
+                ("kv_seg", kv_seg_ref.at[batch, keys]))[:3 if segments else 2]
 
-    @pl.when(q_block + 1 < hi)
+    @pl.when(exists)
     def _():
-      fetch(q_block + 1)  # its slot's last reader, block q_block - 1, has finished (wgmma results are read)
+      for name, src in resident:
+        plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[wg], scratch[name + "_barriers"].at[wg])
+      for name, _ in resident:
+        plgpu.barrier_wait(scratch[name + "_barriers"].at[wg])
 
-    plgpu.barrier_wait(scratch["q_barriers"].at[slot])
-    q_tile = scratch["q_smem"].at[slot]
-    raw = _matmul(plgpu, pl, scratch["k_smem"], target.transposed(q_tile, scratch.get("t_smem")), (bk, bq))
-    plgpu.barrier_wait(scratch["lse_barriers"].at[slot])
-    lse = target.load(scratch["lse_smem"].at[slot], target.col)
-    p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 1,
-                                q_block * bq, k_start, (kv_seg, "q_seg") if segments else None)
-    plgpu.barrier_wait(scratch["do_barriers"].at[slot])
-    do_tile = scratch["do_smem"].at[slot]
-    dv = target.accumulate(pl, dv, target.p_operand(p.astype(q_ref.dtype), scratch.get("p_smem")), do_tile)
-    dp = _matmul(plgpu, pl, scratch["v_smem"], target.transposed(do_tile, scratch.get("t_smem")), (bk, bq))
-    plgpu.barrier_wait(scratch["delta_barriers"].at[slot])
-    delta = target.load(scratch["delta_smem"].at[slot], target.col)
-    ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))
-    dk = target.accumulate(pl, dk, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")), q_tile)
-    return dk, dv
+    # (unread garbage without a kv block: nothing uses it)
+    kv_seg = target.load(scratch["kv_seg_smem"].at[wg], target.row) if segments else None
 
-  zero = lambda: target.cast(jnp.zeros((bk, s.head_dim), jnp.float32), target.tile)
-  carry = (zero(), zero())
-  # Regions in the order of the q blocks: far right (keys far after the queries), band, far left; or no bias.
-  if t5:
-    regions = ((lo, band_lo, ends_ref[head, 1], False), (band_lo, band_hi, 0.0, True),
-               (band_hi, hi, ends_ref[head, 0], False))
-  else:
-    regions = ((lo, hi, 0.0, False),)
-  for start, stop, far_bias, band in regions:
-    carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop, first_unmasked,
-                         cfg.causal, segments, masked_first=True)
-  dk, dv = carry
+    def tiles(q_block, carry, far_bias, band: bool, masked: bool):
+      """One q block: dv += p^T.do, dk += ds^T.q on [bk, bq] tiles."""
+      dk, dv = carry
+      slot = lax.rem(q_block, jnp.int32(_STAGES))
+      plgpu.barrier_wait(scratch["q_barriers"].at[slot])
+      q_tile = scratch["q_smem"].at[slot]
+      raw = _matmul(plgpu, pl, k_tile, target.transposed(q_tile, t_tile), (bk, bq), take_turn)
+      plgpu.barrier_wait(scratch["lse_barriers"].at[slot])
+      lse = target.load(scratch["lse_smem"].at[slot], target.col)
+      p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 1,
+                                  q_block * bq, k_start, (kv_seg, "q_seg") if segments else None,
+                                  band_slot=_STAGES * wg + slot)
+      plgpu.barrier_wait(scratch["do_barriers"].at[slot])
+      do_tile = scratch["do_smem"].at[slot]
+      dp = _matmul(plgpu, pl, v_tile, target.transposed(do_tile, t_tile), (bk, bq))
+      plgpu.barrier_wait(scratch["delta_barriers"].at[slot])
+      delta = target.load(scratch["delta_smem"].at[slot], target.col)
+      ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))
+      take_turn()  # p and ds are done: their products wait for the tensor cores
+      dv = target.accumulate(pl, dv, target.p_operand(p.astype(q_ref.dtype), p_tile), do_tile)
+      dk = target.accumulate(pl, dk, target.p_operand(ds.astype(q_ref.dtype), p_tile), q_tile)
+      _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read q and do
+      return dk, dv
 
-  scratch["k_smem"][...] = (dk * cfg.scale).astype(k_ref.dtype)  # k and v are no longer read: they stage dk, dv
-  scratch["v_smem"][...] = dv.astype(v_ref.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(scratch["k_smem"], dk_ref.at[batch, keys, head])
-  plgpu.copy_smem_to_gmem(scratch["v_smem"], dv_ref.at[batch, keys, head])
-  plgpu.wait_smem_to_gmem(0)
+    def walk():
+      zero = lambda: target.cast(jnp.zeros((bk, s.head_dim), jnp.float32), target.tile)
+      carry = (zero(), zero())
+      # Regions in the order of the q blocks: far right (keys far after the queries), band, far left; or no bias.
+      if t5:
+        regions = ((lo, band_lo, ends_ref[head, 1], False), (band_lo, band_hi, 0.0, True),
+                   (band_hi, hi, ends_ref[head, 0], False))
+      else:
+        regions = ((lo, hi, 0.0, False),)
+      for start, stop, far_bias, band in regions:
+        carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop,
+                             first_unmasked, cfg.causal, segments, masked_first=True)
+      return carry
+
+    waits = ([scratch[name + "_barriers"] for name in streamed], [])
+    dk, dv = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, schedule, waits, walk)
+
+    @pl.when(exists)
+    def _():
+      k_tile[...] = (dk * cfg.scale).astype(k_ref.dtype)  # k and v are no longer read: they stage dk, dv
+      v_tile[...] = dv.astype(v_ref.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, head])
+      plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, head])
+      plgpu.wait_smem_to_gmem(0)
 
 
 def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2,
@@ -848,23 +939,30 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(parts_shape, jnp.float32)),
   )(q, k, v, dout, lse2, delta, band, ids, ranges, ends, q_seg, kv_seg, kv_range)
 
-  # dk/dv kernel: k, v (kv_seg) once; q, do, lse, delta (transposed band tile, q_seg) in two slots.
-  scratch = dict(k_smem=tile((bk, head_dim), k.dtype), v_smem=tile((bk, head_dim), v.dtype),
-                 q_smem=tile((2, bq, head_dim), q.dtype), do_smem=tile((2, bq, head_dim), dout.dtype),
-                 lse_smem=plgpu.SMEM((2, bq), jnp.float32), delta_smem=plgpu.SMEM((2, bq), jnp.float32),
-                 k_barrier=plgpu.Barrier(), v_barrier=plgpu.Barrier(), q_barriers=slots(), do_barriers=slots(),
-                 lse_barriers=slots(), delta_barriers=slots())
+  # dk/dv kernel, warp specialized: k, v (kv_seg) once per consumer; q, do, lse, delta (q_seg) in _STAGES slots, a
+  # transposed band tile per consumer and slot.
+  consumers = lambda: plgpu.Barrier(num_barriers=_CONSUMERS)
+  scratch = dict(k_smem=tile((_CONSUMERS, bk, head_dim), k.dtype), v_smem=tile((_CONSUMERS, bk, head_dim), v.dtype),
+                 q_smem=tile((_STAGES, bq, head_dim), q.dtype), do_smem=tile((_STAGES, bq, head_dim), dout.dtype),
+                 lse_smem=plgpu.SMEM((_STAGES, bq), jnp.float32), delta_smem=plgpu.SMEM((_STAGES, bq), jnp.float32),
+                 k_barriers=consumers(), v_barriers=consumers(), q_barriers=slots(), do_barriers=slots(),
+                 lse_barriers=slots(), delta_barriers=slots(),
+                 consumed_barriers=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES),  # the releases
+                 schedule_barrier=plgpu.Barrier(num_arrivals=_CONSUMERS))  # the turns on the tensor cores
   if segments:
-    scratch.update(kv_seg_smem=plgpu.SMEM((bk,), jnp.int32), kv_seg_barrier=plgpu.Barrier(),
-                   q_seg_smem=plgpu.SMEM((2, bq), jnp.int32), q_seg_barriers=slots())
+    scratch.update(kv_seg_smem=plgpu.SMEM((_CONSUMERS, bk), jnp.int32), kv_seg_barriers=consumers(),
+                   q_seg_smem=plgpu.SMEM((_STAGES, bq), jnp.int32), q_seg_barriers=slots())
   if t5 is not None:
-    scratch.update(band_smem=tile((2, bk, bq), band.dtype), band_barriers=slots())
+    scratch.update(band_smem=tile((_CONSUMERS * _STAGES, bk, bq), band.dtype),
+                   band_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES))
   if cfg.interpret:
-    scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype), p_smem=target.p_scratch(bk, bq, q.dtype))
+    scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype, (_CONSUMERS,)),
+                   p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)))
   kernel = functools.partial(_dkv_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   dk, dv = _launch(
-      plgpu, cfg, kernel, scratch, (k.shape[1] // bk, heads, batch), "kv",
+      plgpu, cfg, kernel, scratch, (pl.cdiv(k.shape[1] // bk, _CONSUMERS), heads, batch), "kv",
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      num_threads=_CONSUMERS + 1,
   )(q, k, v, dout, lse2, delta, band_t, ends, q_seg, kv_seg, q_range)
 
   parts = None
