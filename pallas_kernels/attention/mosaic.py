@@ -12,16 +12,21 @@ for rows that see no key, per-program partial table gradients), written with Mos
   compute; q.k^T and p.v are wgmma's into float32 accumulators, the consumers taking turns on the tensor cores
   (FlashAttention-3's ping-pong). Both consumers walk the union of their kv loops (the other's blocks only awaited
   and released: every barrier phase is observed by each of its waiters). Two slots only: a float32 band tile per
-  consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks.
-One warpgroup per program in the backward:
-- backward, dq kernel: one q block (q, do, lse, delta once), k, v streamed as in the forward; q.k^T, do.v^T and
-  ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket
+  consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks. The skeleton (`_own_loops`,
+  `_this_loop`, `_produce`, `_consume`) is shared with the dk/dv kernel.
+- backward, dq kernel, one warpgroup: one q block (q, do, lse, delta once), k, v streamed as in the forward;
+  q.k^T, do.v^T and ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket
   (carried in registers); band tiles take, for each bucket their shift can hold (one or two ranges of bucket ids,
   precomputed per shift), the row sums of ds masked by a precomputed int8 tile of the bucket ids of its shift
   (loaded like the band bias tile), added to that bucket's row of a [num_buckets, bq] shared memory tile, which
   each program writes once and `backward` sums.
-- backward, dk/dv kernel: one kv block (k, v once), q, do, lse, delta (and the band tile, pre-transposed) streamed,
-  on [keys, queries] tiles: k.q^T, p^T.do, v.do^T and ds^T.q are wgmma's.
+- backward, dk/dv kernel, warp specialized as the forward with the sides swapped: two kv blocks per program, one
+  per consumer warpgroup (k, v once), a producer streaming q, do, lse, delta (query segment ids, each consumer's
+  band tile, pre-transposed) of the union of their q loops through two slots; on [keys, queries] tiles k.q^T, then
+  p^T.do and v.do^T issued together (one wait, as attention_mgpu.py's backward), then ds^T.q, dk and dv
+  accumulated in place; no ping-pong turns by default (`_DKV_TURNS`). Its shared memory (a band tile per consumer
+  and slot) takes the default 64 x 64 backward blocks; 128-row or 128-key ones overflow at D=128, and at D=64
+  with a float32 table and segment ids.
 
 Supports: no bias or the T5 bias (without positions), causal or not, segment ids (the loops narrowed to the blocks
 `segment_block_ranges` keeps). Restrictions (`check`): blocks multiples of 64, Sq and Sk multiples of them (the
@@ -35,12 +40,13 @@ backward's dq, dk and dv accumulate in place as in JAX's `attention_mgpu.py`; in
 accumulator and is added to the running one in registers.
 
 Speed (H200, D=64): the forward at 0.75-0.79x cuDNN without bias, the backward slower than the Triton kernel's
-(benchmarks/notes_attention.md). The table gradient's band sums are still one masked row sum of the tile per
-bucket the tile holds (only those since the bucket ranges per shift: e.g. 61 instead of 160 over the five band
-shifts of max_distance 128 in 64 x 64 tiles, bidirectional; little fewer where one tile holds nearly every bucket,
-as the diagonal tile of a causal max_distance 40), not a cheaper contraction; the backward is not warp specialized; no
-tuning. The interpreter runs the forward's three warpgroups as concurrent XLA:CPU executions: tests/conftest.py
-widens XLA's CPU thread pool for them.
+(benchmarks/notes_attention.md). The table gradient's band sums are still one masked row sum of the tile per bucket
+the tile holds (only those since the bucket ranges per shift: e.g. 61 instead of 160 over the five band shifts of
+max_distance 128 in 64 x 64 tiles, bidirectional; little fewer where one tile holds nearly every bucket, as the
+diagonal tile of a causal max_distance 40), not a cheaper contraction; the dq kernel is not warp specialized; the
+warp-specialized dk/dv kernel is tested on CPU only (interpreter, CUDA lowering), not run on a GPU; no tuning. The
+interpreter runs the forward's and the dk/dv kernel's three warpgroups as concurrent XLA:CPU executions:
+tests/conftest.py widens XLA's CPU thread pool for them.
 `flash_attention(..., backend="mosaic")` runs it; nothing chooses it by default, as it is not the fastest.
 
 Mosaic GPU is imported when a kernel is built, so importing this module needs no GPU.
@@ -177,6 +183,18 @@ class _Target:
 
     return pl.run_state(body)(self.plgpu.ACC.init(acc))
 
+  def accumulate_together(self, pl, products):
+    """[acc + a @ b for acc, a, b in products], the wgmma's issued together, so that one wait covers them all
+    (attention_mgpu.py's dv and dp^T), accumulating in place; interpreted, one after the other as `accumulate`."""
+    if self.interpret:
+      return [acc + _matmul(self.plgpu, pl, a, b, acc.shape) for acc, a, b in products]
+
+    def body(acc_refs):
+      for acc_ref, (_, a, b) in zip(acc_refs, products):
+        self.plgpu.wgmma(acc_ref, a, b)
+
+    return list(pl.run_state(body)(tuple(self.plgpu.ACC.init(acc) for acc, _, _ in products)))
+
   def t_scratch(self, rows: int, head_dim: int, dtype, leading=()):
     """The staging tile of `transposed` (interpreted only), one per index of `leading`."""
     return _smem_tile(self.plgpu, (*leading, head_dim, rows), dtype) if self.interpret else None
@@ -218,9 +236,12 @@ def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start,
   return visible
 
 
-_CONSUMERS = 2  # forward: warpgroups that each own one q block of a program; one more issues the copies
+_CONSUMERS = 2  # forward, dk/dv kernel: warpgroups that each own one block of a program; one more issues the copies
 _PRODUCER = _CONSUMERS  # the copying warpgroup's index
-_STAGES = 2  # forward: shared memory slots of the streamed kv blocks
+_STAGES = 2  # forward, dk/dv kernel: shared memory slots of the streamed blocks
+# dk/dv kernel: the forward's ping-pong turns (a schedule barrier) or none, as attention_mgpu.py's backward. Its
+# tiles take four products for one exp2, and turns cost two barrier round trips per block; not measured either way.
+_DKV_TURNS = False
 
 
 def _union(a, b):
@@ -284,10 +305,13 @@ def _produce(plgpu, pl, u_lo, u_hi, fetch, consumed_barriers):
 def _take_turn(plgpu, schedule_barrier, between=lambda: None):
   """FlashAttention-3's ping-pong (as attention_mgpu.py): hand the tensor cores to the other consumer and wait for
   them back, so that one consumer's element-wise work runs while the other's wgmma's do. Consumer 1 starts half a
-  block late (`_consume`): the two turns each takes per block alternate with the other's."""
-  plgpu.barrier_arrive(schedule_barrier)
+  block late (`_consume`): the two turns each takes per block alternate with the other's. Without a schedule
+  barrier (None), only between()."""
+  if schedule_barrier is not None:
+    plgpu.barrier_arrive(schedule_barrier)
   between()
-  plgpu.barrier_wait(schedule_barrier)
+  if schedule_barrier is not None:
+    plgpu.barrier_wait(schedule_barrier)
 
 
 def _release(plgpu, consumed_barriers, slot):
@@ -298,7 +322,8 @@ def _release(plgpu, consumed_barriers, slot):
 def _consume(plgpu, pl, wg, union, own, consumed_barriers, schedule_barrier, waits, walk):
   """A consumer's walk of the union: the blocks of [u_lo, u_hi) before and after its own [lo, hi) skipped, walk()
   (its own blocks, each with two turns and one release, as `skip`) in between; returns walk()'s result. waits:
-  (the slot barriers a block's tiles wait for before its first turn, those waited for during its second)."""
+  (the slot barriers a block's tiles wait for before its first turn, those waited for during its second).
+  schedule_barrier None: no turns."""
   (u_lo, u_hi), (lo, hi) = union, own
   take_turn = functools.partial(_take_turn, plgpu, schedule_barrier)
   before, during = waits
@@ -314,11 +339,13 @@ def _consume(plgpu, pl, wg, union, own, consumed_barriers, schedule_barrier, wai
     _release(plgpu, consumed_barriers, slot)
     return carry
 
-  pl.when(wg == 1)(take_turn)
+  if schedule_barrier is not None:
+    pl.when(wg == 1)(take_turn)
   lax.fori_loop(u_lo, lo, skip, ())
   result = walk()
   lax.fori_loop(hi, u_hi, skip, ())
-  pl.when(wg == 0)(take_turn)
+  if schedule_barrier is not None:
+    pl.when(wg == 0)(take_turn)
   return result
 
 
@@ -764,7 +791,8 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
   v, key segment ids copied once) and walks its q loop (`_q_loop`: far right, band, far left) on [keys, queries]
   tiles, k.q^T, v.do^T, p^T.do and ds^T.q wgmma's, dk and dv accumulated in place; the producer warpgroup streams q,
   do, lse, delta (query segment ids, each consumer's band tile, pre-transposed: band_ref [H, count * bk, bq]) of
-  the union of their q loops through _STAGES slots. Both consumers walk the whole union (`_consume`). scratch:
+  the union of their q loops through _STAGES slots. Both consumers walk the whole union (`_consume`). A tile:
+  k.q^T; p; dv += p^T.do and dp^T = v.do^T issued together (one wgmma wait); ds; dk += ds^T.q. scratch:
   shared memory tiles (`*_smem`) and barriers (`*_barriers`, `*_barrier`) by name, without those of absent
   features.
 
@@ -775,13 +803,14 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
   - consumed slot: one arrival by each consumer once it has read the slot (num_arrivals=_CONSUMERS); waited once
     by the producer: before copying block i + _STAGES into the slot, or at the end (the last _STAGES blocks).
   - k, v (kv_seg) of consumer c: one TMA arrival, one wait by c (none without a kv block).
-  - schedule (num_arrivals=_CONSUMERS): as the forward's, 2 n + 1 turns each (two per block of the union, consumer
-    1 one before its walk, consumer 0 one after), each one arrival then one wait."""
+  - schedule (num_arrivals=_CONSUMERS), only with _DKV_TURNS: as the forward's, 2 n + 1 turns each (two per block
+    of the union, before its q.k^T's result is read and before its p^T.do; consumer 1 one more before its walk,
+    consumer 0 one more after), each one arrival then one wait. Without it, `take_turn` only runs its argument."""
   bq, bk = s.block_q, s.block_k
   program, head, batch, wg = (lax.axis_index(name) for name in ("kv", "heads", "batch", "wg"))
   kv_blocks = s.kv_len // bk
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
-  consumed, schedule = scratch["consumed_barriers"], scratch["schedule_barrier"]
+  consumed, schedule = scratch["consumed_barriers"], scratch.get("schedule_barrier")  # no schedule: no turns
   streamed = ("q", "do", "lse", "delta") + (("q_seg",) if segments else ())
 
   loops, (u_lo, u_hi) = _own_loops(
@@ -844,14 +873,14 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 1,
                                   q_block * bq, k_start, (kv_seg, "q_seg") if segments else None,
                                   band_slot=_STAGES * wg + slot)
-      plgpu.barrier_wait(scratch["do_barriers"].at[slot])
+      take_turn(lambda: plgpu.barrier_wait(scratch["do_barriers"].at[slot]))  # p is done: the products' turn
       do_tile = scratch["do_smem"].at[slot]
-      dp = _matmul(plgpu, pl, v_tile, target.transposed(do_tile, t_tile), (bk, bq))
+      dv, dp = target.accumulate_together(pl, (
+          (dv, target.p_operand(p.astype(q_ref.dtype), p_tile), do_tile),
+          (target.cast(jnp.zeros((bk, bq), jnp.float32), target.tile), v_tile, target.transposed(do_tile, t_tile))))
       plgpu.barrier_wait(scratch["delta_barriers"].at[slot])
       delta = target.load(scratch["delta_smem"].at[slot], target.col)
       ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))
-      take_turn()  # p and ds are done: their products wait for the tensor cores
-      dv = target.accumulate(pl, dv, target.p_operand(p.astype(q_ref.dtype), p_tile), do_tile)
       dk = target.accumulate(pl, dk, target.p_operand(ds.astype(q_ref.dtype), p_tile), q_tile)
       _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read q and do
       return dk, dv
@@ -870,7 +899,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
                              first_unmasked, cfg.causal, segments, masked_first=True)
       return carry
 
-    waits = ([scratch[name + "_barriers"] for name in streamed], [])
+    waits = ([scratch[name + "_barriers"] for name in streamed if name != "do"], [scratch["do_barriers"]])
     dk, dv = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, schedule, waits, walk)
 
     @pl.when(exists)
@@ -947,8 +976,9 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
                  lse_smem=plgpu.SMEM((_STAGES, bq), jnp.float32), delta_smem=plgpu.SMEM((_STAGES, bq), jnp.float32),
                  k_barriers=consumers(), v_barriers=consumers(), q_barriers=slots(), do_barriers=slots(),
                  lse_barriers=slots(), delta_barriers=slots(),
-                 consumed_barriers=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES),  # the releases
-                 schedule_barrier=plgpu.Barrier(num_arrivals=_CONSUMERS))  # the turns on the tensor cores
+                 consumed_barriers=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES))  # the releases
+  if _DKV_TURNS:  # the consumers' turns on the tensor cores
+    scratch.update(schedule_barrier=plgpu.Barrier(num_arrivals=_CONSUMERS))
   if segments:
     scratch.update(kv_seg_smem=plgpu.SMEM((_CONSUMERS, bk), jnp.int32), kv_seg_barriers=consumers(),
                    q_seg_smem=plgpu.SMEM((_STAGES, bq), jnp.int32), q_seg_barriers=slots())

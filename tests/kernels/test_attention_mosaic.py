@@ -208,6 +208,21 @@ def test_compiled_forward_fits_shared_memory_at_default_blocks(head_dim):
   assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("head_dim", mosaic.HEAD_DIMS)
+def test_compiled_backward_fits_shared_memory_at_default_blocks(head_dim):
+  """The compiled backward at the blocks `tuning` gives it, with a float32 table and segment ids (the warp-specialized
+  dk/dv kernel holds two kv blocks and a band tile per consumer and slot), lowers for CUDA: its shared memory fits."""
+  blocks = tuning.default_block_sizes(head_dim, interpret=False, backend="mosaic")
+  cfg = Config(bias_mode="t5", causal=False, scale=1.0, has_segments=True, has_positions=False, blocks=blocks,
+               interpret=False, backend="mosaic", num_buckets=32, bidirectional=True, max_distance=128)
+  q = jnp.zeros((BATCH, 2 * LENGTH, HEADS, head_dim), jnp.bfloat16)
+  table = jnp.zeros((32, HEADS), jnp.float32)
+  ids = jnp.ones((BATCH, 2 * LENGTH), jnp.int32)
+  lse = jnp.zeros((BATCH, HEADS, 2 * LENGTH), jnp.float32)
+  text = _gradients(cfg).trace(q, q, q, table, ids, q, lse, q, lse).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 2, text.count("mosaic_gpu")
+
+
 def test_rejects_what_it_does_not_support():
   cfg = Config(bias_mode="alibi", causal=False, scale=1.0, has_segments=False, has_positions=False,
                blocks=BlockSizes(64, 64, 64, 64), interpret=True, backend="mosaic")
