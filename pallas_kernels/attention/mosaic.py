@@ -15,11 +15,11 @@ for rows that see no key, per-program partial table gradients), written with Mos
   consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks. The skeleton (`_own_loops`,
   `_this_loop`, `_produce`, `_consume`) is shared with the dk/dv kernel.
 - backward, dq kernel, one warpgroup: one q block (q, do, lse, delta once), k, v streamed as in the forward;
-  q.k^T, do.v^T and ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket
-  (carried in registers); band tiles take, for each bucket their shift can hold (one or two ranges of bucket ids,
-  precomputed per shift), the row sums of ds masked by a precomputed int8 tile of the bucket ids of its shift
-  (loaded like the band bias tile), added to that bucket's row of a [num_buckets, bq] shared memory tile, which
-  each program writes once and `backward` sums.
+  q.k^T, do.v^T and ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums
+  to one bucket (carried in registers); band tiles take, for each bucket their shift can hold (one or two ranges of
+  bucket ids, precomputed per shift), the row sums of ds masked by a precomputed int8 tile of the bucket ids of its
+  shift (loaded like the band bias tile), added to that bucket's row of a [num_buckets, bq] shared memory tile,
+  which each program writes once and `backward` sums.
 - backward, dk/dv kernel, warp specialized as the forward with the sides swapped: two kv blocks per program, one
   per consumer warpgroup (k, v once), a producer streaming q, do, lse, delta (query segment ids, each consumer's
   band tile, pre-transposed) of the union of their q loops through two slots; on [keys, queries] tiles k.q^T, then
@@ -32,12 +32,13 @@ Supports: no bias or the T5 bias (without positions), causal or not, segment ids
 `segment_block_ranges` keeps). Restrictions (`check`): blocks multiples of 64, Sq and Sk multiples of them (the
 public function pads), head_dim 64 or 128, 16-bit q, k, v.
 
-Tested compiled on an H200 (jax 0.11.2) and in Mosaic GPU's interpreter on CPU (`InterpretGPUParams`, jax 0.10.2 and
-0.11.2), where the compiled variants also go through the Pallas -> Mosaic GPU lowering. The interpreter lacks a few
-constructs the compiled kernels use, so `_Target` swaps them (and only them) when interpreting: layout hints, B
-operands read transposed by wgmma, A operands in registers, and `pl.run_state`: compiled, the forward's p.v and the
-backward's dq, dk and dv accumulate in place as in JAX's `attention_mgpu.py`; interpreted, a product goes to a fresh
-accumulator and is added to the running one in registers.
+Tested compiled on an H200 (jax 0.11.2; the warp-specialized dk/dv kernel not yet) and in Mosaic GPU's interpreter
+on CPU (`InterpretGPUParams`, jax 0.10.2 and 0.11.2), where the compiled variants also go through the Pallas ->
+Mosaic GPU lowering. The interpreter lacks a few constructs the compiled kernels use, so `_Target` swaps them (and
+only them) when interpreting: layout hints, B operands read transposed by wgmma, A operands in registers, and
+`pl.run_state`: compiled, the forward's p.v and the backward's dq, dk and dv accumulate in place as in JAX's
+`attention_mgpu.py`; interpreted, a product goes to a fresh accumulator and is added to the running one in
+registers.
 
 Speed (H200, D=64): the forward at 0.75-0.79x cuDNN without bias, the backward slower than the Triton kernel's
 (benchmarks/notes_attention.md). The table gradient's band sums are still one masked row sum of the tile per bucket
