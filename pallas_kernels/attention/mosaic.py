@@ -243,6 +243,8 @@ _STAGES = 2  # forward, dk/dv kernel: shared memory slots of the streamed blocks
 # dk/dv kernel: the forward's ping-pong turns (a schedule barrier) or none, as attention_mgpu.py's backward. Its
 # tiles take four products for one exp2, and turns cost two barrier round trips per block; not measured either way.
 _DKV_TURNS = False
+# dq kernel: likewise (three products per exp2 tile, besides the table gradient's sums); not measured either way.
+_DQ_TURNS = False
 
 
 def _union(a, b):
@@ -562,9 +564,15 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
   )(q, k, v, band, ends, q_seg, kv_seg, kv_range)
 
 
-def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type, num_threads: int | None = None):
+def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type, num_threads: int | None = None,
+            rows_only_reductions: bool = False):
   """plgpu.kernel over (blocks, heads, batch), in Mosaic GPU's interpreter if cfg.interpret. scratch: a list (the
-  forward) or a dict of keyword arguments (the backward's kernels); num_threads warpgroups (axis "wg") if given."""
+  forward) or a dict of keyword arguments (the backward's kernels); num_threads warpgroups (axis "wg") if given.
+  rows_only_reductions: the kernel only reduces WGMMA tiles along their rows (within warps), so none of the shared
+  memory Pallas reserves for cross-warp reductions (2 KiB by default, wherever a kernel reduces) is needed."""
+  params = dict(approx_math=True)
+  if rows_only_reductions and "reduction_scratch_bytes" in {f.name for f in dataclasses.fields(plgpu.CompilerParams)}:
+    params.update(reduction_scratch_bytes=0)
   interpret = None
   if cfg.interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import \
@@ -573,7 +581,7 @@ def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type
   return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
                       grid_names=(block_axis, "heads", "batch"), num_threads=num_threads,
                       thread_name=None if num_threads is None else "wg",
-                      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+                      compiler_params=plgpu.CompilerParams(**params), interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -617,126 +625,163 @@ def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, 
 def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ids_ref, ranges_ref, ends_ref, q_seg_ref,
                kv_seg_ref, kv_range_ref, dq_ref, parts_ref, **scratch):
-  """dq of one q block of one (batch, head) over the kv loop of the forward (triton._attention_dq_kernel), and
-  with the T5 bias the block's table gradient: per bucket, a [bq] vector of row sums of ds (far tiles add theirs
-  to one bucket; band tiles one masked sum per bucket in the ranges_ref [count, 4] ranges of their shift, with its
-  tile of bucket ids), accumulated in parts_smem and written as parts_ref[batch, head, q_block] [num_buckets,
-  bq]. k, v (and band tiles, bucket ids, key segment ids) stream
-  through two slots as in the forward. scratch: shared memory tiles (`*_smem`) and barriers (`*_barrier`, two
-  slots `*_barriers`) by name, without those of absent features."""
+  """dq of two q blocks of one (batch, head) over the kv loop of the forward (triton._attention_dq_kernel), warp
+  specialized as the forward (`_kernel`): consumer warpgroup c < _CONSUMERS owns q block _CONSUMERS * program + c
+  (q, do, lse, delta, query segment ids copied once) and walks its kv loop (`_kv_loop`: far left, band, far
+  right); the producer warpgroup streams k, v (key segment ids, each consumer's band tile and tile of bucket ids)
+  of the union of their kv loops through _STAGES slots. Both consumers walk the whole union (`_consume`). A tile:
+  q.k^T; p; dp = do.v^T; ds; dq += ds.k in place. With the T5 bias each consumer also sums its block's table
+  gradient: per bucket, a [bq] vector of row sums of ds (far tiles add theirs to one bucket, carried in registers;
+  band tiles one masked sum per bucket in the ranges_ref [count, 4] ranges of their shift, with its tile of bucket
+  ids), accumulated in its own parts_smem[c] [num_buckets, bq] and written as parts_ref[batch, head, q_block].
+  scratch: shared memory tiles (`*_smem`) and barriers (`*_barriers`) by name, without those of absent features.
+
+  Barrier counts, per kv block j of the union [u_lo, u_hi) in slot j % _STAGES:
+  - k, v (kv_seg) slots: one TMA arrival (the producer's copy); waited once by each consumer.
+  - band and ids slots of consumer c (_STAGES * c + slot): one TMA arrival each for j in c's band; waited once
+    each by c for j in its band.
+  - consumed slot: one arrival by each consumer once it has read the slot (its wgmma results and its band and ids
+    tiles read; num_arrivals=_CONSUMERS); waited once by the producer: before copying block j + _STAGES into the
+    slot, or at the end (the last _STAGES blocks).
+  - q, do, lse, delta (q_seg) of consumer c: one TMA arrival, one wait by c (none without a q block).
+  - schedule (num_arrivals=_CONSUMERS), only with _DQ_TURNS: as the forward's, 2 n + 1 turns each (two per block
+    of the union, before its q.k^T's result is read and before its do.v^T; consumer 1 one more before its walk,
+    consumer 0 one more after), each one arrival then one wait. Without it, `take_turn` only runs its argument."""
   bq, bk = s.block_q, s.block_k
-  q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
-  q_start = q_block * bq
-  rows = pl.ds(q_start, bq)
-
-  for name, src in (("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
-                    ("lse", lse_ref.at[batch, head, rows]), ("delta", delta_ref.at[batch, head, rows])):
-    plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"], scratch[name + "_barrier"])
-  if segments:
-    plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], scratch["q_seg_smem"], scratch["q_seg_barrier"])
-
-  lo, hi, first_masked, band_lo, band_hi = _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, q_block)
+  program, head, batch, wg = (lax.axis_index(name) for name in ("q", "heads", "batch", "wg"))
+  q_blocks = s.q_len // bq
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
+  consumed, schedule = scratch["consumed_barriers"], scratch.get("schedule_barrier")  # no schedule: no turns
+  streamed = ("k", "v") + (("kv_seg",) if segments else ())
 
-  def fetch(kv_block):
-    """Start the copies of kv block `kv_block` into its slot (kv_block % 2)."""
-    slot, cols = lax.rem(kv_block, jnp.int32(2)), pl.ds(kv_block * bk, bk)
-    plgpu.copy_gmem_to_smem(k_ref.at[batch, cols, head], scratch["k_smem"].at[slot], scratch["k_barriers"].at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[batch, cols, head], scratch["v_smem"].at[slot], scratch["v_barriers"].at[slot])
-    if segments:
-      plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, cols], scratch["kv_seg_smem"].at[slot],
-                              scratch["kv_seg_barriers"].at[slot])
-    if t5:
-      @pl.when((kv_block >= band_lo) & (kv_block < band_hi))
-      def _():
-        tile = pl.ds(lax.div(kv_block * bk - q_start - band_first, band_step) * bq, bq)
-        plgpu.copy_gmem_to_smem(band_ref.at[head, tile], scratch["band_smem"].at[slot],
-                                scratch["band_barriers"].at[slot])
-        plgpu.copy_gmem_to_smem(ids_ref.at[tile], scratch["ids_smem"].at[slot], scratch["ids_barriers"].at[slot])
+  loops, (u_lo, u_hi) = _own_loops(
+      lambda q_block: _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, q_block), program, q_blocks)
 
-  @pl.when(lo < hi)
-  def _():
-    fetch(lo)
+  @pl.when(wg == _PRODUCER)
+  def _producer():
+    def fetch(kv_block):
+      """Start the copies of kv block `kv_block` into its slot."""
+      slot, cols = lax.rem(kv_block, jnp.int32(_STAGES)), pl.ds(kv_block * bk, bk)
+      for name, src in (("k", k_ref.at[batch, cols, head]), ("v", v_ref.at[batch, cols, head]),
+                        ("kv_seg", kv_seg_ref.at[batch, cols]))[:len(streamed)]:
+        plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[slot], scratch[name + "_barriers"].at[slot])
+      if t5:
+        for c, (_, _, _, band_lo, band_hi) in enumerate(loops):
+          @pl.when((kv_block >= band_lo) & (kv_block < band_hi))
+          def _():
+            tile = pl.ds(lax.div(kv_block * bk - (_CONSUMERS * program + c) * bq - band_first, band_step) * bq, bq)
+            for name, src in (("band", band_ref.at[head, tile]), ("ids", ids_ref.at[tile])):
+              plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[_STAGES * c + slot],
+                                      scratch[name + "_barriers"].at[_STAGES * c + slot])
 
-  for name in ("q", "do", "lse", "delta") + (("q_seg",) if segments else ()):
-    plgpu.barrier_wait(scratch[name + "_barrier"])
-  lse, delta = target.load(scratch["lse_smem"], target.row), target.load(scratch["delta_smem"], target.row)
-  q_seg = target.load(scratch["q_seg_smem"], target.row) if segments else None
+    _produce(plgpu, pl, u_lo, u_hi, fetch, consumed)
 
-  parts_smem = scratch.get("parts_smem")
+  @pl.when(wg < _CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_block = _CONSUMERS * program + wg
+    exists = q_block < q_blocks
+    q_start = q_block * bq
+    rows = pl.ds(q_start, bq)
+    lo, hi, first_masked, band_lo, band_hi = _this_loop(wg, loops, u_hi)
+    q_tile, do_tile = scratch["q_smem"].at[wg], scratch["do_smem"].at[wg]
+    p_tile = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
+    t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
+    rows_smem = scratch["rows_smem"].at[wg]  # lse, delta; then the table gradient's rows (parts)
+    take_turn = functools.partial(_take_turn, plgpu, schedule)
+    resident = (("q", q_ref.at[batch, rows, head], q_tile), ("do", do_ref.at[batch, rows, head], do_tile),
+                ("lse", lse_ref.at[batch, head, rows], rows_smem.at[0]),
+                ("delta", delta_ref.at[batch, head, rows], rows_smem.at[1]),
+                ("q_seg", q_seg_ref.at[batch, rows], scratch["q_seg_smem"].at[wg] if segments else None))
+    resident = resident[:5 if segments else 4]
 
-  def tiles(kv_block, carry, far_bias, band: bool, masked: bool, bucket):
-    """One kv block: dq += ds.k, and the table gradient's row sums (`bucket`: a far region's bucket, whose sum is
-    carried, or None)."""
-    dq, far = carry
-    slot = lax.rem(kv_block, jnp.int32(2))
-
-    @pl.when(kv_block + 1 < hi)
+    @pl.when(exists)
     def _():
-      fetch(kv_block + 1)  # its slot's last reader, block kv_block - 1, has finished (wgmma results are read)
+      for name, src, dst in resident:
+        plgpu.copy_gmem_to_smem(src, dst, scratch[name + "_barriers"].at[wg])
+      for name, _, _ in resident:
+        plgpu.barrier_wait(scratch[name + "_barriers"].at[wg])
 
-    plgpu.barrier_wait(scratch["k_barriers"].at[slot])
-    raw = _matmul(plgpu, pl, scratch["q_smem"], target.transposed(scratch["k_smem"].at[slot], scratch.get("t_smem")),
-                  (bq, bk))
-    p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 0, q_start,
-                                kv_block * bk, (q_seg, "kv_seg") if segments else None)
-    plgpu.barrier_wait(scratch["v_barriers"].at[slot])
-    dp = _matmul(plgpu, pl, scratch["do_smem"], target.transposed(scratch["v_smem"].at[slot], scratch.get("t_smem")),
-                 (bq, bk))
-    ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # gradient of the natural-log logits and bias
-    dq = target.accumulate(pl, dq, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")),
-                           scratch["k_smem"].at[slot])
-    if band:
-      # The tile of shift kv_block * bk - q_start holds only the distances shift - (bq - 1) ... shift + bk - 1,
-      # and buckets are monotone in the distance on each side of 0: its buckets are one or two ranges
-      # (ranges_ref [count, 4], from its tile of ids), not all num_buckets. One masked row sum per bucket of those
-      # ranges, added to that bucket's row of parts_smem (read-modify-write, the bucket dynamic); the others would
-      # add exactly 0, so the sums are the same, in the same order. Masked sums per band tile: its number of
-      # buckets (max_distance 128, 64 x 64 tiles: 2, 15, 27, 15, 2 over the five shifts, 61 instead of 160;
-      # causal, over the three shifts it visits: 6, 31, 27, 64 instead of 96; max_distance 40: 61 / 96
-      # bidirectional, 63 / 64 causal), each for 2 row accesses of shared memory (a few registers a thread), plus
-      # 4 scalar loads and one warpgroup barrier per tile; and a far row vector carried in registers instead of
-      # num_buckets row vectors (2 * num_buckets registers a thread at bq = 64).
-      plgpu.barrier_wait(scratch["ids_barriers"].at[slot])
-      ids = target.load(scratch["ids_smem"].at[slot], target.tile).astype(jnp.int32)
-      shift = lax.div(kv_block * bk - q_start - band_first, band_step)
-      plgpu.commit_smem()  # the rows' last writers (replicas of a row, other threads) are seen by their readers
+    # (unread garbage without a q block: nothing uses it)
+    lse, delta = target.load(rows_smem.at[0], target.row), target.load(rows_smem.at[1], target.row)
+    q_seg = target.load(scratch["q_seg_smem"].at[wg], target.row) if segments else None
+    parts_smem = rows_smem if t5 else None  # lse and delta are in registers: the rows take the row sums
 
-      def add(b, unused):
-        row = parts_smem.at[b]
-        row[...] = target.load(row, target.row) + jnp.where(ids == b, ds, 0.0).sum(axis=1)
-        return unused
+    def tiles(kv_block, carry, far_bias, band: bool, masked: bool, bucket):
+      """One kv block: dq += ds.k, and the table gradient's row sums (`bucket`: a far region's bucket, whose sum is
+      carried, or None)."""
+      dq, far = carry
+      slot = lax.rem(kv_block, jnp.int32(_STAGES))
+      plgpu.barrier_wait(scratch["k_barriers"].at[slot])
+      k_tile = scratch["k_smem"].at[slot]
+      raw = _matmul(plgpu, pl, q_tile, target.transposed(k_tile, t_tile), (bq, bk), take_turn)
+      p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 0, q_start,
+                                  kv_block * bk, (q_seg, "kv_seg") if segments else None,
+                                  band_slot=_STAGES * wg + slot)
+      take_turn(lambda: plgpu.barrier_wait(scratch["v_barriers"].at[slot]))  # p is done: the products' turn
+      dp = _matmul(plgpu, pl, do_tile, target.transposed(scratch["v_smem"].at[slot], t_tile), (bq, bk))
+      ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # gradient of the natural-log logits and bias
+      dq = target.accumulate(pl, dq, target.p_operand(ds.astype(q_ref.dtype), p_tile), k_tile)
+      if band:
+        # The tile of shift kv_block * bk - q_start holds only the distances shift - (bq - 1) ... shift + bk - 1,
+        # and buckets are monotone in the distance on each side of 0: its buckets are one or two ranges
+        # (ranges_ref [count, 4], from its tile of ids), not all num_buckets. One masked row sum per bucket of
+        # those ranges, added to that bucket's row of this consumer's parts_smem (read-modify-write, the bucket
+        # dynamic); the others would add exactly 0, so the sums are the same, in the same order. Masked sums per
+        # band tile: its number of buckets (max_distance 128, 64 x 64 tiles: 2, 15, 27, 15, 2 over the five
+        # shifts, 61 instead of 160; causal, over the three shifts it visits: 6, 31, 27, 64 instead of 96;
+        # max_distance 40: 61 / 96 bidirectional, 63 / 64 causal), each for 2 row accesses of shared memory (a
+        # few registers a thread), plus 4 scalar loads and one warpgroup barrier per tile; and a far row vector
+        # carried in registers instead of num_buckets row vectors (2 * num_buckets registers a thread at bq = 64).
+        plgpu.barrier_wait(scratch["ids_barriers"].at[_STAGES * wg + slot])
+        ids = target.load(scratch["ids_smem"].at[_STAGES * wg + slot], target.tile).astype(jnp.int32)
+        shift = lax.div(kv_block * bk - q_start - band_first, band_step)
+        plgpu.commit_smem()  # the rows' last writers (replicas of a row, other threads) are seen by their readers
 
-      for r in range(2):
-        lax.fori_loop(ranges_ref[shift, 2 * r], ranges_ref[shift, 2 * r + 1], add, ())
-    elif bucket is not None:
-      far = far + ds.sum(axis=1)
-    return dq, far
+        def add(b, unused):
+          row = parts_smem.at[b]
+          row[...] = target.load(row, target.row) + jnp.where(ids == b, ds, 0.0).sum(axis=1)
+          return unused
 
-  dq = target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile)
-  if t5:  # the row sums accumulate in parts_smem [num_buckets, bq], copied out once
-    parts_smem[...] = jnp.zeros((cfg.num_buckets, bq), jnp.float32)
-    left, right = cfg.end_buckets()
-    regions = ((lo, band_lo, ends_ref[head, 0], False, left), (band_lo, band_hi, 0.0, True, None),
-               (band_hi, hi, ends_ref[head, 1], False, right))
-  else:
-    regions = ((lo, hi, 0.0, False, None),)
-  for start, stop, far_bias, band, bucket in regions:
-    far = ()
-    if bucket is not None:  # a far region's bucket sum in registers, from and back to its row (same order of sums)
+        for r in range(2):
+          lax.fori_loop(ranges_ref[shift, 2 * r], ranges_ref[shift, 2 * r + 1], add, ())
+      elif bucket is not None:
+        far = far + ds.sum(axis=1)
+      _release(plgpu, consumed, slot)  # the products' results and the ids are read: wgmma has read k and v
+      return dq, far
+
+    def walk():
+      dq = target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile)
+      if t5:  # the row sums accumulate in parts_smem [num_buckets, bq], copied out once
+        plgpu.commit_smem()  # (lse and delta, read from the rows, are in registers)
+        parts_smem[...] = jnp.zeros((cfg.num_buckets, bq), jnp.float32)
+        left, right = cfg.end_buckets()
+        regions = ((lo, band_lo, ends_ref[head, 0], False, left), (band_lo, band_hi, 0.0, True, None),
+                   (band_hi, hi, ends_ref[head, 1], False, right))
+      else:
+        regions = ((lo, hi, 0.0, False, None),)
+      for start, stop, far_bias, band, bucket in regions:
+        far = ()
+        if bucket is not None:  # a far region's bucket sum in registers, from and back to its row (same order)
+          plgpu.commit_smem()
+          far = target.load(parts_smem.at[bucket], target.row)
+        dq, far = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band, bucket=bucket), (dq, far),
+                               start, stop, first_masked, cfg.causal, segments, masked_first=False)
+        if bucket is not None:
+          parts_smem.at[bucket][...] = far
+      return dq
+
+    waits = ([scratch[name + "_barriers"] for name in streamed if name != "v"], [scratch["v_barriers"]])
+    dq = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, schedule, waits, walk)
+
+    @pl.when(exists)
+    def _():
+      q_tile[...] = (dq * cfg.scale).astype(q_ref.dtype)  # q is no longer read: its tile stages dq
       plgpu.commit_smem()
-      far = target.load(parts_smem.at[bucket], target.row)
-    dq, far = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band, bucket=bucket), (dq, far), start,
-                           stop, first_masked, cfg.causal, segments, masked_first=False)
-    if bucket is not None:
-      parts_smem.at[bucket][...] = far
-
-  scratch["q_smem"][...] = (dq * cfg.scale).astype(q_ref.dtype)  # q is no longer read: its tile stages dq
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(scratch["q_smem"], dq_ref.at[batch, rows, head])
-  if t5:
-    plgpu.copy_smem_to_gmem(scratch["parts_smem"], parts_ref.at[batch, head, q_block])
-  plgpu.wait_smem_to_gmem(0)
+      plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
+      if t5:
+        plgpu.copy_smem_to_gmem(parts_smem, parts_ref.at[batch, head, q_block])
+      plgpu.wait_smem_to_gmem(0)
 
 
 def _bucket_ranges(ids, bq: int):
@@ -944,34 +989,45 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   else:
     q_seg = kv_seg = jnp.zeros((1, 1), jnp.int32)
   target = _Target(plgpu, cfg.interpret)
-  slots = lambda: plgpu.Barrier(num_barriers=2)
+  slots = lambda: plgpu.Barrier(num_barriers=_STAGES)
   tile = lambda shape, dtype: _smem_tile(plgpu, shape, dtype)
 
-  # dq kernel: q, do, lse, delta (q_seg) once; k, v (band tile, bucket ids, kv_seg) in two slots.
-  scratch = dict(q_smem=tile((bq, head_dim), q.dtype), do_smem=tile((bq, head_dim), dout.dtype),
-                 lse_smem=plgpu.SMEM((bq,), jnp.float32), delta_smem=plgpu.SMEM((bq,), jnp.float32),
-                 k_smem=tile((2, bk, head_dim), k.dtype), v_smem=tile((2, bk, head_dim), v.dtype),
-                 q_barrier=plgpu.Barrier(), do_barrier=plgpu.Barrier(), lse_barrier=plgpu.Barrier(),
-                 delta_barrier=plgpu.Barrier(), k_barriers=slots(), v_barriers=slots())
+  # dq kernel, warp specialized: q, do, lse, delta (q_seg) once per consumer; k, v (kv_seg) in _STAGES slots, a
+  # band tile and a tile of bucket ids per consumer and slot.
+  consumers = lambda: plgpu.Barrier(num_barriers=_CONSUMERS)
+  scratch = dict(q_smem=tile((_CONSUMERS, bq, head_dim), q.dtype),
+                 do_smem=tile((_CONSUMERS, bq, head_dim), dout.dtype),
+                 k_smem=tile((_STAGES, bk, head_dim), k.dtype), v_smem=tile((_STAGES, bk, head_dim), v.dtype),
+                 q_barriers=consumers(), do_barriers=consumers(), lse_barriers=consumers(),
+                 delta_barriers=consumers(), k_barriers=slots(), v_barriers=slots(),
+                 consumed_barriers=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES))  # the releases
+  if _DQ_TURNS:  # the consumers' turns on the tensor cores
+    scratch.update(schedule_barrier=plgpu.Barrier(num_arrivals=_CONSUMERS))
   if segments:
-    scratch.update(q_seg_smem=plgpu.SMEM((bq,), jnp.int32), q_seg_barrier=plgpu.Barrier(),
-                   kv_seg_smem=plgpu.SMEM((2, bk), jnp.int32), kv_seg_barriers=slots())
+    scratch.update(q_seg_smem=plgpu.SMEM((_CONSUMERS, bq), jnp.int32), q_seg_barriers=consumers(),
+                   kv_seg_smem=plgpu.SMEM((_STAGES, bk), jnp.int32), kv_seg_barriers=slots())
   if t5 is not None:
-    scratch.update(band_smem=tile((2, bq, bk), band.dtype), band_barriers=slots(),
-                   ids_smem=tile((2, bq, bk), ids_dtype), ids_barriers=slots(),
-                   parts_smem=plgpu.SMEM((cfg.num_buckets, bq), jnp.float32))
+    scratch.update(band_smem=tile((_CONSUMERS * _STAGES, bq, bk), band.dtype),
+                   band_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES),
+                   ids_smem=tile((_CONSUMERS * _STAGES, bq, bk), ids_dtype),
+                   ids_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES))
+  # Per consumer, rows 0 and 1 take lse and delta, then (T5) the table gradient's [num_buckets, bq] row sums: Pallas
+  # aligns every scratch buffer to 1,024 bytes, and at D=128 (a float32 table, segment ids) separate lse and delta
+  # buffers would overflow shared memory.
+  scratch.update(rows_smem=plgpu.SMEM((_CONSUMERS, cfg.num_buckets if t5 is not None else 2, bq), jnp.float32))
   if cfg.interpret:
-    scratch.update(t_smem=target.t_scratch(bk, head_dim, k.dtype), p_smem=target.p_scratch(bq, bk, q.dtype))
+    scratch.update(t_smem=target.t_scratch(bk, head_dim, k.dtype, (_CONSUMERS,)),
+                   p_smem=target.p_scratch(bq, bk, q.dtype, (_CONSUMERS,)))
   parts_shape = (batch, heads, q_len // bq, cfg.num_buckets, bq) if t5 is not None else (1,)
   kernel = functools.partial(_dq_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   dq, rows = _launch(
-      plgpu, cfg, kernel, scratch, (q_len // bq, heads, batch), "q",
+      plgpu, cfg, kernel, scratch, (pl.cdiv(q_len // bq, _CONSUMERS), heads, batch), "q",
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(parts_shape, jnp.float32)),
+      num_threads=_CONSUMERS + 1, rows_only_reductions=True,
   )(q, k, v, dout, lse2, delta, band, ids, ranges, ends, q_seg, kv_seg, kv_range)
 
   # dk/dv kernel, warp specialized: k, v (kv_seg) once per consumer; q, do, lse, delta (q_seg) in _STAGES slots, a
   # transposed band tile per consumer and slot.
-  consumers = lambda: plgpu.Barrier(num_barriers=_CONSUMERS)
   scratch = dict(k_smem=tile((_CONSUMERS, bk, head_dim), k.dtype), v_smem=tile((_CONSUMERS, bk, head_dim), v.dtype),
                  q_smem=tile((_STAGES, bq, head_dim), q.dtype), do_smem=tile((_STAGES, bq, head_dim), dout.dtype),
                  lse_smem=plgpu.SMEM((_STAGES, bq), jnp.float32), delta_smem=plgpu.SMEM((_STAGES, bq), jnp.float32),
