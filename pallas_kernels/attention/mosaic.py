@@ -13,13 +13,17 @@ for rows that see no key, per-program partial table gradients), written with Mos
   (FlashAttention-3's ping-pong). Both consumers walk the union of their kv loops (the other's blocks only awaited
   and released: every barrier phase is observed by each of its waiters). Two slots only: a float32 band tile per
   consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks. The skeleton (`_own_loops`,
-  `_this_loop`, `_produce`, `_consume`) is shared with the dk/dv kernel.
-- backward, dq kernel, one warpgroup: one q block (q, do, lse, delta once), k, v streamed as in the forward;
-  q.k^T, do.v^T and ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums
-  to one bucket (carried in registers); band tiles take, for each bucket their shift can hold (one or two ranges of
-  bucket ids, precomputed per shift), the row sums of ds masked by a precomputed int8 tile of the bucket ids of its
-  shift (loaded like the band bias tile), added to that bucket's row of a [num_buckets, bq] shared memory tile,
-  which each program writes once and `backward` sums.
+  `_this_loop`, `_produce`, `_consume`) is shared with both backward kernels.
+- backward, dq kernel, warp specialized as the forward: two q blocks per program, one per consumer warpgroup (q,
+  do, lse, delta once), a producer streaming k, v (key segment ids, each consumer's band tile and tile of bucket
+  ids) of the union of their kv loops through two slots; q.k^T, do.v^T and ds.k are wgmma's, dq accumulated in
+  place; no ping-pong turns by default (`_DQ_TURNS`). The table gradient needs per-bucket sums of ds: far tiles
+  add their row sums to one bucket (carried in registers); band tiles take, for each bucket their shift can hold
+  (one or two ranges of bucket ids, precomputed per shift), the row sums of ds masked by the precomputed int8 tile
+  of the bucket ids of its shift, added to that bucket's row of the consumer's own [num_buckets, bq] shared memory
+  tile (which first stages its lse and delta), written once per q block and summed by `backward`. Its shared
+  memory fits the default 64 x 64 backward blocks (D=128, a float32 table and segment ids: with no cross-warp
+  reduction scratch, `_launch`); 128-row q blocks with a float32 table overflow at D=64.
 - backward, dk/dv kernel, warp specialized as the forward with the sides swapped: two kv blocks per program, one
   per consumer warpgroup (k, v once), a producer streaming q, do, lse, delta (query segment ids, each consumer's
   band tile, pre-transposed) of the union of their q loops through two slots; on [keys, queries] tiles k.q^T, then
@@ -32,11 +36,11 @@ Supports: no bias or the T5 bias (without positions), causal or not, segment ids
 `segment_block_ranges` keeps). Restrictions (`check`): blocks multiples of 64, Sq and Sk multiples of them (the
 public function pads), head_dim 64 or 128, 16-bit q, k, v.
 
-Tested compiled on an H200 (jax 0.11.2; the warp-specialized dk/dv kernel not yet) and in Mosaic GPU's interpreter
-on CPU (`InterpretGPUParams`, jax 0.10.2 and 0.11.2), where the compiled variants also go through the Pallas ->
-Mosaic GPU lowering. The interpreter lacks a few constructs the compiled kernels use, so `_Target` swaps them (and
-only them) when interpreting: layout hints, B operands read transposed by wgmma, A operands in registers, and
-`pl.run_state`: compiled, the forward's p.v and the backward's dq, dk and dv accumulate in place as in JAX's
+Tested compiled on an H200 (jax 0.11.2; the warp-specialized backward kernels not yet) and in Mosaic GPU's
+interpreter on CPU (`InterpretGPUParams`, jax 0.10.2 and 0.11.2), where the compiled variants also go through the
+Pallas -> Mosaic GPU lowering. The interpreter lacks a few constructs the compiled kernels use, so `_Target` swaps
+them (and only them) when interpreting: layout hints, B operands read transposed by wgmma, A operands in registers,
+and `pl.run_state`: compiled, the forward's p.v and the backward's dq, dk and dv accumulate in place as in JAX's
 `attention_mgpu.py`; interpreted, a product goes to a fresh accumulator and is added to the running one in
 registers.
 
@@ -44,10 +48,9 @@ Speed (H200, D=64): the forward at 0.75-0.79x cuDNN without bias, the backward s
 (benchmarks/notes_attention.md). The table gradient's band sums are still one masked row sum of the tile per bucket
 the tile holds (only those since the bucket ranges per shift: e.g. 61 instead of 160 over the five band shifts of
 max_distance 128 in 64 x 64 tiles, bidirectional; little fewer where one tile holds nearly every bucket, as the
-diagonal tile of a causal max_distance 40), not a cheaper contraction; the dq kernel is not warp specialized; the
-warp-specialized dk/dv kernel is tested on CPU only (interpreter, CUDA lowering), not run on a GPU; no tuning. The
-interpreter runs the forward's and the dk/dv kernel's three warpgroups as concurrent XLA:CPU executions:
-tests/conftest.py widens XLA's CPU thread pool for them.
+diagonal tile of a causal max_distance 40), not a cheaper contraction; the warp-specialized dq and dk/dv kernels are
+tested on CPU only (interpreter, CUDA lowering), not run on a GPU; no tuning. The interpreter runs each kernel's
+three warpgroups as concurrent XLA:CPU executions: tests/conftest.py widens XLA's CPU thread pool for them.
 `flash_attention(..., backend="mosaic")` runs it; nothing chooses it by default, as it is not the fastest.
 
 Mosaic GPU is imported when a kernel is built, so importing this module needs no GPU.
@@ -237,9 +240,9 @@ def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start,
   return visible
 
 
-_CONSUMERS = 2  # forward, dk/dv kernel: warpgroups that each own one block of a program; one more issues the copies
+_CONSUMERS = 2  # every kernel: warpgroups that each own one block of a program; one more issues the copies
 _PRODUCER = _CONSUMERS  # the copying warpgroup's index
-_STAGES = 2  # forward, dk/dv kernel: shared memory slots of the streamed blocks
+_STAGES = 2  # every kernel: shared memory slots of the streamed blocks
 # dk/dv kernel: the forward's ping-pong turns (a schedule barrier) or none, as attention_mgpu.py's backward. Its
 # tiles take four products for one exp2, and turns cost two barrier round trips per block; not measured either way.
 _DKV_TURNS = False
@@ -256,8 +259,8 @@ def _union(a, b):
   return lo, hi
 
 
-# The warp-specialized skeleton of the forward and the dk/dv kernel. A program owns _CONSUMERS resident blocks
-# (the forward's q blocks, the dk/dv kernel's kv blocks), one per consumer warpgroup; each has a loop over the
+# The warp-specialized skeleton of the three kernels. A program owns _CONSUMERS resident blocks (the forward's
+# and the dq kernel's q blocks, the dk/dv kernel's kv blocks), one per consumer warpgroup; each has a loop over the
 # other side's blocks, a tuple (lo, hi, split, band_lo, band_hi): blocks [lo, hi), the causal split of
 # `_walk_region`, the T5 band. The producer streams the blocks of the union of the loops.
 
