@@ -246,7 +246,8 @@ _STAGES = 2  # every kernel: shared memory slots of the streamed blocks
 # dk/dv kernel: the forward's ping-pong turns (a schedule barrier) or none, as attention_mgpu.py's backward. Its
 # tiles take four products for one exp2, and turns cost two barrier round trips per block; not measured either way.
 _DKV_TURNS = False
-# dq kernel: likewise (three products per exp2 tile, besides the table gradient's sums); not measured either way.
+# dq kernel: likewise (three products per exp2 tile, besides the table gradient's sums); both settings pass the
+# interpreter's backward tests on CPU; not measured either way.
 _DQ_TURNS = False
 
 
@@ -606,7 +607,7 @@ def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, bias, visible):
 def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, raw, lse, far_bias, band: bool,
                             masked: bool, q_axis: int, q_start, k_start, ids, band_slot=None):
   """_probabilities of a backward tile with what streams through `slot` beside its operands: the band tile (band
-  tiles; in band_slot if given: the dk/dv kernel's per consumer and slot), and with segments (`ids`: the resident
+  tiles; in band_slot if given: per consumer and slot), and with segments (`ids`: the resident
   side's ids and the scratch name of the walked side's, "kv_seg" in the dq kernel, "q_seg" in the dk/dv kernel)
   the walked blocks' segment ids (masked tiles)."""
   bias = visible = None
@@ -636,7 +637,8 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
   q.k^T; p; dp = do.v^T; ds; dq += ds.k in place. With the T5 bias each consumer also sums its block's table
   gradient: per bucket, a [bq] vector of row sums of ds (far tiles add theirs to one bucket, carried in registers;
   band tiles one masked sum per bucket in the ranges_ref [count, 4] ranges of their shift, with its tile of bucket
-  ids), accumulated in its own parts_smem[c] [num_buckets, bq] and written as parts_ref[batch, head, q_block].
+  ids), accumulated in its own rows_smem[c] [num_buckets, bq] (whose rows 0 and 1 first stage its lse and
+  delta) and written as parts_ref[batch, head, q_block].
   scratch: shared memory tiles (`*_smem`) and barriers (`*_barriers`) by name, without those of absent features.
 
   Barrier counts, per kv block j of the union [u_lo, u_hi) in slot j % _STAGES:
