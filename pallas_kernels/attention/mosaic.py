@@ -23,14 +23,16 @@ for rows that see no key, per-program partial table gradients), written with Mos
   of the bucket ids of its shift, added to that bucket's row of the consumer's own [num_buckets, bq] shared memory
   tile (which first stages its lse and delta), written once per q block and summed by `backward`. Its shared
   memory fits the default 64 x 64 backward blocks (D=128, a float32 table and segment ids: with no cross-warp
-  reduction scratch, `_launch`); 128-row q blocks with a float32 table overflow at D=64.
+  reduction scratch, `_launch`); 128-row or 128-key blocks with a float32 table overflow at D=64 (295,088 and
+  278,704 bytes of the H200's 232,448), a bfloat16 one fits.
 - backward, dk/dv kernel, warp specialized as the forward with the sides swapped: two kv blocks per program, one
   per consumer warpgroup (k, v once), a producer streaming q, do, lse, delta (query segment ids, each consumer's
   band tile, pre-transposed) of the union of their q loops through two slots; on [keys, queries] tiles k.q^T, then
   p^T.do and v.do^T issued together (one wait, as attention_mgpu.py's backward), then ds^T.q, dk and dv
   accumulated in place; no ping-pong turns by default (`_DKV_TURNS`). Its shared memory (a band tile per consumer
   and slot) takes the default 64 x 64 backward blocks; 128-row or 128-key ones overflow at D=128, and at D=64
-  with a float32 table and segment ids.
+  with a float32 table and segment ids. Blocks that overflow either kernel are refused when `backward` is traced,
+  interpreted too, with one error naming them (`_check_shared_memory`).
 
 Supports: no bias or the T5 bias (without positions), causal or not, segment ids (the loops narrowed to the blocks
 `segment_block_ranges` keeps). Restrictions (`check`): blocks multiples of 64, Sq and Sk multiples of them (the
@@ -568,6 +570,28 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
   )(q, k, v, band, ends, q_seg, kv_seg, kv_range)
 
 
+# Shared memory as Pallas Mosaic GPU allocates a kernel's scratch: each buffer rounded up to 1 KiB, 8 bytes per
+# mbarrier (jax 0.10.2: the lowering's count for both backward kernels, which take no cross-warp reduction scratch;
+# the H200 reported the same 295,088 and 278,704 bytes for the dq kernel). Mosaic GPU's limit: the device's opt-in
+# maximum per block, sm90's 227 KiB where it has no GPU to ask.
+_SMEM_ALIGNMENT, _MBARRIER_BYTES, _SMEM_LIMIT = 1024, 8, 227 * 1024
+
+
+def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, setting: str) -> None:
+  """Refuse, when `backward` is traced, blocks whose compiled `kernel` (scratch without the interpreter's staging
+  tiles) overflows shared memory: the lowering's own error comes at compilation and names no block. Interpreted
+  too, so that CPU runs refuse what the GPU would."""
+  used = sum(_MBARRIER_BYTES * int(np.prod(x.num_barriers)) if isinstance(x, plgpu.Barrier)
+             else -(-int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
+             for x in scratch.values())
+  available = getattr(jax.local_devices()[0], "shared_memory_per_block_optin", _SMEM_LIMIT)
+  if used > available:
+    raise ValueError(f"the Mosaic GPU backward's {kernel} kernel needs {used:,} bytes of shared memory at "
+                     f"block_q_bwd={cfg.blocks.block_q_bwd}, block_k_bwd={cfg.blocks.block_k_bwd} ({setting}), more "
+                     f"than the {available:,} available: use block_q_bwd=64, block_k_bwd=64 (the defaults) or a "
+                     "bfloat16 T5 table")
+
+
 def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type, num_threads: int | None = None,
             rows_only_reductions: bool = False):
   """plgpu.kernel over (blocks, heads, batch), in Mosaic GPU's interpreter if cfg.interpret. scratch: a list (the
@@ -1020,6 +1044,9 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   # aligns every scratch buffer to 1,024 bytes, and at D=128 (a float32 table, segment ids) separate lse and delta
   # buffers would overflow shared memory.
   scratch.update(rows_smem=plgpu.SMEM((_CONSUMERS, cfg.num_buckets if t5 is not None else 2, bq), jnp.float32))
+  setting = f"head_dim {head_dim}, " + (f"a {jnp.dtype(band.dtype).name} T5 table" if t5 is not None else "no bias")
+  setting += ", segment ids" if segments else ""
+  _check_shared_memory(plgpu, cfg, scratch, "dq", setting)
   if cfg.interpret:
     scratch.update(t_smem=target.t_scratch(bk, head_dim, k.dtype, (_CONSUMERS,)),
                    p_smem=target.p_scratch(bq, bk, q.dtype, (_CONSUMERS,)))
@@ -1047,6 +1074,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   if t5 is not None:
     scratch.update(band_smem=tile((_CONSUMERS * _STAGES, bk, bq), band.dtype),
                    band_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES))
+  _check_shared_memory(plgpu, cfg, scratch, "dk/dv", setting)
   if cfg.interpret:
     scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype, (_CONSUMERS,)),
                    p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)))

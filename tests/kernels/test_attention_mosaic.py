@@ -9,6 +9,7 @@ kernel needs a Hopper GPU).
 """
 
 import dataclasses
+import re
 import threading
 
 import chex
@@ -50,6 +51,9 @@ CASES = {
     "packed": (128, False, None, 0, True, (64, 64)),
 }
 BATCH, HEADS, LENGTH = 1, 2, 256
+# The backward's 128-row or 128-key blocks with a float32 table overflow the compiled dq kernel's shared memory
+# (`test_backward_refuses_blocks_that_overflow_shared_memory`); with a bfloat16 one they fit at D=64.
+BACKWARD_TABLE_DTYPES = {"t5_wide_kv_blocks": jnp.bfloat16, "t5_tall_q_blocks": jnp.bfloat16}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -171,7 +175,8 @@ def test_forward_with_an_odd_number_of_q_blocks(case, monkeypatch):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward_matches_reference(case):
-  cfg, (q, k, v, table, ids), ref_kwargs = _case(case, seed=len(case), interpret=INTERPRETED)
+  cfg, (q, k, v, table, ids), ref_kwargs = _case(case, seed=len(case), interpret=INTERPRETED,
+                                                 table_dtype=BACKWARD_TABLE_DTYPES.get(case))
   wide = lambda x: x.astype(jnp.float32)
   reference_fn = lambda q, k, v, table: reference.attention(q, k, v, rpe_table=table, return_lse=True, **ref_kwargs)
   (ref_out, ref_lse), vjp = jax.vjp(reference_fn, wide(q), wide(k), wide(v), None if table is None else wide(table))
@@ -211,13 +216,12 @@ def test_backward_with_an_odd_number_of_blocks(case, monkeypatch):
 
 @pytest.mark.parametrize("case, table_dtype", [("plain", None), ("t5_causal", None), ("t5_head_dim_128", None),
                                                ("t5_bf16_table", None), ("t5_packed_causal", None),
-                                               ("t5_tall_q_blocks", jnp.bfloat16)])
+                                               ("t5_tall_q_blocks", jnp.bfloat16), ("t5_wide_kv_blocks", jnp.bfloat16)])
 def test_compiled_kernels_lower_for_cuda(case, table_dtype):
   """The compiled variants of the three kernels (with what the interpreter cannot run: layouts, operands read
   transposed by wgmma, p and ds in registers) go through the Pallas -> Mosaic GPU lowering, down to NVVM
   operations (wgmma, TMA, mbarriers), on a CPU: this catches unsupported layouts, operands and shared memory
-  overflows without a GPU. 128-row backward blocks with a bf16 table: with a float32 one the warp-specialized dq
-  kernel's band tiles (one per consumer and slot) overflow shared memory (`tuning`'s Mosaic comment)."""
+  overflows without a GPU. 128-row and 128-key blocks with a bf16 table, as the backward test runs them."""
   cfg, args, _ = _case(case, seed=0, interpret=False, table_dtype=table_dtype)
   q = args[0]
   lse = jnp.zeros((BATCH, HEADS, LENGTH), jnp.float32)
@@ -257,6 +261,20 @@ def test_compiled_backward_fits_shared_memory_at_default_blocks(head_dim):
   lse = jnp.zeros((BATCH, HEADS, 2 * LENGTH), jnp.float32)
   text = _gradients(cfg).trace(q, q, q, table, ids, q, lse, q, lse).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 2, text.count("mosaic_gpu")
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("case, needed, blocks", [("t5_tall_q_blocks", "295,088", "block_q_bwd=128, block_k_bwd=64"),
+                                                  ("t5_wide_kv_blocks", "278,704", "block_q_bwd=64, block_k_bwd=128")])
+def test_backward_refuses_blocks_that_overflow_shared_memory(case, needed, blocks, interpret):
+  """128-row (128-key) backward blocks with a float32 table at D=64: the dq kernel's band and bucket-id tiles (one
+  per consumer and slot) overflow shared memory. `backward` says so, naming the blocks, when traced (Mosaic GPU's
+  own error comes at compilation), interpreted too; the bytes are those the H200 reported compiling them."""
+  cfg, args, _ = _case(case, seed=0, interpret=interpret)
+  lse = jnp.zeros((BATCH, HEADS, LENGTH), jnp.float32)
+  message = f"dq kernel needs {needed} bytes of shared memory at {blocks} (head_dim 64, a float32 T5 table)"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    _gradients(cfg).trace(*args, args[0], lse, args[0], lse)
 
 
 def test_rejects_what_it_does_not_support():
