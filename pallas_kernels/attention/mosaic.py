@@ -12,35 +12,47 @@ for rows that see no key, per-program partial table gradients), written with Mos
   compute; q.k^T and p.v are wgmma's into float32 accumulators, the consumers taking turns on the tensor cores
   (FlashAttention-3's ping-pong). Both consumers walk the union of their kv loops (the other's blocks only awaited
   and released: every barrier phase is observed by each of its waiters). Two slots only: a float32 band tile per
-  consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks.
-One warpgroup per program in the backward:
-- backward, dq kernel: one q block (q, do, lse, delta once), k, v streamed as in the forward; q.k^T, do.v^T and
-  ds.k are wgmma's. The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket
-  (carried in registers); band tiles take, for each bucket their shift can hold (one or two ranges of bucket ids,
-  precomputed per shift), the row sums of ds masked by a precomputed int8 tile of the bucket ids of its shift
-  (loaded like the band bias tile), added to that bucket's row of a [num_buckets, bq] shared memory tile, which
-  each program writes once and `backward` sums.
-- backward, dk/dv kernel: one kv block (k, v once), q, do, lse, delta (and the band tile, pre-transposed) streamed,
-  on [keys, queries] tiles: k.q^T, p^T.do, v.do^T and ds^T.q are wgmma's.
+  consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks. The skeleton (`_own_loops`,
+  `_this_loop`, `_produce`, `_consume`) is shared with both backward kernels.
+- backward, dq kernel, warp specialized as the forward: two q blocks per program, one per consumer warpgroup (q,
+  do, lse, delta once), a producer streaming k, v (key segment ids, each consumer's band tile and tile of bucket
+  ids) of the union of their kv loops through two slots; q.k^T, do.v^T and ds.k are wgmma's, dq accumulated in
+  place; no ping-pong turns by default (`_DQ_TURNS`). The table gradient needs per-bucket sums of ds: far tiles
+  add their row sums to one bucket (carried in registers); band tiles take, for each bucket their shift can hold
+  (one or two ranges of bucket ids, precomputed per shift), the row sums of ds masked by the precomputed int8 tile
+  of the bucket ids of its shift, added to that bucket's row of the consumer's own [num_buckets, bq] shared memory
+  tile (which first stages its lse and delta), written once per q block and summed by `backward`. Its shared
+  memory fits the default 64 x 64 backward blocks (D=128, a float32 table and segment ids: with no cross-warp
+  reduction scratch, `_launch`); 128-row or 128-key blocks with a float32 table overflow at D=64 (295,088 and
+  278,704 bytes of the H200's 232,448), a bfloat16 one fits.
+- backward, dk/dv kernel, warp specialized as the forward with the sides swapped: two kv blocks per program, one
+  per consumer warpgroup (k, v once), a producer streaming q, do, lse, delta (query segment ids, each consumer's
+  band tile, pre-transposed) of the union of their q loops through two slots; on [keys, queries] tiles k.q^T, then
+  p^T.do and v.do^T issued together (one wait, as attention_mgpu.py's backward), then ds^T.q, dk and dv
+  accumulated in place; no ping-pong turns by default (`_DKV_TURNS`). Its shared memory (a band tile per consumer
+  and slot) takes the default 64 x 64 backward blocks; 128-row or 128-key ones overflow at D=128, and at D=64
+  with a float32 table and segment ids. Blocks that overflow either kernel are refused when `backward` is traced,
+  interpreted too, with one error naming them (`_check_shared_memory`).
 
 Supports: no bias or the T5 bias (without positions), causal or not, segment ids (the loops narrowed to the blocks
 `segment_block_ranges` keeps). Restrictions (`check`): blocks multiples of 64, Sq and Sk multiples of them (the
 public function pads), head_dim 64 or 128, 16-bit q, k, v.
 
-Tested compiled on an H200 (jax 0.11.2) and in Mosaic GPU's interpreter on CPU (`InterpretGPUParams`, jax 0.10.2
-and 0.11.2), where the compiled variants also go through the Pallas -> Mosaic GPU lowering. The interpreter lacks
-a few constructs the compiled kernels use, so `_Target` swaps them (and only them) when interpreting: layout hints,
-B operands read transposed by wgmma, A operands in registers, and `pl.run_state`: compiled, the forward's p.v
-accumulates in place as in JAX's `attention_mgpu.py`; interpreted (and every product of the backward), a product
-goes to a fresh accumulator and is added to the running one in registers.
+Tested compiled on an H200 (jax 0.11.2; the warp-specialized backward kernels not yet) and in Mosaic GPU's
+interpreter on CPU (`InterpretGPUParams`, jax 0.10.2 and 0.11.2), where the compiled variants also go through the
+Pallas -> Mosaic GPU lowering. The interpreter lacks a few constructs the compiled kernels use, so `_Target` swaps
+them (and only them) when interpreting: layout hints, B operands read transposed by wgmma, A operands in registers,
+and `pl.run_state`: compiled, the forward's p.v and the backward's dq, dk and dv accumulate in place as in JAX's
+`attention_mgpu.py`; interpreted, a product goes to a fresh accumulator and is added to the running one in
+registers.
 
 Speed (H200, D=64): the forward at 0.75-0.79x cuDNN without bias, the backward slower than the Triton kernel's
-(benchmarks/notes_attention.md). The table gradient's band sums are still one masked row sum of the tile per
-bucket the tile holds (only those since the bucket ranges per shift: e.g. 61 instead of 160 over the five band
-shifts of max_distance 128 in 64 x 64 tiles, bidirectional; little fewer where one tile holds nearly every bucket,
-as the diagonal tile of a causal max_distance 40), not a cheaper contraction; the backward is not warp specialized; no
-tuning. The interpreter runs the forward's three warpgroups as concurrent XLA:CPU executions: tests/conftest.py
-widens XLA's CPU thread pool for them.
+(benchmarks/notes_attention.md). The table gradient's band sums are still one masked row sum of the tile per bucket
+the tile holds (only those since the bucket ranges per shift: e.g. 61 instead of 160 over the five band shifts of
+max_distance 128 in 64 x 64 tiles, bidirectional; little fewer where one tile holds nearly every bucket, as the
+diagonal tile of a causal max_distance 40), not a cheaper contraction; the warp-specialized dq and dk/dv kernels are
+tested on CPU only (interpreter, CUDA lowering), not run on a GPU; no tuning. The interpreter runs each kernel's
+three warpgroups as concurrent XLA:CPU executions: tests/conftest.py widens XLA's CPU thread pool for them.
 `flash_attention(..., backend="mosaic")` runs it; nothing chooses it by default, as it is not the fastest.
 
 Mosaic GPU is imported when a kernel is built, so importing this module needs no GPU.
@@ -177,6 +189,18 @@ class _Target:
 
     return pl.run_state(body)(self.plgpu.ACC.init(acc))
 
+  def accumulate_together(self, pl, products):
+    """[acc + a @ b for acc, a, b in products], the wgmma's issued together, so that one wait covers them all
+    (attention_mgpu.py's dv and dp^T), accumulating in place; interpreted, one after the other as `accumulate`."""
+    if self.interpret:
+      return [acc + _matmul(self.plgpu, pl, a, b, acc.shape) for acc, a, b in products]
+
+    def body(acc_refs):
+      for acc_ref, (_, a, b) in zip(acc_refs, products):
+        self.plgpu.wgmma(acc_ref, a, b)
+
+    return list(pl.run_state(body)(tuple(self.plgpu.ACC.init(acc) for acc, _, _ in products)))
+
   def t_scratch(self, rows: int, head_dim: int, dtype, leading=()):
     """The staging tile of `transposed` (interpreted only), one per index of `leading`."""
     return _smem_tile(self.plgpu, (*leading, head_dim, rows), dtype) if self.interpret else None
@@ -218,9 +242,15 @@ def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start,
   return visible
 
 
-_CONSUMERS = 2  # forward: warpgroups that each own one q block of a program; one more issues the copies
+_CONSUMERS = 2  # every kernel: warpgroups that each own one block of a program; one more issues the copies
 _PRODUCER = _CONSUMERS  # the copying warpgroup's index
-_STAGES = 2  # forward: shared memory slots of the streamed kv blocks
+_STAGES = 2  # every kernel: shared memory slots of the streamed blocks
+# dk/dv kernel: the forward's ping-pong turns (a schedule barrier) or none, as attention_mgpu.py's backward. Its
+# tiles take four products for one exp2, and turns cost two barrier round trips per block; not measured either way.
+_DKV_TURNS = False
+# dq kernel: likewise (three products per exp2 tile, besides the table gradient's sums); both settings pass the
+# interpreter's backward tests on CPU; not measured either way.
+_DQ_TURNS = False
 
 
 def _union(a, b):
@@ -230,6 +260,102 @@ def _union(a, b):
   lo = jnp.where(a_empty, lo_b, jnp.where(b_empty, lo_a, jnp.minimum(lo_a, lo_b)))
   hi = jnp.where(a_empty, hi_b, jnp.where(b_empty, hi_a, jnp.maximum(hi_a, hi_b)))
   return lo, hi
+
+
+# The warp-specialized skeleton of the three kernels. A program owns _CONSUMERS resident blocks (the forward's
+# and the dq kernel's q blocks, the dk/dv kernel's kv blocks), one per consumer warpgroup; each has a loop over the
+# other side's blocks, a tuple (lo, hi, split, band_lo, band_hi): blocks [lo, hi), the causal split of
+# `_walk_region`, the T5 band. The producer streams the blocks of the union of the loops.
+
+
+def _own_loops(loop_of, program, count: int):
+  """([the loop of resident block _CONSUMERS * program + c for each consumer c], the union (u_lo, u_hi) of their
+  ranges); loop_of(block) -> (lo, hi, split, band_lo, band_hi); a loop all zeros (empty) where the last program has
+  fewer than _CONSUMERS of the `count` blocks."""
+  def own(block):
+    bounds = loop_of(jnp.minimum(block, count - 1))
+    return tuple(jnp.where(block < count, x, 0) for x in bounds)
+
+  loops = [own(_CONSUMERS * program + c) for c in range(_CONSUMERS)]
+  return loops, _union(*((lo, hi) for lo, hi, *_ in loops))
+
+
+def _this_loop(wg, loops, u_hi):
+  """Consumer wg's loop. An empty one (no resident block, or one that sees nothing) may lie outside the union: it
+  is moved to the union's end, so that the consumer's first `skip` loop walks the whole union."""
+  lo, hi, split, band_lo, band_hi = (jnp.where(wg == 0, *pair) for pair in zip(*loops))
+  empty = lo >= hi
+  lo, hi, band_lo, band_hi = (jnp.where(empty, u_hi, x) for x in (lo, hi, band_lo, band_hi))
+  return lo, hi, split, band_lo, band_hi
+
+
+def _produce(plgpu, pl, u_lo, u_hi, fetch, consumed_barriers):
+  """The producer warpgroup: fetch(block) starts the copies of each block of the union [u_lo, u_hi) into slot
+  block % _STAGES, once both consumers have released the slot's previous block (consumed_barriers, one per slot,
+  _CONSUMERS arrivals)."""
+  plgpu.set_max_registers(40, action="decrease")  # issuing copies needs few: the consumers take the rest
+
+  def wait_consumed(block):
+    plgpu.barrier_wait(consumed_barriers.at[lax.rem(block, jnp.int32(_STAGES))])
+
+  @pl.loop(u_lo, u_hi)
+  def _(block):
+    @pl.when(block >= u_lo + _STAGES)
+    def _():
+      wait_consumed(block - _STAGES)  # the slot's previous block is read by both consumers
+
+    fetch(block)
+
+  # The last blocks' releases: unneeded for the copies, but each completion of a barrier is observed by every
+  # warpgroup that waits on it (the interpreter checks it), and the consumers have finished reading here.
+  pl.loop(jnp.maximum(u_lo, u_hi - _STAGES), u_hi)(wait_consumed)
+
+
+def _take_turn(plgpu, schedule_barrier, between=lambda: None):
+  """FlashAttention-3's ping-pong (as attention_mgpu.py): hand the tensor cores to the other consumer and wait for
+  them back, so that one consumer's element-wise work runs while the other's wgmma's do. Consumer 1 starts half a
+  block late (`_consume`): the two turns each takes per block alternate with the other's. Without a schedule
+  barrier (None), only between()."""
+  if schedule_barrier is not None:
+    plgpu.barrier_arrive(schedule_barrier)
+  between()
+  if schedule_barrier is not None:
+    plgpu.barrier_wait(schedule_barrier)
+
+
+def _release(plgpu, consumed_barriers, slot):
+  """This consumer has read the slot (its wgmma results are read: wgmma has finished reading the tiles)."""
+  plgpu.barrier_arrive(consumed_barriers.at[slot])
+
+
+def _consume(plgpu, pl, wg, union, own, consumed_barriers, schedule_barrier, waits, walk):
+  """A consumer's walk of the union: the blocks of [u_lo, u_hi) before and after its own [lo, hi) skipped, walk()
+  (its own blocks, each with two turns and one release, as `skip`) in between; returns walk()'s result. waits:
+  (the slot barriers a block's tiles wait for before its first turn, those waited for during its second).
+  schedule_barrier None: no turns."""
+  (u_lo, u_hi), (lo, hi) = union, own
+  take_turn = functools.partial(_take_turn, plgpu, schedule_barrier)
+  before, during = waits
+
+  def skip(block, carry):
+    """A block of the other consumer's loop only: its copies are awaited (every phase is observed), it takes the
+    turns of a computed block, in their order, and releases the slot."""
+    slot = lax.rem(block, jnp.int32(_STAGES))
+    for barriers in before:
+      plgpu.barrier_wait(barriers.at[slot])
+    take_turn()
+    take_turn(lambda: [plgpu.barrier_wait(barriers.at[slot]) for barriers in during])
+    _release(plgpu, consumed_barriers, slot)
+    return carry
+
+  if schedule_barrier is not None:
+    pl.when(wg == 1)(take_turn)
+  lax.fori_loop(u_lo, lo, skip, ())
+  result = walk()
+  lax.fori_loop(hi, u_hi, skip, ())
+  if schedule_barrier is not None:
+    pl.when(wg == 0)(take_turn)
+  return result
 
 
 def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
@@ -259,18 +385,11 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
   scale2 = cfg.scale * common.LOG2E
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
 
-  def loop_of(q_block):
-    """_kv_loop of q_block, empty where the last program has one q block only."""
-    bounds = _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, jnp.minimum(q_block, q_blocks - 1))
-    return tuple(jnp.where(q_block < q_blocks, x, 0) for x in bounds)
-
-  loops = [loop_of(_CONSUMERS * program + c) for c in range(_CONSUMERS)]
-  u_lo, u_hi = _union(*((lo, hi) for lo, hi, *_ in loops))
+  loops, (u_lo, u_hi) = _own_loops(
+      lambda q_block: _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, q_block), program, q_blocks)
 
   @pl.when(wg == _PRODUCER)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")  # issuing copies needs few: the consumers take the rest
-
     def fetch(kv_block):
       """Start the copies of kv block `kv_block` into its slot."""
       slot = lax.rem(kv_block, jnp.int32(_STAGES))
@@ -287,20 +406,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
             plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bq, bq)], band_smem.at[_STAGES * c + slot],
                                     band_barriers.at[_STAGES * c + slot])
 
-    def wait_consumed(kv_block):
-      plgpu.barrier_wait(consumed_barriers.at[lax.rem(kv_block, jnp.int32(_STAGES))])
-
-    @pl.loop(u_lo, u_hi)
-    def _(kv_block):
-      @pl.when(kv_block >= u_lo + _STAGES)
-      def _():
-        wait_consumed(kv_block - _STAGES)  # the slot's previous block is read by both consumers
-
-      fetch(kv_block)
-
-    # The last blocks' releases: unneeded for the copies, but each completion of a barrier is observed by every
-    # warpgroup that waits on it (the interpreter checks it), and the consumers have finished reading here.
-    pl.loop(jnp.maximum(u_lo, u_hi - _STAGES), u_hi)(wait_consumed)
+    _produce(plgpu, pl, u_lo, u_hi, fetch, consumed_barriers)
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
@@ -309,14 +415,11 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
     exists = q_block < q_blocks
     q_start = q_block * bq
     rows = pl.ds(q_start, bq)
-    lo, hi, first_masked, band_lo, band_hi = (jnp.where(wg == 0, *pair) for pair in zip(*loops))
-    # An empty loop (no q block, or one that sees no key) may lie outside the union: it is moved to its end, so
-    # that the first `skip` walks the whole union.
-    empty_loop = lo >= hi
-    lo, hi, band_lo, band_hi = (jnp.where(empty_loop, u_hi, x) for x in (lo, hi, band_lo, band_hi))
+    lo, hi, first_masked, band_lo, band_hi = _this_loop(wg, loops, u_hi)
     q_tile, lse_tile = q_smem.at[wg], lse_smem.at[wg]
     p_tile = None if p_smem is None else p_smem.at[wg]
     t_tile = None if t_smem is None else t_smem.at[wg]
+    take_turn = functools.partial(_take_turn, plgpu, schedule_barrier)
 
     q_seg = None
 
@@ -331,29 +434,6 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
 
     if segments:
       q_seg = target.load(q_seg_smem.at[wg], target.row)  # (unread garbage without a q block: nothing uses it)
-
-    def release(slot):
-      plgpu.barrier_arrive(consumed_barriers.at[slot])
-
-    def take_turn(between=lambda: None):
-      """FlashAttention-3's ping-pong (as attention_mgpu.py): hand the tensor cores to the other consumer and wait
-      for them back, so that one consumer's softmax runs while the other's wgmma's do. Consumer 1 starts half a
-      block late: the turns taken after q.k^T's issue and before p.v alternate between the two."""
-      plgpu.barrier_arrive(schedule_barrier)
-      between()
-      plgpu.barrier_wait(schedule_barrier)
-
-    def skip(kv_block, carry):
-      """A block of the other consumer's loop only: its copies are awaited (every phase is observed) and its slot
-      released."""
-      slot = lax.rem(kv_block, jnp.int32(_STAGES))
-      plgpu.barrier_wait(k_barriers.at[slot])
-      if segments:
-        plgpu.barrier_wait(kv_seg_barriers.at[slot])
-      take_turn()  # the turns of a computed block, in its order
-      take_turn(lambda: plgpu.barrier_wait(v_barriers.at[slot]))
-      release(slot)
-      return carry
 
     def tiles(kv_block, carry, far_bias, band: bool, masked: bool):
       """One online softmax step on kv block `kv_block`."""
@@ -386,26 +466,27 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
       take_turn(lambda: plgpu.barrier_wait(v_barriers.at[slot]))  # the softmax is done: p.v waits for its turn
       acc = target.accumulate(pl, acc * lax.broadcast_in_dim(correction, acc.shape, [0]),
                               target.p_operand(p.astype(q_ref.dtype), p_tile), v_smem.at[slot])
-      release(slot)  # the products' results are read: wgmma has finished reading k and v
+      _release(plgpu, consumed_barriers, slot)  # the products' results are read: wgmma has read k and v
       return acc, m_new, l_i
 
-    pl.when(wg == 1)(take_turn)
-    lax.fori_loop(u_lo, lo, skip, ())
-    carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
-             target.cast(jnp.full((bq,), common.MASK, jnp.float32), target.row),
-             target.cast(jnp.zeros((bq,), jnp.float32), target.row))
-    # Regions of the kv loop, in order: (start, stop, far bias, band tile?); one region without bias.
-    if t5:
-      regions = ((lo, band_lo, ends_ref[head, 0], False), (band_lo, band_hi, 0.0, True),
-                 (band_hi, hi, ends_ref[head, 1], False))
-    else:
-      regions = ((lo, hi, 0.0, False),)
-    for start, stop, far_bias, band in regions:
-      carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop,
-                           first_masked, cfg.causal, segments, masked_first=False)
-    acc, m_i, l_i = carry
-    lax.fori_loop(hi, u_hi, skip, ())
-    pl.when(wg == 0)(take_turn)
+    def walk():
+      carry = (target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile),
+               target.cast(jnp.full((bq,), common.MASK, jnp.float32), target.row),
+               target.cast(jnp.zeros((bq,), jnp.float32), target.row))
+      # Regions of the kv loop, in order: (start, stop, far bias, band tile?); one region without bias.
+      if t5:
+        regions = ((lo, band_lo, ends_ref[head, 0], False), (band_lo, band_hi, 0.0, True),
+                   (band_hi, hi, ends_ref[head, 1], False))
+      else:
+        regions = ((lo, hi, 0.0, False),)
+      for start, stop, far_bias, band in regions:
+        carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop,
+                             first_masked, cfg.causal, segments, masked_first=False)
+      return carry
+
+    waits = ([k_barriers] + ([kv_seg_barriers] if segments else []), [v_barriers])
+    acc, m_i, l_i = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed_barriers, schedule_barrier, waits,
+                             walk)
 
     @pl.when(exists)
     def _():
@@ -489,9 +570,37 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
   )(q, k, v, band, ends, q_seg, kv_seg, kv_range)
 
 
-def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type, num_threads: int | None = None):
+# Shared memory as Pallas Mosaic GPU allocates a kernel's scratch: each buffer rounded up to 1 KiB, 8 bytes per
+# mbarrier (jax 0.10.2: the lowering's count for both backward kernels, which take no cross-warp reduction scratch;
+# the H200 reported the same 295,088 and 278,704 bytes for the dq kernel). Mosaic GPU's limit: the device's opt-in
+# maximum per block, sm90's 227 KiB where it has no GPU to ask.
+_SMEM_ALIGNMENT, _MBARRIER_BYTES, _SMEM_LIMIT = 1024, 8, 227 * 1024
+
+
+def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, setting: str) -> None:
+  """Refuse, when `backward` is traced, blocks whose compiled `kernel` (scratch without the interpreter's staging
+  tiles) overflows shared memory: the lowering's own error comes at compilation and names no block. Interpreted
+  too, so that CPU runs refuse what the GPU would."""
+  used = sum(_MBARRIER_BYTES * int(np.prod(x.num_barriers)) if isinstance(x, plgpu.Barrier)
+             else -(-int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
+             for x in scratch.values())
+  available = getattr(jax.local_devices()[0], "shared_memory_per_block_optin", _SMEM_LIMIT)
+  if used > available:
+    raise ValueError(f"the Mosaic GPU backward's {kernel} kernel needs {used:,} bytes of shared memory at "
+                     f"block_q_bwd={cfg.blocks.block_q_bwd}, block_k_bwd={cfg.blocks.block_k_bwd} ({setting}), more "
+                     f"than the {available:,} available: use block_q_bwd=64, block_k_bwd=64 (the defaults) or a "
+                     "bfloat16 T5 table")
+
+
+def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type, num_threads: int | None = None,
+            rows_only_reductions: bool = False):
   """plgpu.kernel over (blocks, heads, batch), in Mosaic GPU's interpreter if cfg.interpret. scratch: a list (the
-  forward) or a dict of keyword arguments (the backward's kernels); num_threads warpgroups (axis "wg") if given."""
+  forward) or a dict of keyword arguments (the backward's kernels); num_threads warpgroups (axis "wg") if given.
+  rows_only_reductions: the kernel only reduces WGMMA tiles along their rows (within warps), so none of the shared
+  memory Pallas reserves for cross-warp reductions (2 KiB by default, wherever a kernel reduces) is needed."""
+  params = dict(approx_math=True)
+  if rows_only_reductions and "reduction_scratch_bytes" in {f.name for f in dataclasses.fields(plgpu.CompilerParams)}:
+    params.update(reduction_scratch_bytes=0)
   interpret = None
   if cfg.interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import \
@@ -500,7 +609,7 @@ def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type
   return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
                       grid_names=(block_axis, "heads", "batch"), num_threads=num_threads,
                       thread_name=None if num_threads is None else "wg",
-                      compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+                      compiler_params=plgpu.CompilerParams(**params), interpret=interpret)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -520,14 +629,16 @@ def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, bias, visible):
 
 
 def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, raw, lse, far_bias, band: bool,
-                            masked: bool, q_axis: int, q_start, k_start, ids):
+                            masked: bool, q_axis: int, q_start, k_start, ids, band_slot=None):
   """_probabilities of a backward tile with what streams through `slot` beside its operands: the band tile (band
-  tiles), and with segments (`ids`: the resident side's ids and the scratch name of the walked side's, "kv_seg" in
-  the dq kernel, "q_seg" in the dk/dv kernel) the walked blocks' segment ids (masked tiles)."""
+  tiles; in band_slot if given: per consumer and slot), and with segments (`ids`: the resident
+  side's ids and the scratch name of the walked side's, "kv_seg" in the dq kernel, "q_seg" in the dk/dv kernel)
+  the walked blocks' segment ids (masked tiles)."""
   bias = visible = None
   if band:
-    plgpu.barrier_wait(scratch["band_barriers"].at[slot])
-    bias = target.load(scratch["band_smem"].at[slot], target.tile).astype(jnp.float32)
+    band_slot = slot if band_slot is None else band_slot
+    plgpu.barrier_wait(scratch["band_barriers"].at[band_slot])
+    bias = target.load(scratch["band_smem"].at[band_slot], target.tile).astype(jnp.float32)
   if masked:
     q_seg = k_seg = None
     if ids is not None:
@@ -542,126 +653,164 @@ def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, 
 def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ids_ref, ranges_ref, ends_ref, q_seg_ref,
                kv_seg_ref, kv_range_ref, dq_ref, parts_ref, **scratch):
-  """dq of one q block of one (batch, head) over the kv loop of the forward (triton._attention_dq_kernel), and
-  with the T5 bias the block's table gradient: per bucket, a [bq] vector of row sums of ds (far tiles add theirs
-  to one bucket; band tiles one masked sum per bucket in the ranges_ref [count, 4] ranges of their shift, with its
-  tile of bucket ids), accumulated in parts_smem and written as parts_ref[batch, head, q_block] [num_buckets,
-  bq]. k, v (and band tiles, bucket ids, key segment ids) stream
-  through two slots as in the forward. scratch: shared memory tiles (`*_smem`) and barriers (`*_barrier`, two
-  slots `*_barriers`) by name, without those of absent features."""
+  """dq of two q blocks of one (batch, head) over the kv loop of the forward (triton._attention_dq_kernel), warp
+  specialized as the forward (`_kernel`): consumer warpgroup c < _CONSUMERS owns q block _CONSUMERS * program + c
+  (q, do, lse, delta, query segment ids copied once) and walks its kv loop (`_kv_loop`: far left, band, far
+  right); the producer warpgroup streams k, v (key segment ids, each consumer's band tile and tile of bucket ids)
+  of the union of their kv loops through _STAGES slots. Both consumers walk the whole union (`_consume`). A tile:
+  q.k^T; p; dp = do.v^T; ds; dq += ds.k in place. With the T5 bias each consumer also sums its block's table
+  gradient: per bucket, a [bq] vector of row sums of ds (far tiles add theirs to one bucket, carried in registers;
+  band tiles one masked sum per bucket in the ranges_ref [count, 4] ranges of their shift, with its tile of bucket
+  ids), accumulated in its own rows_smem[c] [num_buckets, bq] (whose rows 0 and 1 first stage its lse and
+  delta) and written as parts_ref[batch, head, q_block].
+  scratch: shared memory tiles (`*_smem`) and barriers (`*_barriers`) by name, without those of absent features.
+
+  Barrier counts, per kv block j of the union [u_lo, u_hi) in slot j % _STAGES:
+  - k, v (kv_seg) slots: one TMA arrival (the producer's copy); waited once by each consumer.
+  - band and ids slots of consumer c (_STAGES * c + slot): one TMA arrival each for j in c's band; waited once
+    each by c for j in its band.
+  - consumed slot: one arrival by each consumer once it has read the slot (its wgmma results and its band and ids
+    tiles read; num_arrivals=_CONSUMERS); waited once by the producer: before copying block j + _STAGES into the
+    slot, or at the end (the last _STAGES blocks).
+  - q, do, lse, delta (q_seg) of consumer c: one TMA arrival, one wait by c (none without a q block).
+  - schedule (num_arrivals=_CONSUMERS), only with _DQ_TURNS: as the forward's, 2 n + 1 turns each (two per block
+    of the union, before its q.k^T's result is read and before its do.v^T; consumer 1 one more before its walk,
+    consumer 0 one more after), each one arrival then one wait. Without it, `take_turn` only runs its argument."""
   bq, bk = s.block_q, s.block_k
-  q_block, head, batch = lax.axis_index("q"), lax.axis_index("heads"), lax.axis_index("batch")
-  q_start = q_block * bq
-  rows = pl.ds(q_start, bq)
-
-  for name, src in (("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
-                    ("lse", lse_ref.at[batch, head, rows]), ("delta", delta_ref.at[batch, head, rows])):
-    plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"], scratch[name + "_barrier"])
-  if segments:
-    plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], scratch["q_seg_smem"], scratch["q_seg_barrier"])
-
-  lo, hi, first_masked, band_lo, band_hi = _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, q_block)
+  program, head, batch, wg = (lax.axis_index(name) for name in ("q", "heads", "batch", "wg"))
+  q_blocks = s.q_len // bq
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
+  consumed, schedule = scratch["consumed_barriers"], scratch.get("schedule_barrier")  # no schedule: no turns
+  streamed = ("k", "v") + (("kv_seg",) if segments else ())
 
-  def fetch(kv_block):
-    """Start the copies of kv block `kv_block` into its slot (kv_block % 2)."""
-    slot, cols = lax.rem(kv_block, jnp.int32(2)), pl.ds(kv_block * bk, bk)
-    plgpu.copy_gmem_to_smem(k_ref.at[batch, cols, head], scratch["k_smem"].at[slot], scratch["k_barriers"].at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[batch, cols, head], scratch["v_smem"].at[slot], scratch["v_barriers"].at[slot])
-    if segments:
-      plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, cols], scratch["kv_seg_smem"].at[slot],
-                              scratch["kv_seg_barriers"].at[slot])
-    if t5:
-      @pl.when((kv_block >= band_lo) & (kv_block < band_hi))
-      def _():
-        tile = pl.ds(lax.div(kv_block * bk - q_start - band_first, band_step) * bq, bq)
-        plgpu.copy_gmem_to_smem(band_ref.at[head, tile], scratch["band_smem"].at[slot],
-                                scratch["band_barriers"].at[slot])
-        plgpu.copy_gmem_to_smem(ids_ref.at[tile], scratch["ids_smem"].at[slot], scratch["ids_barriers"].at[slot])
+  loops, (u_lo, u_hi) = _own_loops(
+      lambda q_block: _kv_loop(s, cfg, t5, segments, kv_range_ref, batch, q_block), program, q_blocks)
 
-  @pl.when(lo < hi)
-  def _():
-    fetch(lo)
+  @pl.when(wg == _PRODUCER)
+  def _producer():
+    def fetch(kv_block):
+      """Start the copies of kv block `kv_block` into its slot."""
+      slot, cols = lax.rem(kv_block, jnp.int32(_STAGES)), pl.ds(kv_block * bk, bk)
+      for name, src in (("k", k_ref.at[batch, cols, head]), ("v", v_ref.at[batch, cols, head]),
+                        ("kv_seg", kv_seg_ref.at[batch, cols]))[:len(streamed)]:
+        plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[slot], scratch[name + "_barriers"].at[slot])
+      if t5:
+        for c, (_, _, _, band_lo, band_hi) in enumerate(loops):
+          @pl.when((kv_block >= band_lo) & (kv_block < band_hi))
+          def _():
+            tile = pl.ds(lax.div(kv_block * bk - (_CONSUMERS * program + c) * bq - band_first, band_step) * bq, bq)
+            for name, src in (("band", band_ref.at[head, tile]), ("ids", ids_ref.at[tile])):
+              plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[_STAGES * c + slot],
+                                      scratch[name + "_barriers"].at[_STAGES * c + slot])
 
-  for name in ("q", "do", "lse", "delta") + (("q_seg",) if segments else ()):
-    plgpu.barrier_wait(scratch[name + "_barrier"])
-  lse, delta = target.load(scratch["lse_smem"], target.row), target.load(scratch["delta_smem"], target.row)
-  q_seg = target.load(scratch["q_seg_smem"], target.row) if segments else None
+    _produce(plgpu, pl, u_lo, u_hi, fetch, consumed)
 
-  parts_smem = scratch.get("parts_smem")
+  @pl.when(wg < _CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_block = _CONSUMERS * program + wg
+    exists = q_block < q_blocks
+    q_start = q_block * bq
+    rows = pl.ds(q_start, bq)
+    lo, hi, first_masked, band_lo, band_hi = _this_loop(wg, loops, u_hi)
+    q_tile, do_tile = scratch["q_smem"].at[wg], scratch["do_smem"].at[wg]
+    p_tile = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
+    t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
+    rows_smem = scratch["rows_smem"].at[wg]  # lse, delta; then the table gradient's rows (parts)
+    take_turn = functools.partial(_take_turn, plgpu, schedule)
+    resident = (("q", q_ref.at[batch, rows, head], q_tile), ("do", do_ref.at[batch, rows, head], do_tile),
+                ("lse", lse_ref.at[batch, head, rows], rows_smem.at[0]),
+                ("delta", delta_ref.at[batch, head, rows], rows_smem.at[1]),
+                ("q_seg", q_seg_ref.at[batch, rows], scratch["q_seg_smem"].at[wg] if segments else None))
+    resident = resident[:5 if segments else 4]
 
-  def tiles(kv_block, carry, far_bias, band: bool, masked: bool, bucket):
-    """One kv block: dq += ds.k, and the table gradient's row sums (`bucket`: a far region's bucket, whose sum is
-    carried, or None)."""
-    dq, far = carry
-    slot = lax.rem(kv_block, jnp.int32(2))
-
-    @pl.when(kv_block + 1 < hi)
+    @pl.when(exists)
     def _():
-      fetch(kv_block + 1)  # its slot's last reader, block kv_block - 1, has finished (wgmma results are read)
+      for name, src, dst in resident:
+        plgpu.copy_gmem_to_smem(src, dst, scratch[name + "_barriers"].at[wg])
+      for name, _, _ in resident:
+        plgpu.barrier_wait(scratch[name + "_barriers"].at[wg])
 
-    plgpu.barrier_wait(scratch["k_barriers"].at[slot])
-    raw = _matmul(plgpu, pl, scratch["q_smem"], target.transposed(scratch["k_smem"].at[slot], scratch.get("t_smem")),
-                  (bq, bk))
-    p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 0, q_start,
-                                kv_block * bk, (q_seg, "kv_seg") if segments else None)
-    plgpu.barrier_wait(scratch["v_barriers"].at[slot])
-    dp = _matmul(plgpu, pl, scratch["do_smem"], target.transposed(scratch["v_smem"].at[slot], scratch.get("t_smem")),
-                 (bq, bk))
-    ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # gradient of the natural-log logits and bias
-    dq = dq + _matmul(plgpu, pl, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")),
-                      scratch["k_smem"].at[slot], (bq, s.head_dim))
-    if band:
-      # The tile of shift kv_block * bk - q_start holds only the distances shift - (bq - 1) ... shift + bk - 1,
-      # and buckets are monotone in the distance on each side of 0: its buckets are one or two ranges
-      # (ranges_ref [count, 4], from its tile of ids), not all num_buckets. One masked row sum per bucket of those
-      # ranges, added to that bucket's row of parts_smem (read-modify-write, the bucket dynamic); the others would
-      # add exactly 0, so the sums are the same, in the same order. Masked sums per band tile: its number of
-      # buckets (max_distance 128, 64 x 64 tiles: 2, 15, 27, 15, 2 over the five shifts, 61 instead of 160;
-      # causal, over the three shifts it visits: 6, 31, 27, 64 instead of 96; max_distance 40: 61 / 96
-      # bidirectional, 63 / 64 causal), each for 2 row accesses of shared memory (a few registers a thread), plus
-      # 4 scalar loads and one warpgroup barrier per tile; and a far row vector carried in registers instead of
-      # num_buckets row vectors (2 * num_buckets registers a thread at bq = 64).
-      plgpu.barrier_wait(scratch["ids_barriers"].at[slot])
-      ids = target.load(scratch["ids_smem"].at[slot], target.tile).astype(jnp.int32)
-      shift = lax.div(kv_block * bk - q_start - band_first, band_step)
-      plgpu.commit_smem()  # the rows' last writers (replicas of a row, other threads) are seen by their readers
+    # (unread garbage without a q block: nothing uses it)
+    lse, delta = target.load(rows_smem.at[0], target.row), target.load(rows_smem.at[1], target.row)
+    q_seg = target.load(scratch["q_seg_smem"].at[wg], target.row) if segments else None
+    parts_smem = rows_smem if t5 else None  # lse and delta are in registers: the rows take the row sums
 
-      def add(b, unused):
-        row = parts_smem.at[b]
-        row[...] = target.load(row, target.row) + jnp.where(ids == b, ds, 0.0).sum(axis=1)
-        return unused
+    def tiles(kv_block, carry, far_bias, band: bool, masked: bool, bucket):
+      """One kv block: dq += ds.k, and the table gradient's row sums (`bucket`: a far region's bucket, whose sum is
+      carried, or None)."""
+      dq, far = carry
+      slot = lax.rem(kv_block, jnp.int32(_STAGES))
+      plgpu.barrier_wait(scratch["k_barriers"].at[slot])
+      k_tile = scratch["k_smem"].at[slot]
+      raw = _matmul(plgpu, pl, q_tile, target.transposed(k_tile, t_tile), (bq, bk), take_turn)
+      p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 0, q_start,
+                                  kv_block * bk, (q_seg, "kv_seg") if segments else None,
+                                  band_slot=_STAGES * wg + slot)
+      take_turn(lambda: plgpu.barrier_wait(scratch["v_barriers"].at[slot]))  # p is done: the products' turn
+      dp = _matmul(plgpu, pl, do_tile, target.transposed(scratch["v_smem"].at[slot], t_tile), (bq, bk))
+      ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # gradient of the natural-log logits and bias
+      dq = target.accumulate(pl, dq, target.p_operand(ds.astype(q_ref.dtype), p_tile), k_tile)
+      if band:
+        # The tile of shift kv_block * bk - q_start holds only the distances shift - (bq - 1) ... shift + bk - 1,
+        # and buckets are monotone in the distance on each side of 0: its buckets are one or two ranges
+        # (ranges_ref [count, 4], from its tile of ids), not all num_buckets. One masked row sum per bucket of
+        # those ranges, added to that bucket's row of this consumer's parts_smem (read-modify-write, the bucket
+        # dynamic); the others would add exactly 0, so the sums are the same, in the same order. Masked sums per
+        # band tile: its number of buckets (max_distance 128, 64 x 64 tiles: 2, 15, 27, 15, 2 over the five
+        # shifts, 61 instead of 160; causal, over the three shifts it visits: 6, 31, 27, 64 instead of 96;
+        # max_distance 40: 61 / 96 bidirectional, 63 / 64 causal), each for 2 row accesses of shared memory (a
+        # few registers a thread), plus 4 scalar loads and one warpgroup barrier per tile; and a far row vector
+        # carried in registers instead of num_buckets row vectors (2 * num_buckets registers a thread at bq = 64).
+        plgpu.barrier_wait(scratch["ids_barriers"].at[_STAGES * wg + slot])
+        ids = target.load(scratch["ids_smem"].at[_STAGES * wg + slot], target.tile).astype(jnp.int32)
+        shift = lax.div(kv_block * bk - q_start - band_first, band_step)
+        plgpu.commit_smem()  # the rows' last writers (replicas of a row, other threads) are seen by their readers
 
-      for r in range(2):
-        lax.fori_loop(ranges_ref[shift, 2 * r], ranges_ref[shift, 2 * r + 1], add, ())
-    elif bucket is not None:
-      far = far + ds.sum(axis=1)
-    return dq, far
+        def add(b, unused):
+          row = parts_smem.at[b]
+          row[...] = target.load(row, target.row) + jnp.where(ids == b, ds, 0.0).sum(axis=1)
+          return unused
 
-  dq = target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile)
-  if t5:  # the row sums accumulate in parts_smem [num_buckets, bq], copied out once
-    parts_smem[...] = jnp.zeros((cfg.num_buckets, bq), jnp.float32)
-    left, right = cfg.end_buckets()
-    regions = ((lo, band_lo, ends_ref[head, 0], False, left), (band_lo, band_hi, 0.0, True, None),
-               (band_hi, hi, ends_ref[head, 1], False, right))
-  else:
-    regions = ((lo, hi, 0.0, False, None),)
-  for start, stop, far_bias, band, bucket in regions:
-    far = ()
-    if bucket is not None:  # a far region's bucket sum in registers, from and back to its row (same order of sums)
+        for r in range(2):
+          lax.fori_loop(ranges_ref[shift, 2 * r], ranges_ref[shift, 2 * r + 1], add, ())
+      elif bucket is not None:
+        far = far + ds.sum(axis=1)
+      _release(plgpu, consumed, slot)  # the products' results and the ids are read: wgmma has read k and v
+      return dq, far
+
+    def walk():
+      dq = target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile)
+      if t5:  # the row sums accumulate in parts_smem [num_buckets, bq], copied out once
+        plgpu.commit_smem()  # (lse and delta, read from the rows, are in registers)
+        parts_smem[...] = jnp.zeros((cfg.num_buckets, bq), jnp.float32)
+        left, right = cfg.end_buckets()
+        regions = ((lo, band_lo, ends_ref[head, 0], False, left), (band_lo, band_hi, 0.0, True, None),
+                   (band_hi, hi, ends_ref[head, 1], False, right))
+      else:
+        regions = ((lo, hi, 0.0, False, None),)
+      for start, stop, far_bias, band, bucket in regions:
+        far = ()
+        if bucket is not None:  # a far region's bucket sum in registers, from and back to its row (same order)
+          plgpu.commit_smem()
+          far = target.load(parts_smem.at[bucket], target.row)
+        dq, far = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band, bucket=bucket), (dq, far),
+                               start, stop, first_masked, cfg.causal, segments, masked_first=False)
+        if bucket is not None:
+          parts_smem.at[bucket][...] = far
+      return dq
+
+    waits = ([scratch[name + "_barriers"] for name in streamed if name != "v"], [scratch["v_barriers"]])
+    dq = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, schedule, waits, walk)
+
+    @pl.when(exists)
+    def _():
+      q_tile[...] = (dq * cfg.scale).astype(q_ref.dtype)  # q is no longer read: its tile stages dq
       plgpu.commit_smem()
-      far = target.load(parts_smem.at[bucket], target.row)
-    dq, far = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band, bucket=bucket), (dq, far), start,
-                           stop, first_masked, cfg.causal, segments, masked_first=False)
-    if bucket is not None:
-      parts_smem.at[bucket][...] = far
-
-  scratch["q_smem"][...] = (dq * cfg.scale).astype(q_ref.dtype)  # q is no longer read: its tile stages dq
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(scratch["q_smem"], dq_ref.at[batch, rows, head])
-  if t5:
-    plgpu.copy_smem_to_gmem(scratch["parts_smem"], parts_ref.at[batch, head, q_block])
-  plgpu.wait_smem_to_gmem(0)
+      plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
+      if t5:
+        plgpu.copy_smem_to_gmem(parts_smem, parts_ref.at[batch, head, q_block])
+      plgpu.wait_smem_to_gmem(0)
 
 
 def _bucket_ranges(ids, bq: int):
@@ -691,24 +840,11 @@ def _q_band_bounds(k_start, lo, hi, s: Shape, max_distance: int):
   return band_lo, band_hi
 
 
-def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
-                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref,
-                q_range_ref, dk_ref, dv_ref, **scratch):
-  """dk, dv of one kv block of one (batch, head) over its q blocks (triton._attention_dkv_kernel), on [keys,
-  queries] tiles: q, do, lse, delta (and band tiles, pre-transposed, and query segment ids) stream through two
-  slots. The band tile of shift k_start - q_start is read transposed from band_ref [H, count * bk, bq]. scratch as
-  in _dq_kernel."""
+def _q_loop(s: Shape, cfg: Config, t5: bool, segments: bool, q_range_ref, batch, kv_block):
+  """The q loop of a kv block (dk/dv kernel): blocks [lo, hi), the causal mask before first_unmasked, the T5 band
+  [band_lo, band_hi) (empty without the bias)."""
   bq, bk = s.block_q, s.block_k
-  kv_block, head, batch = lax.axis_index("kv"), lax.axis_index("heads"), lax.axis_index("batch")
   k_start = kv_block * bk
-  keys = pl.ds(k_start, bk)
-
-  plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], scratch["k_smem"], scratch["k_barrier"])
-  plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], scratch["v_smem"], scratch["v_barrier"])
-  if segments:
-    plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], scratch["kv_seg_smem"], scratch["kv_seg_barrier"])
-
-  # The q loop: [lo, hi), the causal mask before first_unmasked, the T5 band [band_lo, band_hi).
   lo, hi, first_unmasked = 0, s.q_len // bq, 0
   if cfg.causal:  # q blocks before k_start // bq see no key; before cdiv(k_start + bk - 1, bq), not all
     lo = lax.div(k_start, bq)
@@ -719,79 +855,136 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
   band_lo = band_hi = hi
   if t5:
     band_lo, band_hi = _q_band_bounds(k_start, lo, hi, s, cfg.max_distance)
+  return lo, hi, first_unmasked, band_lo, band_hi
+
+
+def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
+                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref,
+                q_range_ref, dk_ref, dv_ref, **scratch):
+  """dk, dv of two kv blocks of one (batch, head) (triton._attention_dkv_kernel), warp specialized as the forward
+  (`_kernel`) with the sides swapped: consumer warpgroup c < _CONSUMERS owns kv block _CONSUMERS * program + c (k,
+  v, key segment ids copied once) and walks its q loop (`_q_loop`: far right, band, far left) on [keys, queries]
+  tiles, k.q^T, v.do^T, p^T.do and ds^T.q wgmma's, dk and dv accumulated in place; the producer warpgroup streams q,
+  do, lse, delta (query segment ids, each consumer's band tile, pre-transposed: band_ref [H, count * bk, bq]) of
+  the union of their q loops through _STAGES slots. Both consumers walk the whole union (`_consume`). A tile:
+  k.q^T; p; dv += p^T.do and dp^T = v.do^T issued together (one wgmma wait); ds; dk += ds^T.q. scratch:
+  shared memory tiles (`*_smem`) and barriers (`*_barriers`, `*_barrier`) by name, without those of absent
+  features.
+
+  Barrier counts, per q block i of the union [u_lo, u_hi) in slot i % _STAGES:
+  - q, do, lse, delta (q_seg) slots: one TMA arrival (the producer's copy); waited once by each consumer.
+  - band slot of consumer c (_STAGES * c + slot): one TMA arrival for i in c's band; waited once by c for i in its
+    band.
+  - consumed slot: one arrival by each consumer once it has read the slot (num_arrivals=_CONSUMERS); waited once
+    by the producer: before copying block i + _STAGES into the slot, or at the end (the last _STAGES blocks).
+  - k, v (kv_seg) of consumer c: one TMA arrival, one wait by c (none without a kv block).
+  - schedule (num_arrivals=_CONSUMERS), only with _DKV_TURNS: as the forward's, 2 n + 1 turns each (two per block
+    of the union, before its q.k^T's result is read and before its p^T.do; consumer 1 one more before its walk,
+    consumer 0 one more after), each one arrival then one wait. Without it, `take_turn` only runs its argument."""
+  bq, bk = s.block_q, s.block_k
+  program, head, batch, wg = (lax.axis_index(name) for name in ("kv", "heads", "batch", "wg"))
+  kv_blocks = s.kv_len // bk
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
+  consumed, schedule = scratch["consumed_barriers"], scratch.get("schedule_barrier")  # no schedule: no turns
+  streamed = ("q", "do", "lse", "delta") + (("q_seg",) if segments else ())
 
-  def fetch(q_block):
-    """Start the copies of q block `q_block` into its slot (q_block % 2)."""
-    slot, rows = lax.rem(q_block, jnp.int32(2)), pl.ds(q_block * bq, bq)
-    for name, src in (("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
-                      ("lse", lse_ref.at[batch, head, rows]), ("delta", delta_ref.at[batch, head, rows])):
-      plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[slot], scratch[name + "_barriers"].at[slot])
-    if segments:
-      plgpu.copy_gmem_to_smem(q_seg_ref.at[batch, rows], scratch["q_seg_smem"].at[slot],
-                              scratch["q_seg_barriers"].at[slot])
-    if t5:
-      @pl.when((q_block >= band_lo) & (q_block < band_hi))
-      def _():
-        tile = lax.div(k_start - q_block * bq - band_first, band_step)
-        plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bk, bk)], scratch["band_smem"].at[slot],
-                                scratch["band_barriers"].at[slot])
+  loops, (u_lo, u_hi) = _own_loops(
+      lambda kv_block: _q_loop(s, cfg, t5, segments, q_range_ref, batch, kv_block), program, kv_blocks)
 
-  @pl.when(lo < hi)
-  def _():
-    fetch(lo)
+  @pl.when(wg == _PRODUCER)
+  def _producer():
+    def fetch(q_block):
+      """Start the copies of q block `q_block` into its slot."""
+      slot, rows = lax.rem(q_block, jnp.int32(_STAGES)), pl.ds(q_block * bq, bq)
+      for name, src in (("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
+                        ("lse", lse_ref.at[batch, head, rows]), ("delta", delta_ref.at[batch, head, rows]),
+                        ("q_seg", q_seg_ref.at[batch, rows]))[:len(streamed)]:
+        plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[slot], scratch[name + "_barriers"].at[slot])
+      if t5:
+        for c, (_, _, _, band_lo, band_hi) in enumerate(loops):
+          @pl.when((q_block >= band_lo) & (q_block < band_hi))
+          def _():
+            tile = lax.div((_CONSUMERS * program + c) * bk - q_block * bq - band_first, band_step)
+            plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bk, bk)],
+                                    scratch["band_smem"].at[_STAGES * c + slot],
+                                    scratch["band_barriers"].at[_STAGES * c + slot])
 
-  for name in ("k", "v") + (("kv_seg",) if segments else ()):
-    plgpu.barrier_wait(scratch[name + "_barrier"])
-  kv_seg = target.load(scratch["kv_seg_smem"], target.row) if segments else None
+    _produce(plgpu, pl, u_lo, u_hi, fetch, consumed)
 
-  def tiles(q_block, carry, far_bias, band: bool, masked: bool):
-    """One q block: dv += p^T.do, dk += ds^T.q on [bk, bq] tiles."""
-    dk, dv = carry
-    slot = lax.rem(q_block, jnp.int32(2))
+  @pl.when(wg < _CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    kv_block = _CONSUMERS * program + wg
+    exists = kv_block < kv_blocks
+    k_start = kv_block * bk
+    keys = pl.ds(k_start, bk)
+    lo, hi, first_unmasked, band_lo, band_hi = _this_loop(wg, loops, u_hi)
+    k_tile, v_tile = scratch["k_smem"].at[wg], scratch["v_smem"].at[wg]
+    p_tile = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
+    t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
+    take_turn = functools.partial(_take_turn, plgpu, schedule)
+    resident = (("k", k_ref.at[batch, keys, head]), ("v", v_ref.at[batch, keys, head]),
+                ("kv_seg", kv_seg_ref.at[batch, keys]))[:3 if segments else 2]
 
-    @pl.when(q_block + 1 < hi)
+    @pl.when(exists)
     def _():
-      fetch(q_block + 1)  # its slot's last reader, block q_block - 1, has finished (wgmma results are read)
+      for name, src in resident:
+        plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[wg], scratch[name + "_barriers"].at[wg])
+      for name, _ in resident:
+        plgpu.barrier_wait(scratch[name + "_barriers"].at[wg])
 
-    plgpu.barrier_wait(scratch["q_barriers"].at[slot])
-    q_tile = scratch["q_smem"].at[slot]
-    raw = _matmul(plgpu, pl, scratch["k_smem"], target.transposed(q_tile, scratch.get("t_smem")), (bk, bq))
-    plgpu.barrier_wait(scratch["lse_barriers"].at[slot])
-    lse = target.load(scratch["lse_smem"].at[slot], target.col)
-    p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 1,
-                                q_block * bq, k_start, (kv_seg, "q_seg") if segments else None)
-    plgpu.barrier_wait(scratch["do_barriers"].at[slot])
-    do_tile = scratch["do_smem"].at[slot]
-    dv = dv + _matmul(plgpu, pl, target.p_operand(p.astype(q_ref.dtype), scratch.get("p_smem")), do_tile,
-                      (bk, s.head_dim))
-    dp = _matmul(plgpu, pl, scratch["v_smem"], target.transposed(do_tile, scratch.get("t_smem")), (bk, bq))
-    plgpu.barrier_wait(scratch["delta_barriers"].at[slot])
-    delta = target.load(scratch["delta_smem"].at[slot], target.col)
-    ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))
-    dk = dk + _matmul(plgpu, pl, target.p_operand(ds.astype(q_ref.dtype), scratch.get("p_smem")), q_tile,
-                      (bk, s.head_dim))
-    return dk, dv
+    # (unread garbage without a kv block: nothing uses it)
+    kv_seg = target.load(scratch["kv_seg_smem"].at[wg], target.row) if segments else None
 
-  zero = lambda: target.cast(jnp.zeros((bk, s.head_dim), jnp.float32), target.tile)
-  carry = (zero(), zero())
-  # Regions in the order of the q blocks: far right (keys far after the queries), band, far left; or no bias.
-  if t5:
-    regions = ((lo, band_lo, ends_ref[head, 1], False), (band_lo, band_hi, 0.0, True),
-               (band_hi, hi, ends_ref[head, 0], False))
-  else:
-    regions = ((lo, hi, 0.0, False),)
-  for start, stop, far_bias, band in regions:
-    carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop, first_unmasked,
-                         cfg.causal, segments, masked_first=True)
-  dk, dv = carry
+    def tiles(q_block, carry, far_bias, band: bool, masked: bool):
+      """One q block: dv += p^T.do, dk += ds^T.q on [bk, bq] tiles."""
+      dk, dv = carry
+      slot = lax.rem(q_block, jnp.int32(_STAGES))
+      plgpu.barrier_wait(scratch["q_barriers"].at[slot])
+      q_tile = scratch["q_smem"].at[slot]
+      raw = _matmul(plgpu, pl, k_tile, target.transposed(q_tile, t_tile), (bk, bq), take_turn)
+      plgpu.barrier_wait(scratch["lse_barriers"].at[slot])
+      lse = target.load(scratch["lse_smem"].at[slot], target.col)
+      p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 1,
+                                  q_block * bq, k_start, (kv_seg, "q_seg") if segments else None,
+                                  band_slot=_STAGES * wg + slot)
+      take_turn(lambda: plgpu.barrier_wait(scratch["do_barriers"].at[slot]))  # p is done: the products' turn
+      do_tile = scratch["do_smem"].at[slot]
+      dv, dp = target.accumulate_together(pl, (
+          (dv, target.p_operand(p.astype(q_ref.dtype), p_tile), do_tile),
+          (target.cast(jnp.zeros((bk, bq), jnp.float32), target.tile), v_tile, target.transposed(do_tile, t_tile))))
+      plgpu.barrier_wait(scratch["delta_barriers"].at[slot])
+      delta = target.load(scratch["delta_smem"].at[slot], target.col)
+      ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))
+      dk = target.accumulate(pl, dk, target.p_operand(ds.astype(q_ref.dtype), p_tile), q_tile)
+      _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read q and do
+      return dk, dv
 
-  scratch["k_smem"][...] = (dk * cfg.scale).astype(k_ref.dtype)  # k and v are no longer read: they stage dk, dv
-  scratch["v_smem"][...] = dv.astype(v_ref.dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(scratch["k_smem"], dk_ref.at[batch, keys, head])
-  plgpu.copy_smem_to_gmem(scratch["v_smem"], dv_ref.at[batch, keys, head])
-  plgpu.wait_smem_to_gmem(0)
+    def walk():
+      zero = lambda: target.cast(jnp.zeros((bk, s.head_dim), jnp.float32), target.tile)
+      carry = (zero(), zero())
+      # Regions in the order of the q blocks: far right (keys far after the queries), band, far left; or no bias.
+      if t5:
+        regions = ((lo, band_lo, ends_ref[head, 1], False), (band_lo, band_hi, 0.0, True),
+                   (band_hi, hi, ends_ref[head, 0], False))
+      else:
+        regions = ((lo, hi, 0.0, False),)
+      for start, stop, far_bias, band in regions:
+        carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop,
+                             first_unmasked, cfg.causal, segments, masked_first=True)
+      return carry
+
+    waits = ([scratch[name + "_barriers"] for name in streamed if name != "do"], [scratch["do_barriers"]])
+    dk, dv = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, schedule, waits, walk)
+
+    @pl.when(exists)
+    def _():
+      k_tile[...] = (dk * cfg.scale).astype(k_ref.dtype)  # k and v are no longer read: they stage dk, dv
+      v_tile[...] = dv.astype(v_ref.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, head])
+      plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, head])
+      plgpu.wait_smem_to_gmem(0)
 
 
 def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2,
@@ -825,48 +1018,71 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   else:
     q_seg = kv_seg = jnp.zeros((1, 1), jnp.int32)
   target = _Target(plgpu, cfg.interpret)
-  slots = lambda: plgpu.Barrier(num_barriers=2)
+  slots = lambda: plgpu.Barrier(num_barriers=_STAGES)
   tile = lambda shape, dtype: _smem_tile(plgpu, shape, dtype)
 
-  # dq kernel: q, do, lse, delta (q_seg) once; k, v (band tile, bucket ids, kv_seg) in two slots.
-  scratch = dict(q_smem=tile((bq, head_dim), q.dtype), do_smem=tile((bq, head_dim), dout.dtype),
-                 lse_smem=plgpu.SMEM((bq,), jnp.float32), delta_smem=plgpu.SMEM((bq,), jnp.float32),
-                 k_smem=tile((2, bk, head_dim), k.dtype), v_smem=tile((2, bk, head_dim), v.dtype),
-                 q_barrier=plgpu.Barrier(), do_barrier=plgpu.Barrier(), lse_barrier=plgpu.Barrier(),
-                 delta_barrier=plgpu.Barrier(), k_barriers=slots(), v_barriers=slots())
+  # dq kernel, warp specialized: q, do, lse, delta (q_seg) once per consumer; k, v (kv_seg) in _STAGES slots, a
+  # band tile and a tile of bucket ids per consumer and slot.
+  consumers = lambda: plgpu.Barrier(num_barriers=_CONSUMERS)
+  scratch = dict(q_smem=tile((_CONSUMERS, bq, head_dim), q.dtype),
+                 do_smem=tile((_CONSUMERS, bq, head_dim), dout.dtype),
+                 k_smem=tile((_STAGES, bk, head_dim), k.dtype), v_smem=tile((_STAGES, bk, head_dim), v.dtype),
+                 q_barriers=consumers(), do_barriers=consumers(), lse_barriers=consumers(),
+                 delta_barriers=consumers(), k_barriers=slots(), v_barriers=slots(),
+                 consumed_barriers=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES))  # the releases
+  if _DQ_TURNS:  # the consumers' turns on the tensor cores
+    scratch.update(schedule_barrier=plgpu.Barrier(num_arrivals=_CONSUMERS))
   if segments:
-    scratch.update(q_seg_smem=plgpu.SMEM((bq,), jnp.int32), q_seg_barrier=plgpu.Barrier(),
-                   kv_seg_smem=plgpu.SMEM((2, bk), jnp.int32), kv_seg_barriers=slots())
+    scratch.update(q_seg_smem=plgpu.SMEM((_CONSUMERS, bq), jnp.int32), q_seg_barriers=consumers(),
+                   kv_seg_smem=plgpu.SMEM((_STAGES, bk), jnp.int32), kv_seg_barriers=slots())
   if t5 is not None:
-    scratch.update(band_smem=tile((2, bq, bk), band.dtype), band_barriers=slots(),
-                   ids_smem=tile((2, bq, bk), ids_dtype), ids_barriers=slots(),
-                   parts_smem=plgpu.SMEM((cfg.num_buckets, bq), jnp.float32))
+    scratch.update(band_smem=tile((_CONSUMERS * _STAGES, bq, bk), band.dtype),
+                   band_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES),
+                   ids_smem=tile((_CONSUMERS * _STAGES, bq, bk), ids_dtype),
+                   ids_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES))
+  # Per consumer, rows 0 and 1 take lse and delta, then (T5) the table gradient's [num_buckets, bq] row sums: Pallas
+  # aligns every scratch buffer to 1,024 bytes, and at D=128 (a float32 table, segment ids) separate lse and delta
+  # buffers would overflow shared memory.
+  scratch.update(rows_smem=plgpu.SMEM((_CONSUMERS, cfg.num_buckets if t5 is not None else 2, bq), jnp.float32))
+  setting = f"head_dim {head_dim}, " + (f"a {jnp.dtype(band.dtype).name} T5 table" if t5 is not None else "no bias")
+  setting += ", segment ids" if segments else ""
+  _check_shared_memory(plgpu, cfg, scratch, "dq", setting)
   if cfg.interpret:
-    scratch.update(t_smem=target.t_scratch(bk, head_dim, k.dtype), p_smem=target.p_scratch(bq, bk, q.dtype))
+    scratch.update(t_smem=target.t_scratch(bk, head_dim, k.dtype, (_CONSUMERS,)),
+                   p_smem=target.p_scratch(bq, bk, q.dtype, (_CONSUMERS,)))
   parts_shape = (batch, heads, q_len // bq, cfg.num_buckets, bq) if t5 is not None else (1,)
   kernel = functools.partial(_dq_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   dq, rows = _launch(
-      plgpu, cfg, kernel, scratch, (q_len // bq, heads, batch), "q",
+      plgpu, cfg, kernel, scratch, (pl.cdiv(q_len // bq, _CONSUMERS), heads, batch), "q",
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(parts_shape, jnp.float32)),
+      num_threads=_CONSUMERS + 1, rows_only_reductions=True,
   )(q, k, v, dout, lse2, delta, band, ids, ranges, ends, q_seg, kv_seg, kv_range)
 
-  # dk/dv kernel: k, v (kv_seg) once; q, do, lse, delta (transposed band tile, q_seg) in two slots.
-  scratch = dict(k_smem=tile((bk, head_dim), k.dtype), v_smem=tile((bk, head_dim), v.dtype),
-                 q_smem=tile((2, bq, head_dim), q.dtype), do_smem=tile((2, bq, head_dim), dout.dtype),
-                 lse_smem=plgpu.SMEM((2, bq), jnp.float32), delta_smem=plgpu.SMEM((2, bq), jnp.float32),
-                 k_barrier=plgpu.Barrier(), v_barrier=plgpu.Barrier(), q_barriers=slots(), do_barriers=slots(),
-                 lse_barriers=slots(), delta_barriers=slots())
+  # dk/dv kernel, warp specialized: k, v (kv_seg) once per consumer; q, do, lse, delta (q_seg) in _STAGES slots, a
+  # transposed band tile per consumer and slot.
+  scratch = dict(k_smem=tile((_CONSUMERS, bk, head_dim), k.dtype), v_smem=tile((_CONSUMERS, bk, head_dim), v.dtype),
+                 q_smem=tile((_STAGES, bq, head_dim), q.dtype), do_smem=tile((_STAGES, bq, head_dim), dout.dtype),
+                 lse_smem=plgpu.SMEM((_STAGES, bq), jnp.float32), delta_smem=plgpu.SMEM((_STAGES, bq), jnp.float32),
+                 k_barriers=consumers(), v_barriers=consumers(), q_barriers=slots(), do_barriers=slots(),
+                 lse_barriers=slots(), delta_barriers=slots(),
+                 consumed_barriers=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES))  # the releases
+  if _DKV_TURNS:  # the consumers' turns on the tensor cores
+    scratch.update(schedule_barrier=plgpu.Barrier(num_arrivals=_CONSUMERS))
   if segments:
-    scratch.update(kv_seg_smem=plgpu.SMEM((bk,), jnp.int32), kv_seg_barrier=plgpu.Barrier(),
-                   q_seg_smem=plgpu.SMEM((2, bq), jnp.int32), q_seg_barriers=slots())
+    scratch.update(kv_seg_smem=plgpu.SMEM((_CONSUMERS, bk), jnp.int32), kv_seg_barriers=consumers(),
+                   q_seg_smem=plgpu.SMEM((_STAGES, bq), jnp.int32), q_seg_barriers=slots())
   if t5 is not None:
-    scratch.update(band_smem=tile((2, bk, bq), band.dtype), band_barriers=slots())
+    scratch.update(band_smem=tile((_CONSUMERS * _STAGES, bk, bq), band.dtype),
+                   band_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES))
+  _check_shared_memory(plgpu, cfg, scratch, "dk/dv", setting)
   if cfg.interpret:
-    scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype), p_smem=target.p_scratch(bk, bq, q.dtype))
+    scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype, (_CONSUMERS,)),
+                   p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)))
   kernel = functools.partial(_dkv_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   dk, dv = _launch(
-      plgpu, cfg, kernel, scratch, (k.shape[1] // bk, heads, batch), "kv",
+      plgpu, cfg, kernel, scratch, (pl.cdiv(k.shape[1] // bk, _CONSUMERS), heads, batch), "kv",
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+      num_threads=_CONSUMERS + 1,
   )(q, k, v, dout, lse2, delta, band_t, ends, q_seg, kv_seg, q_range)
 
   parts = None

@@ -9,6 +9,8 @@ kernel needs a Hopper GPU).
 """
 
 import dataclasses
+import re
+import threading
 
 import chex
 import jax
@@ -49,6 +51,39 @@ CASES = {
     "packed": (128, False, None, 0, True, (64, 64)),
 }
 BATCH, HEADS, LENGTH = 1, 2, 256
+# The backward's 128-row or 128-key blocks with a float32 table overflow the compiled dq kernel's shared memory
+# (`test_backward_refuses_blocks_that_overflow_shared_memory`); with a bfloat16 one they fit at D=64.
+BACKWARD_TABLE_DTYPES = {"t5_wide_kv_blocks": jnp.bfloat16, "t5_tall_q_blocks": jnp.bfloat16}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compile_each_interpreted_kernel_once():
+  """The interpreter (jax 0.10.2) runs a kernel of several warpgroups (the forward, the dk/dv kernel) by compiling
+  its jaxpr with XLA:CPU again for every warpgroup of every program (`thread_map._run_jaxpr`), about 1 s each on
+  the CPU runners: most of such a test's time. The executable depends on the jaxpr and the argument shapes only
+  (`_run_jaxpr` passes everything else as arguments), so here it is compiled once per jaxpr and shapes; the
+  execution is unchanged. Only this module; skipped where the interpreter has no such function."""
+  from jax._src.pallas.mosaic.interpret import thread_map  # pylint: disable=import-outside-toplevel
+  if not hasattr(thread_map, "_run_jaxpr") or not hasattr(thread_map, "jax_core"):
+    yield
+    return
+  cache, lock = {}, threading.Lock()
+
+  def run_jaxpr(jaxpr, consts, *args):
+    def run(jaxpr, consts, *args):
+      thread_map.jax_core.eval_jaxpr(jaxpr, consts, *args)
+
+    shapes = jax.tree.map(lambda x: (np.shape(x), str(getattr(x, "dtype", type(x)))), (consts, args))
+    key = (id(jaxpr), str(shapes))
+    with lock:  # the other warpgroups of the first program wait for the first one's compilation
+      if key not in cache:
+        cache[key] = (jaxpr, jax.jit(run, static_argnums=(0,)).trace(jaxpr, consts, *args).lower().compile())
+      compiled = cache[key][1]  # (the jaxpr kept alive: its id stays unique)
+    compiled(consts, *args)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(thread_map, "_run_jaxpr", run_jaxpr)
+    yield
 
 
 def _segment_ids(rng, length):
@@ -62,9 +97,11 @@ def _segment_ids(rng, length):
   return jnp.asarray(ids)
 
 
-def _case(case, seed, interpret):
-  """(config, inputs q, k, v, table, segment ids, reference keyword arguments) of a case."""
-  head_dim, causal, table_dtype, max_distance, segments, (bq, bk) = CASES[case]
+def _case(case, seed, interpret, table_dtype=None):
+  """(config, inputs q, k, v, table, segment ids, reference keyword arguments) of a case (its table in table_dtype
+  if given)."""
+  head_dim, causal, case_table_dtype, max_distance, segments, (bq, bk) = CASES[case]
+  table_dtype = case_table_dtype if table_dtype is None or case_table_dtype is None else table_dtype
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   q, k, v = (jax.random.normal(key, (BATCH, LENGTH, HEADS, head_dim)).astype(jnp.bfloat16) for key in keys[:3])
   ids = _segment_ids(np.random.default_rng(seed), LENGTH) if segments else None
@@ -138,7 +175,8 @@ def test_forward_with_an_odd_number_of_q_blocks(case, monkeypatch):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward_matches_reference(case):
-  cfg, (q, k, v, table, ids), ref_kwargs = _case(case, seed=len(case), interpret=INTERPRETED)
+  cfg, (q, k, v, table, ids), ref_kwargs = _case(case, seed=len(case), interpret=INTERPRETED,
+                                                 table_dtype=BACKWARD_TABLE_DTYPES.get(case))
   wide = lambda x: x.astype(jnp.float32)
   reference_fn = lambda q, k, v, table: reference.attention(q, k, v, rpe_table=table, return_lse=True, **ref_kwargs)
   (ref_out, ref_lse), vjp = jax.vjp(reference_fn, wide(q), wide(k), wide(v), None if table is None else wide(table))
@@ -167,14 +205,24 @@ def test_backward_matches_reference(case):
     assert error < GRAD_TOL, (name, error)
 
 
-@pytest.mark.parametrize("case", ["plain", "t5_causal", "t5_head_dim_128", "t5_bf16_table", "t5_packed_causal",
-                                  "t5_tall_q_blocks"])
-def test_compiled_kernels_lower_for_cuda(case):
+@pytest.mark.parametrize("case", ["t5", "t5_packed_causal"])
+def test_backward_with_an_odd_number_of_blocks(case, monkeypatch):
+  """Three 64-row q blocks and three 64-key kv blocks: the last program of the dq kernel (of the dk/dv kernel) has
+  one q block (kv block), its second consumer warpgroup none, and only walks the first one's kv loop (q loop):
+  waits for its copies and releases their slots."""
+  monkeypatch.setattr(f"{__name__}.LENGTH", 3 * 64)
+  test_backward_matches_reference(case)
+
+
+@pytest.mark.parametrize("case, table_dtype", [("plain", None), ("t5_causal", None), ("t5_head_dim_128", None),
+                                               ("t5_bf16_table", None), ("t5_packed_causal", None),
+                                               ("t5_tall_q_blocks", jnp.bfloat16), ("t5_wide_kv_blocks", jnp.bfloat16)])
+def test_compiled_kernels_lower_for_cuda(case, table_dtype):
   """The compiled variants of the three kernels (with what the interpreter cannot run: layouts, operands read
   transposed by wgmma, p and ds in registers) go through the Pallas -> Mosaic GPU lowering, down to NVVM
   operations (wgmma, TMA, mbarriers), on a CPU: this catches unsupported layouts, operands and shared memory
-  overflows without a GPU."""
-  cfg, args, _ = _case(case, seed=0, interpret=False)
+  overflows without a GPU. 128-row and 128-key blocks with a bf16 table, as the backward test runs them."""
+  cfg, args, _ = _case(case, seed=0, interpret=False, table_dtype=table_dtype)
   q = args[0]
   lse = jnp.zeros((BATCH, HEADS, LENGTH), jnp.float32)
 
@@ -198,6 +246,35 @@ def test_compiled_forward_fits_shared_memory_at_default_blocks(head_dim):
   table = jnp.zeros((32, HEADS), jnp.float32)
   text = _forward(cfg).trace(q, q, q, table, None).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("head_dim", mosaic.HEAD_DIMS)
+def test_compiled_backward_fits_shared_memory_at_default_blocks(head_dim):
+  """The compiled backward at the blocks `tuning` gives it, with a float32 table and segment ids (the warp-specialized
+  dk/dv kernel holds two kv blocks and a band tile per consumer and slot), lowers for CUDA: its shared memory fits."""
+  blocks = tuning.default_block_sizes(head_dim, interpret=False, backend="mosaic")
+  cfg = Config(bias_mode="t5", causal=False, scale=1.0, has_segments=True, has_positions=False, blocks=blocks,
+               interpret=False, backend="mosaic", num_buckets=32, bidirectional=True, max_distance=128)
+  q = jnp.zeros((BATCH, 2 * LENGTH, HEADS, head_dim), jnp.bfloat16)
+  table = jnp.zeros((32, HEADS), jnp.float32)
+  ids = jnp.ones((BATCH, 2 * LENGTH), jnp.int32)
+  lse = jnp.zeros((BATCH, HEADS, 2 * LENGTH), jnp.float32)
+  text = _gradients(cfg).trace(q, q, q, table, ids, q, lse, q, lse).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 2, text.count("mosaic_gpu")
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("case, needed, blocks", [("t5_tall_q_blocks", "295,088", "block_q_bwd=128, block_k_bwd=64"),
+                                                  ("t5_wide_kv_blocks", "278,704", "block_q_bwd=64, block_k_bwd=128")])
+def test_backward_refuses_blocks_that_overflow_shared_memory(case, needed, blocks, interpret):
+  """128-row (128-key) backward blocks with a float32 table at D=64: the dq kernel's band and bucket-id tiles (one
+  per consumer and slot) overflow shared memory. `backward` says so, naming the blocks, when traced (Mosaic GPU's
+  own error comes at compilation), interpreted too; the bytes are those the H200 reported compiling them."""
+  cfg, args, _ = _case(case, seed=0, interpret=interpret)
+  lse = jnp.zeros((BATCH, HEADS, LENGTH), jnp.float32)
+  message = f"dq kernel needs {needed} bytes of shared memory at {blocks} (head_dim 64, a float32 T5 table)"
+  with pytest.raises(ValueError, match=re.escape(message)):
+    _gradients(cfg).trace(*args, args[0], lse, args[0], lse)
 
 
 def test_rejects_what_it_does_not_support():
