@@ -3,10 +3,12 @@ kernels sorted into categories, per step.
 
   python -m benchmarks.profile_step [--out DIR] [--steps 3] [--variant flash/auto]   # small_fr, on a GPU
   python -m benchmarks.profile_step --tiny --out /tmp/profile                        # tiny_fr shapes, any CPU
+  python -m benchmarks.profile_step --rows 8 --encoder-length 8192 [--remat block]   # long rows, a remat policy
 
 Prints the Markdown table of categories last (ms per step and % of the step's wall time), after the 15 kernels that
-take longest, with their category, and writes DIR/profile_step.json (environment, per-category and per-kernel
-times; DIR defaults to benchmarks/results). The trace goes to a temporary directory unless --trace-dir says where.
+take longest, with their category, and writes DIR/profile_step.json (environment, shapes, remat policy,
+per-category and per-kernel times; DIR defaults to benchmarks/results). The trace goes to a temporary directory
+unless --trace-dir says where.
 
 Each kernel is sorted by, in order: its name when it is one of our kernels (Triton or Pallas attention,
 cross-entropy, RMSNorm) or a collective or a matmul (cuBLAS, CUTLASS, Triton GEMM fusions, dots); the name scopes
@@ -41,6 +43,7 @@ import jax
 
 from benchmarks import common, train_step
 from configs import small_fr, tiny_fr
+from fat5_jax import config as config_lib
 
 CATEGORIES = ("matmuls", "attention", "rms_norm", "loss", "elementwise", "reductions", "optimizer", "copies",
               "collectives", "other")
@@ -242,9 +245,9 @@ def profile(args: argparse.Namespace) -> tuple[dict, str, list[float], list[floa
   values = (tiny_fr if args.tiny else small_fr).get_config()
   attention_impl, kernel_backend = args.variant.split("/")
   values.model.update(attention_impl=attention_impl, kernel_backend=kernel_backend)
-  lengths = dict(encoder_length=128, decoder_length=64) if args.tiny else {}
-  _, trainer, state, batches = train_step.build(values, rows=args.rows or (16 if args.tiny else 128), accum=1,
-                                                **lengths)
+  values.train.update(remat=args.remat)
+  _, trainer, state, batches = train_step.build(values, rows=args.rows, accum=1, encoder_length=args.encoder_length,
+                                                decoder_length=args.decoder_length)
   for i in range(args.warmup):  # the first call compiles
     state, _ = trainer.train_step(state, batches[i % 2])
   jax.block_until_ready(state)
@@ -268,18 +271,33 @@ def profile(args: argparse.Namespace) -> tuple[dict, str, list[float], list[floa
   return load_trace(trace_dir), hlo_text, plain, profiled
 
 
-def main():
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default="benchmarks/results", help="directory of the results JSON")
   parser.add_argument("--trace-dir", default=None, help="where the profiler writes (default: a new temporary "
                                                          "directory)")
   parser.add_argument("--steps", type=int, default=3, help="steps timed without, then with, the profiler")
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--rows", type=int, default=None, help="rows per step (default 128; 16 with --tiny)")
+  parser.add_argument("--rows", type=int, default=None, help="rows per step (default 128; 16 with --tiny); set it "
+                                                               "at long lengths, e.g. --rows 8 --encoder-length 8192")
+  parser.add_argument("--encoder-length", type=int, default=None, help="encoder tokens per row (default 512; 128 "
+                                                                       "with --tiny)")
+  parser.add_argument("--decoder-length", type=int, default=None, help="decoder tokens per row (default 512; 64 "
+                                                                       "with --tiny)")
+  parser.add_argument("--remat", default="none", choices=config_lib.REMAT_POLICIES, help="train.remat policy")
   parser.add_argument("--variant", default="flash/auto", help="model.attention_impl/model.kernel_backend")
-  parser.add_argument("--tiny", action="store_true", help="tiny_fr shapes (128 + 64 tokens): checks the parsing on "
-                                                          "a CPU")
-  args = parser.parse_args()
+  parser.add_argument("--tiny", action="store_true", help="tiny_fr shapes (16 rows of 128 + 64 tokens): checks the "
+                                                          "parsing on a CPU")
+  args = parser.parse_args(argv)
+  # A shape not given is tiny_fr's or small_fr's.
+  args.rows = args.rows or (16 if args.tiny else 128)
+  args.encoder_length = args.encoder_length or (128 if args.tiny else 512)
+  args.decoder_length = args.decoder_length or (64 if args.tiny else 512)
+  return args
+
+
+def main():
+  args = parse_args()
   trace, hlo_text, plain, profiled = profile(args)
   events = device_events(trace)
   arg_keys = collections.Counter(key for e in events for key in e.get("args", {}))
@@ -287,7 +305,8 @@ def main():
   for e in events[:3]:
     print(json.dumps(e)[:600])
   result = breakdown(trace, op_paths(hlo_text), args.steps, statistics.mean(profiled))
-  result.update(variant=args.variant, tiny=args.tiny, steps=args.steps, unprofiled_step_ms=plain,
+  result.update(variant=args.variant, tiny=args.tiny, rows=args.rows, encoder_length=args.encoder_length,
+                decoder_length=args.decoder_length, remat=args.remat, steps=args.steps, unprofiled_step_ms=plain,
                 profiled_step_ms=profiled)
   common.write_results(os.path.join(args.out, "profile_step.json"), result)
   print(f"\nop path of kernel time: {result['op_path_source']}; step {statistics.mean(plain):.2f} ms unprofiled, "

@@ -100,3 +100,10 @@ def test_gpu_trace_without_stream_lines_fails_loudly():
   trace = {"traceEvents": _metadata(2, 11, "/device:GPU:0", "XLA Ops")}
   with pytest.raises(ValueError, match="no stream line"):
     profile_step.device_events(trace)
+
+
+def test_shape_defaults_and_long_rows():
+  args = profile_step.parse_args(["--tiny"])
+  assert (args.rows, args.encoder_length, args.decoder_length, args.remat) == (16, 128, 64, "none")
+  args = profile_step.parse_args(["--rows", "8", "--encoder-length", "8192", "--remat", "block"])
+  assert (args.rows, args.encoder_length, args.decoder_length, args.remat) == (8, 8192, 512, "block")
