@@ -31,6 +31,8 @@ forward+backward 3.5x that. `--memory` runs B=1, H=8, D=64 forward+backward up t
 memory (arguments + outputs + temporaries) for ours and the materialized paths (and whether they run).
 
   python -m benchmarks.attention [--seq-lens 512 1024] [--head-dims 64] [--memory] [--out results.json]
+  python -m benchmarks.attention --seq-lens 512 --batch 128 --heads 8 --head-dims 64 --causal no \
+    --table-dtype bfloat16                       # the small_fr step's attention: bf16 table, so bf16 band tiles
   python -m benchmarks.attention --plot-from benchmarks/results/attention.json   # only redraw the PNGs
 """
 
@@ -125,14 +127,14 @@ def tiles_run(seq_len, blocks):
                                                                 (seq_len // blocks.block_k)))
 
 
-def make_inputs(key, batch, seq_len, heads, head_dim, sets=3):
+def make_inputs(key, batch, seq_len, heads, head_dim, sets=3, table_dtype=jnp.float32):
   out = []
   for key in jax.random.split(key, sets):
     kq, kk, kv, kt, kc = jax.random.split(key, 5)
     shape = (batch, seq_len, heads, head_dim)
     out.append(dict(q=jax.random.normal(kq, shape, jnp.bfloat16), k=jax.random.normal(kk, shape, jnp.bfloat16),
                     v=jax.random.normal(kv, shape, jnp.bfloat16),
-                    table=0.5 * jax.random.normal(kt, (NUM_BUCKETS, heads), jnp.float32),
+                    table=(0.5 * jax.random.normal(kt, (NUM_BUCKETS, heads))).astype(table_dtype),
                     ct=jax.random.normal(kc, shape, jnp.bfloat16)))
   return out
 
@@ -159,8 +161,9 @@ def is_oom(err):
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=None):
-  sets = make_inputs(jax.random.PRNGKey(seq_len + head_dim + causal), batch, seq_len, heads, head_dim)
+def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=None, table_dtype=jnp.float32):
+  sets = make_inputs(jax.random.PRNGKey(seq_len + head_dim + causal), batch, seq_len, heads, head_dim,
+                     table_dtype=table_dtype)
   flops_fwd = 4 * batch * seq_len ** 2 * heads * head_dim / (2 if causal else 1)
   rows = []
   for name, fn in methods(causal, block_sizes).items():
@@ -311,11 +314,14 @@ def main():
   parser.add_argument("--memory", action="store_true", help="also run the B=1, H=8, D=64 memory sweep")
   parser.add_argument("--memory-seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
   parser.add_argument("--skip-accuracy", action="store_true")
+  parser.add_argument("--table-dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="the T5 table's dtype: bfloat16 as in a model with bf16 parameters (small_fr), whose band "
+                           "tiles the kernels then stream in bf16")
   args = common.parse_args(parser, "attention", plot)
   if args is None:
     return
   block_sizes = BlockSizes(*args.blocks) if args.blocks else None
-  results = dict(block_sizes=args.blocks, rows=[])
+  results = dict(block_sizes=args.blocks, table_dtype=args.table_dtype, rows=[])
   if not args.skip_accuracy:
     results["accuracy"] = accuracy_check()
   causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
@@ -323,7 +329,7 @@ def main():
     for causal in causals:
       for seq_len in args.seq_lens:
         results["rows"] += bench_config(args.batch, args.heads, head_dim, seq_len, causal, args.methods,
-                                        block_sizes)
+                                        block_sizes, jnp.dtype(args.table_dtype))
         common.write_results(args.out, results)  # keep what ran if a later configuration dies
   if args.memory:
     results["memory"] = memory_sweep(args.memory_seq_lens)
