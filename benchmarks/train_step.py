@@ -100,7 +100,7 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
 
 
 def plot(results: dict, path: str):
-  """Rows/s of each measured variant beside FAT5's PyTorch step when the run measured it."""
+  """Rows/s and peak memory of each measured variant beside FAT5's PyTorch step when the run measured it."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -110,16 +110,19 @@ def plot(results: dict, path: str):
   fat5 = results.get("fat5", {}).get("rows_per_s")
   if fat5 is None and lengths == (512, 512):  # results written before --fat5 hold an earlier run's 512 + 512 figure
     fat5 = results.get("fat5_reference_rows_per_s")
-  bars = [("FAT5 (PyTorch, Triton kernels)", fat5)] if fat5 is not None else []
+  bars = ([("FAT5 (PyTorch, Triton kernels)", fat5, results.get("fat5", {}).get("peak_memory_gib"))]
+          if fat5 is not None else [])
   # Results written before model.kernel_impl became model.kernel_backend name it kernel_impl.
   bars += [(f"ours: attention {r['attention_impl']}, kernels {r.get('kernel_backend', r.get('kernel_impl'))}"
-            + (f", remat {r['remat']}" if r.get("remat", "none") != "none" else ""), r["rows_per_s"])
-           for r in measured]
-  names, rows = zip(*bars)
+            + (f", remat {r['remat']}" if r.get("remat", "none") != "none" else ""), r["rows_per_s"],
+            r.get("peak_memory_gib")) for r in measured]
+  names, rows, memory = zip(*bars)
   fig, ax = plt.subplots(figsize=(9, 2.8))
   drawn = ax.barh(names, rows, color=["grey"] * (len(bars) - len(measured)) + ["tab:blue"] * len(measured))
-  ax.bar_label(drawn, [f"{r:.0f}" for r in rows], padding=3)
-  ax.set_xlabel(f"small_fr training rows/s, {lengths[0]} + {lengths[1]} tokens, one "
+  ax.bar_label(drawn, [f"{r:.0f}" + ("" if m is None else f", {m:.1f} GiB") for r, m in zip(rows, memory)],
+               padding=3)
+  ax.set_xlim(right=max(rows) * 1.25)  # room for the labels
+  ax.set_xlabel(f"small_fr training rows/s (peak memory): {lengths[0]} + {lengths[1]} tokens, "
                 f"{results['environment']['device']}")
   ax.invert_yaxis()
   fig.tight_layout()
