@@ -3,7 +3,7 @@ with the T5 bias.
 
 A first step towards a FlashAttention-3 style backend: the algorithm of `triton.py` (base-2 online softmax in
 float32, the T5 bias as far scalars plus precomputed band tiles, causal and segment masks, lse in base 2 with +inf
-for rows that see no key, per-program partial table gradients), written with Mosaic GPU constructs; `forward` and
+for rows that see no key, partial table gradients per q block), written with Mosaic GPU constructs; `forward` and
 `backward` have triton.py's contracts.
 - forward, warp specialized as JAX's `attention_mgpu.py`: two q blocks of one (batch, head) per program, one per
   consumer warpgroup, which copies its q once by TMA into swizzled shared memory; a producer warpgroup streams k, v
@@ -14,25 +14,24 @@ for rows that see no key, per-program partial table gradients), written with Mos
   and released: every barrier phase is observed by each of its waiters). Two slots only: a float32 band tile per
   consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks. The skeleton (`_own_loops`,
   `_this_loop`, `_produce`, `_consume`) is shared with both backward kernels.
-- backward, dq kernel, warp specialized as the forward: two q blocks per program, one per consumer warpgroup (q,
-  do, lse, delta once), a producer streaming k, v (key segment ids, each consumer's band tile and tile of bucket
-  ids) of the union of their kv loops through two slots; q.k^T, do.v^T and ds.k are wgmma's, dq accumulated in
-  place; no ping-pong turns by default (`_DQ_TURNS`). The table gradient needs per-bucket sums of ds: far tiles
-  add their row sums to one bucket (carried in registers); band tiles take, for each bucket their shift can hold
-  (one or two ranges of bucket ids, precomputed per shift), the row sums of ds masked by the precomputed int8 tile
-  of the bucket ids of its shift, added to that bucket's row of the consumer's own [num_buckets, bq] shared memory
-  tile (which first stages its lse and delta), written once per q block and summed by `backward`. Its shared
-  memory fits the default 64 x 64 backward blocks (D=128, a float32 table and segment ids: with no cross-warp
-  reduction scratch, `_launch`); 128-row or 128-key blocks with a float32 table overflow at D=64 (295,088 and
-  278,704 bytes of the H200's 232,448), a bfloat16 one fits.
-- backward, dk/dv kernel, warp specialized as the forward with the sides swapped: two kv blocks per program, one
-  per consumer warpgroup (k, v once), a producer streaming q, do, lse, delta (query segment ids, each consumer's
-  band tile, pre-transposed) of the union of their q loops through two slots; on [keys, queries] tiles k.q^T, then
-  p^T.do and v.do^T issued together (one wait, as attention_mgpu.py's backward), then ds^T.q, dk and dv
-  accumulated in place; no ping-pong turns by default (`_DKV_TURNS`). Its shared memory (a band tile per consumer
-  and slot) takes the default 64 x 64 backward blocks; 128-row or 128-key ones overflow at D=128, and at D=64
-  with a float32 table and segment ids. Blocks that overflow either kernel are refused when `backward` is traced,
-  interpreted too, with one error naming them (`_check_shared_memory`).
+- backward, dq kernel, warp specialized as the forward: two q blocks per program, one per consumer warpgroup (q, do,
+  lse, delta once), a producer streaming k, v (key segment ids, each consumer's band tile and tile of bucket ids) of the
+  union of their kv loops through two slots; q.k^T, do.v^T and ds.k are wgmma's, dq accumulated in place; no ping-pong
+  turns (slower there). The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket
+  (carried in registers); band tiles take, for each bucket their shift can hold (one or two ranges of bucket ids,
+  precomputed per shift), the row sums of ds masked by the precomputed int8 tile of the bucket ids of its shift, added
+  to that bucket's row of the consumer's own [num_buckets, bq] shared memory tile (which first stages its lse and
+  delta), written once per q block and summed by `backward`. Its shared memory fits the default 64 x 64 backward blocks
+  (D=128, a float32 table and segment ids: with no cross-warp reduction scratch, `_launch`); 128-row or 128-key blocks
+  with a float32 table overflow at D=64 (295,088 and 278,704 bytes of the H200's 232,448), a bfloat16 one fits.
+- backward, dk/dv kernel, warp specialized as the forward with the sides swapped: two kv blocks per program, one per
+  consumer warpgroup (k, v once), a producer streaming q, do, lse, delta (query segment ids, each consumer's band tile,
+  pre-transposed) of the union of their q loops through two slots; on [keys, queries] tiles k.q^T, then p^T.do and
+  v.do^T issued together (one wait, as attention_mgpu.py's backward), then ds^T.q, dk and dv accumulated in place; no
+  ping-pong turns. Its shared memory (a band tile per consumer and slot) takes the default 64 x 64 backward blocks;
+  128-row or 128-key ones overflow at D=128, and at D=64 with a float32 table and segment ids. Blocks that overflow
+  either kernel are refused when `backward` is traced, interpreted too, with one error naming them
+  (`_check_shared_memory`).
 
 Supports: no bias or the T5 bias (without positions), causal or not, segment ids (the loops narrowed to the blocks
 `segment_block_ranges` keeps). Restrictions (`check`): blocks multiples of 64, Sq and Sk multiples of them (the
@@ -51,9 +50,9 @@ Speed (H200, D=64, T5 bias): the forward at 0.75-0.79x cuDNN without bias; forwa
 band sums are still one masked row sum of the tile per bucket the tile holds (only those since the bucket ranges per
 shift: e.g. 61 instead of 160 over the five band shifts of max_distance 128 in 64 x 64 tiles, bidirectional; little
 fewer where one tile holds nearly every bucket, as the diagonal tile of a causal max_distance 40), not a cheaper
-contraction; ping-pong turns in the backward measured slower (`_DKV_TURNS`, `_DQ_TURNS` off); no tuning. The interpreter
-runs each kernel's three warpgroups as concurrent XLA:CPU executions: tests/conftest.py widens XLA's CPU thread pool for
-them. `flash_attention(..., backend="mosaic")` runs it; nothing chooses it by default, as it is not the fastest.
+contraction; no tuning. The interpreter runs each kernel's three warpgroups as concurrent XLA:CPU executions:
+tests/conftest.py widens XLA's CPU thread pool for them. `flash_attention(..., backend="mosaic")` runs it; nothing
+chooses it by default, as it is not the fastest.
 
 Mosaic GPU is imported when a kernel is built, so importing this module needs no GPU.
 """
@@ -167,7 +166,7 @@ class _Target:
     return self.cast(lax.broadcasted_iota(jnp.int32, shape, dimension), self.tile)
 
   def p_scratch(self, bq: int, bk: int, dtype, leading=()):
-    """The staging tile of `p_operand` (interpreted only), one per index of `leading` (the forward's consumers)."""
+    """The staging tile of `p_operand` (interpreted only), one per index of `leading` (per consumer)."""
     return _smem_tile(self.plgpu, (*leading, bq, bk), dtype) if self.interpret else None
 
   def p_operand(self, p, p_smem):
@@ -245,12 +244,9 @@ def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start,
 _CONSUMERS = 2  # every kernel: warpgroups that each own one block of a program; one more issues the copies
 _PRODUCER = _CONSUMERS  # the copying warpgroup's index
 _STAGES = 2  # every kernel: shared memory slots of the streamed blocks
-# dk/dv kernel: the forward's ping-pong turns (a schedule barrier) or none, as attention_mgpu.py's backward. Its
-# tiles take four products for one exp2, and turns cost two barrier round trips per block.
-_DKV_TURNS = False
-# dq kernel: likewise (three products per exp2 tile, besides the table gradient's sums). Both settings of both pass
-# the tests; both on measured slower (H200, D=64, S=4,096, forward + backward: 292 -> 261 TFLOP/s).
-_DQ_TURNS = False
+# The backward kernels take no ping-pong turns (as attention_mgpu.py's backward): with turns in both (the forward's
+# schedule barrier, two round trips per block) the forward + backward measured 292 -> 261 TFLOP/s (H200, D=64,
+# S=4,096), their tiles taking three or four products per exp2 where the forward's take two.
 
 
 def _union(a, b):
@@ -588,8 +584,8 @@ def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, setting
   if used > available:
     raise ValueError(f"the Mosaic GPU backward's {kernel} kernel needs {used:,} bytes of shared memory at "
                      f"block_q_bwd={cfg.blocks.block_q_bwd}, block_k_bwd={cfg.blocks.block_k_bwd} ({setting}), more "
-                     f"than the {available:,} available: use block_q_bwd=64, block_k_bwd=64 (the defaults) or a "
-                     "bfloat16 T5 table")
+                     f"than the {available:,} available: use smaller backward blocks (64 is the smallest)"
+                     + (" or a bfloat16 T5 table" if "float32" in setting else ""))
 
 
 def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type, num_threads: int | None = None,
@@ -599,7 +595,7 @@ def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type
   rows_only_reductions: the kernel only reduces WGMMA tiles along their rows (within warps), so none of the shared
   memory Pallas reserves for cross-warp reductions (2 KiB by default, wherever a kernel reduces) is needed."""
   params = dict(approx_math=True)
-  if rows_only_reductions and "reduction_scratch_bytes" in {f.name for f in dataclasses.fields(plgpu.CompilerParams)}:
+  if rows_only_reductions:
     params.update(reduction_scratch_bytes=0)
   interpret = None
   if cfg.interpret:
@@ -629,14 +625,13 @@ def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, bias, visible):
 
 
 def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, raw, lse, far_bias, band: bool,
-                            masked: bool, q_axis: int, q_start, k_start, ids, band_slot=None):
+                            masked: bool, q_axis: int, q_start, k_start, ids, band_slot):
   """_probabilities of a backward tile with what streams through `slot` beside its operands: the band tile (band
-  tiles; in band_slot if given: per consumer and slot), and with segments (`ids`: the resident
+  tiles; in band_slot: per consumer and slot), and with segments (`ids`: the resident
   side's ids and the scratch name of the walked side's, "kv_seg" in the dq kernel, "q_seg" in the dk/dv kernel)
   the walked blocks' segment ids (masked tiles)."""
   bias = visible = None
   if band:
-    band_slot = slot if band_slot is None else band_slot
     plgpu.barrier_wait(scratch["band_barriers"].at[band_slot])
     bias = target.load(scratch["band_smem"].at[band_slot], target.tile).astype(jnp.float32)
   if masked:
@@ -673,14 +668,12 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
     tiles read; num_arrivals=_CONSUMERS); waited once by the producer: before copying block j + _STAGES into the
     slot, or at the end (the last _STAGES blocks).
   - q, do, lse, delta (q_seg) of consumer c: one TMA arrival, one wait by c (none without a q block).
-  - schedule (num_arrivals=_CONSUMERS), only with _DQ_TURNS: as the forward's, 2 n + 1 turns each (two per block
-    of the union, before its q.k^T's result is read and before its do.v^T; consumer 1 one more before its walk,
-    consumer 0 one more after), each one arrival then one wait. Without it, `take_turn` only runs its argument."""
+  No schedule barrier: `take_turn` only runs its argument."""
   bq, bk = s.block_q, s.block_k
   program, head, batch, wg = (lax.axis_index(name) for name in ("q", "heads", "batch", "wg"))
   q_blocks = s.q_len // bq
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
-  consumed, schedule = scratch["consumed_barriers"], scratch.get("schedule_barrier")  # no schedule: no turns
+  consumed, schedule = scratch["consumed_barriers"], None  # no turns in the backward: see _STAGES
   streamed = ("k", "v") + (("kv_seg",) if segments else ())
 
   loops, (u_lo, u_hi) = _own_loops(
@@ -868,7 +861,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
   do, lse, delta (query segment ids, each consumer's band tile, pre-transposed: band_ref [H, count * bk, bq]) of
   the union of their q loops through _STAGES slots. Both consumers walk the whole union (`_consume`). A tile:
   k.q^T; p; dv += p^T.do and dp^T = v.do^T issued together (one wgmma wait); ds; dk += ds^T.q. scratch:
-  shared memory tiles (`*_smem`) and barriers (`*_barriers`, `*_barrier`) by name, without those of absent
+  shared memory tiles (`*_smem`) and barriers (`*_barriers`) by name, without those of absent
   features.
 
   Barrier counts, per q block i of the union [u_lo, u_hi) in slot i % _STAGES:
@@ -878,14 +871,12 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
   - consumed slot: one arrival by each consumer once it has read the slot (num_arrivals=_CONSUMERS); waited once
     by the producer: before copying block i + _STAGES into the slot, or at the end (the last _STAGES blocks).
   - k, v (kv_seg) of consumer c: one TMA arrival, one wait by c (none without a kv block).
-  - schedule (num_arrivals=_CONSUMERS), only with _DKV_TURNS: as the forward's, 2 n + 1 turns each (two per block
-    of the union, before its q.k^T's result is read and before its p^T.do; consumer 1 one more before its walk,
-    consumer 0 one more after), each one arrival then one wait. Without it, `take_turn` only runs its argument."""
+  No schedule barrier: `take_turn` only runs its argument."""
   bq, bk = s.block_q, s.block_k
   program, head, batch, wg = (lax.axis_index(name) for name in ("kv", "heads", "batch", "wg"))
   kv_blocks = s.kv_len // bk
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
-  consumed, schedule = scratch["consumed_barriers"], scratch.get("schedule_barrier")  # no schedule: no turns
+  consumed, schedule = scratch["consumed_barriers"], None  # no turns in the backward: see _STAGES
   streamed = ("q", "do", "lse", "delta") + (("q_seg",) if segments else ())
 
   loops, (u_lo, u_hi) = _own_loops(
@@ -989,7 +980,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
 
 def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2,
              delta):
-  """(dq, dk, dv, per-program table gradients [B, H, Sq / bq, buckets_padded] float32 or None): triton.backward's
+  """(dq, dk, dv, table gradients per q block [B, H, Sq / bq, buckets_padded] float32 or None): triton.backward's
   contract, on block-padded inputs, blocks cfg.blocks.block_q_bwd x block_k_bwd and t5 built for them. lse2 is the
   forward's (+inf for rows that see no key); delta [B, H, Sq] is rowsum(out * dout) minus the lse cotangent."""
   del slopes2, bias, q_pos, kv_pos
@@ -1003,8 +994,9 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   placeholder = jnp.zeros((1, 1), jnp.float32)
   segments = q_seg is not None
   band = band_t = ends = ids = ranges = placeholder
-  # 8-bit bucket ids: a quarter of an int32 tile's shared memory and copy bytes (2 slots of 64 x 64: 8 KiB instead
-  # of 32); widened to int32 in registers once per tile. 64-key rows take a 64-byte swizzle (`_smem_tile`).
+  # 8-bit bucket ids: a quarter of an int32 tile's shared memory and copy bytes (a 64 x 64 tile per consumer and
+  # slot: 16 KiB instead of 64); widened to int32 in registers once per tile. 64-key rows take a 64-byte swizzle
+  # (`_smem_tile`).
   ids_dtype = jnp.int8 if cfg.num_buckets <= 128 else jnp.int16
   if t5 is not None:  # far biases [H, 2]; the bucket ids of the band tiles' pairs [count * bq, bk], their ranges
     ends = t5.vector[:, jnp.array([0, 2 * cfg.max_distance])]
@@ -1030,8 +1022,6 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
                  q_barriers=consumers(), do_barriers=consumers(), lse_barriers=consumers(),
                  delta_barriers=consumers(), k_barriers=slots(), v_barriers=slots(),
                  consumed_barriers=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES))  # the releases
-  if _DQ_TURNS:  # the consumers' turns on the tensor cores
-    scratch.update(schedule_barrier=plgpu.Barrier(num_arrivals=_CONSUMERS))
   if segments:
     scratch.update(q_seg_smem=plgpu.SMEM((_CONSUMERS, bq), jnp.int32), q_seg_barriers=consumers(),
                    kv_seg_smem=plgpu.SMEM((_STAGES, bk), jnp.int32), kv_seg_barriers=slots())
@@ -1052,7 +1042,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
                    p_smem=target.p_scratch(bq, bk, q.dtype, (_CONSUMERS,)))
   parts_shape = (batch, heads, q_len // bq, cfg.num_buckets, bq) if t5 is not None else (1,)
   kernel = functools.partial(_dq_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
-  dq, rows = _launch(
+  dq, bucket_rows = _launch(
       plgpu, cfg, kernel, scratch, (pl.cdiv(q_len // bq, _CONSUMERS), heads, batch), "q",
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(parts_shape, jnp.float32)),
       num_threads=_CONSUMERS + 1, rows_only_reductions=True,
@@ -1066,8 +1056,6 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
                  k_barriers=consumers(), v_barriers=consumers(), q_barriers=slots(), do_barriers=slots(),
                  lse_barriers=slots(), delta_barriers=slots(),
                  consumed_barriers=plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES))  # the releases
-  if _DKV_TURNS:  # the consumers' turns on the tensor cores
-    scratch.update(schedule_barrier=plgpu.Barrier(num_arrivals=_CONSUMERS))
   if segments:
     scratch.update(kv_seg_smem=plgpu.SMEM((_CONSUMERS, bk), jnp.int32), kv_seg_barriers=consumers(),
                    q_seg_smem=plgpu.SMEM((_STAGES, bq), jnp.int32), q_seg_barriers=slots())
@@ -1087,5 +1075,5 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
 
   parts = None
   if t5 is not None:  # the row sums of each program, summed, and padded to buckets_padded
-    parts = jnp.pad(rows.sum(-1), ((0, 0),) * 3 + ((0, cfg.buckets_padded - cfg.num_buckets),))
+    parts = jnp.pad(bucket_rows.sum(-1), ((0, 0),) * 3 + ((0, cfg.buckets_padded - cfg.num_buckets),))
   return dq, dk, dv, parts

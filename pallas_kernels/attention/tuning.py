@@ -62,13 +62,13 @@ SHORT_ROWS, SHORT_ROWS_BLOCK_Q = 512, 64
 # 128, 64-key blocks: the forward's two slots of k, v and of a float32 band tile per consumer took 291 KiB of
 # shared memory at 128 keys (the limit is 227). On the H200 this warp-specialized forward measured 0.75-0.79x cuDNN's
 # forward without bias at D=64 (S=1,024 to 4,096; the single-warpgroup one before it 0.50-0.52x), level with the
-# Triton forward up to S=2,048 and slower at 4,096; its backward is slower than Triton's everywhere. Backward
-# blocks 64 x 64 at both head dims: the warp-specialized dk/dv kernel (two kv blocks per program, a band tile per
-# consumer and slot; not yet run on a GPU) overflows shared memory with 128-row or 128-key blocks at D=128, and at
-# D=64 with a float32 table and segment ids; the warp-specialized dq kernel (two q blocks per program, a band tile
-# and a bucket-id tile per consumer and slot; not yet run on a GPU) with 128-row blocks and a float32 table at
-# D=64 already (288 KiB). At 64 x 64, D=128, a float32 table and segment ids, the dq kernel fits with 0.8 KiB to
-# spare.
+# Triton forward up to S=2,048 and slower at 4,096; with its warp-specialized backward, forward + backward 0.90-0.92x
+# the Triton kernel's. Backward blocks 64 x 64 at both head dims: the dk/dv kernel (two kv blocks per program, a
+# band tile per consumer and slot) overflows shared memory with 128-row or 128-key blocks at D=128, and at D=64 with
+# a float32 table and segment ids; the dq kernel (two q blocks per program, a band tile and a bucket-id tile per
+# consumer and slot) with 128-row or 128-key blocks and a float32 table at D=64 already (295,088 and 278,704 bytes
+# on the H200; `mosaic._check_shared_memory` refuses them). At 64 x 64, D=128, a float32 table and segment ids, the
+# dq kernel fits with 0.8 KiB to spare.
 _MOSAIC_BLOCKS = BlockSizes(64, 128, 64, 64)
 _MOSAIC_WIDE_HEAD_BLOCKS = BlockSizes(64, 64, 64, 64)
 _MOSAIC_INTERPRET_BLOCKS = BlockSizes(64, 64, 64, 64)
