@@ -285,6 +285,21 @@ def _this_loop(wg, loops, u_hi):
   return lo, hi, split, band_lo, band_hi
 
 
+def _copy_in(plgpu, scratch, name: str, src, index, dst=None):
+  """Start the TMA copy of `src` into `{name}_smem` at `index` (or into `dst`), arriving on `{name}_barriers` at
+  `index` (the backward kernels' scratch dicts)."""
+  plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[index] if dst is None else dst,
+                          scratch[name + "_barriers"].at[index])
+
+
+def _load_resident(plgpu, scratch, resident, wg):
+  """A backward consumer's resident blocks, ((name, src, dst or None), ...): copied at index wg, then awaited."""
+  for name, src, dst in resident:
+    _copy_in(plgpu, scratch, name, src, wg, dst)
+  for name, _, _ in resident:
+    plgpu.barrier_wait(scratch[name + "_barriers"].at[wg])
+
+
 def _produce(plgpu, pl, u_lo, u_hi, fetch, consumed_barriers):
   """The producer warpgroup: fetch(block) starts the copies of each block of the union [u_lo, u_hi) into slot
   block % _STAGES, once both consumers have released the slot's previous block (consumed_barriers, one per slot,
@@ -686,15 +701,14 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
       slot, cols = lax.rem(kv_block, jnp.int32(_STAGES)), pl.ds(kv_block * bk, bk)
       for name, src in (("k", k_ref.at[batch, cols, head]), ("v", v_ref.at[batch, cols, head]),
                         ("kv_seg", kv_seg_ref.at[batch, cols]))[:len(streamed)]:
-        plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[slot], scratch[name + "_barriers"].at[slot])
+        _copy_in(plgpu, scratch, name, src, slot)
       if t5:
         for c, (_, _, _, band_lo, band_hi) in enumerate(loops):
           @pl.when((kv_block >= band_lo) & (kv_block < band_hi))
           def _():
             tile = pl.ds(lax.div(kv_block * bk - (_CONSUMERS * program + c) * bq - band_first, band_step) * bq, bq)
             for name, src in (("band", band_ref.at[head, tile]), ("ids", ids_ref.at[tile])):
-              plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[_STAGES * c + slot],
-                                      scratch[name + "_barriers"].at[_STAGES * c + slot])
+              _copy_in(plgpu, scratch, name, src, _STAGES * c + slot)
 
     _produce(plgpu, pl, u_lo, u_hi, fetch, consumed)
 
@@ -711,18 +725,12 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
     t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
     rows_smem = scratch["rows_smem"].at[wg]  # lse, delta; then the table gradient's rows (parts)
     take_turn = functools.partial(_take_turn, plgpu, schedule)
-    resident = (("q", q_ref.at[batch, rows, head], q_tile), ("do", do_ref.at[batch, rows, head], do_tile),
+    resident = (("q", q_ref.at[batch, rows, head], None), ("do", do_ref.at[batch, rows, head], None),
                 ("lse", lse_ref.at[batch, head, rows], rows_smem.at[0]),
                 ("delta", delta_ref.at[batch, head, rows], rows_smem.at[1]),
-                ("q_seg", q_seg_ref.at[batch, rows], scratch["q_seg_smem"].at[wg] if segments else None))
-    resident = resident[:5 if segments else 4]
+                ("q_seg", q_seg_ref.at[batch, rows], None))[:5 if segments else 4]
 
-    @pl.when(exists)
-    def _():
-      for name, src, dst in resident:
-        plgpu.copy_gmem_to_smem(src, dst, scratch[name + "_barriers"].at[wg])
-      for name, _, _ in resident:
-        plgpu.barrier_wait(scratch[name + "_barriers"].at[wg])
+    pl.when(exists)(lambda: _load_resident(plgpu, scratch, resident, wg))
 
     # (unread garbage without a q block: nothing uses it)
     lse, delta = target.load(rows_smem.at[0], target.row), target.load(rows_smem.at[1], target.row)
@@ -890,15 +898,13 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       for name, src in (("q", q_ref.at[batch, rows, head]), ("do", do_ref.at[batch, rows, head]),
                         ("lse", lse_ref.at[batch, head, rows]), ("delta", delta_ref.at[batch, head, rows]),
                         ("q_seg", q_seg_ref.at[batch, rows]))[:len(streamed)]:
-        plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[slot], scratch[name + "_barriers"].at[slot])
+        _copy_in(plgpu, scratch, name, src, slot)
       if t5:
         for c, (_, _, _, band_lo, band_hi) in enumerate(loops):
           @pl.when((q_block >= band_lo) & (q_block < band_hi))
           def _():
             tile = lax.div((_CONSUMERS * program + c) * bk - q_block * bq - band_first, band_step)
-            plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bk, bk)],
-                                    scratch["band_smem"].at[_STAGES * c + slot],
-                                    scratch["band_barriers"].at[_STAGES * c + slot])
+            _copy_in(plgpu, scratch, "band", band_ref.at[head, pl.ds(tile * bk, bk)], _STAGES * c + slot)
 
     _produce(plgpu, pl, u_lo, u_hi, fetch, consumed)
 
@@ -914,15 +920,10 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
     p_tile = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
     t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
     take_turn = functools.partial(_take_turn, plgpu, schedule)
-    resident = (("k", k_ref.at[batch, keys, head]), ("v", v_ref.at[batch, keys, head]),
-                ("kv_seg", kv_seg_ref.at[batch, keys]))[:3 if segments else 2]
+    resident = (("k", k_ref.at[batch, keys, head], None), ("v", v_ref.at[batch, keys, head], None),
+                ("kv_seg", kv_seg_ref.at[batch, keys], None))[:3 if segments else 2]
 
-    @pl.when(exists)
-    def _():
-      for name, src in resident:
-        plgpu.copy_gmem_to_smem(src, scratch[name + "_smem"].at[wg], scratch[name + "_barriers"].at[wg])
-      for name, _ in resident:
-        plgpu.barrier_wait(scratch[name + "_barriers"].at[wg])
+    pl.when(exists)(lambda: _load_resident(plgpu, scratch, resident, wg))
 
     # (unread garbage without a kv block: nothing uses it)
     kv_seg = target.load(scratch["kv_seg_smem"].at[wg], target.row) if segments else None
