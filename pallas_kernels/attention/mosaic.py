@@ -588,7 +588,8 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
 _SMEM_ALIGNMENT, _MBARRIER_BYTES, _SMEM_LIMIT = 1024, 8, 227 * 1024
 
 
-def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, setting: str) -> None:
+def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, head_dim: int, table_dtype,
+                         segments: bool) -> None:
   """Refuse, when `backward` is traced, blocks whose compiled `kernel` (scratch without the interpreter's staging
   tiles) overflows shared memory: the lowering's own error comes at compilation and names no block. Interpreted
   too, so that CPU runs refuse what the GPU would."""
@@ -597,10 +598,12 @@ def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, setting
              for x in scratch.values())
   available = getattr(jax.local_devices()[0], "shared_memory_per_block_optin", _SMEM_LIMIT)
   if used > available:
+    table = "no bias" if table_dtype is None else f"a {jnp.dtype(table_dtype).name} T5 table"
+    setting = f"head_dim {head_dim}, {table}" + (", segment ids" if segments else "")
     raise ValueError(f"the Mosaic GPU backward's {kernel} kernel needs {used:,} bytes of shared memory at "
                      f"block_q_bwd={cfg.blocks.block_q_bwd}, block_k_bwd={cfg.blocks.block_k_bwd} ({setting}), more "
                      f"than the {available:,} available: use smaller backward blocks (64 is the smallest)"
-                     + (" or a bfloat16 T5 table" if "float32" in setting else ""))
+                     + (" or a bfloat16 T5 table" if table_dtype == jnp.float32 else ""))
 
 
 def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type, num_threads: int | None = None,
@@ -688,7 +691,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
   program, head, batch, wg = (lax.axis_index(name) for name in ("q", "heads", "batch", "wg"))
   q_blocks = s.q_len // bq
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
-  consumed, schedule = scratch["consumed_barriers"], None  # no turns in the backward: see _STAGES
+  consumed = scratch["consumed_barriers"]
   streamed = ("k", "v") + (("kv_seg",) if segments else ())
 
   loops, (u_lo, u_hi) = _own_loops(
@@ -724,7 +727,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
     p_tile = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
     t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
     rows_smem = scratch["rows_smem"].at[wg]  # lse, delta; then the table gradient's rows (parts)
-    take_turn = functools.partial(_take_turn, plgpu, schedule)
+    take_turn = functools.partial(_take_turn, plgpu, None)  # no turns in the backward: see _STAGES
     resident = (("q", q_ref.at[batch, rows, head], None), ("do", do_ref.at[batch, rows, head], None),
                 ("lse", lse_ref.at[batch, head, rows], rows_smem.at[0]),
                 ("delta", delta_ref.at[batch, head, rows], rows_smem.at[1]),
@@ -802,7 +805,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
       return dq
 
     waits = ([scratch[name + "_barriers"] for name in streamed if name != "v"], [scratch["v_barriers"]])
-    dq = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, schedule, waits, walk)
+    dq = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, None, waits, walk)
 
     @pl.when(exists)
     def _():
@@ -884,7 +887,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
   program, head, batch, wg = (lax.axis_index(name) for name in ("kv", "heads", "batch", "wg"))
   kv_blocks = s.kv_len // bk
   band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
-  consumed, schedule = scratch["consumed_barriers"], None  # no turns in the backward: see _STAGES
+  consumed = scratch["consumed_barriers"]
   streamed = ("q", "do", "lse", "delta") + (("q_seg",) if segments else ())
 
   loops, (u_lo, u_hi) = _own_loops(
@@ -919,7 +922,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
     k_tile, v_tile = scratch["k_smem"].at[wg], scratch["v_smem"].at[wg]
     p_tile = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
     t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
-    take_turn = functools.partial(_take_turn, plgpu, schedule)
+    take_turn = functools.partial(_take_turn, plgpu, None)  # no turns in the backward: see _STAGES
     resident = (("k", k_ref.at[batch, keys, head], None), ("v", v_ref.at[batch, keys, head], None),
                 ("kv_seg", kv_seg_ref.at[batch, keys], None))[:3 if segments else 2]
 
@@ -967,7 +970,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       return carry
 
     waits = ([scratch[name + "_barriers"] for name in streamed if name != "do"], [scratch["do_barriers"]])
-    dk, dv = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, schedule, waits, walk)
+    dk, dv = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, None, waits, walk)
 
     @pl.when(exists)
     def _():
@@ -1035,9 +1038,8 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   # aligns every scratch buffer to 1,024 bytes, and at D=128 (a float32 table, segment ids) separate lse and delta
   # buffers would overflow shared memory.
   scratch.update(rows_smem=plgpu.SMEM((_CONSUMERS, cfg.num_buckets if t5 is not None else 2, bq), jnp.float32))
-  setting = f"head_dim {head_dim}, " + (f"a {jnp.dtype(band.dtype).name} T5 table" if t5 is not None else "no bias")
-  setting += ", segment ids" if segments else ""
-  _check_shared_memory(plgpu, cfg, scratch, "dq", setting)
+  table_dtype = None if t5 is None else band.dtype
+  _check_shared_memory(plgpu, cfg, scratch, "dq", head_dim, table_dtype, segments)
   if cfg.interpret:
     scratch.update(t_smem=target.t_scratch(bk, head_dim, k.dtype, (_CONSUMERS,)),
                    p_smem=target.p_scratch(bq, bk, q.dtype, (_CONSUMERS,)))
@@ -1063,7 +1065,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   if t5 is not None:
     scratch.update(band_smem=tile((_CONSUMERS * _STAGES, bk, bq), band.dtype),
                    band_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES))
-  _check_shared_memory(plgpu, cfg, scratch, "dk/dv", setting)
+  _check_shared_memory(plgpu, cfg, scratch, "dk/dv", head_dim, table_dtype, segments)
   if cfg.interpret:
     scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype, (_CONSUMERS,)),
                    p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)))

@@ -50,7 +50,7 @@ def _fwd_kernel(x_ref, w_ref, y_ref, *, eps, block_rows, block_cols):
   plgpu.store(y_ref.at[rows, cols], y.astype(y_ref.dtype), mask=mask)
 
 
-def _bwd_kernel(x_ref, w_ref, dy_ref, dres_ref, dx_ref, dw_ref, *, eps, block_rows, block_cols, num_programs,
+def _bwd_kernel(x_ref, w_ref, dy_ref, dx_residual_ref, dx_ref, dw_ref, *, eps, block_rows, block_cols, num_programs,
                 has_residual_grad):
   num_rows, width = x_ref.shape
   pid = pl.program_id(0)
@@ -70,7 +70,7 @@ def _bwd_kernel(x_ref, w_ref, dy_ref, dres_ref, dx_ref, dw_ref, *, eps, block_ro
     g = dy * w[None, :]
     dx = (g - x_hat * (jnp.sum(g * x_hat, axis=1, keepdims=True) / width)) * rstd
     if has_residual_grad:  # x's gradient from the residual stream joins the norm's before the one rounding
-      dx += _load(dres_ref, rows, cols, mask)
+      dx += _load(dx_residual_ref, rows, cols, mask)
     plgpu.store(dx_ref.at[rows, cols], dx.astype(dx_ref.dtype), mask=mask)
     return dw_acc + jnp.sum(dy * x_hat, axis=0)
 

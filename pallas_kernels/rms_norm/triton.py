@@ -58,7 +58,7 @@ def _fwd_kernel(x_ptr, w_ptr, y_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, w_ptr, dy_ptr, dres_ptr, dx_ptr, dw_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr,
+def _bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_residual_ptr, dx_ptr, dw_ptr, NUM_ROWS: tl.constexpr, WIDTH: tl.constexpr,
                 EPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                 NUM_ITERS: tl.constexpr, NUM_STAGES: tl.constexpr, HAS_RESIDUAL_GRAD: tl.constexpr,
                 MASKED: tl.constexpr):
@@ -79,7 +79,7 @@ def _bwd_kernel(x_ptr, w_ptr, dy_ptr, dres_ptr, dx_ptr, dw_ptr, NUM_ROWS: tl.con
     g = dy * w[None, :]
     dx = (g - x_hat * (tl.sum(g * x_hat, axis=1) / WIDTH)[:, None]) * rstd
     if HAS_RESIDUAL_GRAD:  # x's gradient from the residual stream joins the norm's before the one rounding
-      dx += _load(dres_ptr + offsets, mask, MASKED)
+      dx += _load(dx_residual_ptr + offsets, mask, MASKED)
     _store(dx_ptr + offsets, dx, mask, MASKED)
     dw += tl.sum(dy * x_hat, axis=0)
   tl.store(dw_ptr + pid * WIDTH + cols, dw, mask=cols < WIDTH)
