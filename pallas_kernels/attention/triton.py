@@ -284,13 +284,14 @@ def _store_diagonal_sums(ds, out_ptr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constex
 
 
 @triton.jit
-def _dq_tiles(dq, far_sum, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
+def _dq_tiles(dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
               q_start, lo, hi, REGION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_SEGMENTS: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
               BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
               WRAPS: tl.constexpr, PRECISION: tl.constexpr):
   """dq over kv blocks [lo, hi) of one region and masking, with the table gradient: far tiles add their sum to
-  `far_sum` (one bucket), band tiles store their diagonal sums in their shift's slots of the program's row."""
+  `far_rows` (one bucket; summed over rows once per region: a sum across warps per tile would wait at a barrier),
+  band tiles store their diagonal sums in their shift's slots of the program's row."""
   offs_d = tl.arange(0, HEAD_DIM)
   for kv_block in tl.range(lo, hi):
     k_start = kv_block * BLOCK_K
@@ -311,8 +312,8 @@ def _dq_tiles(dq, far_sum, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg
       band = (k_start - q_start - BAND_FIRST) // BAND_STEP
       _store_diagonal_sums(ds, slots_ptr + band * WRAPS * BLOCK_K, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, WRAPS=WRAPS)
     elif REGION != _NO_BIAS:
-      far_sum += tl.sum(tl.sum(ds, 1), 0)
-  return dq, far_sum
+      far_rows += tl.sum(ds, 1)
+  return dq, far_rows
 
 
 @triton.jit
@@ -321,21 +322,21 @@ def _dq_region(dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bi
                HAS_SEGMENTS: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
                BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                WRAPS: tl.constexpr, PRECISION: tl.constexpr):
-  """_dq_tiles over a region, cut at the causal diagonal like _fwd_region; returns the far tiles' sum apart."""
+  """_dq_tiles over a region, cut at the causal diagonal like _fwd_region; returns the far tiles' row sums apart."""
   end, start = _cut(lo, hi, first_masked)
-  far_sum = 0.0
-  dq, far_sum = _dq_tiles(
-      dq, far_sum, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
+  far_rows = tl.zeros((BLOCK_Q,), tl.float32)
+  dq, far_rows = _dq_tiles(
+      dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
       q_start, lo, end, REGION=REGION, MASKED=HAS_SEGMENTS, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
       SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM,
       BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, WRAPS=WRAPS, PRECISION=PRECISION)
   if CAUSAL:
-    dq, far_sum = _dq_tiles(
-        dq, far_sum, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
+    dq, far_rows = _dq_tiles(
+        dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
         q_start, start, hi, REGION=REGION, MASKED=True, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
         SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM,
         BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, WRAPS=WRAPS, PRECISION=PRECISION)
-  return dq, far_sum
+  return dq, far_rows
 
 
 @triton.jit
@@ -373,14 +374,14 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_p
   bias_ptr = band_ptr + head * BAND_COUNT * BLOCK_Q * BLOCK_K
   for region in tl.static_range(_FAR_LEFT if T5 else _NO_BIAS, _FAR_RIGHT + 1 if T5 else _NO_BIAS + 1):
     start, end = _region_blocks(lo, hi, band_lo, band_hi, REGION=region, KV_LOOP=True)
-    dq, far_sum = _dq_region(
+    dq, far_rows = _dq_region(
         dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr,
         _far_bias(ends_ptr + 2 * head, REGION=region), q_start, start, end,
         first_masked, REGION=region, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2,
         ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST,
         BAND_STEP=BAND_STEP, WRAPS=WRAPS, PRECISION=PRECISION)
     if region != _NO_BIAS and region != _BAND:  # far left, then far right
-      tl.store(slots_ptr + BAND_COUNT * WRAPS * BLOCK_K + (1 if region == _FAR_RIGHT else 0), far_sum)
+      tl.store(slots_ptr + BAND_COUNT * WRAPS * BLOCK_K + (1 if region == _FAR_RIGHT else 0), tl.sum(far_rows, 0))
   if T5:  # the band shifts no kv block of this program had: zero slots
     u = tl.arange(0, BLOCK_K)
     for band in tl.static_range(BAND_COUNT):
