@@ -5,6 +5,10 @@ precomputed band tiles, segment and causal masks, lse = +inf for rows that see n
 gradients), written against Triton directly. On Hopper this runs faster than the Pallas lowering of the same loops
 (benchmarks/notes_attention.md), for two reasons Pallas cannot express: the band tiles' table gradient is skewed in
 shared memory (`tl.gather`) instead of through a global scratch, and causal tiles below the diagonal skip the mask.
+The dq kernel leaves each band tile's table gradient as diagonal sums, one slot per distance, which `backward` maps
+to buckets with one small matmul after summing the programs, instead of one-hot bucket sums per tile in the
+kernel (at S=512 the band table gradient took a fifth of the attention's forward + backward: benchmarks/
+notes_attention.md, "Where the bias time goes").
 
 Launched only through `common.triton_call`: compiled through jax-triton on a GPU, Triton's interpreter off it. Load
 this module with `common.load_triton_kernels` (the interpreter must be chosen before `@triton.jit` runs).
@@ -15,6 +19,7 @@ so that its three matmuls need no transposed register tile.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -263,36 +268,30 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, band_ptr, ends_ptr, q_seg_ptr, kv
 
 
 @triton.jit
-def _diagonal_bucket_sums(ds, shift, lut_ptr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                          NUM_BUCKETS_PADDED: tl.constexpr, MAX_DISTANCE: tl.constexpr):
-  """Per-bucket sums of a [BLOCK_Q, BLOCK_K] tile whose pair (i, j) has distance shift + j - i.
+def _store_diagonal_sums(ds, out_ptr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, WRAPS: tl.constexpr):
+  """The diagonal sums of a [BLOCK_Q, BLOCK_K] tile: out_ptr[w * BLOCK_K + u] sums the pairs with j - i =
+  u - w * BLOCK_K, w < WRAPS (`_slot_buckets` maps them to buckets, outside the kernel).
 
   Row i is rotated left by i (`tl.gather`, through shared memory): column u then holds the pairs with
-  j - i = u - w * BLOCK_K, w = (u + i) // BLOCK_K the number of wraps. Per wrap count, column sums are diagonal
-  sums, i.e. sums per distance, then a one-hot reduction into buckets.
+  j - i = u - w * BLOCK_K, w = (u + i) // BLOCK_K the number of wraps; per wrap count, column sums.
   """
   u = tl.arange(0, BLOCK_K)
   j = u[None, :] + tl.arange(0, BLOCK_Q)[:, None]
   rotated = tl.gather(ds, j % BLOCK_K, axis=1)
   wraps = j // BLOCK_K
-  bucket_ids = tl.arange(0, NUM_BUCKETS_PADDED)[None, :]
-  sums = tl.zeros((NUM_BUCKETS_PADDED,), tl.float32)
-  for w in tl.static_range((BLOCK_Q + BLOCK_K - 2) // BLOCK_K + 1):
-    diagonal_sums = tl.sum(tl.where(wraps == w, rotated, 0.0), 0)
-    distance = tl.minimum(tl.maximum(shift + u - w * BLOCK_K, -MAX_DISTANCE), MAX_DISTANCE)
-    bucket = tl.load(lut_ptr + distance + MAX_DISTANCE)
-    sums += tl.sum(tl.where(bucket[:, None] == bucket_ids, diagonal_sums[:, None], 0.0), 0)
-  return sums
+  for w in tl.static_range(WRAPS):
+    tl.store(out_ptr + w * BLOCK_K + u, tl.sum(tl.where(wraps == w, rotated, 0.0), 0))
 
 
 @triton.jit
-def _dq_tiles(dq, buckets, far_sum, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, lut_ptr,
-              far_bias, q_start, lo, hi, REGION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _dq_tiles(dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
+              q_start, lo, hi, REGION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_SEGMENTS: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
               BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
-              NUM_BUCKETS_PADDED: tl.constexpr, MAX_DISTANCE: tl.constexpr, PRECISION: tl.constexpr):
+              WRAPS: tl.constexpr, PRECISION: tl.constexpr):
   """dq over kv blocks [lo, hi) of one region and masking, with the table gradient: far tiles add their sum to
-  `far_sum` (one bucket), band tiles their diagonal sums to `buckets`."""
+  `far_rows` (one bucket; summed over rows once per region: a sum across warps per tile would wait at a barrier),
+  band tiles store their diagonal sums in their shift's slots of the program's row."""
   offs_d = tl.arange(0, HEAD_DIM)
   for kv_block in tl.range(lo, hi):
     k_start = kv_block * BLOCK_K
@@ -310,46 +309,43 @@ def _dq_tiles(dq, buckets, far_sum, q, do, lse, delta, q_idx, q_seg, k_ptr, v_pt
     ds = p * (dp - delta[:, None])  # gradient of the natural-log logits, and so of the bias
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     if REGION == _BAND:
-      buckets += _diagonal_bucket_sums(ds, k_start - q_start, lut_ptr, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
-                                       NUM_BUCKETS_PADDED=NUM_BUCKETS_PADDED, MAX_DISTANCE=MAX_DISTANCE)
+      band = (k_start - q_start - BAND_FIRST) // BAND_STEP
+      _store_diagonal_sums(ds, slots_ptr + band * WRAPS * BLOCK_K, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, WRAPS=WRAPS)
     elif REGION != _NO_BIAS:
-      far_sum += tl.sum(tl.sum(ds, 1), 0)
-  return dq, buckets, far_sum
+      far_rows += tl.sum(ds, 1)
+  return dq, far_rows
 
 
 @triton.jit
-def _dq_region(dq, buckets, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, lut_ptr,
-               far_bias, q_start, lo, hi, first_masked, REGION: tl.constexpr, CAUSAL: tl.constexpr,
+def _dq_region(dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
+               q_start, lo, hi, first_masked, REGION: tl.constexpr, CAUSAL: tl.constexpr,
                HAS_SEGMENTS: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
                BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
-               NUM_BUCKETS_PADDED: tl.constexpr, MAX_DISTANCE: tl.constexpr, PRECISION: tl.constexpr):
-  """_dq_tiles over a region, cut at the causal diagonal like _fwd_region; returns the far tiles' sum apart."""
+               WRAPS: tl.constexpr, PRECISION: tl.constexpr):
+  """_dq_tiles over a region, cut at the causal diagonal like _fwd_region; returns the far tiles' row sums apart."""
   end, start = _cut(lo, hi, first_masked)
-  far_sum = 0.0
-  dq, buckets, far_sum = _dq_tiles(
-      dq, buckets, far_sum, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, lut_ptr, far_bias,
+  far_rows = tl.zeros((BLOCK_Q,), tl.float32)
+  dq, far_rows = _dq_tiles(
+      dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
       q_start, lo, end, REGION=REGION, MASKED=HAS_SEGMENTS, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
       SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM,
-      BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, NUM_BUCKETS_PADDED=NUM_BUCKETS_PADDED,
-      MAX_DISTANCE=MAX_DISTANCE, PRECISION=PRECISION)
+      BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, WRAPS=WRAPS, PRECISION=PRECISION)
   if CAUSAL:
-    dq, buckets, far_sum = _dq_tiles(
-        dq, buckets, far_sum, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, lut_ptr,
-        far_bias, q_start, start, hi, REGION=REGION, MASKED=True, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
+    dq, far_rows = _dq_tiles(
+        dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
+        q_start, start, hi, REGION=REGION, MASKED=True, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
         SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM,
-        BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, NUM_BUCKETS_PADDED=NUM_BUCKETS_PADDED,
-        MAX_DISTANCE=MAX_DISTANCE, PRECISION=PRECISION)
-  return dq, buckets, far_sum
+        BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, WRAPS=WRAPS, PRECISION=PRECISION)
+  return dq, far_rows
 
 
 @triton.jit
-def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_ptr, ends_ptr, lut_ptr, q_seg_ptr,
-                         kv_seg_ptr, kv_range_ptr, dq_ptr, dtable_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
+def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_ptr, ends_ptr, q_seg_ptr,
+                         kv_seg_ptr, kv_range_ptr, dq_ptr, slots_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
                          HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
                          BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SCALE2: tl.constexpr, T5: tl.constexpr,
                          CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, BAND_FIRST: tl.constexpr,
-                         BAND_STEP: tl.constexpr, BAND_COUNT: tl.constexpr, NUM_BUCKETS_PADDED: tl.constexpr,
-                         MAX_DISTANCE: tl.constexpr, LEFT_BUCKET: tl.constexpr, RIGHT_BUCKET: tl.constexpr,
+                         BAND_STEP: tl.constexpr, BAND_COUNT: tl.constexpr, WRAPS: tl.constexpr,
                          PRECISION: tl.constexpr):
   q_block, batch, head = tl.program_id(0), tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
   ROW_STRIDE: tl.constexpr = HEADS * HEAD_DIM
@@ -367,7 +363,9 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_p
   lse, delta = tl.load(lse_ptr + row), tl.load(delta_ptr + row)
 
   dq = tl.zeros((BLOCK_Q, HEAD_DIM), tl.float32)
-  buckets = tl.zeros((NUM_BUCKETS_PADDED,), tl.float32)
+  # This program's row of table-gradient slots (`_slot_buckets`): each band shift's diagonal sums, then the far
+  # left and far right sums.
+  slots_ptr += ((batch * HEADS + head) * (Q_LEN // BLOCK_Q) + q_block) * (BAND_COUNT * WRAPS * BLOCK_K + 2)
   lo = 0
   hi, first_masked = _kv_blocks(q_start, KV_LEN, BLOCK_Q, BLOCK_K, CAUSAL)
   if HAS_SEGMENTS:
@@ -376,22 +374,22 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_p
   bias_ptr = band_ptr + head * BAND_COUNT * BLOCK_Q * BLOCK_K
   for region in tl.static_range(_FAR_LEFT if T5 else _NO_BIAS, _FAR_RIGHT + 1 if T5 else _NO_BIAS + 1):
     start, end = _region_blocks(lo, hi, band_lo, band_hi, REGION=region, KV_LOOP=True)
-    dq, buckets, far_sum = _dq_region(
-        dq, buckets, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, lut_ptr,
+    dq, far_rows = _dq_region(
+        dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr,
         _far_bias(ends_ptr + 2 * head, REGION=region), q_start, start, end,
         first_masked, REGION=region, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2,
         ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST,
-        BAND_STEP=BAND_STEP, NUM_BUCKETS_PADDED=NUM_BUCKETS_PADDED, MAX_DISTANCE=MAX_DISTANCE,
-        PRECISION=PRECISION)
-    if region == _FAR_LEFT:
-      left = far_sum
-    if region == _FAR_RIGHT:
-      right = far_sum
-  if T5:
-    bucket_idx = tl.arange(0, NUM_BUCKETS_PADDED)
-    buckets += tl.where(bucket_idx == LEFT_BUCKET, left, 0.0) + tl.where(bucket_idx == RIGHT_BUCKET, right, 0.0)
-    program = (batch * HEADS + head) * (Q_LEN // BLOCK_Q) + q_block
-    tl.store(dtable_ptr + program * NUM_BUCKETS_PADDED + bucket_idx, buckets)
+        BAND_STEP=BAND_STEP, WRAPS=WRAPS, PRECISION=PRECISION)
+    if region != _NO_BIAS and region != _BAND:  # far left, then far right
+      tl.store(slots_ptr + BAND_COUNT * WRAPS * BLOCK_K + (1 if region == _FAR_RIGHT else 0), tl.sum(far_rows, 0))
+  if T5:  # the band shifts no kv block of this program had: zero slots
+    u = tl.arange(0, BLOCK_K)
+    for band in tl.static_range(BAND_COUNT):
+      k_start = q_start + BAND_FIRST + band * BAND_STEP
+      visited = ((k_start >= 0) & (k_start % BLOCK_K == 0) & (k_start // BLOCK_K >= band_lo)
+                 & (k_start // BLOCK_K < band_hi))
+      for w in tl.static_range(WRAPS):
+        tl.store(slots_ptr + (band * WRAPS + w) * BLOCK_K + u, tl.zeros((BLOCK_K,), tl.float32), mask=~visited)
   tl.store(dq_ptr + q_offset + q_rows, (dq * SCALE).to(dq_ptr.dtype.element_ty))
 
 
@@ -497,6 +495,21 @@ def _attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_
 # --------------------------------------------------------------------------------------------- launchers
 
 
+def _wraps(bq: int, bk: int) -> int:
+  """How many times a row of a [bq, bk] tile rotated left by its index can wrap: the w of `_store_diagonal_sums`."""
+  return (bq + bk - 2) // bk + 1
+
+
+def _slot_buckets(cfg: Config, bq: int, bk: int) -> np.ndarray:
+  """The bucket of each slot of a dq program's table-gradient row: for each band shift, w and u, the bucket of the
+  distance shift + u - w * bk (`_store_diagonal_sums`); then the far left and far right buckets."""
+  first, step, count = band_shifts(cfg.max_distance, bq, bk)
+  shift, wrap, u = np.meshgrid(first + step * np.arange(count), np.arange(_wraps(bq, bk)), np.arange(bk),
+                               indexing="ij")
+  distance = np.clip(shift + u - wrap * bk, -cfg.max_distance, cfg.max_distance)
+  return np.concatenate([cfg.lut()[distance + cfg.max_distance].reshape(-1), cfg.end_buckets()])
+
+
 def _arguments(cfg: Config, q, k, t5, q_seg, kv_seg, bq: int, bk: int):
   """Arrays and compile-time constants shared by the three kernels: the T5 inputs (or placeholders)."""
   placeholder = jnp.zeros((1,), jnp.float32)
@@ -532,8 +545,9 @@ def forward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_po
 
 
 def backward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2, delta):
-  """(dq, dk, dv, per-program table gradients [B, H, Sq / bq, buckets_padded] or None): pallas.backward's
-  contract. delta [B, H, Sq] is rowsum(out * dout) minus the lse cotangent."""
+  """(dq, dk, dv, the table gradient [1, H, 1, buckets_padded] or None): pallas.backward's contract (whose table
+  gradient is per program, [B, H, Sq / bq, buckets_padded]: the caller sums axes 0 and 2). delta [B, H, Sq] is
+  rowsum(out * dout) minus the lse cotangent."""
   del slopes2, bias, q_pos, kv_pos
   batch, q_len, heads, _ = q.shape
   blocks = cfg.blocks
@@ -542,14 +556,13 @@ def backward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_p
   launch = dict(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd, interpret=cfg.interpret,
                 SCALE=cfg.scale, **constants)
   t5_bias = t5 is not None
-  left_bucket, right_bucket = cfg.end_buckets() if t5_bias else (0, 0)
-  dtable_shape = (batch, heads, q_len // bq, cfg.buckets_padded) if t5_bias else (1,)
-  dq, dtable = common.triton_call(
-      q, k, v, dout, lse2, delta, a["band"], a["ends"], jnp.asarray(cfg.lut()) if t5_bias else a["ends"],
-      a["q_seg"], a["kv_seg"], a["kv_range"], kernel=_attention_dq_kernel,
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(dtable_shape, jnp.float32)],
-      grid=(q_len // bq, batch * heads), NUM_BUCKETS_PADDED=cfg.buckets_padded if t5_bias else 1,
-      MAX_DISTANCE=cfg.max_distance, LEFT_BUCKET=left_bucket, RIGHT_BUCKET=right_bucket, **launch)
+  slot_buckets = _slot_buckets(cfg, bq, bk) if t5_bias else np.zeros(1, np.int64)
+  dq, slots = common.triton_call(
+      q, k, v, dout, lse2, delta, a["band"], a["ends"], a["q_seg"], a["kv_seg"], a["kv_range"],
+      kernel=_attention_dq_kernel,
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, q_len // bq, len(slot_buckets)), jnp.float32)],
+      grid=(q_len // bq, batch * heads), WRAPS=_wraps(bq, bk), **launch)
   if t5_bias:  # [H, count * bq, bk] -> [H, count * bk, bq]: the dk/dv kernel's [keys, queries] tiles
     a["band"] = a["band"].reshape(heads, -1, bq, bk).swapaxes(2, 3).reshape(heads, -1, bq)
   dk, dv = common.triton_call(
@@ -557,4 +570,9 @@ def backward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_p
       kernel=_attention_dkv_kernel,
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       grid=(k.shape[1] // bk, batch * heads), **launch)
-  return dq, dk, dv, dtable if t5_bias else None
+  if not t5_bias:
+    return dq, dk, dv, None
+  # Slots to buckets: a float32 matmul with a one-hot matrix, deterministic where a scatter-add is not on a GPU.
+  one_hot = (slot_buckets[:, None] == np.arange(cfg.buckets_padded)).astype(np.float32)
+  dtable = jnp.dot(jnp.sum(slots, axis=(0, 2)), one_hot, precision=jax.lax.Precision.HIGHEST)
+  return dq, dk, dv, dtable[None, :, None, :]
