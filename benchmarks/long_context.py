@@ -81,7 +81,7 @@ def plot(results: dict, path: str):
            for remat in dict.fromkeys(r["remat"] for r in results["results"])}
   if results.get("fat5"):
     lines["FAT5 (PyTorch, Triton kernels)"] = results["fat5"]
-  lengths = sorted({r["encoder_length"] for r in results["results"]})
+  lengths = sorted({r["encoder_length"] for r in results["results"] + results.get("fat5", [])})
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for ax, key, label in zip(axes, ("mfu", "rows_per_s"), ("MFU (%)", "training rows/s")):
     for name, runs in lines.items():
