@@ -727,7 +727,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
     p_tile = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
     t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
     rows_smem = scratch["rows_smem"].at[wg]  # lse, delta; then the table gradient's rows (parts)
-    take_turn = functools.partial(_take_turn, plgpu, None)  # no turns in the backward: see _STAGES
+    take_turn = functools.partial(_take_turn, plgpu, None)  # no turns: slower here (the note under _STAGES)
     resident = (("q", q_ref.at[batch, rows, head], None), ("do", do_ref.at[batch, rows, head], None),
                 ("lse", lse_ref.at[batch, head, rows], rows_smem.at[0]),
                 ("delta", delta_ref.at[batch, head, rows], rows_smem.at[1]),
@@ -922,7 +922,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
     k_tile, v_tile = scratch["k_smem"].at[wg], scratch["v_smem"].at[wg]
     p_tile = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
     t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
-    take_turn = functools.partial(_take_turn, plgpu, None)  # no turns in the backward: see _STAGES
+    take_turn = functools.partial(_take_turn, plgpu, None)  # no turns: slower here (the note under _STAGES)
     resident = (("k", k_ref.at[batch, keys, head], None), ("v", v_ref.at[batch, keys, head], None),
                 ("kv_seg", kv_seg_ref.at[batch, keys], None))[:3 if segments else 2]
 
