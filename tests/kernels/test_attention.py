@@ -277,6 +277,9 @@ def test_t5_table_gradient_accumulates_in_float32(backend):
     (dict(q_segment_ids=jnp.ones((1, 15), jnp.int32), kv_segment_ids=jnp.ones((1, 16), jnp.int32)), "must be"),
     (dict(rpe_table=jnp.ones((32, 2)), alibi_slopes=jnp.ones((2,))), "at most one"),
     (dict(q_segment_ids=jnp.ones((1, 16), jnp.int32)), "both"),
+    (dict(kv_mask=jnp.ones((1, 15), bool)), r"kv_mask must be \[1, 16\]"),
+    (dict(kv_mask=jnp.ones((1, 16), bool), q_segment_ids=jnp.ones((1, 16), jnp.int32),
+          kv_segment_ids=jnp.ones((1, 16), jnp.int32)), "segment ids or kv_mask, not both"),
     (dict(bias=jnp.ones((1, 2, 16, 8))), "bias"),
     (dict(rpe_table=jnp.ones((32, 2)), rpe_max_distance=8), "max_distance"),
     (dict(scale=-0.125), "scale must be positive"),  # the kernel takes row maxima before scaling
