@@ -24,6 +24,8 @@ Methods, all measured in one run on the same random inputs (bf16, B x S x H x D)
                   ours_t5_one_segment: the same kernels on rows that are one segment (segment ids, nothing to
                   skip): the cost of packed rows without tile skipping. Only when named in --methods; TFLOP/s
                   counted as for unpacked rows, and `tiles_run` records the fraction of tiles the ranges keep.
+- ours_t5_key_mask: ours with a key mask of ones (kv_mask, as the model passes unpacked rows): the keys alone are
+                  masked, against ours_t5_one_segment's per-pair ids. Only when named in --methods
 
 Forward and forward+backward (jax.vjp with a random cotangent; gradients of q, k, v and the table). Times are
 `common.time_ms` medians over three input sets in rotation. TFLOP/s: forward 4*B*S^2*H*D (halved when causal),
@@ -110,7 +112,8 @@ def methods(causal, block_sizes=None):
       ours_t5_packed=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, False)),
       ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, backend="pallas", **packed(q, True)),
       ours_t5_documents=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, document_ids(q.shape[1]))),
-      ours_t5_one_segment=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, jnp.ones(q.shape[1], jnp.int32))))
+      ours_t5_one_segment=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, jnp.ones(q.shape[1], jnp.int32))),
+      ours_t5_key_mask=lambda q, k, v, t: ours_t5(q, k, v, t, kv_mask=jnp.ones(q.shape[:2], bool)))
 
 
 def document_ids(seq_len, seed=0):

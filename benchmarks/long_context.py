@@ -37,6 +37,7 @@ def one_run(args: argparse.Namespace) -> dict:
   On one device, as FAT5's step runs."""
   values = args.preset["config"].get_config()
   values.train.update(remat=args.remat)
+  values.data.update(pack=not args.unpacked)
   attention_impl, kernel_backend = args.variant.split("/")
   try:
     return train_step.measure(attention_impl, kernel_backend, rows=args.tokens_per_batch // args.one, accum=1,
@@ -50,7 +51,8 @@ def ours(args: argparse.Namespace, length: int, remat: str, environment: dict[st
   """`one_run` in a process of its own, with `environment`."""
   command = [sys.executable, "-m", "benchmarks.long_context", "--one", str(length), "--remat", remat,
              "--variant", args.variant, "--steps", str(args.steps), "--tokens-per-batch", str(args.tokens_per_batch),
-             "--decoder-length", str(args.decoder_length)] + (["--tiny"] if args.tiny else [])
+             "--decoder-length", str(args.decoder_length)] + (["--tiny"] if args.tiny else []) + (
+                 ["--unpacked"] if args.unpacked else [])
   return common.json_line_of(command, cwd=common.CHECKOUT, env=environment)
 
 
@@ -113,6 +115,9 @@ def main():
   parser.add_argument("--tokens-per-batch", type=int,
                       help=f"encoder tokens per step; rows = this // length (default {SMALL_FR['tokens_per_batch']})")
   parser.add_argument("--variant", help=f"model.attention_impl/model.kernel_backend (default {SMALL_FR['variant']})")
+  parser.add_argument("--unpacked", action="store_true",
+                      help="rows as data.pack=False gives them (configs/small_fr_long.py's stream): ids are token "
+                           "masks, and the attention masks keys only")
   parser.add_argument("--remat", default="none", help="comma-separated train.remat policies, each run at every length")
   parser.add_argument("--steps", type=int, help=f"timed steps per run (default {SMALL_FR['steps']})")
   parser.add_argument("--tiny", action="store_true",
@@ -136,7 +141,8 @@ def main():
   environment = common.subprocess_environment()
 
   results = {"config": args.preset["config"].__name__, "variant": args.variant, "tokens_per_batch":
-             args.tokens_per_batch, "decoder_length": args.decoder_length, "results": []}
+             args.tokens_per_batch, "decoder_length": args.decoder_length, "pack": not args.unpacked,
+             "results": []}
   rows = {length: args.tokens_per_batch // length for length in lengths}
   if args.fat5:
     results["fat5"] = []

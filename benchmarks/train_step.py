@@ -90,6 +90,7 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
   compiled_total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
                     - analysis.alias_size_in_bytes)
   return {"attention_impl": attention_impl, "kernel_backend": kernel_backend, "remat": config.train.remat,
+          "pack": config.data.pack,
           "rows": rows, "grad_accum_steps": accum, "encoder_length": encoder_length, "decoder_length": decoder_length,
           "step_s": step_s, "step_s_spread": [min(times), max(times)], "rows_per_s": rows_per_s,
           **common.training_throughput(rows_per_s, config.model, encoder_length, decoder_length,
@@ -141,6 +142,9 @@ def main():
   parser.add_argument("--remat", default="none",
                       help=f"comma-separated train.remat policies ({', '.join(config_lib.REMAT_POLICIES)}), each run "
                            "with every variant; least memory first, so that each run's peak_memory_gib is its own")
+  parser.add_argument("--unpacked", action="store_true",
+                      help="rows as data.pack=False gives them: ids are token masks, and the attention masks keys "
+                           "only (packed rows' ids are compared per pair)")
   parser.add_argument("--encoder-length", type=int, default=512)
   parser.add_argument("--decoder-length", type=int, default=512)
   parser.add_argument("--fat5", metavar="PATH", help="checkout of catie-aq/flashT5: measure its step on these rows "
@@ -159,6 +163,7 @@ def main():
     for remat in args.remat.split(","):
       values = small_fr.get_config()
       values.train.update(remat=remat)
+      values.data.update(pack=not args.unpacked)
       try:
         row = measure(attention_impl, kernel_backend, rows=args.rows, accum=args.accum, steps=args.steps,
                       values=values, encoder_length=args.encoder_length, decoder_length=args.decoder_length,

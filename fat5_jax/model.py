@@ -240,16 +240,18 @@ class Stack(nnx.Module):
 
 
 def _segment_ids(tokens, mask, segment_ids):
-  """Default for unpacked rows: one segment of the non-masked tokens."""
+  """Packed rows' segment ids as given, else unpacked rows' token mask (bool: every query sees the real keys,
+  `Ops.attention`)."""
   if segment_ids is None:
-    segment_ids = jnp.ones_like(tokens, jnp.int32) if mask is None else mask.astype(jnp.int32)
+    segment_ids = jnp.ones(tokens.shape, bool) if mask is None else mask.astype(bool)
   return segment_ids
 
 
 class T5(nnx.Module):
   """Encoder-decoder T5, called like Hugging Face's `T5ForConditionalGeneration` and returning logits.
 
-  Packed rows pass `*_segment_ids` (0 = padding). Per-segment `*_positions` are needed only when a segment's
+  Packed rows pass `*_segment_ids` (0 = padding); unpacked rows pass masks, or boolean segment ids (True = token),
+  with which the attention masks keys only (padding positions then compute outputs that nothing reads). Per-segment `*_positions` are needed only when a segment's
   positions are not its indices minus its start (e.g. non-contiguous segments), or for FIRE, whose normalizer
   reads the absolute query position; otherwise leave them out: index differences give the same distances, and the
   flash kernel runs faster without them.

@@ -29,6 +29,7 @@ from fat5_jax import losses
 from fat5_jax.config import ModelConfig
 from fat5_jax.sharding import BATCH_AXES
 from pallas_kernels.attention import flash_attention, reference as attention_reference, triton_supports
+from pallas_kernels.attention.config import key_mask_ids
 from pallas_kernels.cross_entropy import chunked_lm_head_cross_entropy
 from pallas_kernels.rms_norm import (reference as rms_norm_reference, rms_norm as rms_norm_kernel,
                                      rms_norm_with_residual)
@@ -92,8 +93,11 @@ class Ops:
   @_scoped
   def attention(self, q, k, v, *, bias: Optional[AttentionBias], q_segment_ids, kv_segment_ids, q_positions,
                 kv_positions, causal: bool, scale: float) -> jax.Array:
-    """q [B, Sq, H, D], k and v [B, Sk, H, D] -> [B, Sq, H, D]. Segment ids (0 = padding) confine each query to
-    keys of its own segment; a query with no visible key returns zeros. Positions None mean index differences."""
+    """q [B, Sq, H, D], k and v [B, Sk, H, D] -> [B, Sq, H, D]. Integer segment ids (0 = padding) confine each
+    query to keys of its own segment; a query with no visible key returns zeros. Boolean ids on both sides are
+    unpacked rows' token masks: every query sees the keys marked True (padding queries too; their outputs are
+    not used), which the Triton kernels apply to the keys alone, faster than comparing ids per pair. Positions
+    None mean index differences."""
     rows = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     mesh = _row_splitting_mesh()
     if mesh is None or not self._runs_kernel():
@@ -108,8 +112,8 @@ class Ops:
     return self.attention_impl == "flash" and self.backend != "xla"
 
   def _attention(self, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, *, bias, causal, scale):
-    kwargs = dict(causal=causal, scale=scale, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                  q_positions=q_positions, kv_positions=kv_positions, **({} if bias is None else bias.as_kwargs()))
+    kwargs = dict(causal=causal, scale=scale, **_masks(q_segment_ids, kv_segment_ids), q_positions=q_positions,
+                  kv_positions=kv_positions, **({} if bias is None else bias.as_kwargs()))
     if self._runs_kernel():
       backend = self.backend
       if backend == "triton" and self.attention_fallback and not triton_supports(
@@ -209,9 +213,18 @@ def _say_interpreted(backend: str) -> None:
                   "(kernel_backend=auto or xla runs the jnp references)", backend, backend.capitalize())
 
 
-def _cudnn_attention(q, k, v, *, causal, scale, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                     **bias_kwargs):
+def _masks(q_segment_ids, kv_segment_ids) -> dict:
+  """The attention call's masks: a key mask for two token masks (`Ops.attention`), else integer segment ids."""
+  if q_segment_ids is not None and q_segment_ids.dtype == jnp.bool_ and kv_segment_ids.dtype == jnp.bool_:
+    return dict(kv_mask=kv_segment_ids)
+  as_ids = lambda ids: None if ids is None else ids.astype(jnp.int32)
+  return dict(q_segment_ids=as_ids(q_segment_ids), kv_segment_ids=as_ids(kv_segment_ids))
+
+
+def _cudnn_attention(q, k, v, *, causal, scale, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None,
+                     kv_mask=None, **bias_kwargs):
   """jax.nn.dot_product_attention(implementation="cudnn") with the materialized bias (GPU, bf16 / fp16)."""
+  q_segment_ids, kv_segment_ids = key_mask_ids(q, k, kv_mask, q_segment_ids, kv_segment_ids)
   bias = attention_reference.dense_bias(q_positions, kv_positions, q_len=q.shape[1], kv_len=k.shape[1],
                                         batch=q.shape[0], **bias_kwargs)
   mask = attention_reference.mask(q_segment_ids, kv_segment_ids, causal=causal)

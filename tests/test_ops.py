@@ -105,3 +105,11 @@ def test_old_and_unknown_names_on_the_command_line_fail_in_one_line(flag, messag
                        capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and out.stdout == ""
   assert out.stderr.strip().count("\n") == 0 and message in out.stderr, out.stderr
+
+
+def test_two_token_masks_make_a_key_mask_and_anything_else_segment_ids():
+  mask, ids = jnp.asarray([[True, True, False]]), jnp.asarray([[1, 2, 0]])
+  assert set(ops._masks(mask, mask)) == {"kv_mask"}
+  for q_ids, kv_ids in ((ids, ids), (mask, ids), (ids, mask)):  # a mixed pair keeps one segment per mask
+    masks = ops._masks(q_ids, kv_ids)
+    assert masks["q_segment_ids"].dtype == masks["kv_segment_ids"].dtype == jnp.int32

@@ -81,10 +81,13 @@ class Trainer:
     # Packed segments are contiguous with positions restarting at 0, so only FIRE (absolute query positions) needs
     # them; without them the flash kernel takes its faster path.
     positions = lambda key: batch[key] if self.config.model.position_encoding_type == "fire" else None
-    encoded = model.encode(batch["encoder_input_tokens"], segment_ids=batch["encoder_segment_ids"],
+    # Unpacked rows (one example or stream chunk each, id 1 then padding) pass their ids as token masks: the
+    # attention then masks keys alone (`Ops.attention`).
+    ids = lambda key: batch[key] if self.config.data.pack else batch[key] > 0
+    encoded = model.encode(batch["encoder_input_tokens"], segment_ids=ids("encoder_segment_ids"),
                            positions=positions("encoder_positions"))
-    hidden = model.decode(batch["decoder_input_tokens"], encoded, encoder_segment_ids=batch["encoder_segment_ids"],
-                          decoder_segment_ids=batch["decoder_segment_ids"],
+    hidden = model.decode(batch["decoder_input_tokens"], encoded, encoder_segment_ids=ids("encoder_segment_ids"),
+                          decoder_segment_ids=ids("decoder_segment_ids"),
                           decoder_positions=positions("decoder_positions"))
     return self.ops.lm_head_loss(hidden, model.lm_head_kernel(), batch["decoder_target_tokens"],
                                  batch["decoder_loss_weights"], z_loss=tc.z_loss, label_smoothing=tc.label_smoothing)

@@ -9,7 +9,9 @@
 
 Masks: `causal` (key index <= query index, on raw indices: with per-segment positions this equals causality by
 position inside each segment) and `q_segment_ids` / `kv_segment_ids` (a query sees keys of its own segment; 0 is
-padding). A query that sees no key returns zeros, an lse of -inf and zero gradients. Relative distances use
+padding), or `kv_mask` [B, Sk] (False: a key no query sees; Hugging Face's `attention_mask`): the same as query ids
+of 1 and key ids of the mask, so padding queries attend too, and the Triton kernels mask only the keys, without
+comparing ids per pair. A query that sees no key returns zeros, an lse of -inf and zero gradients. Relative distances use
 `kv_positions - q_positions` when given (packed rows), else key index - query index. Positions slow the kernel
 (about 1.4x forward, 2.3x backward on packed rows): when they are per-segment aranges of contiguous segments, leave
 them out, the result is the same.
@@ -46,7 +48,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels.attention.buckets import check_buckets, relative_position_bucket
-from pallas_kernels.attention.config import HEAD_DIMS, Config, kernel_inputs, validate
+from pallas_kernels.attention.config import HEAD_DIMS, Config, kernel_inputs, key_mask_ids, validate
 from pallas_kernels.attention.tuning import BlockSizes, default_block_sizes
 
 BACKENDS = (*common.BACKENDS, "mosaic")
@@ -133,7 +135,7 @@ def _fit_blocks(blocks: BlockSizes, q_len: int, kv_len: int, smallest: int) -> B
 
 def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, rpe_max_distance: int = 128,
                     alibi_slopes=None, bias=None, causal: bool = False, q_segment_ids=None, kv_segment_ids=None,
-                    q_positions=None, kv_positions=None, scale: float = 1.0, return_lse: bool = False,
+                    kv_mask=None, q_positions=None, kv_positions=None, scale: float = 1.0, return_lse: bool = False,
                     block_sizes: BlockSizes | None = None, backend: str = "pallas", interpret: bool | None = None):
   """Attention over q [B, Sq, H, D], k and v [B, Sk, H, D] -> out [B, Sq, H, D] (and lse [B, H, Sq] if asked).
 
@@ -144,6 +146,7 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
   head_dim 64 or 128; Hopper). interpret: None runs the kernels compiled on a GPU
   and in their interpreter anywhere else.
   """
+  q_segment_ids, kv_segment_ids = key_mask_ids(q, k, kv_mask, q_segment_ids, kv_segment_ids)
   validate(q, k, v, rpe_table, alibi_slopes, bias, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
   if q.shape[3] not in HEAD_DIMS:
     raise ValueError(f"head_dim must be one of {HEAD_DIMS}; got {q.shape[3]}")
@@ -176,11 +179,12 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
     bias_mode, extra = "full", dict(bias_batched=bias.shape[0] > 1, bias_headed=bias.shape[1] > 1)
     bias = _pad_axis(_pad_axis(bias, 2, q_pad), 3, kv_pad)
 
-  # Padded keys must be hidden: without segment ids, make ones that mark the real keys.
+  # Padded keys must be hidden: without segment ids, a key mask of the real keys.
   if q_segment_ids is None and kv_pad != kv_len:
-    q_segment_ids = jnp.ones((batch, q_len), jnp.int32)
-    kv_segment_ids = jnp.ones((batch, kv_len), jnp.int32)
+    kv_mask = jnp.ones((batch, kv_len), bool)
+    q_segment_ids, kv_segment_ids = key_mask_ids(q, k, kv_mask, None, None)
   cfg = Config(bias_mode=bias_mode, causal=causal, scale=float(scale), has_segments=q_segment_ids is not None,
+               key_mask=kv_mask is not None,
                has_positions=q_positions is not None, blocks=blocks, interpret=interpret, backend=backend,
                **extra)
   as_int = lambda x, length: None if x is None else _pad_axis(x.astype(jnp.int32), 1, length)

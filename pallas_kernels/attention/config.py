@@ -27,6 +27,7 @@ class Config:
   blocks: BlockSizes
   interpret: bool
   backend: str = "pallas"  # or "triton" or "mosaic" (__init__.BACKENDS)
+  key_mask: bool = False  # the ids are a key mask (kv_mask): queries all 1, so Triton masks the keys alone
   num_buckets: int = 0
   bidirectional: bool = True
   max_distance: int = 0
@@ -96,6 +97,18 @@ def segment_block_ranges(q_seg, kv_seg, block_q: int, block_k: int) -> tuple[jax
   k_low, k_high = id_ranges(kv_seg, block_k)
   share = (q_low[:, :, None] <= k_high[:, None, :]) & (k_low[:, None, :] <= q_high[:, :, None])  # [B, nq, nk]
   return spans(share), spans(share.swapaxes(1, 2))
+
+
+def key_mask_ids(q, k, kv_mask, q_segment_ids, kv_segment_ids):
+  """(q_segment_ids, kv_segment_ids) of a call: those given, or for a key mask [B, Sk] query ids of 1 and key ids of
+  the mask."""
+  if kv_mask is None:
+    return q_segment_ids, kv_segment_ids
+  if q_segment_ids is not None or kv_segment_ids is not None:
+    raise ValueError("give segment ids or kv_mask, not both (a key mask is query ids of 1 and key ids of the mask)")
+  if kv_mask.shape != k.shape[:2]:
+    raise ValueError(f"kv_mask must be [{k.shape[0]}, {k.shape[1]}]; got {kv_mask.shape}")
+  return jnp.ones(q.shape[:2], jnp.int32), kv_mask.astype(jnp.int32)
 
 
 def validate(q, k, v, rpe_table, alibi_slopes, bias, q_segment_ids, kv_segment_ids, q_positions,

@@ -12,7 +12,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from pallas_kernels.attention.buckets import relative_position_bucket
-from pallas_kernels.attention.config import validate
+from pallas_kernels.attention.config import key_mask_ids, validate
 from pallas_kernels.common import MASK
 
 __all__ = ["attention", "dense_bias", "mask", "relative_position_bucket"]
@@ -66,7 +66,7 @@ def mask(q_segment_ids, kv_segment_ids, *, causal: bool, q_len: int | None = Non
 
 def attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, rpe_max_distance: int = 128,
               alibi_slopes=None, bias=None, causal: bool = False, q_segment_ids=None, kv_segment_ids=None,
-              q_positions=None, kv_positions=None, scale: float = 1.0, return_lse: bool = False):
+              kv_mask=None, q_positions=None, kv_positions=None, scale: float = 1.0, return_lse: bool = False):
   """`flash_attention` in jnp (same arguments but the kernel choices): out [B, Sq, H, D] in q's dtype, and the lse
   [B, H, Sq] (-inf for queries that see no key) if asked.
 
@@ -74,6 +74,7 @@ def attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, rpe_ma
   a GPU); the softmax is float32; the probabilities are cast to v's dtype for the product with v, as in the
   kernels. Float64 inputs keep float64 throughout: the tests' reference.
   """
+  q_segment_ids, kv_segment_ids = key_mask_ids(q, k, kv_mask, q_segment_ids, kv_segment_ids)
   validate(q, k, v, rpe_table, alibi_slopes, bias, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
   q_len, kv_len = q.shape[1], k.shape[1]
   dtype = jnp.promote_types(jnp.result_type(q, k, v), jnp.float32)

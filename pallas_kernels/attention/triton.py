@@ -29,6 +29,8 @@ from pallas_kernels.attention.config import Config, segment_block_ranges
 
 _MASK = tl.constexpr(common.MASK)
 _LOG2E = tl.constexpr(common.LOG2E)
+# A hidden key's raw logit under KEY_MASK: scaled by any SCALE2 below 1e18 it stays finite, and far below any real one.
+_HIDDEN_RAW = tl.constexpr(-1e20)
 # Regions of the kv (or q) loop: the tiles before the T5 band (one bucket), the band, the tiles after it.
 _NO_BIAS, _FAR_LEFT, _BAND, _FAR_RIGHT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 # The forward's band loop streams a float32 [bq, bk] bias tile beside k and v. Pipelined as deep as the far loops
@@ -39,6 +41,15 @@ _FWD_BAND_STAGES = tl.constexpr(2)
 
 
 # ------------------------------------------------------------------------------------------------ tiles
+
+
+@triton.jit
+def _hide_keys(raw, k_ids):
+  """KEY_MASK: a [queries, keys] tile's raw logits with hidden keys (id 0) at _HIDDEN_RAW, so that every formula of
+  unmasked tiles applies (the fast path included); their exp2 is 0 once the row has met any visible key, and a row
+  meets one in its first visited block or its earlier ones are rescaled to 0 (every row of a KEY_MASK call sees the
+  same keys, and its block range holds only blocks with visible keys at both ends)."""
+  return tl.where(k_ids[None, :] != 0, raw, _HIDDEN_RAW)
 
 
 @triton.jit
@@ -169,6 +180,7 @@ def _far_bias(ends_ptr, REGION: tl.constexpr):
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, far_bias, q_start, lo, hi,
                REGION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+               KEY_MASK: tl.constexpr,
                SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                PRECISION: tl.constexpr):
@@ -180,6 +192,8 @@ def _fwd_tiles(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_pt
     rows = k_idx[:, None] * ROW_STRIDE + offs_d[None, :]
     k = tl.load(k_ptr + rows)
     raw = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if KEY_MASK and not MASKED:
+      raw = _hide_keys(raw, tl.load(kv_seg_ptr + k_idx))
     if MASKED or REGION == _BAND:
       k_seg = tl.load(kv_seg_ptr + k_idx) if HAS_SEGMENTS else k_idx
       s = _logits2(raw, q_idx, k_idx, q_seg, k_seg, bias_ptr, far_bias, k_start - q_start, REGION=REGION,
@@ -201,19 +215,22 @@ def _fwd_tiles(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_pt
 @triton.jit
 def _fwd_region(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, far_bias, q_start, lo, hi,
                 first_masked, REGION: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                KEY_MASK: tl.constexpr,
                 SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                 HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                 PRECISION: tl.constexpr):
   """Blocks [lo, hi) of a region: those before `first_masked` (the causal diagonal) need no causal mask."""
   end, start = _cut(lo, hi, first_masked)
   acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, far_bias, q_start,
-                             lo, end, REGION=REGION, MASKED=HAS_SEGMENTS, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
+                             lo, end, REGION=REGION, MASKED=HAS_SEGMENTS and not KEY_MASK, CAUSAL=CAUSAL,
+                             HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK,
                              SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
                              HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, PRECISION=PRECISION)
   if CAUSAL:
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, far_bias,
                                q_start, start, hi, REGION=REGION, MASKED=True, CAUSAL=CAUSAL,
-                               HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q,
+                               HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE,
+                               BLOCK_Q=BLOCK_Q,
                                BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP,
                                PRECISION=PRECISION)
   return acc, m_i, l_i
@@ -225,7 +242,8 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, band_ptr, ends_ptr, q_seg_ptr, kv
                           Q_LEN: tl.constexpr, KV_LEN: tl.constexpr, HEADS: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                           SCALE2: tl.constexpr, T5: tl.constexpr, CAUSAL: tl.constexpr,
-                          HAS_SEGMENTS: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
+                          HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, BAND_FIRST: tl.constexpr,
+                          BAND_STEP: tl.constexpr,
                           BAND_COUNT: tl.constexpr, PRECISION: tl.constexpr):
   q_block, batch, head = tl.program_id(0), tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
   ROW_STRIDE: tl.constexpr = HEADS * HEAD_DIM
@@ -254,7 +272,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, band_ptr, ends_ptr, q_seg_ptr, kv
     acc, m_i, l_i = _fwd_region(
         acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr,
         _far_bias(ends_ptr + 2 * head, REGION=region), q_start, start, end,
-        first_masked, REGION=region, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2,
+        first_masked, REGION=region, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK, SCALE2=SCALE2,
         ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST,
         BAND_STEP=BAND_STEP, PRECISION=PRECISION)
   empty = m_i == _MASK
@@ -286,7 +304,8 @@ def _store_diagonal_sums(ds, out_ptr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constex
 @triton.jit
 def _dq_tiles(dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
               q_start, lo, hi, REGION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_SEGMENTS: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
+              HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr,
+              BLOCK_Q: tl.constexpr,
               BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
               WRAPS: tl.constexpr, PRECISION: tl.constexpr):
   """dq over kv blocks [lo, hi) of one region and masking, with the table gradient: far tiles add their sum to
@@ -301,6 +320,8 @@ def _dq_tiles(dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_se
     v = tl.load(v_ptr + rows)
     raw = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     k_seg = tl.load(kv_seg_ptr + k_idx) if HAS_SEGMENTS else k_idx
+    if KEY_MASK and not MASKED:
+      raw = _hide_keys(raw, k_seg)
     p = _tile_probabilities(raw, lse, q_idx, k_idx, q_seg, k_seg, bias_ptr, far_bias, k_start - q_start,
                             REGION=REGION, MASKED=MASKED, KEYS_FIRST=False, CAUSAL=CAUSAL,
                             HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
@@ -319,7 +340,8 @@ def _dq_tiles(dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_se
 @triton.jit
 def _dq_region(dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
                q_start, lo, hi, first_masked, REGION: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_SEGMENTS: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
+               HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr,
+               BLOCK_Q: tl.constexpr,
                BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                WRAPS: tl.constexpr, PRECISION: tl.constexpr):
   """_dq_tiles over a region, cut at the causal diagonal like _fwd_region; returns the far tiles' row sums apart."""
@@ -327,13 +349,14 @@ def _dq_region(dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bi
   far_rows = tl.zeros((BLOCK_Q,), tl.float32)
   dq, far_rows = _dq_tiles(
       dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
-      q_start, lo, end, REGION=REGION, MASKED=HAS_SEGMENTS, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
+      q_start, lo, end, REGION=REGION, MASKED=HAS_SEGMENTS and not KEY_MASK, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
+      KEY_MASK=KEY_MASK,
       SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM,
       BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, WRAPS=WRAPS, PRECISION=PRECISION)
   if CAUSAL:
     dq, far_rows = _dq_tiles(
         dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
-        q_start, start, hi, REGION=REGION, MASKED=True, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
+        q_start, start, hi, REGION=REGION, MASKED=True, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK,
         SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM,
         BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, WRAPS=WRAPS, PRECISION=PRECISION)
   return dq, far_rows
@@ -344,7 +367,8 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_p
                          kv_seg_ptr, kv_range_ptr, dq_ptr, slots_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
                          HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
                          BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SCALE2: tl.constexpr, T5: tl.constexpr,
-                         CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, BAND_FIRST: tl.constexpr,
+                         CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr,
+                         BAND_FIRST: tl.constexpr,
                          BAND_STEP: tl.constexpr, BAND_COUNT: tl.constexpr, WRAPS: tl.constexpr,
                          PRECISION: tl.constexpr):
   q_block, batch, head = tl.program_id(0), tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
@@ -377,7 +401,7 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_p
     dq, far_rows = _dq_region(
         dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr,
         _far_bias(ends_ptr + 2 * head, REGION=region), q_start, start, end,
-        first_masked, REGION=region, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2,
+        first_masked, REGION=region, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK, SCALE2=SCALE2,
         ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST,
         BAND_STEP=BAND_STEP, WRAPS=WRAPS, PRECISION=PRECISION)
     if region != _NO_BIAS and region != _BAND:  # far left, then far right
@@ -396,7 +420,8 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_p
 @triton.jit
 def _dkv_tiles(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr, far_bias,
                k_start, lo, hi, REGION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_SEGMENTS: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
+               HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr,
+               BLOCK_Q: tl.constexpr,
                BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                PRECISION: tl.constexpr):
   """dk, dv over q blocks [lo, hi) of one region and masking, on [keys, queries] tiles."""
@@ -424,7 +449,8 @@ def _dkv_tiles(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_
 @triton.jit
 def _dkv_region(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr, far_bias,
                 k_start, lo, hi, first_unmasked, REGION: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_SEGMENTS: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr,
+                BLOCK_Q: tl.constexpr,
                 BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                 PRECISION: tl.constexpr):
   """_dkv_tiles over a region: with causal masking, the q blocks before `first_unmasked` straddle the diagonal."""
@@ -432,12 +458,14 @@ def _dkv_region(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q
   if CAUSAL:
     dk, dv = _dkv_tiles(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr,
                         far_bias, k_start, lo, end, REGION=REGION, MASKED=True, CAUSAL=CAUSAL,
-                        HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q,
+                        HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE,
+                        BLOCK_Q=BLOCK_Q,
                         BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP,
                         PRECISION=PRECISION)
   dk, dv = _dkv_tiles(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr, far_bias,
-                      k_start, start, hi, REGION=REGION, MASKED=HAS_SEGMENTS, CAUSAL=CAUSAL,
-                      HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q,
+                      k_start, start, hi, REGION=REGION, MASKED=HAS_SEGMENTS and not KEY_MASK, CAUSAL=CAUSAL,
+                      HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE,
+                      BLOCK_Q=BLOCK_Q,
                       BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP,
                       PRECISION=PRECISION)
   return dk, dv
@@ -448,7 +476,8 @@ def _attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_
                           kv_seg_ptr, q_range_ptr, dk_ptr, dv_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
                           HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
                           BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SCALE2: tl.constexpr, T5: tl.constexpr,
-                          CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, BAND_FIRST: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr,
+                          BAND_FIRST: tl.constexpr,
                           BAND_STEP: tl.constexpr, BAND_COUNT: tl.constexpr, PRECISION: tl.constexpr):
   kv_block, batch, head = tl.program_id(0), tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
   ROW_STRIDE: tl.constexpr = HEADS * HEAD_DIM
@@ -486,8 +515,12 @@ def _attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_
         dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr,
         _far_bias(ends_ptr + 2 * head, REGION=_FAR_LEFT + _FAR_RIGHT - step if T5 else step), k_start, start, end,
         first_unmasked, REGION=_FAR_LEFT + _FAR_RIGHT - step if T5 else step, CAUSAL=CAUSAL,
-        HAS_SEGMENTS=HAS_SEGMENTS, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
+        HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q,
+        BLOCK_K=BLOCK_K,
         HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, PRECISION=PRECISION)
+  if KEY_MASK:  # hidden keys ran unmasked here (their rows only): their gradients are zero
+    dk = tl.where(k_seg[:, None] != 0, dk, 0.0)
+    dv = tl.where(k_seg[:, None] != 0, dv, 0.0)
   tl.store(dk_ptr + kv_offset + k_rows, (dk * SCALE).to(dk_ptr.dtype.element_ty))
   tl.store(dv_ptr + kv_offset + k_rows, dv.to(dv_ptr.dtype.element_ty))
 
@@ -525,7 +558,8 @@ def _arguments(cfg: Config, q, k, t5, q_seg, kv_seg, bq: int, bk: int):
                 kv_seg=placeholder if kv_seg is None else kv_seg, kv_range=kv_range, q_range=q_range)
   constants = dict(Q_LEN=q.shape[1], KV_LEN=k.shape[1], HEADS=q.shape[2], HEAD_DIM=q.shape[3], BLOCK_Q=bq,
                    BLOCK_K=bk, SCALE2=cfg.scale * common.LOG2E, T5=t5 is not None, CAUSAL=cfg.causal,
-                   HAS_SEGMENTS=q_seg is not None, BAND_FIRST=first, BAND_STEP=step, BAND_COUNT=count,
+                   HAS_SEGMENTS=q_seg is not None, KEY_MASK=cfg.key_mask, BAND_FIRST=first, BAND_STEP=step,
+                   BAND_COUNT=count,
                    PRECISION="ieee" if q.dtype == jnp.float32 else "tf32")
   return arrays, constants
 

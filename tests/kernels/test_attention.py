@@ -71,6 +71,12 @@ CASES = {
     "t5_packed_causal": (2, 1, 160, 160, 32, True, "t5", True, dict(rpe_bidirectional=False, rpe_max_distance=24)),
     # Segments of at most 20 tokens in 32-token blocks: most tiles share no segment and are skipped.
     "t5_packed_short": (2, 2, 250, 250, 32, False, "t5", 20, dict(rpe_max_distance=24)),
+    # kv_mask (Hugging Face's attention_mask): every query sees the real keys; a tail of padding and a hole of 40
+    # keys in the middle, so that some tiles hold real and hidden keys and one holds hidden keys only.
+    "t5_key_mask": (2, 2, 190, 190, 32, False, "t5", "mask", dict(rpe_max_distance=24)),
+    "t5_key_mask_causal": (1, 2, 190, 190, 32, True, "t5", "mask", dict(rpe_bidirectional=False,
+                                                                         rpe_max_distance=24)),
+    "key_mask_cross": (2, 2, 70, 190, 64, False, None, "mask", {}),
     "t5_cross": (2, 1, 70, 150, 32, False, "t5", False, dict(rpe_max_distance=20)),
     "cross": (2, 2, 90, 200, 64, False, None, True, {}),
     "alibi_symmetric_causal": (2, 2, 100, 100, 32, True, "alibi1", False, {}),
@@ -101,7 +107,10 @@ def _inputs(seed, case):
     bias = ("bias", jax.random.normal(keys[3], (1, heads, q_len, kv_len)))
   elif bias_kind == "full_b":
     bias = ("bias", jax.random.normal(keys[3], (batch, 1, q_len, kv_len)))
-  if segments:
+  if segments == "mask":
+    kv_mask = (jnp.arange(kv_len) < kv_len - kv_len // 5) & ((jnp.arange(kv_len) < 60) | (jnp.arange(kv_len) >= 100))
+    kwargs.update(kv_mask=jnp.broadcast_to(kv_mask, (batch, kv_len)))
+  elif segments:
     q_ids, q_pos = _packed_ids(rng, batch, q_len, longest=None if segments is True else segments)
     if q_len == kv_len:
       kv_ids, kv_pos = q_ids, q_pos
@@ -268,6 +277,9 @@ def test_t5_table_gradient_accumulates_in_float32(backend):
     (dict(q_segment_ids=jnp.ones((1, 15), jnp.int32), kv_segment_ids=jnp.ones((1, 16), jnp.int32)), "must be"),
     (dict(rpe_table=jnp.ones((32, 2)), alibi_slopes=jnp.ones((2,))), "at most one"),
     (dict(q_segment_ids=jnp.ones((1, 16), jnp.int32)), "both"),
+    (dict(kv_mask=jnp.ones((1, 15), bool)), r"kv_mask must be \[1, 16\]"),
+    (dict(kv_mask=jnp.ones((1, 16), bool), q_segment_ids=jnp.ones((1, 16), jnp.int32),
+          kv_segment_ids=jnp.ones((1, 16), jnp.int32)), "segment ids or kv_mask, not both"),
     (dict(bias=jnp.ones((1, 2, 16, 8))), "bias"),
     (dict(rpe_table=jnp.ones((32, 2)), rpe_max_distance=8), "max_distance"),
     (dict(scale=-0.125), "scale must be positive"),  # the kernel takes row maxima before scaling

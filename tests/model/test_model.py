@@ -149,3 +149,28 @@ def test_flash_kernels_match_xla_in_the_model(kind, backend):
   flash, xla = logits_and_grads(make("flash", backend)), logits_and_grads(make("xla", "xla"))
   tolerance = 2e-4 if jax.default_backend() == "cpu" else 2e-2
   chex.assert_trees_all_close(flash, xla, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("impl,backend", [("xla", "xla"), ("flash", "pallas"), ("flash", "triton")])
+def test_token_masks_give_the_segment_ids_results_at_real_positions(impl, backend):
+  """Unpacked rows as boolean ids (the attention masks keys only; padding queries attend too): the logits at real
+  positions and the parameter gradients of a loss that ignores padding equal those of integer ids."""
+  rng = np.random.default_rng(6)
+  model = T5(model_config(**{**TINY, "d_kv": 32, "num_layers": 1, "num_decoder_layers": 1}, attention_impl=impl,
+                          kernel_backend=backend), rngs=nnx.Rngs(4))
+  enc_ids = jnp.asarray([[1] * 14 + [0] * 6, [1] * 20])
+  dec_ids = jnp.asarray([[1] * 7 + [0] * 4, [1] * 11])
+  inputs, decoder_inputs = _tokens(rng, 2, 20), _tokens(rng, 2, 11)
+  cotangent = jnp.asarray(rng.normal(size=(2, 11, TINY["vocab_size"])), jnp.float32) * (dec_ids > 0)[..., None]
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def logits_and_grads(encoder_ids, decoder_ids):
+    def projected(params):
+      logits = nnx.merge(graphdef, params, rest)(inputs, decoder_inputs, encoder_segment_ids=encoder_ids,
+                                                  decoder_segment_ids=decoder_ids)
+      return jnp.sum(logits * cotangent), logits
+    (_, logits), grads = jax.jit(jax.value_and_grad(projected, has_aux=True))(params)
+    return logits * (dec_ids > 0)[..., None], nnx.to_pure_dict(grads)
+
+  masks = logits_and_grads(enc_ids > 0, dec_ids > 0)
+  chex.assert_trees_all_close(masks, logits_and_grads(enc_ids, dec_ids), rtol=1e-4, atol=1e-5)
