@@ -463,12 +463,12 @@ def load_params(model: T5, path: str):
 
 def to_hf(config: ModelConfig, model: T5 | EncoderWithHead, out_dir: str, *, layout: str = "hf",
           tokenizer: Tokenizer | None = None, labels: Sequence[str] | None = None):
-  """Writes config.json and model.safetensors that transformers (layout 'hf', `T5ForConditionalGeneration`) or
-  FAT5 (layout 'fat5', `FlashT5ForConditionalGeneration`, with its modeling code) loads with no missing or
-  unexpected keys, and with `tokenizer` the files `AutoTokenizer.from_pretrained(out_dir)` needs to encode and
-  decode as it does. A fine-tuned encoder head is written as its HEAD_CLASSES entry says (with HEAD_FILE where
-  the class lacks the head), its outputs named by `labels` (default `LABEL_{i}`). Every file is world-readable. Raises ValueError when the layout cannot express the
-  model (e.g. ALiBi for Hugging Face)."""
+  """Writes config.json and model.safetensors that transformers (layout 'hf', `T5ForConditionalGeneration`) or FAT5
+  (layout 'fat5', `FlashT5ForConditionalGeneration`, with its modeling code) loads with no missing or unexpected keys,
+  and with `tokenizer` the files `AutoTokenizer.from_pretrained(out_dir)` needs to encode and decode as it does. A
+  fine-tuned encoder head is written as its HEAD_CLASSES entry says (with HEAD_FILE where the class lacks the head), its
+  outputs named by `labels` (default `LABEL_{i}`). Every file is world-readable. Raises ValueError when the layout
+  cannot express the model (e.g. ALiBi for Hugging Face)."""
   if isinstance(model, EncoderWithHead):
     config_json, files = _head_export(config, model, layout, labels)
   else:

@@ -250,11 +250,11 @@ def _segment_ids(tokens, mask, segment_ids):
 class T5(nnx.Module):
   """Encoder-decoder T5, called like Hugging Face's `T5ForConditionalGeneration` and returning logits.
 
-  Packed rows pass `*_segment_ids` (0 = padding); unpacked rows pass masks, or boolean segment ids (True = token),
-  with which the attention masks keys only (padding positions then compute outputs that nothing reads). Per-segment `*_positions` are needed only when a segment's
-  positions are not its indices minus its start (e.g. non-contiguous segments), or for FIRE, whose normalizer
-  reads the absolute query position; otherwise leave them out: index differences give the same distances, and the
-  flash kernel runs faster without them.
+  Packed rows pass `*_segment_ids` (0 = padding); unpacked rows pass masks, or boolean segment ids (True = token), with
+  which the attention masks keys only (padding positions then compute outputs that nothing reads). Per-segment
+  `*_positions` are needed only when a segment's positions are not its indices minus its start (e.g. non-contiguous
+  segments), or for FIRE, whose normalizer reads the absolute query position; otherwise leave them out: index
+  differences give the same distances, and the flash kernel runs faster without them.
 
   `remat` (`train.remat`, REMAT_PARTS) chooses what the backward pass recomputes rather than keeps; it changes no
   value.

@@ -47,12 +47,12 @@ def predict(config: Config, input_path: str, output_path: str, *, batch_size: in
   returns how many. Called by `python main.py --config=CFG --mode=predict --input=FILE --output=FILE`, or directly.
 
   The model is a checkpoint of `config.workdir` (pretrained, imported or a seq2seq fine-tuning; the best step of a
-  finished fine-tuning, else the newest: `checkpoint.restore_params`), and the tokenizer the one recorded there. Each input (see `read_inputs`) is encoded as in
-  training, pieces then EOS, truncated to `max_input_length` tokens (default data.encoder_length); at most
-  `max_length` tokens are generated (default data.decoder_length), in batches of `batch_size` inputs of similar
-  lengths. `generation_options` are those of `fat5_jax.generate.generate` (num_beams, length_penalty,
-  early_stopping, do_sample, temperature, top_k, top_p); sampling draws from PRNG key `seed`. The file is written
-  beside its destination, then renamed: an interrupted run leaves no partial output. One process.
+  finished fine-tuning, else the newest: `checkpoint.restore_params`), and the tokenizer the one recorded there. Each
+  input (see `read_inputs`) is encoded as in training, pieces then EOS, truncated to `max_input_length` tokens (default
+  data.encoder_length); at most `max_length` tokens are generated (default data.decoder_length), in batches of
+  `batch_size` inputs of similar lengths. `generation_options` are those of `fat5_jax.generate.generate` (num_beams,
+  length_penalty, early_stopping, do_sample, temperature, top_k, top_p); sampling draws from PRNG key `seed`. The file
+  is written beside its destination, then renamed: an interrupted run leaves no partial output. One process.
   """
   if "num_return_sequences" in generation_options:
     raise ValueError("predict writes one output per input: num_return_sequences is not an option")

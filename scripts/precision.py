@@ -5,7 +5,8 @@ Kahan-compensated updates, bfloat16 parameters without Kahan, and float32 parame
   python scripts/precision.py plot OUT_DIR docs/precision.png                          # + OUT_DIR/summary.json
 
 Every variant sees the same batches in the same order (same seed, same tokenizer); only the parameter dtype and the
-compensation differ. The variants run side by side on one GPU, so their rows/s are not throughput figures. `--tokenizer` skips training a 32k sentencepiece model in each workdir.
+compensation differ. The variants run side by side on one GPU, so their rows/s are not throughput figures. `--tokenizer`
+skips training a 32k sentencepiece model in each workdir.
 """
 
 from __future__ import annotations

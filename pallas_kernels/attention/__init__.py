@@ -7,14 +7,14 @@
 - `alibi_slopes` [H] (symmetric, -slope*|d|) or [2, H] (slopes for keys before / after the query).
 - `bias` [B or 1, H or 1, Sq, Sk], any additive bias (FIRE...), with its gradient (this one is quadratic).
 
-Masks: `causal` (key index <= query index, on raw indices: with per-segment positions this equals causality by
-position inside each segment) and `q_segment_ids` / `kv_segment_ids` (a query sees keys of its own segment; 0 is
-padding), or `kv_mask` [B, Sk] (False: a key no query sees; Hugging Face's `attention_mask`): the same as query ids
-of 1 and key ids of the mask, so padding queries attend too, and the Triton kernels mask only the keys, without
-comparing ids per pair. A query that sees no key returns zeros, an lse of -inf and zero gradients. Relative distances use
-`kv_positions - q_positions` when given (packed rows), else key index - query index. Positions slow the kernel
-(about 1.4x forward, 2.3x backward on packed rows): when they are per-segment aranges of contiguous segments, leave
-them out, the result is the same.
+Masks: `causal` (key index <= query index, on raw indices: with per-segment positions this equals causality by position
+inside each segment) and `q_segment_ids` / `kv_segment_ids` (a query sees keys of its own segment; 0 is padding), or
+`kv_mask` [B, Sk] (False: a key no query sees; Hugging Face's `attention_mask`): the same as query ids of 1 and key ids
+of the mask, so padding queries attend too, and the Triton kernels mask only the keys, without comparing ids per pair. A
+query that sees no key returns zeros, an lse of -inf and zero gradients. Relative distances use `kv_positions -
+q_positions` when given (packed rows), else key index - query index. Positions slow the kernel (about 1.4x forward, 2.3x
+backward on packed rows): when they are per-segment aranges of contiguous segments, leave them out, the result is the
+same.
 
 Packed rows: the kernels skip the tiles whose q block and kv block share no segment (`config.segment_block_ranges`),
 so a row packed with short documents costs about the sum of their squares, not the square of the row (the Pallas dq

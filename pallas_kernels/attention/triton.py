@@ -180,9 +180,8 @@ def _far_bias(ends_ptr, REGION: tl.constexpr):
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, far_bias, q_start, lo, hi,
                REGION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-               KEY_MASK: tl.constexpr,
-               SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
+               KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
+               BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                PRECISION: tl.constexpr):
   """Online softmax over kv blocks [lo, hi), all of one region and one masking."""
   offs_d = tl.arange(0, HEAD_DIM)
@@ -215,9 +214,8 @@ def _fwd_tiles(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_pt
 @triton.jit
 def _fwd_region(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, far_bias, q_start, lo, hi,
                 first_masked, REGION: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-                KEY_MASK: tl.constexpr,
-                SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
+                KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                 PRECISION: tl.constexpr):
   """Blocks [lo, hi) of a region: those before `first_masked` (the causal diagonal) need no causal mask."""
   end, start = _cut(lo, hi, first_masked)
@@ -227,10 +225,9 @@ def _fwd_region(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_p
                              SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K,
                              HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, PRECISION=PRECISION)
   if CAUSAL:
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, far_bias,
-                               q_start, start, hi, REGION=REGION, MASKED=True, CAUSAL=CAUSAL,
-                               HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE,
-                               BLOCK_Q=BLOCK_Q,
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, far_bias, q_start,
+                               start, hi, REGION=REGION, MASKED=True, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
+                               KEY_MASK=KEY_MASK, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q,
                                BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP,
                                PRECISION=PRECISION)
   return acc, m_i, l_i
@@ -243,8 +240,7 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, band_ptr, ends_ptr, q_seg_ptr, kv
                           HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
                           SCALE2: tl.constexpr, T5: tl.constexpr, CAUSAL: tl.constexpr,
                           HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, BAND_FIRST: tl.constexpr,
-                          BAND_STEP: tl.constexpr,
-                          BAND_COUNT: tl.constexpr, PRECISION: tl.constexpr):
+                          BAND_STEP: tl.constexpr, BAND_COUNT: tl.constexpr, PRECISION: tl.constexpr):
   q_block, batch, head = tl.program_id(0), tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
   ROW_STRIDE: tl.constexpr = HEADS * HEAD_DIM
   q_start = q_block * BLOCK_Q
@@ -305,9 +301,8 @@ def _store_diagonal_sums(ds, out_ptr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constex
 def _dq_tiles(dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
               q_start, lo, hi, REGION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr,
-              BLOCK_Q: tl.constexpr,
-              BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
-              WRAPS: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr,
+              BAND_STEP: tl.constexpr, WRAPS: tl.constexpr, PRECISION: tl.constexpr):
   """dq over kv blocks [lo, hi) of one region and masking, with the table gradient: far tiles add their sum to
   `far_rows` (one bucket; summed over rows once per region: a sum across warps per tile would wait at a barrier),
   band tiles store their diagonal sums in their shift's slots of the program's row."""
@@ -338,10 +333,9 @@ def _dq_tiles(dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_se
 
 
 @triton.jit
-def _dq_region(dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
-               q_start, lo, hi, first_masked, REGION: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr,
-               BLOCK_Q: tl.constexpr,
+def _dq_region(dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias, q_start,
+               lo, hi, first_masked, REGION: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+               KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
                BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                WRAPS: tl.constexpr, PRECISION: tl.constexpr):
   """_dq_tiles over a region, cut at the causal diagonal like _fwd_region; returns the far tiles' row sums apart."""
@@ -350,8 +344,7 @@ def _dq_region(dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bi
   dq, far_rows = _dq_tiles(
       dq, far_rows, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bias_ptr, slots_ptr, far_bias,
       q_start, lo, end, REGION=REGION, MASKED=HAS_SEGMENTS and not KEY_MASK, CAUSAL=CAUSAL, HAS_SEGMENTS=HAS_SEGMENTS,
-      KEY_MASK=KEY_MASK,
-      SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM,
+      KEY_MASK=KEY_MASK, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE, BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM,
       BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP, WRAPS=WRAPS, PRECISION=PRECISION)
   if CAUSAL:
     dq, far_rows = _dq_tiles(
@@ -363,12 +356,11 @@ def _dq_region(dq, q, do, lse, delta, q_idx, q_seg, k_ptr, v_ptr, kv_seg_ptr, bi
 
 
 @triton.jit
-def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_ptr, ends_ptr, q_seg_ptr,
-                         kv_seg_ptr, kv_range_ptr, dq_ptr, slots_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
-                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
-                         BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SCALE2: tl.constexpr, T5: tl.constexpr,
-                         CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr,
-                         BAND_FIRST: tl.constexpr,
+def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_ptr, ends_ptr, q_seg_ptr, kv_seg_ptr,
+                         kv_range_ptr, dq_ptr, slots_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SCALE: tl.constexpr, SCALE2: tl.constexpr, T5: tl.constexpr, CAUSAL: tl.constexpr,
+                         HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, BAND_FIRST: tl.constexpr,
                          BAND_STEP: tl.constexpr, BAND_COUNT: tl.constexpr, WRAPS: tl.constexpr,
                          PRECISION: tl.constexpr):
   q_block, batch, head = tl.program_id(0), tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
@@ -418,10 +410,9 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_p
 
 
 @triton.jit
-def _dkv_tiles(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr, far_bias,
-               k_start, lo, hi, REGION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr,
-               BLOCK_Q: tl.constexpr,
+def _dkv_tiles(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr, far_bias, k_start,
+               lo, hi, REGION: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+               KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
                BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                PRECISION: tl.constexpr):
   """dk, dv over q blocks [lo, hi) of one region and masking, on [keys, queries] tiles."""
@@ -447,10 +438,9 @@ def _dkv_tiles(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_
 
 
 @triton.jit
-def _dkv_region(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr, far_bias,
-                k_start, lo, hi, first_unmasked, REGION: tl.constexpr, CAUSAL: tl.constexpr,
-                HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr,
-                BLOCK_Q: tl.constexpr,
+def _dkv_region(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr, far_bias, k_start,
+                lo, hi, first_unmasked, REGION: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                KEY_MASK: tl.constexpr, SCALE2: tl.constexpr, ROW_STRIDE: tl.constexpr, BLOCK_Q: tl.constexpr,
                 BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
                 PRECISION: tl.constexpr):
   """_dkv_tiles over a region: with causal masking, the q blocks before `first_unmasked` straddle the diagonal."""
@@ -459,26 +449,23 @@ def _dkv_region(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q
     dk, dv = _dkv_tiles(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr,
                         far_bias, k_start, lo, end, REGION=REGION, MASKED=True, CAUSAL=CAUSAL,
                         HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE,
-                        BLOCK_Q=BLOCK_Q,
-                        BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP,
+                        BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP,
                         PRECISION=PRECISION)
   dk, dv = _dkv_tiles(dk, dv, k, v, k_idx, k_seg, q_ptr, do_ptr, lse_ptr, delta_ptr, q_seg_ptr, bias_ptr, far_bias,
                       k_start, start, hi, REGION=REGION, MASKED=HAS_SEGMENTS and not KEY_MASK, CAUSAL=CAUSAL,
                       HAS_SEGMENTS=HAS_SEGMENTS, KEY_MASK=KEY_MASK, SCALE2=SCALE2, ROW_STRIDE=ROW_STRIDE,
-                      BLOCK_Q=BLOCK_Q,
-                      BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP,
+                      BLOCK_Q=BLOCK_Q, BLOCK_K=BLOCK_K, HEAD_DIM=HEAD_DIM, BAND_FIRST=BAND_FIRST, BAND_STEP=BAND_STEP,
                       PRECISION=PRECISION)
   return dk, dv
 
 
 @triton.jit
-def _attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_ptr, ends_ptr, q_seg_ptr,
-                          kv_seg_ptr, q_range_ptr, dk_ptr, dv_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr,
-                          HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr,
-                          BLOCK_K: tl.constexpr, SCALE: tl.constexpr, SCALE2: tl.constexpr, T5: tl.constexpr,
-                          CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, KEY_MASK: tl.constexpr,
-                          BAND_FIRST: tl.constexpr,
-                          BAND_STEP: tl.constexpr, BAND_COUNT: tl.constexpr, PRECISION: tl.constexpr):
+def _attention_dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, band_ptr, ends_ptr, q_seg_ptr, kv_seg_ptr,
+                          q_range_ptr, dk_ptr, dv_ptr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr, HEADS: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, SCALE: tl.constexpr,
+                          SCALE2: tl.constexpr, T5: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                          KEY_MASK: tl.constexpr, BAND_FIRST: tl.constexpr, BAND_STEP: tl.constexpr,
+                          BAND_COUNT: tl.constexpr, PRECISION: tl.constexpr):
   kv_block, batch, head = tl.program_id(0), tl.program_id(1) // HEADS, tl.program_id(1) % HEADS
   ROW_STRIDE: tl.constexpr = HEADS * HEAD_DIM
   k_start = kv_block * BLOCK_K
