@@ -246,6 +246,7 @@ def profile(args: argparse.Namespace) -> tuple[dict, str, list[float], list[floa
   attention_impl, kernel_backend = args.variant.split("/")
   values.model.update(attention_impl=attention_impl, kernel_backend=kernel_backend)
   values.train.update(remat=args.remat)
+  values.data.update(pack=not args.unpacked)
   _, trainer, state, batches = train_step.build(values, rows=args.rows, accum=1, encoder_length=args.encoder_length,
                                                 decoder_length=args.decoder_length)
   for i in range(args.warmup):  # the first call compiles
@@ -286,6 +287,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                        "with --tiny)")
   parser.add_argument("--remat", default="none", choices=config_lib.REMAT_POLICIES, help="train.remat policy")
   parser.add_argument("--variant", default="flash/auto", help="model.attention_impl/model.kernel_backend")
+  parser.add_argument("--unpacked", action="store_true", help="rows as data.pack=False gives them (token masks: "
+                                                              "the attention masks keys only), as train_step.py")
   parser.add_argument("--tiny", action="store_true", help="tiny_fr shapes (16 rows of 128 + 64 tokens): checks the "
                                                           "parsing on a CPU")
   args = parser.parse_args(argv)
@@ -306,8 +309,8 @@ def main():
     print(json.dumps(e)[:600])
   result = breakdown(trace, op_paths(hlo_text), args.steps, statistics.mean(profiled))
   result.update(variant=args.variant, tiny=args.tiny, rows=args.rows, encoder_length=args.encoder_length,
-                decoder_length=args.decoder_length, remat=args.remat, steps=args.steps, unprofiled_step_ms=plain,
-                profiled_step_ms=profiled)
+                decoder_length=args.decoder_length, remat=args.remat, pack=not args.unpacked, steps=args.steps,
+                unprofiled_step_ms=plain, profiled_step_ms=profiled)
   common.write_results(os.path.join(args.out, "profile_step.json"), result)
   print(f"\nop path of kernel time: {result['op_path_source']}; step {statistics.mean(plain):.2f} ms unprofiled, "
         f"{result['step_ms']:.2f} ms profiled (means); kernels {result['kernel_ms']:.2f} ms, device busy "

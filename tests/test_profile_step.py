@@ -105,5 +105,7 @@ def test_gpu_trace_without_stream_lines_fails_loudly():
 def test_shape_defaults_and_long_rows():
   args = profile_step.parse_args(["--tiny"])
   assert (args.rows, args.encoder_length, args.decoder_length, args.remat) == (16, 128, 64, "none")
-  args = profile_step.parse_args(["--rows", "8", "--encoder-length", "8192", "--remat", "block"])
-  assert (args.rows, args.encoder_length, args.decoder_length, args.remat) == (8, 8192, 512, "block")
+  assert not args.unpacked
+  args = profile_step.parse_args(["--rows", "8", "--encoder-length", "8192", "--remat", "block", "--unpacked"])
+  assert (args.rows, args.encoder_length, args.decoder_length, args.remat, args.unpacked) == (8, 8192, 512, "block",
+                                                                                              True)
