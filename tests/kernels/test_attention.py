@@ -72,7 +72,7 @@ CASES = {
     # Segments of at most 20 tokens in 32-token blocks: most tiles share no segment and are skipped.
     "t5_packed_short": (2, 2, 250, 250, 32, False, "t5", 20, dict(rpe_max_distance=24)),
     # kv_mask (Hugging Face's attention_mask): every query sees the real keys; a tail of padding and a hole of 40
-    # keys in the middle, so that some tiles hold real and hidden keys and one holds hidden keys only.
+    # keys in the middle, so that some tiles hold real and hidden keys and one holds hidden keys only (_inputs).
     "t5_key_mask": (2, 2, 190, 190, 32, False, "t5", "mask", dict(rpe_max_distance=24)),
     "t5_key_mask_causal": (1, 2, 190, 190, 32, True, "t5", "mask", dict(rpe_bidirectional=False,
                                                                          rpe_max_distance=24)),
@@ -108,8 +108,11 @@ def _inputs(seed, case):
   elif bias_kind == "full_b":
     bias = ("bias", jax.random.normal(keys[3], (batch, 1, q_len, kv_len)))
   if segments == "mask":
-    kv_mask = (jnp.arange(kv_len) < kv_len - kv_len // 5) & ((jnp.arange(kv_len) < 60) | (jnp.arange(kv_len) >= 100))
-    kwargs.update(kv_mask=jnp.broadcast_to(kv_mask, (batch, kv_len)))
+    index = jnp.arange(kv_len)
+    tail_and_hole = (index < kv_len - kv_len // 5) & ((index < 60) | (index >= 100))
+    # Rows differ: the second keeps its first 50 keys, or none in t5_key_mask (its queries see no key: zeros).
+    second = index < (0 if case == "t5_key_mask" else 50)
+    kwargs.update(kv_mask=jnp.stack([tail_and_hole, second][:batch]))
   elif segments:
     q_ids, q_pos = _packed_ids(rng, batch, q_len, longest=None if segments is True else segments)
     if q_len == kv_len:
