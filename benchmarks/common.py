@@ -45,6 +45,14 @@ def parse_args(parser: argparse.ArgumentParser, name: str,
   return None
 
 
+def add_unpacked_flag(parser: argparse.ArgumentParser) -> None:
+  """`--unpacked`: rows as data.pack=False gives them (one document each): the model passes token masks, which the
+  attention applies to the keys only, where packed rows' segment ids are compared per pair."""
+  parser.add_argument("--unpacked", action="store_true",
+                      help="rows as data.pack=False gives them: token masks, which the attention applies to the keys "
+                           "only (packed rows' segment ids are compared per pair)")
+
+
 def time_ms(fn: Callable, arg_sets: Sequence[tuple], *, warmup: int = 3, samples: int = 15,
             calls: int = 10) -> dict[str, float]:
   """Median and spread (milliseconds per call) of `fn(*args)` over `samples` samples of `calls` calls each."""

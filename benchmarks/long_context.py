@@ -115,9 +115,7 @@ def main():
   parser.add_argument("--tokens-per-batch", type=int,
                       help=f"encoder tokens per step; rows = this // length (default {SMALL_FR['tokens_per_batch']})")
   parser.add_argument("--variant", help=f"model.attention_impl/model.kernel_backend (default {SMALL_FR['variant']})")
-  parser.add_argument("--unpacked", action="store_true",
-                      help="rows as data.pack=False gives them (configs/small_fr_long.py's stream): ids are token "
-                           "masks, and the attention masks keys only")
+  common.add_unpacked_flag(parser)
   parser.add_argument("--remat", default="none", help="comma-separated train.remat policies, each run at every length")
   parser.add_argument("--steps", type=int, help=f"timed steps per run (default {SMALL_FR['steps']})")
   parser.add_argument("--tiny", action="store_true",

@@ -287,8 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                        "with --tiny)")
   parser.add_argument("--remat", default="none", choices=config_lib.REMAT_POLICIES, help="train.remat policy")
   parser.add_argument("--variant", default="flash/auto", help="model.attention_impl/model.kernel_backend")
-  parser.add_argument("--unpacked", action="store_true", help="rows as data.pack=False gives them (token masks: "
-                                                              "the attention masks keys only), as train_step.py")
+  common.add_unpacked_flag(parser)
   parser.add_argument("--tiny", action="store_true", help="tiny_fr shapes (16 rows of 128 + 64 tokens): checks the "
                                                           "parsing on a CPU")
   args = parser.parse_args(argv)

@@ -144,9 +144,7 @@ def main():
   parser.add_argument("--remat", default="none",
                       help=f"comma-separated train.remat policies ({', '.join(config_lib.REMAT_POLICIES)}), each run "
                            "with every variant; least memory first, so that each run's peak_memory_gib is its own")
-  parser.add_argument("--unpacked", action="store_true",
-                      help="rows as data.pack=False gives them: ids are token masks, and the attention masks keys "
-                           "only (packed rows' ids are compared per pair)")
+  common.add_unpacked_flag(parser)
   parser.add_argument("--encoder-length", type=int, default=512)
   parser.add_argument("--decoder-length", type=int, default=512)
   parser.add_argument("--fat5", metavar="PATH", help="checkout of catie-aq/flashT5: measure its step on these rows "
