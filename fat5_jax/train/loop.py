@@ -45,14 +45,16 @@ class ThroughputWindow:
   the time spent outside training steps (evaluation, checkpoint saves) and in steps that compile (a new decoder
   length: the first step, and the first of each other bucket), whose rows are not counted either. Each excluded
   span starts once the steps before it are done, so the window times exactly its counted steps, as the device ran
-  them."""
+  them. FLOPs count every position, padding included (FAT5's accounting); `encoder_fill` says how much of it held
+  tokens: the attention kernels skip the key tiles of padding, so rows far from full train faster than full ones."""
 
   def __init__(self):
-    self.rows, self.flops, self.excluded, self.start = 0, 0.0, 0.0, time.perf_counter()
+    self.rows, self.flops, self.filled_rows, self.excluded, self.start = 0, 0.0, 0.0, 0.0, time.perf_counter()
 
-  def add(self, rows: int, flops: float) -> None:
+  def add(self, rows: int, flops: float, encoder_fill: float) -> None:
     self.rows += rows
     self.flops += flops
+    self.filled_rows += rows * encoder_fill
 
   @contextlib.contextmanager
   def excluding(self, state):
@@ -69,7 +71,7 @@ class ThroughputWindow:
     out = {}
     if self.rows:
       out.update(rows_per_s=self.rows / elapsed, tflops_per_s=self.flops / elapsed / 1e12,
-                 encoder_tokens_per_s=self.rows * encoder_length / elapsed)
+                 encoder_tokens_per_s=self.rows * encoder_length / elapsed, encoder_fill=self.filled_rows / self.rows)
       if peak_flops:
         out["mfu"] = self.flops / elapsed / (peak_flops * jax.device_count())
     self.__init__()
@@ -114,10 +116,12 @@ def _train(config: Config) -> dict:
   eval_batches = _eval_batches(config, tokenizer)
   train_decoder_lengths = distributed.DecoderLengths("train")
 
-  def prepare(batch: dict) -> tuple[dict, int, int]:
-    """Host rows -> (device batch, rows, decoder length), the decoder length agreed between processes first."""
+  def prepare(batch: dict) -> tuple[dict, int, int, float]:
+    """Host rows -> (device batch, rows, decoder length, share of encoder positions holding tokens), the decoder
+    length agreed between processes first."""
     [batch] = train_decoder_lengths([batch])
-    return trainer.put_batch(batch, micro_batches=tc.grad_accum_steps), *batch["decoder_input_tokens"].shape
+    return (trainer.put_batch(batch, micro_batches=tc.grad_accum_steps), *batch["decoder_input_tokens"].shape,
+            float(np.mean(batch["encoder_segment_ids"] != 0)))
 
   train_batches = pipeline.DevicePrefetch(train_iterator, prepare)
   writer = MetricWriter(workdir, enabled=is_main)
@@ -140,12 +144,12 @@ def _train(config: Config) -> dict:
       if tc.profile_steps and step == tc.profile_steps[0]:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         tracing = True
-      batch, rows, decoder_length = next(train_batches)
+      batch, rows, decoder_length, encoder_fill = next(train_batches)
       if decoder_length in compiled_lengths:
         state, metrics = trainer.train_step(state, batch)
         rows *= jax.process_count()
         window.add(rows, rows * flops.training_flops_per_row(config.model, config.data.encoder_length,
-                                                            decoder_length))
+                                                            decoder_length), encoder_fill)
       else:
         with window.excluding(state):
           state, metrics = trainer.train_step(state, batch)
@@ -165,7 +169,8 @@ def _train(config: Config) -> dict:
         metrics.update(window.rates(config.data.encoder_length, peak))
         writer.write(done, "train", metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", rows_s=f"{metrics.get('rows_per_s', 0):.0f}",
-                        tok_s=f"{metrics.get('encoder_tokens_per_s', 0):.0f}")
+                        tok_s=f"{metrics.get('encoder_tokens_per_s', 0):.0f}",
+                        fill=f"{metrics.get('encoder_fill', 0):.0%}")
         if tc.max_nonfinite_steps and int(skipped_run.length) >= tc.max_nonfinite_steps:
           raise Diverged(f"diverged: the last {int(skipped_run.length)} updates were skipped for non-finite "
                          f"gradients (train.max_nonfinite_steps={tc.max_nonfinite_steps}) at step {done}; the "

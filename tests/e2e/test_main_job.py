@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from fat5_jax.train.local_job import last_value_per_step, saved_steps
+from fat5_jax.train.local_job import last_value_per_step, read_metrics, saved_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,6 +64,10 @@ def test_straight_run_learns_and_exports_a_loadable_model(straight_run):
   evals = last_value_per_step(workdir, "eval")
   assert sorted(evals) == [0, 8, 16]
   assert evals[16] < 0.8 * evals[0], evals
+  fills = [record["encoder_fill"] for record in read_metrics(os.path.join(workdir, "metrics.jsonl"))
+           if record["split"] == "train" and "encoder_fill" in record]
+  # Packed rows end in padding, the more so where a batch's decoder bucket is short.
+  assert fills and all(0 < fill < 1 for fill in fills) and max(fills) - min(fills) > 0.1, fills
   assert os.path.getsize(os.path.join(workdir, "loss.png")) > 10_000
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["train"]["steps"] == 16

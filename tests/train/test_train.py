@@ -183,11 +183,13 @@ def test_throughput_window_leaves_out_excluded_spans_and_empty_windows():
   assert window.rates(512, None) == {}  # a window whose steps all compiled reports no throughput
   with window.excluding(state):
     time.sleep(0.3)  # an evaluation, a save, a compiling step
-  window.add(100, 1e12)
+  window.add(100, 1e12, encoder_fill=1.0)
+  window.add(300, 1e12, encoder_fill=0.6)
   rates = window.rates(512, peak_flops=1e15)
-  assert rates["rows_per_s"] > 100 / 0.3 * 10, rates  # the window lasted microseconds, not the 0.3 s
+  assert rates["encoder_fill"] == pytest.approx(0.7)  # weighted by rows
+  assert rates["rows_per_s"] > 400 / 0.3 * 10, rates  # the window lasted microseconds, not the 0.3 s
   assert rates["encoder_tokens_per_s"] == pytest.approx(512 * rates["rows_per_s"])
   assert rates["mfu"] == pytest.approx(rates["tflops_per_s"] * 1e12 / (1e15 * jax.device_count()))
   time.sleep(0.1)
-  window.add(10, 0.0)
+  window.add(10, 0.0, encoder_fill=1.0)
   assert window.rates(512, None)["rows_per_s"] < 10 / 0.1  # a fresh window: its own time only
