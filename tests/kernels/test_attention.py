@@ -77,6 +77,8 @@ CASES = {
     "t5_key_mask_causal": (1, 2, 190, 190, 32, True, "t5", "mask", dict(rpe_bidirectional=False,
                                                                          rpe_max_distance=24)),
     "key_mask_cross": (2, 2, 70, 190, 64, False, None, "mask", {}),
+    # Key masks on block edges: a row of real keys only (no tile masked), one whose real keys end at a block edge.
+    "t5_key_mask_aligned": (2, 2, 128, 128, 32, False, "t5", "mask", dict(rpe_max_distance=24)),
     "t5_cross": (2, 1, 70, 150, 32, False, "t5", False, dict(rpe_max_distance=20)),
     "cross": (2, 2, 90, 200, 64, False, None, True, {}),
     "alibi_symmetric_causal": (2, 2, 100, 100, 32, True, "alibi1", False, {}),
@@ -107,7 +109,9 @@ def _inputs(seed, case):
     bias = ("bias", jax.random.normal(keys[3], (1, heads, q_len, kv_len)))
   elif bias_kind == "full_b":
     bias = ("bias", jax.random.normal(keys[3], (batch, 1, q_len, kv_len)))
-  if segments == "mask":
+  if case == "t5_key_mask_aligned":
+    kwargs.update(kv_mask=jnp.arange(kv_len) < jnp.array([[kv_len], [64]]))
+  elif segments == "mask":
     index = jnp.arange(kv_len)
     tail_and_hole = (index < kv_len - kv_len // 5) & ((index < 60) | (index >= 100))
     # Rows differ: the second keeps its first 50 keys, or none in t5_key_mask (its queries see no key: zeros).
