@@ -22,7 +22,8 @@ the lm_head matmuls of the loss are matmuls.
 Host gaps are the step's wall time minus the time at least one kernel runs; on a CPU the thunks of a step run on
 several threads at once, so the categories can sum to more than the step there. `idle_before_ms` charges each stretch
 of idle device time to the category of the kernel that ends it: what the GPU waited for the host to launch (the
-stretch between two traced steps included).
+stretch between two traced steps included); `idle_before_kernel` does the same per kernel name for the ten with the
+most, with the number of idle stretches per step.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from benchmarks import common, train_step
 from configs import small_fr, tiny_fr
 from fat5_jax import config as config_lib
 
+IDLE_KERNELS = 10  # the kernels with the most idle device time before them, listed per kernel
 CATEGORIES = ("matmuls", "attention", "rms_norm", "loss", "elementwise", "reductions", "optimizer", "copies",
               "collectives", "other")
 # Our kernels by name (Triton function names, Pallas call names; cuDNN's attention too).
@@ -175,17 +177,23 @@ def _busy_us(events: Iterable[dict]) -> float:
   return busy
 
 
-def _idle_before_us(events: list[dict], categories: list[str]) -> dict[str, float]:
-  """Idle device time (us) between kernels, each idle stretch charged to the category of the kernel that ends it:
-  what the GPU was waiting for the host to launch."""
-  idle = collections.defaultdict(float)
-  ordered = sorted(zip(events, categories), key=lambda pair: pair[0]["ts"])
+def _idle_before_us(events: list[dict], labels: list[str]) -> tuple[dict[str, float], collections.Counter]:
+  """Idle device time (us) between kernels, each idle stretch charged to the label (category or kernel) of the
+  kernel that ends it: what the GPU was waiting for the host to launch; and the number of stretches per label."""
+  idle, stretches = collections.defaultdict(float), collections.Counter()
+  ordered = sorted(zip(events, labels), key=lambda pair: pair[0]["ts"])
   end = ordered[0][0]["ts"] if ordered else 0.0  # no idle stretch before the first kernel
-  for e, category in ordered:
+  for e, label in ordered:
     if e["ts"] > end:
-      idle[category] += e["ts"] - end
+      idle[label] += e["ts"] - end
+      stretches[label] += 1
     end = max(end, e["ts"] + e["dur"])
-  return idle
+  return idle, stretches
+
+
+def _kernel_name(name: str) -> str:
+  """A kernel's name with XLA's numbering dropped (loop_add_fusion_3 -> loop_add_fusion)."""
+  return re.sub(r"([._]\d+)+$", "", name)
 
 
 def breakdown(trace: dict, paths: dict[str, str], steps: int, step_ms: float) -> dict[str, Any]:
@@ -202,7 +210,7 @@ def breakdown(trace: dict, paths: dict[str, str], steps: int, step_ms: float) ->
     categories.append(category)
     ms = e["dur"] / 1e3 / steps
     by_category[category] += ms
-    kernel = by_kernel[(re.sub(r"([._]\d+)+$", "", e["name"]), category)]
+    kernel = by_kernel[(_kernel_name(e["name"]), category)]
     kernel["ms"] += ms
     kernel["calls"] += 1 / steps
     sources[source] += e["dur"]
@@ -210,10 +218,15 @@ def breakdown(trace: dict, paths: dict[str, str], steps: int, step_ms: float) ->
                    key=lambda k: -k["ms"])
   busy_ms = _busy_us(events) / 1e3 / steps
   total = sum(sources.values()) or 1.0
+  idle_by_category, _ = _idle_before_us(events, categories)
+  idle_by_kernel, stretches = _idle_before_us(events, [_kernel_name(e["name"]) for e in events])
+  top_idle = sorted(idle_by_kernel.items(), key=lambda item: -item[1])[:IDLE_KERNELS]
   return {"step_ms": step_ms, "device_busy_ms": busy_ms, "host_gaps_ms": step_ms - busy_ms,
           "kernel_ms": sum(by_category.values()), "categories_ms": by_category, "kernels": kernels,
-          "idle_before_ms": {c: us / 1e3 / steps for c, us in sorted(_idle_before_us(events, categories).items(),
-                                                                      key=lambda item: -item[1])},
+          "idle_before_ms": {c: us / 1e3 / steps
+                             for c, us in sorted(idle_by_category.items(), key=lambda item: -item[1])},
+          "idle_before_kernel": {name: {"ms": us / 1e3 / steps, "stretches": stretches[name] / steps}
+                                 for name, us in top_idle},
           "op_path_source": {k: sources[k] / total for k in ("event", "program", "none")}}
 
 
@@ -318,6 +331,8 @@ def main():
   print()
   print(f"idle device time before each category's kernels, ms per step: "
         f"{ {c: round(ms, 2) for c, ms in result['idle_before_ms'].items()} }")
+  common.print_table([{"kernel": name, **idle} for name, idle in result["idle_before_kernel"].items()],
+                     ["kernel", "ms", "stretches"])
   common.print_table(table_rows(result), ["category", "ms_per_step", "pct_of_step"])
 
 

@@ -74,6 +74,8 @@ def test_gpu_breakdown_by_category():
   assert result["device_busy_ms"] == pytest.approx(0.239)
   assert result["host_gaps_ms"] == pytest.approx(0.061)
   assert result["idle_before_ms"] == pytest.approx({"matmuls": 0.02})  # the 40 us between steps, before a matmul
+  assert result["idle_before_kernel"] == {"nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NNT": pytest.approx(
+      {"ms": 0.02, "stretches": 0.5})}  # one stretch in two steps
   assert result["op_path_source"] == pytest.approx({"event": 5 / 239, "program": 62 / 239, "none": 172 / 239})
   top = result["kernels"][0]
   assert (top["kernel"], top["category"], top["ms"], top["calls"]) == (
