@@ -45,8 +45,9 @@ class ThroughputWindow:
   the time spent outside training steps (evaluation, checkpoint saves) and in steps that compile (a new decoder
   length: the first step, and the first of each other bucket), whose rows are not counted either. Each excluded
   span starts once the steps before it are done, so the window times exactly its counted steps, as the device ran
-  them. FLOPs count every position, padding included (FAT5's accounting); `encoder_fill` says how much of it held
-  tokens: the attention kernels skip the key tiles of padding, so rows far from full train faster than full ones."""
+  them. FLOPs count every position, padding included (FAT5's accounting); `encoder_fill` is the share of encoder
+  positions that held tokens: the attention kernels skip the key tiles of padding, so rows far from full train
+  faster than full ones."""
 
   def __init__(self):
     self.rows, self.flops, self.filled_rows, self.excluded, self.start = 0, 0.0, 0.0, 0.0, time.perf_counter()
