@@ -9,8 +9,9 @@ Same shapes on both sides: `train.batch_size` rows per micro-batch, the config's
 encoder length and one decoder bucket, the longest (the bare step runs full rows); `--buckets` gives the loop
 others, and `--config.FIELD=VALUE` overrides (e.g. --config.train.grad_accum_steps=1) go to both sides. The loop
 runs the corpus, evaluation and checkpoint saves of a real run (every `--eval-every` steps), which its logged
-figure leaves out. Reported: the median and spread of the logged rows/s over the windows after the first, the bare
-step's rows/s, and their ratio; written to DIR/loop_throughput.json with device, date, versions and both commands.
+figure leaves out. Reported: the median and spread of the logged rows/s over the windows after the first, the
+median encoder fill (the share of the loop's encoder positions holding tokens; the bare step's rows are full), the
+bare step's rows/s, and their ratio; written to DIR/loop_throughput.json with device, date, versions and both commands.
 The loop runs first, in a subprocess whose output passes through, and the step after it in this process (both would
 not fit on one GPU); the loop's half of the JSON is written before the step runs. small_fr steps 4 x 128 rows (about
 0.7 s each on an H200): 100 steps, the loop's compiles, evaluations and saves, then the bare step's compile took
@@ -58,7 +59,7 @@ def loop_command(config_path: str, workdir: str, overrides: dict) -> list[str]:
 def logged_windows(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  return [{"step": r["step"], "rows_per_s": r["rows_per_s"]} for r in records
+  return [{"step": r["step"], "rows_per_s": r["rows_per_s"], "encoder_fill": r["encoder_fill"]} for r in records
           if r["split"] == "train" and "rows_per_s" in r]
 
 
@@ -117,7 +118,8 @@ def main():
   if not steady:
     raise SystemExit(f"main.py logged {len(windows)} windows: raise --steps or lower --log-every")
   loop = {"median_rows_per_s": statistics.median(steady), "min_rows_per_s": min(steady),
-          "max_rows_per_s": max(steady), "windows": windows, "steps": steps, "log_every": log_every,
+          "max_rows_per_s": max(steady), "median_encoder_fill": statistics.median(w["encoder_fill"] for w in windows),
+          "windows": windows, "steps": steps, "log_every": log_every,
           "eval_every": eval_every, "decoder_length_buckets": list(buckets),
           "data_workers": workers[0] if workers else None, "wall_s": loop_s,
           "command": " ".join(["python"] + command[1:])}
@@ -133,7 +135,8 @@ def main():
   results.update(step=bench, ratio=loop["median_rows_per_s"] / bench["rows_per_s"])
   common.write_results(path, results)
   print(f"loop ({len(steady)} windows of {log_every} steps after the first): median {loop['median_rows_per_s']:.1f} "
-        f"rows/s (spread {loop['min_rows_per_s']:.1f}-{loop['max_rows_per_s']:.1f}); bare step "
+        f"rows/s (spread {loop['min_rows_per_s']:.1f}-{loop['max_rows_per_s']:.1f}, encoder fill "
+        f"{loop['median_encoder_fill']:.0%}); bare step (full rows) "
         f"{bench['rows_per_s']:.1f} rows/s ({bench['step_s']:.4f} s per {values.train.batch_size} x "
         f"{values.train.grad_accum_steps} rows); loop / step = {results['ratio']:.3f}; {loop['data_workers']}")
 
