@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from fat5_jax import checkpoint, data, flops, generate, hf, optim, sharding
 from fat5_jax.config import Config
-from fat5_jax.data import pipeline
+from fat5_jax.data import packing, pipeline
 from fat5_jax.metrics import MetricWriter, SkippedRun, WindowMeans, plot_losses
 from fat5_jax.train import distributed, workdir_lock
 from fat5_jax.train.trainer import Trainer
@@ -122,7 +122,7 @@ def _train(config: Config) -> dict:
     length agreed between processes first."""
     [batch] = train_decoder_lengths([batch])
     return (trainer.put_batch(batch, micro_batches=tc.grad_accum_steps), *batch["decoder_input_tokens"].shape,
-            float(np.mean(batch["encoder_segment_ids"] != 0)))
+            1.0 - packing.padding_fractions(batch)["encoder_padding"])
 
   train_batches = pipeline.DevicePrefetch(train_iterator, prepare)
   writer = MetricWriter(workdir, enabled=is_main)

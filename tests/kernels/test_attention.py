@@ -218,10 +218,7 @@ def test_bf16_close_to_float32_reference(backend):
 
 # Each case compiles both Mosaic kernels, 40-80 s in the interpreter: on a CPU the one case with padding, segment ids
 # and Sq != Sk; test_attention_mosaic.py runs the kernels themselves on every feature there.
-MOSAIC_CASES = ["t5_bidirectional", "t5_aligned_causal", "t5_head_dim_128", "cross"]
-
-
-@pytest.mark.parametrize("case", MOSAIC_CASES)
+@pytest.mark.parametrize("case", ["t5_bidirectional", "t5_aligned_causal", "t5_head_dim_128", "cross"])
 def test_mosaic_backend_matches_reference(case):
   """backend="mosaic" (16-bit inputs, head_dim 64 or 128) through the public function: out, lse and every gradient
   against the float64 reference on the same bf16 inputs, at bf16 accuracy."""
