@@ -42,6 +42,7 @@ memory (arguments + outputs + temporaries) for ours and the materialized paths (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -50,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, profile_step
 from pallas_kernels.attention import BlockSizes, default_block_sizes, flash_attention, reference
 from pallas_kernels.attention.config import segment_block_ranges
 
@@ -171,7 +172,8 @@ def is_oom(err):
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=None, table_dtype=jnp.float32):
+def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=None, table_dtype=jnp.float32,
+                 kernel_times=False):
   sets = make_inputs(jax.random.PRNGKey(seq_len + head_dim + causal), batch, seq_len, heads, head_dim,
                      table_dtype=table_dtype)
   flops_fwd = 4 * batch * seq_len ** 2 * heads * head_dim / (2 if causal else 1)
@@ -179,7 +181,8 @@ def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=Non
   for name, fn in methods(causal, block_sizes).items():
     if name not in names:
       continue
-    row = dict(method=name, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq_len, causal=causal)
+    row = dict(method=name, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq_len, causal=causal,
+               blocks=blocks_label(block_sizes))
     if name == "ours_t5_documents":
       row["tiles_run"] = tiles_run(seq_len, block_sizes or default_block_sizes(head_dim, interpret=False,
                                                                                q_len=seq_len))
@@ -188,11 +191,18 @@ def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=Non
         t = common.time_ms(jax.jit(f), [_args(s, mode, name) for s in sets])
         row[f"{mode}_ms"], row[f"{mode}_spread"] = t["median_ms"], (t["max_ms"] - t["min_ms"]) / t["median_ms"]
         row[f"{mode}_tflops"] = flops / t["median_ms"] / 1e9
+        if kernel_times and mode == "fwd_bwd":
+          row["kernel_ms"] = profile_step.kernel_ms(jax.jit(f), _args(sets[0], mode, name))
       except Exception as err:  # noqa: BLE001  (a baseline failing must not stop the run)
         row[f"{mode}_error"] = "OOM" if is_oom(err) else f"{type(err).__name__}: {str(err)[:300]}"
     rows.append(row)
     print(json.dumps(row), flush=True)
   return rows
+
+
+def blocks_label(blocks):
+  """BlockSizes as the comma-separated form --blocks takes; "default" for the device's table."""
+  return ",".join(str(v) for v in dataclasses.astuple(blocks)) if blocks else "default"
 
 
 def accuracy_check():
@@ -236,11 +246,17 @@ def memory_sweep(seq_lens):
   return rows
 
 
+def kernels_label(row):
+  """The attention kernels' ms per forward + backward call, e.g. "fwd 0.28 dq 0.51 dkv 0.55"."""
+  short = lambda name: name.replace("_attention_", "").replace("_kernel", "")
+  return " ".join(f"{short(k)} {ms:.3g}" for k, ms in row.get("kernel_ms", {}).items() if "attention" in k)
+
+
 def ratios(rows):
   """Per configuration, ours_t5 against the baselines (TFLOP/s ratios)."""
   by_key = {}
   for r in rows:
-    by_key.setdefault((r["head_dim"], r["seq_len"], r["causal"]), {})[r["method"]] = r
+    by_key.setdefault((r["head_dim"], r["seq_len"], r["causal"]), {}).setdefault(r["method"], r)  # first blocks
   out = []
   for (d, s, c), g in sorted(by_key.items()):
     ratio = lambda a, b, mode: (g[a][f"{mode}_tflops"] / g[b][f"{mode}_tflops"]
@@ -318,9 +334,13 @@ def main():
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
   parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
   parser.add_argument("--methods", nargs="+", default=list(METHODS))
-  parser.add_argument("--blocks", type=int, nargs=8, default=None,
-                      help="override BlockSizes(block_q, block_k, block_q_bwd, block_k_bwd, warps, stages, "
-                           "warps_bwd, stages_bwd)")
+  parser.add_argument("--blocks", nargs="+", default=["default"], metavar="BQ,BK,BQ_BWD,BK_BWD,W,S,W_BWD,S_BWD",
+                      help="BlockSizes(block_q, block_k, block_q_bwd, block_k_bwd, warps, stages, warps_bwd, "
+                           "stages_bwd) to run, comma-separated, or `default` (the device's table); several: a sweep, "
+                           "each configuration measured in turn on the same inputs")
+  parser.add_argument("--kernel-times", action="store_true",
+                      help="also record each kernel's device time per forward + backward call, from a profiler "
+                           "trace (the forward, dq and dk/dv kernels apart)")
   parser.add_argument("--memory", action="store_true", help="also run the B=1, H=8, D=64 memory sweep")
   parser.add_argument("--memory-seq-lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
   parser.add_argument("--skip-accuracy", action="store_true")
@@ -330,24 +350,25 @@ def main():
   args = common.parse_args(parser, "attention", plot)
   if args is None:
     return
-  block_sizes = BlockSizes(*args.blocks) if args.blocks else None
+  block_configs = [None if b == "default" else BlockSizes(*map(int, b.split(","))) for b in args.blocks]
   results = dict(block_sizes=args.blocks, table_dtype=args.table_dtype, rows=[])
   if not args.skip_accuracy:
     results["accuracy"] = accuracy_check()
   causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
   for head_dim in args.head_dims:
     for causal in causals:
-      for seq_len in args.seq_lens:
+      for seq_len, block_sizes in itertools.product(args.seq_lens, block_configs):
         results["rows"] += bench_config(args.batch, args.heads, head_dim, seq_len, causal, args.methods,
-                                        block_sizes, jnp.dtype(args.table_dtype))
+                                        block_sizes, jnp.dtype(args.table_dtype), args.kernel_times)
         common.write_results(args.out, results)  # keep what ran if a later configuration dies
   if args.memory:
     results["memory"] = memory_sweep(args.memory_seq_lens)
   common.write_results(args.out, results)
   plot(results, args.plot)
   if results["rows"]:
-    common.print_table(results["rows"], ["head_dim", "seq_len", "causal", "method", "fwd_tflops", "fwd_bwd_tflops",
-                                         "fwd_ms", "fwd_bwd_ms"])
+    common.print_table([dict(r, kernels=kernels_label(r)) for r in results["rows"]],
+                       ["head_dim", "seq_len", "causal", "method", "blocks", "fwd_tflops", "fwd_bwd_tflops", "fwd_ms",
+                        "fwd_bwd_ms"] + (["kernels"] if args.kernel_times else []))
     common.print_table(ratios(results["rows"]), ["head_dim", "seq_len", "causal", "fwd_vs_cudnn_none",
                                                  "fwd_bwd_vs_pallas_none", "fwd_bwd_vs_cudnn_t5",
                                                  "fwd_bwd_vs_mgpu_none", "mosaic_fwd_vs_cudnn_none"])

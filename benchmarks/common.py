@@ -144,7 +144,8 @@ def environment() -> dict[str, str]:
   script = f"-m {spec.name}" if spec else sys.argv[0]
   return {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
           "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-          "command": " ".join([os.path.basename(sys.executable), script] + sys.argv[1:])}
+          "command": " ".join([os.path.basename(sys.executable), script] + sys.argv[1:]),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}  # they change what is measured, and are not in the command
 
 
 def write_results(path: str, results: dict[str, Any]) -> None:

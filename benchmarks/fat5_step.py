@@ -11,12 +11,13 @@ PATH is the root of a checkout of FAT5's repository, which is never part of this
 FAT5's Triton attention, RMSNorm and cross-entropy (z-loss 1e-4), float32 parameters under bf16 autocast, forward
 with input_ids, attention_mask and labels, backward, gradients clipped to norm 1.0, AdamWScale (foreach) step,
 gradients set to None. Random token ids, two seeded batches used in turn. After `--warmup` steps, `--steps` steps
-are timed one by one (synchronized) and the median reported.
+are timed one by one (synchronized) and the median reported; then `--steps` more back to back with one
+synchronization at the end, as a training loop runs them (`step_s_pipelined`: their mean).
 
 On a CPU (`--device cpu`) FAT5's PyTorch fallbacks run: its reference attention and no Triton kernels, which need a
 GPU. `--attention-type` picks another of FAT5's attentions (default: triton on cuda, ref on cpu).
 
-Prints one JSON line: step_s, step_s_spread, rows_per_s, encoder_tokens_per_s, peak_memory_gib (torch's peak
+Prints one JSON line: step_s, step_s_spread, rows_per_s, step_s_pipelined, rows_per_s_pipelined, encoder_tokens_per_s, peak_memory_gib (torch's peak
 allocation; None on a CPU), loss, rows, encoder_length, decoder_length, attention_type, device (the name CUDA gives
 the GPU), torch, triton, fat5_commit (None unless PATH is the top of a git work tree). When the step fails (out of
 memory, a Triton fault, any exception) it prints {"error": "<type: message>"} instead and exits 0.
@@ -96,8 +97,14 @@ def measure(args: argparse.Namespace) -> dict:
     loss = step(batches[i % 2])
     synchronize()
     times.append(time.perf_counter() - start)
+  start = time.perf_counter()  # then as a training loop runs them: queued back to back, one wait at the end
+  for i in range(args.steps):
+    loss = step(batches[i % 2])
+  synchronize()
+  pipelined_s = (time.perf_counter() - start) / args.steps
   step_s = statistics.median(times)
   return {"step_s": step_s, "step_s_spread": [min(times), max(times)], "rows_per_s": args.rows / step_s,
+          "step_s_pipelined": pipelined_s, "rows_per_s_pipelined": args.rows / pipelined_s,
           "encoder_tokens_per_s": args.rows * args.encoder_length / step_s,
           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
           "loss": float(loss), "rows": args.rows, "encoder_length": args.encoder_length,

@@ -191,7 +191,7 @@ def _idle_before_us(events: list[dict], labels: list[str]) -> tuple[dict[str, fl
   return idle, stretches
 
 
-def _kernel_name(name: str) -> str:
+def kernel_name(name: str) -> str:
   """A kernel's name with XLA's numbering dropped (loop_add_fusion_3 -> loop_add_fusion)."""
   return re.sub(r"([._]\d+)+$", "", name)
 
@@ -210,7 +210,7 @@ def breakdown(trace: dict, paths: dict[str, str], steps: int, step_ms: float) ->
     categories.append(category)
     ms = e["dur"] / 1e3 / steps
     by_category[category] += ms
-    kernel = by_kernel[(_kernel_name(e["name"]), category)]
+    kernel = by_kernel[(kernel_name(e["name"]), category)]
     kernel["ms"] += ms
     kernel["calls"] += 1 / steps
     sources[source] += e["dur"]
@@ -219,7 +219,7 @@ def breakdown(trace: dict, paths: dict[str, str], steps: int, step_ms: float) ->
   busy_ms = _busy_us(events) / 1e3 / steps
   total = sum(sources.values()) or 1.0
   idle_by_category, _ = _idle_before_us(events, categories)
-  idle_by_kernel, stretches = _idle_before_us(events, [_kernel_name(e["name"]) for e in events])
+  idle_by_kernel, stretches = _idle_before_us(events, [kernel_name(e["name"]) for e in events])
   top_idle = sorted(idle_by_kernel.items(), key=lambda item: -item[1])[:IDLE_KERNELS]
   return {"step_ms": step_ms, "device_busy_ms": busy_ms, "host_gaps_ms": step_ms - busy_ms,
           "kernel_ms": sum(by_category.values()), "categories_ms": by_category, "kernels": kernels,
@@ -240,6 +240,20 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                "pct_of_step": 100 * result["host_gaps_ms"] / step})
   rows.append({"category": "step (wall)", "ms_per_step": step, "pct_of_step": 100.0})
   return rows
+
+
+def kernel_ms(fn, args: tuple, calls: int = 5) -> dict[str, float]:
+  """Device time per call (ms) of each kernel that `fn(*args)` runs (numbered names merged), from a trace of
+  `calls` calls after one untraced call; longest first."""
+  jax.block_until_ready(fn(*args))
+  trace_dir = tempfile.mkdtemp(prefix="kernel_ms_")
+  with jax.profiler.trace(trace_dir):
+    for _ in range(calls):
+      jax.block_until_ready(fn(*args))
+  by_kernel = collections.Counter()
+  for e in device_events(load_trace(trace_dir)):
+    by_kernel[kernel_name(e["name"])] += e["dur"] / 1e3 / calls
+  return dict(by_kernel.most_common())
 
 
 def load_trace(trace_dir: str) -> dict:

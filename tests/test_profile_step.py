@@ -111,3 +111,13 @@ def test_shape_defaults_and_long_rows():
   args = profile_step.parse_args(["--rows", "8", "--encoder-length", "8192", "--remat", "block", "--unpacked"])
   assert (args.rows, args.encoder_length, args.decoder_length, args.remat, args.unpacked) == (8, 8192, 512, "block",
                                                                                               True)
+
+
+def test_kernel_ms_times_each_kernel_of_a_jitted_call():
+  """On the CPU the kernels are XLA's thunks; every one that ran has a positive time, the longest first."""
+  import jax
+  import jax.numpy as jnp
+
+  times = profile_step.kernel_ms(jax.jit(lambda x: jnp.sin(x @ x).sum()), (jnp.ones((256, 256)),), calls=2)
+  assert times and all(ms > 0 for ms in times.values())
+  assert list(times.values()) == sorted(times.values(), reverse=True)
