@@ -77,13 +77,14 @@ _INTERPRET_BLOCKS = BlockSizes(32, 32, 32, 32)
 
 
 def shared_memory_bytes(blocks: BlockSizes, head_dim: int, itemsize: int = 2) -> int:
-  """An upper bound of the shared memory of the largest of the three kernels, for `itemsize`-byte inputs.
+  """An estimate of the shared memory of the largest of the three kernels' tiles, for `itemsize`-byte inputs: the
+  check for the Pallas lowering of the table's blocks, which only a GPU can compile.
 
   Counted: the tiles a program keeps (q; q and dout; k and v) once, the tiles its loop streams (k and v; q and
   dout) once per pipeline stage, and one float32 [bq, bk] tile (probabilities or their gradient changing layout).
-  Triton 3.6 allocates less: compiled for their architectures (`triton.compile` runs on a CPU), the raw Triton
-  kernels of the table's entries take 40-81 KB where this bound says 64-160 KB. The margin is for the Pallas
-  lowering of the same blocks, which only a GPU can measure.
+  Not a bound of what Triton allocates: with jax-triton's 16-byte pointer hints its pipeliner stages more loads,
+  and the raw Triton dq kernel at the sm90 D=64 entry takes 112.5 KiB where this says 80. The raw Triton kernels
+  are compiled for each row's architecture on a CPU instead (tests/kernels/test_attention_shared_memory.py).
   """
   def kernel(resident_rows, streamed_rows, stages, bq, bk):  # rows of [rows, head_dim] tiles
     return (resident_rows + stages * streamed_rows) * head_dim * itemsize + 4 * bq * bk
