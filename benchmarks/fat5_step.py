@@ -17,10 +17,11 @@ synchronization at the end, as a training loop runs them (`step_s_pipelined`: th
 On a CPU (`--device cpu`) FAT5's PyTorch fallbacks run: its reference attention and no Triton kernels, which need a
 GPU. `--attention-type` picks another of FAT5's attentions (default: triton on cuda, ref on cpu).
 
-Prints one JSON line: step_s, step_s_spread, rows_per_s, step_s_pipelined, rows_per_s_pipelined, encoder_tokens_per_s, peak_memory_gib (torch's peak
-allocation; None on a CPU), loss, rows, encoder_length, decoder_length, attention_type, device (the name CUDA gives
-the GPU), torch, triton, fat5_commit (None unless PATH is the top of a git work tree). When the step fails (out of
-memory, a Triton fault, any exception) it prints {"error": "<type: message>"} instead and exits 0.
+Prints one JSON line: step_s, step_s_spread, rows_per_s, step_s_pipelined, rows_per_s_pipelined, encoder_tokens_per_s,
+peak_memory_gib (torch's peak allocation; None on a CPU), loss, rows, encoder_length, decoder_length, attention_type,
+device (the name CUDA gives the GPU), torch, triton, fat5_commit (None unless PATH is the top of a git work tree). When
+the step fails (out of memory, a Triton fault, any exception) it prints {"error": "<type: message>"} instead and
+exits 0.
 """
 
 from __future__ import annotations

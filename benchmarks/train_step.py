@@ -15,10 +15,10 @@ and `peak_memory_gib`, the device's peak since the process started: give the pol
 (full,block,attention,none) and each run's peak is its own.
 
 `--fat5 PATH` (a checkout of catie-aq/flashT5, never committed here) measures FAT5's own PyTorch step first
-(`fat5_peer.py`: its Triton kernels, bf16 autocast, AdamWScale) on the same rows, rows x accum in one step, and each
-of our runs gets `vs_fat5`, its rows/s over FAT5's from this run (`vs_fat5_pipelined`: both back to back). FAT5's rows come with an attention mask of ones;
-`--unpacked` gives ours the same (a key mask), where by default they are packed rows of one segment each (segment ids,
-compared per pair: the small_fr data's layout).
+(`fat5_peer.py`: its Triton kernels, bf16 autocast, AdamWScale) on the same rows, rows x accum in one step, and each of
+our runs gets `vs_fat5`, its rows/s over FAT5's from this run (`vs_fat5_pipelined`: both back to back). FAT5's rows come
+with an attention mask of ones; `--unpacked` gives ours the same (a key mask), where by default they are packed rows of
+one segment each (segment ids, compared per pair: the small_fr data's layout).
 
   python -m benchmarks.train_step [--steps 10] [--variants flash/auto,cudnn/auto,xla/xla] [--remat none,block]
                                   [--fat5 PATH]
