@@ -215,6 +215,9 @@ class FinetuneConfig:
   steps: int = _field(1000, "Optimizer steps; 0: set by epochs.")
   epochs: float = _field(0.0, "Passes over the training split, when steps is 0.")
   batch_size: int = _field(32, "Examples per step (one row each).")
+  train_examples: int = _field(
+      0, "Training examples used: 0, all; N, the first N of one fixed shuffle of the train split, so that smaller "
+      "sets are inside larger ones (fine-tuning with few labels, learning curves). Validation and test stay whole.")
   input_length: int = _field(512, "Encoder tokens per example (longer inputs are cut).")
   target_length: int = _field(64, "seq2seq: decoder tokens per example, and the longest generated answer.")
   eval_every: int = _field(200, "Steps between evaluations on the validation split (each keeps the best checkpoint).")
@@ -406,6 +409,7 @@ def _validate_finetune(f: FinetuneConfig):
            f"epochs={f.epochs}")
   for name in ("batch_size", "eval_every"):
     _require(getattr(f, name) > 0, f"finetune.{name} must be positive, got {getattr(f, name)}")
+  _require(f.train_examples >= 0, f"finetune.train_examples must be >= 0 (0: all), got {f.train_examples}")
   _require(f.input_length >= 8 and f.target_length >= 2,
            f"finetune.input_length must be >= 8 and target_length >= 2, got {f.input_length}, {f.target_length}")
 

@@ -39,6 +39,7 @@ def test_small_fr_matches_fat5_recipe():
     ("finetune", "train_file", "a.jsonl", "only with finetune.task='files'"),
     ("finetune", "learning_rate", 0.0, "finetune.learning_rate must be positive"),
     ("finetune", "input_length", 4, "finetune.input_length must be >= 8"),
+    ("finetune", "train_examples", -1, "finetune.train_examples must be >= 0"),
 ])
 def test_bad_values_name_the_field(section, field, value, message):
   values = config_lib.to_config_dict().to_dict()

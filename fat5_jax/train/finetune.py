@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fat5_jax import checkpoint, generate, heads, hf, losses, sharding, task_metrics
 from fat5_jax import model as model_lib
-from fat5_jax.config import FILES_TASK, Config, ConfigError, finetune_workdir, model_config
+from fat5_jax.config import FILES_TASK, Config, ConfigError, FinetuneConfig, finetune_workdir, model_config
 from fat5_jax.data import tasks, tokenizer as tokenizer_lib
 from fat5_jax.metrics import MetricWriter
 from fat5_jax.train import distributed, workdir_lock
@@ -35,7 +35,9 @@ RUN_MODEL_FIELDS = ("param_dtype", "dtype", "attention_impl", "kernel_backend", 
 LABELS_FILE = "labels.json"  # the task's label names in id order, for exports of an encoder head
 # Fine-tuning settings that a resumed run must share with its checkpoints (steps and eval_every may change).
 RESUME_FIELDS = ("task", "train_file", "validation_file", "test_file", "input_field", "target_field", "init_from",
-                 "head", "optimizer", "learning_rate", "batch_size", "input_length", "target_length", "seed")
+                 "head", "optimizer", "learning_rate", "batch_size", "train_examples", "input_length", "target_length",
+                 "seed")
+TRAIN_EXAMPLES_SEED = 0  # the one shuffle `finetune.train_examples` takes its first N from, whatever finetune.seed
 
 
 def finetune(config: Config) -> dict:
@@ -58,6 +60,12 @@ def _load_splits(config: Config) -> tuple[tasks.Task, dict[str, list[dict]]]:
   empty = [split for split, examples in splits.items() if not examples]
   if empty:
     raise ConfigError(f"task {ft.task}: the {', '.join(empty)} split(s) hold no example")
+  if ft.train_examples > len(splits["train"]):
+    raise ConfigError(f"finetune.train_examples={ft.train_examples} but task {ft.task}'s train split holds "
+                      f"{len(splits['train'])} examples: give at most that, or 0 for all")
+  if ft.train_examples:
+    order = np.random.default_rng(TRAIN_EXAMPLES_SEED).permutation(len(splits["train"]))
+    splits["train"] = [splits["train"][i] for i in order[:ft.train_examples]]
   if ft.head not in tasks.KIND_HEADS[task.kind]:
     raise ConfigError(f"task {ft.task} is {task.kind}: finetune.head={ft.head!r} cannot learn it; use "
                       f"{' or '.join(tasks.KIND_HEADS[task.kind])}")
@@ -168,6 +176,8 @@ def _check_resume(checkpointer: checkpoint.Checkpointer, config: Config, abstrac
     return
   saved = checkpointer.saved_config(steps[-1]).get("finetune", {})
   ours = json.loads(json.dumps(dataclasses.asdict(config.finetune)))
+  # A field newer than the checkpoint was saved at its default, which keeps the earlier behaviour.
+  saved = {**json.loads(json.dumps(dataclasses.asdict(FinetuneConfig()))), **saved}
   diff = {f"finetune.{k}": (saved.get(k), ours[k]) for k in RESUME_FIELDS if saved.get(k) != ours[k]}
   if diff:
     raise checkpoint.CheckpointMismatchError(

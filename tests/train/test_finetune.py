@@ -3,6 +3,8 @@
 
 import json
 
+import pytest
+
 from fat5_jax import config as config_lib
 from fat5_jax.train import finetune
 
@@ -36,3 +38,16 @@ def test_results_table_puts_the_majority_beside_accuracy():
       "sizes": {"test": 212}, "test": {"accuracy": 0.5, "macro_f1": 0.25}, "baselines": {"majority": 0.184}})
   assert "from scratch" in table and "step 8 of 10" in table
   assert "| accuracy | 0.5000 | 0.1840 |" in table and "| macro_f1 | 0.2500 |  |" in table
+
+
+def test_train_examples_take_a_fixed_nested_sample_of_the_train_split_alone():
+  _, full = finetune._load_splits(_config())
+  _, hundred = finetune._load_splits(_config(train_examples=100, seed=3))  # the sample ignores finetune.seed
+  _, fifty = finetune._load_splits(_config(train_examples=50))
+  texts = lambda examples: [e["text"] for e in examples]
+  assert len(hundred["train"]) == 100 and set(texts(hundred["train"])) <= set(texts(full["train"]))
+  assert texts(fifty["train"]) == texts(hundred["train"])[:50]
+  assert len(set(texts(hundred["train"]))) == 100 and texts(hundred["train"]) != texts(full["train"])[:100]
+  assert all(hundred[split] == full[split] for split in ("validation", "test"))
+  with pytest.raises(config_lib.ConfigError, match=f"train split holds {len(full['train'])} examples"):
+    finetune._load_splits(_config(train_examples=len(full["train"]) + 1))
