@@ -174,10 +174,10 @@ def _check_resume(checkpointer: checkpoint.Checkpointer, config: Config, abstrac
   steps = checkpointer.all_steps()
   if not steps:
     return
-  saved = checkpointer.saved_config(steps[-1]).get("finetune", {})
-  ours = json.loads(json.dumps(dataclasses.asdict(config.finetune)))
+  as_saved = lambda finetune_config: json.loads(json.dumps(dataclasses.asdict(finetune_config)))  # JSON's types
+  ours = as_saved(config.finetune)
   # A field newer than the checkpoint was saved at its default, which keeps the earlier behaviour.
-  saved = {**json.loads(json.dumps(dataclasses.asdict(FinetuneConfig()))), **saved}
+  saved = {**as_saved(FinetuneConfig()), **checkpointer.saved_config(steps[-1]).get("finetune", {})}
   diff = {f"finetune.{k}": (saved.get(k), ours[k]) for k in RESUME_FIELDS if saved.get(k) != ours[k]}
   if diff:
     raise checkpoint.CheckpointMismatchError(
