@@ -7,6 +7,8 @@ Methods, all measured in one run on the same random inputs (bf16, B x S x H x D)
 - ours_t5_pallas: the same with backend="pallas" (the Pallas kernels)
 - ours_t5_mosaic: the same with backend="mosaic" (the Pallas Mosaic GPU kernels, Hopper only)
 - ours_none:      ours (Triton) without bias
+- ours_none_mosaic: ours (Mosaic GPU) without bias: against mgpu_none, what our kernel's skeleton costs apart from
+                  the bias
 - xla_t5:         the jnp reference (pallas_kernels.attention.reference.attention: the [1, H, S, S] bias
                   materialized from the table), under jit
 - cudnn_t5:       jax.nn.dot_product_attention(implementation="cudnn") with that materialized bias
@@ -56,8 +58,8 @@ from pallas_kernels.attention import BlockSizes, default_block_sizes, flash_atte
 from pallas_kernels.attention.config import segment_block_ranges
 
 NUM_BUCKETS, MAX_DISTANCE = 32, 128
-METHODS = ("ours_t5", "ours_t5_pallas", "ours_t5_mosaic", "ours_none", "xla_t5", "cudnn_t5", "cudnn_none",
-           "pallas_none", "mgpu_none")
+METHODS = ("ours_t5", "ours_t5_pallas", "ours_t5_mosaic", "ours_none", "ours_none_mosaic", "xla_t5", "cudnn_t5",
+           "cudnn_none", "pallas_none", "mgpu_none")
 
 
 def methods(causal, block_sizes=None):
@@ -67,9 +69,9 @@ def methods(causal, block_sizes=None):
   def ours_t5(q, k, v, table, backend="triton", **extra):
     return flash_attention(q, k, v, rpe_table=table, block_sizes=block_sizes, backend=backend, **t5, **extra)
 
-  def ours_none(q, k, v, table):
+  def ours_none(q, k, v, table, backend="triton"):
     del table
-    return flash_attention(q, k, v, causal=causal, block_sizes=block_sizes, backend="triton")
+    return flash_attention(q, k, v, causal=causal, block_sizes=block_sizes, backend=backend)
 
   def xla_t5(q, k, v, table):
     return reference.attention(q, k, v, rpe_table=table, **t5)
@@ -109,7 +111,8 @@ def methods(causal, block_sizes=None):
 
   return dict(
       ours_t5=ours_t5, ours_t5_pallas=functools.partial(ours_t5, backend="pallas"),
-      ours_t5_mosaic=functools.partial(ours_t5, backend="mosaic"), ours_none=ours_none, xla_t5=xla_t5,
+      ours_t5_mosaic=functools.partial(ours_t5, backend="mosaic"), ours_none=ours_none,
+      ours_none_mosaic=functools.partial(ours_none, backend="mosaic"), xla_t5=xla_t5,
       cudnn_t5=cudnn_t5, cudnn_none=cudnn_none, pallas_none=pallas_none, mgpu_none=mgpu_none,
       ours_t5_packed=lambda q, k, v, t: ours_t5(q, k, v, t, **packed(q, False)),
       ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, backend="pallas", **packed(q, True)),

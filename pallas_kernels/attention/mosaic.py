@@ -300,26 +300,31 @@ def _load_resident(plgpu, scratch, resident, wg):
     plgpu.barrier_wait(scratch[name + "_barriers"].at[wg])
 
 
-def _produce(plgpu, pl, u_lo, u_hi, fetch, consumed_barriers):
-  """The producer warpgroup: fetch(block) starts the copies of each block of the union [u_lo, u_hi) into slot
-  block % _STAGES, once both consumers have released the slot's previous block (consumed_barriers, one per slot,
-  _CONSUMERS arrivals)."""
+def _produce(plgpu, pl, u_lo, u_hi, fetches):
+  """The producer warpgroup: for each block of the union [u_lo, u_hi), in order, each (fetch, consumed_barriers)
+  of `fetches`: fetch(block) starts copies into slot block % _STAGES once both consumers have released what it
+  copies of the slot's previous block (consumed_barriers, one per slot, _CONSUMERS arrivals). Tiles released apart
+  (the forward's k, read by the block's first product, before v) are refilled sooner."""
   plgpu.set_max_registers(40, action="decrease")  # issuing copies needs few: the consumers take the rest
 
-  def wait_consumed(block):
+  def wait_consumed(block, consumed_barriers):
     plgpu.barrier_wait(consumed_barriers.at[lax.rem(block, jnp.int32(_STAGES))])
 
   @pl.loop(u_lo, u_hi)
   def _(block):
-    @pl.when(block >= u_lo + _STAGES)
-    def _():
-      wait_consumed(block - _STAGES)  # the slot's previous block is read by both consumers
+    for fetch, consumed_barriers in fetches:
+      @pl.when(block >= u_lo + _STAGES)
+      def _():
+        wait_consumed(block - _STAGES, consumed_barriers)  # the slot's previous block is read by both consumers
 
-    fetch(block)
+      fetch(block)
 
   # The last blocks' releases: unneeded for the copies, but each completion of a barrier is observed by every
   # warpgroup that waits on it (the interpreter checks it), and the consumers have finished reading here.
-  pl.loop(jnp.maximum(u_lo, u_hi - _STAGES), u_hi)(wait_consumed)
+  @pl.loop(jnp.maximum(u_lo, u_hi - _STAGES), u_hi)
+  def _(block):
+    for _, consumed_barriers in fetches:
+      wait_consumed(block, consumed_barriers)
 
 
 def _take_turn(plgpu, schedule_barrier, between=lambda: None):
@@ -339,11 +344,11 @@ def _release(plgpu, consumed_barriers, slot):
   plgpu.barrier_arrive(consumed_barriers.at[slot])
 
 
-def _consume(plgpu, pl, wg, union, own, consumed_barriers, schedule_barrier, waits, walk):
+def _consume(plgpu, pl, wg, union, own, consumed, schedule_barrier, waits, walk):
   """A consumer's walk of the union: the blocks of [u_lo, u_hi) before and after its own [lo, hi) skipped, walk()
-  (its own blocks, each with two turns and one release, as `skip`) in between; returns walk()'s result. waits:
-  (the slot barriers a block's tiles wait for before its first turn, those waited for during its second).
-  schedule_barrier None: no turns."""
+  (its own blocks, each with two turns and a release of each of `consumed`, as `skip`) in between; returns walk()'s
+  result. consumed: the release barriers of `_produce`'s fetches. waits: (the slot barriers a block's tiles wait
+  for before its first turn, those waited for during its second). schedule_barrier None: no turns."""
   (u_lo, u_hi), (lo, hi) = union, own
   take_turn = functools.partial(_take_turn, plgpu, schedule_barrier)
   before, during = waits
@@ -356,7 +361,8 @@ def _consume(plgpu, pl, wg, union, own, consumed_barriers, schedule_barrier, wai
       plgpu.barrier_wait(barriers.at[slot])
     take_turn()
     take_turn(lambda: [plgpu.barrier_wait(barriers.at[slot]) for barriers in during])
-    _release(plgpu, consumed_barriers, slot)
+    for consumed_barriers in consumed:
+      _release(plgpu, consumed_barriers, slot)
     return carry
 
   if schedule_barrier is not None:
@@ -373,8 +379,8 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
             q_ref, k_ref, v_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref, kv_range_ref,  # inputs (global memory)
             out_ref, lse_ref,  # outputs (global memory)
             q_smem, k_smem, v_smem, band_smem, q_seg_smem, kv_seg_smem, lse_smem, p_smem, t_smem,  # shared memory
-            q_barriers, q_seg_barriers, k_barriers, v_barriers, band_barriers, kv_seg_barriers, consumed_barriers,
-            schedule_barrier):
+            q_barriers, q_seg_barriers, k_barriers, v_barriers, band_barriers, kv_seg_barriers, k_consumed_barriers,
+            consumed_barriers, schedule_barrier):
   """Two q blocks of one (batch, head), warp specialized: consumer warpgroup c < _CONSUMERS runs the kv loop of
   q block _CONSUMERS * program + c in the regions of triton._attention_fwd_kernel; the producer warpgroup streams
   the kv blocks of the union of their loops through _STAGES slots. Both consumers walk every block of the union
@@ -384,8 +390,10 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
   Barrier counts, per kv block j of the union [u_lo, u_hi) in slot j % _STAGES:
   - k, v (kv_seg) slots: one TMA arrival (the producer's copy); waited once by each consumer.
   - band slot of consumer c (2 * c + slot): one TMA arrival for j in c's band; waited once by c for j in its band.
-  - consumed slot: one arrival by each consumer once it has read the slot (num_arrivals=_CONSUMERS); waited once
-    by the producer: before copying block j + _STAGES into the slot, or at the end (the last _STAGES blocks).
+  - k consumed slot: one arrival by each consumer once q.k^T has read k (num_arrivals=_CONSUMERS), as
+    attention_mgpu.py, so that the next k is copied while the softmax and p.v run; waited once by the producer:
+    before copying k of block j + _STAGES into the slot, or at the end (the last _STAGES blocks).
+  - consumed slot: the same for the rest of the slot (v, the band tiles, kv_seg), once p.v has read v.
   - q (q_seg) of consumer c: one TMA arrival, one wait by c.
   - schedule (`take_turn`, num_arrivals=_CONSUMERS): each consumer takes two turns per block of the union (its own
     or skipped), consumer 1 one more before its loop, consumer 0 one more after it: 2 n + 1 each; every turn
@@ -401,11 +409,15 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
 
   @pl.when(wg == _PRODUCER)
   def _producer():
+    def fetch_k(kv_block):
+      """Start the copy of k of kv block `kv_block` into its slot."""
+      slot = lax.rem(kv_block, jnp.int32(_STAGES))
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, pl.ds(kv_block * bk, bk), head], k_smem.at[slot], k_barriers.at[slot])
+
     def fetch(kv_block):
-      """Start the copies of kv block `kv_block` into its slot."""
+      """Start the copies of the rest of kv block `kv_block` into its slot."""
       slot = lax.rem(kv_block, jnp.int32(_STAGES))
       keys = pl.ds(kv_block * bk, bk)
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, keys, head], k_smem.at[slot], k_barriers.at[slot])
       plgpu.copy_gmem_to_smem(v_ref.at[batch, keys, head], v_smem.at[slot], v_barriers.at[slot])
       if segments:
         plgpu.copy_gmem_to_smem(kv_seg_ref.at[batch, keys], kv_seg_smem.at[slot], kv_seg_barriers.at[slot])
@@ -417,7 +429,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
             plgpu.copy_gmem_to_smem(band_ref.at[head, pl.ds(tile * bq, bq)], band_smem.at[_STAGES * c + slot],
                                     band_barriers.at[_STAGES * c + slot])
 
-    _produce(plgpu, pl, u_lo, u_hi, fetch, consumed_barriers)
+    _produce(plgpu, pl, u_lo, u_hi, ((fetch_k, k_consumed_barriers), (fetch, consumed_barriers)))
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
@@ -455,6 +467,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
         plgpu.barrier_wait(kv_seg_barriers.at[slot])
 
       raw = _matmul(plgpu, pl, q_tile, target.transposed(k_smem.at[slot], t_tile), (bq, bk), take_turn)
+      _release(plgpu, k_consumed_barriers, slot)  # q.k^T's result is read: wgmma has read k
       if band or masked:
         logits = raw * scale2
         if band:  # exact table entries: times log2(e) in float32, the far tiles' value
@@ -473,11 +486,15 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
         m_new = jnp.maximum(m_i, raw.max(axis=1) * scale2 + far_bias)
         p = jnp.exp2(raw * scale2 + lax.broadcast_in_dim(far_bias - m_new, (bq, bk), [0]))
       correction = jnp.exp2(m_i - m_new)
+      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
       l_i = l_i * correction + p.sum(axis=1)
+      p = p.astype(q_ref.dtype)
+      # All of the softmax before the turn (attention_mgpu.py's order, which it measured to matter): the element-wise
+      # work then runs while the other consumer's products do, and none of it delays p.v.
+      acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
       take_turn(lambda: plgpu.barrier_wait(v_barriers.at[slot]))  # the softmax is done: p.v waits for its turn
-      acc = target.accumulate(pl, acc * lax.broadcast_in_dim(correction, acc.shape, [0]),
-                              target.p_operand(p.astype(q_ref.dtype), p_tile), v_smem.at[slot])
-      _release(plgpu, consumed_barriers, slot)  # the products' results are read: wgmma has read k and v
+      acc = target.accumulate(pl, acc, target.p_operand(p, p_tile), v_smem.at[slot])
+      _release(plgpu, consumed_barriers, slot)  # p.v's result is read: wgmma has read v
       return acc, m_new, l_i
 
     def walk():
@@ -496,8 +513,8 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
       return carry
 
     waits = ([k_barriers] + ([kv_seg_barriers] if segments else []), [v_barriers])
-    acc, m_i, l_i = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed_barriers, schedule_barrier, waits,
-                             walk)
+    acc, m_i, l_i = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), (k_consumed_barriers, consumed_barriers),
+                             schedule_barrier, waits, walk)
 
     @pl.when(exists)
     def _():
@@ -570,12 +587,13 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
       slots(), slots(),  # k, v
       slots(_CONSUMERS * _STAGES) if t5 is not None else None,
       slots() if segments else None,
-      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES),  # the slots' releases
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES),  # the slots' releases: k
+      plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=_STAGES),  # the rest
       plgpu.Barrier(num_arrivals=_CONSUMERS),  # the consumers' turns on the tensor cores
   ]
   kernel = functools.partial(_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   return _launch(
-      plgpu, cfg, kernel, scratch, (pl.cdiv(q_len // bq, _CONSUMERS), heads, batch), "q",
+      plgpu, cfg, kernel, scratch, heads, pl.cdiv(q_len // bq, _CONSUMERS), batch, "q",
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
       num_threads=_CONSUMERS + 1,
   )(q, k, v, band, ends, q_seg, kv_seg, kv_range)
@@ -606,9 +624,12 @@ def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, head_di
                      + (" or a bfloat16 T5 table" if table_dtype == jnp.float32 else ""))
 
 
-def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type, num_threads: int | None = None,
-            rows_only_reductions: bool = False):
-  """plgpu.kernel over (blocks, heads, batch), in Mosaic GPU's interpreter if cfg.interpret. scratch: a list (the
+def _launch(plgpu, cfg: Config, kernel, scratch, heads: int, programs: int, batch: int, block_axis: str, out_type,
+            num_threads: int | None = None, rows_only_reductions: bool = False):
+  """plgpu.kernel over (heads, programs, batch), in Mosaic GPU's interpreter if cfg.interpret. Heads vary fastest,
+  as in attention_mgpu.py: the programs running at once then spread over heads instead of all reading one head's
+  blocks; measured 1.15-1.18x faster at S=4,096 (H200, D=64, forward with or without the T5 bias;
+  benchmarks/notes_attention.md), where the Triton kernels lose as much from that order. scratch: a list (the
   forward) or a dict of keyword arguments (the backward's kernels); num_threads warpgroups (axis "wg") if given.
   rows_only_reductions: the kernel only reduces WGMMA tiles along their rows (within warps), so none of the shared
   memory Pallas reserves for cross-warp reductions (2 KiB by default, wherever a kernel reduces) is needed."""
@@ -620,8 +641,8 @@ def _launch(plgpu, cfg: Config, kernel, scratch, grid, block_axis: str, out_type
     from jax._src.pallas.mosaic_gpu.interpret.params import \
         InterpretGPUParams  # pylint: disable=import-outside-toplevel
     interpret = InterpretGPUParams()
-  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
-                      grid_names=(block_axis, "heads", "batch"), num_threads=num_threads,
+  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(heads, programs, batch),
+                      grid_names=("heads", block_axis, "batch"), num_threads=num_threads,
                       thread_name=None if num_threads is None else "wg",
                       compiler_params=plgpu.CompilerParams(**params), interpret=interpret)
 
@@ -713,7 +734,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
             for name, src in (("band", band_ref.at[head, tile]), ("ids", ids_ref.at[tile])):
               _copy_in(plgpu, scratch, name, src, _STAGES * c + slot)
 
-    _produce(plgpu, pl, u_lo, u_hi, fetch, consumed)
+    _produce(plgpu, pl, u_lo, u_hi, ((fetch, consumed),))
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
@@ -805,7 +826,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
       return dq
 
     waits = ([scratch[name + "_barriers"] for name in streamed if name != "v"], [scratch["v_barriers"]])
-    dq = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, None, waits, walk)
+    dq = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), (consumed,), None, waits, walk)
 
     @pl.when(exists)
     def _():
@@ -909,7 +930,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
             tile = lax.div((_CONSUMERS * program + c) * bk - q_block * bq - band_first, band_step)
             _copy_in(plgpu, scratch, "band", band_ref.at[head, pl.ds(tile * bk, bk)], _STAGES * c + slot)
 
-    _produce(plgpu, pl, u_lo, u_hi, fetch, consumed)
+    _produce(plgpu, pl, u_lo, u_hi, ((fetch, consumed),))
 
   @pl.when(wg < _CONSUMERS)
   def _consumer():
@@ -970,7 +991,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       return carry
 
     waits = ([scratch[name + "_barriers"] for name in streamed if name != "do"], [scratch["do_barriers"]])
-    dk, dv = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), consumed, None, waits, walk)
+    dk, dv = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), (consumed,), None, waits, walk)
 
     @pl.when(exists)
     def _():
@@ -1046,7 +1067,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   parts_shape = (batch, heads, q_len // bq, cfg.num_buckets, bq) if t5 is not None else (1,)
   kernel = functools.partial(_dq_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   dq, bucket_rows = _launch(
-      plgpu, cfg, kernel, scratch, (pl.cdiv(q_len // bq, _CONSUMERS), heads, batch), "q",
+      plgpu, cfg, kernel, scratch, heads, pl.cdiv(q_len // bq, _CONSUMERS), batch, "q",
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(parts_shape, jnp.float32)),
       num_threads=_CONSUMERS + 1, rows_only_reductions=True,
   )(q, k, v, dout, lse2, delta, band, ids, ranges, ends, q_seg, kv_seg, kv_range)
@@ -1071,7 +1092,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
                    p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)))
   kernel = functools.partial(_dkv_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   dk, dv = _launch(
-      plgpu, cfg, kernel, scratch, (pl.cdiv(k.shape[1] // bk, _CONSUMERS), heads, batch), "kv",
+      plgpu, cfg, kernel, scratch, heads, pl.cdiv(k.shape[1] // bk, _CONSUMERS), batch, "kv",
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
       num_threads=_CONSUMERS + 1,
   )(q, k, v, dout, lse2, delta, band_t, ends, q_seg, kv_seg, q_range)
