@@ -1,15 +1,17 @@
 """The one seam between the model / trainer and the kernels: which code runs each op is decided here, once per
-model config (`model.attention_impl`, `model.kernel_backend`), and every kernel call goes through here.
+model config (`model.attention_impl`, `model.kernel_backend`; under `auto`, attention's kernel once per call shape),
+and every kernel call goes through here.
 
 | kernel_backend | on a GPU | off a GPU |
 |---|---|---|
-| auto | Triton kernels (attention cases Triton lacks: Pallas) | the jnp references (xla) |
+| auto | Triton kernels (attention: Pallas where Triton lacks the case, Mosaic GPU at head_dim 128 on Hopper) | xla |
 | pallas / triton | those kernels, compiled | their interpreters: exact, slow (said once) |
 | xla | the jnp references | the jnp references |
 
 `auto` follows what measured fastest on the H100 and H200 (benchmarks/README.md): the Triton kernels for attention
 and the fused lm_head loss, and for RMSNorm too, where Pallas measured slightly faster at width 512 but runs on
-JAX's deprecated Pallas-Triton lowering. Flash attention runs only with `attention_impl=flash`; `xla` and `cudnn`
+JAX's deprecated Pallas-Triton lowering; for attention at head_dim 128 on Hopper, from 2,048 tokens, the Mosaic GPU
+kernels (`_auto_attention_backend`). Flash attention runs only with `attention_impl=flash`; `xla` and `cudnn`
 materialize the bias. The kernels' jnp references are the `xla` path, so there is one definition of each op.
 """
 
@@ -28,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fat5_jax import losses
 from fat5_jax.config import ModelConfig
 from fat5_jax.sharding import BATCH_AXES
+from pallas_kernels import common
 from pallas_kernels.attention import flash_attention, reference as attention_reference, triton_supports
 from pallas_kernels.attention.config import key_mask_ids
 from pallas_kernels.cross_entropy import chunked_lm_head_cross_entropy
@@ -35,6 +38,11 @@ from pallas_kernels.rms_norm import (reference as rms_norm_reference, rms_norm a
                                      rms_norm_with_residual)
 
 FASTEST_ON_GPU = "triton"
+# Where `auto` runs the Mosaic GPU attention instead (Hopper, 16-bit inputs, the cases Triton runs): on the H200 at
+# head_dim 128 and 2,048 tokens it took forward + backward 1.22x (not causal) and 1.29x (causal) faster than the
+# Triton kernels; at head_dim 64 it was level or slower (0.91x at 1,024 tokens, 0.98x at 4,096;
+# benchmarks/notes_attention.md). Shorter rows at head_dim 128 were not measured.
+MOSAIC_HEAD_DIM, MOSAIC_FROM_LENGTH = 128, 2048
 ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
 
 
@@ -84,7 +92,8 @@ class Ops:
 
   attention: xla | cudnn | flash. backend: xla | pallas | triton, the resolved kernel backend of every op.
   attention_fallback: the backend for attention cases the Triton kernels lack (ALiBi, FIRE, explicit positions)
-  when `auto` chose Triton; None when the backend was asked for by name (such a case is then an error).
+  when `auto` chose Triton, whose attention calls then each take `_auto_attention_backend`; None when the backend
+  was asked for by name (a case it lacks is then an error).
   """
   attention_impl: str = "xla"
   backend: str = "xla"
@@ -116,9 +125,8 @@ class Ops:
                   kv_positions=kv_positions, **({} if bias is None else bias.as_kwargs()))
     if self._runs_kernel():
       backend = self.backend
-      if backend == "triton" and self.attention_fallback and not triton_supports(
-          alibi_slopes=kwargs.get("alibi_slopes"), bias=kwargs.get("bias"), q_positions=q_positions):
-        backend = self.attention_fallback
+      if self.attention_fallback:
+        backend = _auto_attention_backend(q, k, kwargs, self.attention_fallback)
       return flash_attention(q, k, v, backend=backend, **kwargs)
     if self.attention_impl == "cudnn":
       return _cudnn_attention(q, k, v, **kwargs)
@@ -205,6 +213,18 @@ def ops_for(config: ModelConfig) -> Ops:
     _say_interpreted(backend)
   fallback = "pallas" if config.kernel_backend == "auto" and backend == "triton" else None
   return Ops(attention_impl=config.attention_impl, backend=backend, attention_fallback=fallback)
+
+
+def _auto_attention_backend(q, k, kwargs: dict, fallback: str) -> str:
+  """`auto`'s attention kernel for one call: Triton's where it runs the case, else `fallback`; on Hopper the Mosaic
+  GPU kernels for 16-bit inputs at MOSAIC_HEAD_DIM from MOSAIC_FROM_LENGTH tokens on both sides."""
+  if not triton_supports(alibi_slopes=kwargs.get("alibi_slopes"), bias=kwargs.get("bias"),
+                         q_positions=kwargs.get("q_positions")):
+    return fallback
+  if (common.device_capability()[0] == 9 and q.shape[3] == MOSAIC_HEAD_DIM and jnp.dtype(q.dtype).itemsize == 2
+      and min(q.shape[1], k.shape[1]) >= MOSAIC_FROM_LENGTH):
+    return "mosaic"
+  return "triton"
 
 
 @functools.lru_cache(maxsize=None)

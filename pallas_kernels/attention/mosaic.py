@@ -45,14 +45,15 @@ and `pl.run_state`: compiled, the forward's p.v and the backward's dq, dk and dv
 `attention_mgpu.py`; interpreted, a product goes to a fresh accumulator and is added to the running one in
 registers.
 
-Speed (H200, D=64, T5 bias): the forward at 0.75-0.79x cuDNN without bias; forward + backward 199 TFLOP/s at S=1,024 and
-292 at 4,096, 0.65-0.69x cuDNN and 0.90-0.92x the Triton kernel (benchmarks/notes_attention.md). The table gradient's
+Speed (H200, T5 bias, benchmarks/notes_attention.md): at D=64 the forward at 0.83-0.93x cuDNN without bias and
+1.05-1.08x the Triton forward (S=1,024 to 4,096), forward + backward 0.91-0.98x the Triton kernels; at D=128 (S=2,048)
+forward + backward 1.22x (not causal) and 1.29x (causal) the Triton kernels. The table gradient's
 band sums are still one masked row sum of the tile per bucket the tile holds (only those since the bucket ranges per
 shift: e.g. 61 instead of 160 over the five band shifts of max_distance 128 in 64 x 64 tiles, bidirectional; little
 fewer where one tile holds nearly every bucket, as the diagonal tile of a causal max_distance 40), not a cheaper
 contraction; no tuning. The interpreter runs each kernel's three warpgroups as concurrent XLA:CPU executions:
-tests/conftest.py widens XLA's CPU thread pool for them. `flash_attention(..., backend="mosaic")` runs it; nothing
-chooses it by default, as it is not the fastest.
+tests/conftest.py widens XLA's CPU thread pool for them. `flash_attention(..., backend="mosaic")` runs it, and the
+model's `kernel_backend=auto` where it measured faster (head_dim 128 on Hopper: fat5_jax/ops.py).
 
 Mosaic GPU is imported when a kernel is built, so importing this module needs no GPU.
 """
