@@ -594,7 +594,7 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
   ]
   kernel = functools.partial(_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   return _launch(
-      plgpu, cfg, kernel, scratch, heads, pl.cdiv(q_len // bq, _CONSUMERS), batch, "q",
+      plgpu, cfg, "attention_fwd", kernel, scratch, heads, pl.cdiv(q_len // bq, _CONSUMERS), batch, "q",
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
       num_threads=_CONSUMERS + 1,
   )(q, k, v, band, ends, q_seg, kv_seg, kv_range)
@@ -625,15 +625,17 @@ def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, head_di
                      + (" or a bfloat16 T5 table" if table_dtype == jnp.float32 else ""))
 
 
-def _launch(plgpu, cfg: Config, kernel, scratch, heads: int, programs: int, batch: int, block_axis: str, out_type,
-            num_threads: int | None = None, rows_only_reductions: bool = False):
+def _launch(plgpu, cfg: Config, name: str, kernel, scratch, heads: int, programs: int, batch: int, block_axis: str,
+            out_type, num_threads: int | None = None, rows_only_reductions: bool = False):
   """plgpu.kernel over (heads, programs, batch), in Mosaic GPU's interpreter if cfg.interpret. Heads vary fastest,
   as in attention_mgpu.py: the programs running at once then spread over heads instead of all reading one head's
   blocks; measured 1.15-1.18x faster at S=4,096 (H200, D=64, forward with or without the T5 bias;
   benchmarks/notes_attention.md), where the Triton kernels lose as much from that order. scratch: a list (the
   forward) or a dict of keyword arguments (the backward's kernels); num_threads warpgroups (axis "wg") if given.
   rows_only_reductions: the kernel only reduces WGMMA tiles along their rows (within warps), so none of the shared
-  memory Pallas reserves for cross-warp reductions (2 KiB by default, wherever a kernel reduces) is needed."""
+  memory Pallas reserves for cross-warp reductions (2 KiB by default, wherever a kernel reduces) is needed. `name`
+  names the compiled kernel (`{name}_mosaic_gpu_kernel` in profiles), which Mosaic GPU takes from `__name__`."""
+  kernel.__name__ = name
   params = dict(approx_math=True)
   if rows_only_reductions:
     params.update(reduction_scratch_bytes=0)
@@ -1068,7 +1070,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   parts_shape = (batch, heads, q_len // bq, cfg.num_buckets, bq) if t5 is not None else (1,)
   kernel = functools.partial(_dq_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   dq, bucket_rows = _launch(
-      plgpu, cfg, kernel, scratch, heads, pl.cdiv(q_len // bq, _CONSUMERS), batch, "q",
+      plgpu, cfg, "attention_dq", kernel, scratch, heads, pl.cdiv(q_len // bq, _CONSUMERS), batch, "q",
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(parts_shape, jnp.float32)),
       num_threads=_CONSUMERS + 1, rows_only_reductions=True,
   )(q, k, v, dout, lse2, delta, band, ids, ranges, ends, q_seg, kv_seg, kv_range)
@@ -1093,7 +1095,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
                    p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)))
   kernel = functools.partial(_dkv_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   dk, dv = _launch(
-      plgpu, cfg, kernel, scratch, heads, pl.cdiv(k.shape[1] // bk, _CONSUMERS), batch, "kv",
+      plgpu, cfg, "attention_dkv", kernel, scratch, heads, pl.cdiv(k.shape[1] // bk, _CONSUMERS), batch, "kv",
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
       num_threads=_CONSUMERS + 1,
   )(q, k, v, dout, lse2, delta, band_t, ends, q_seg, kv_seg, q_range)

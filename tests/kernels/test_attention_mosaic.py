@@ -233,6 +233,8 @@ def test_compiled_kernels_lower_for_cuda(case, table_dtype):
 
   text = forward_and_backward.trace(*args, q, lse).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 3, text.count("mosaic_gpu")
+  for name in ("attention_fwd", "attention_dq", "attention_dkv"):  # the names profiles show
+    assert name in text, name
 
 
 @pytest.mark.parametrize("head_dim", mosaic.HEAD_DIMS)
