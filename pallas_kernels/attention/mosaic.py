@@ -9,11 +9,11 @@ for rows that see no key, partial table gradients per q block), written with Mos
   consumer warpgroup, which copies its q once by TMA into swizzled shared memory; a producer warpgroup streams k, v
   (the key segment ids with segments, each consumer's bias tile in its band) through two shared memory slots,
   refilling a slot's k once both consumers' q.k^T have read it and the rest once their p.v have, so the copies of
-  the next blocks run while the consumers compute; q.k^T and p.v are wgmma's into float32 accumulators, the
-  consumers taking turns on the tensor cores (FlashAttention-3's ping-pong). Both consumers walk the union of their kv loops (the other's blocks only awaited
-  and released: every barrier phase is observed by each of its waiters). Two slots only: a float32 band tile per
-  consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks. The skeleton (`_own_loops`,
-  `_this_loop`, `_produce`, `_consume`) is shared with both backward kernels.
+  the next blocks run while the consumers compute; q.k^T and p.v are wgmma's into float32 accumulators, the consumers
+  taking turns on the tensor cores (FlashAttention-3's ping-pong). Both consumers walk the union of their kv loops (the
+  other's blocks only awaited and released: every barrier phase is observed by each of its waiters). Two slots only: a
+  float32 band tile per consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks. The skeleton
+  (`_own_loops`, `_this_loop`, `_produce`, `_consume`) is shared with both backward kernels.
 - backward, dq kernel, warp specialized as the forward: two q blocks per program, one per consumer warpgroup (q, do,
   lse, delta once), a producer streaming k, v (key segment ids, each consumer's band tile and tile of bucket ids) of the
   union of their kv loops through two slots; q.k^T, do.v^T and ds.k are wgmma's, dq accumulated in place; no ping-pong
