@@ -83,3 +83,10 @@ def band_tiles(vector: jax.Array, max_distance: int, bq: int, bk: int) -> jax.Ar
   md = max_distance
   index = np.clip(shifts[:, None, None] + np.arange(bk)[None, None, :] - np.arange(bq)[None, :, None], -md, md)
   return vector[:, (index + md).reshape(count * bq, bk)]
+
+
+def sum_into_buckets(sums: jax.Array, slot_buckets: np.ndarray, buckets_padded: int) -> jax.Array:
+  """[H, buckets_padded]: the per-slot table gradient sums [H, slots] added up per bucket (slot_buckets [slots]), as a
+  float32 matmul with a one-hot matrix: deterministic where a scatter-add is not on a GPU."""
+  one_hot = (slot_buckets[:, None] == np.arange(buckets_padded)).astype(np.float32)
+  return jnp.dot(sums, one_hot, precision=jax.lax.Precision.HIGHEST)

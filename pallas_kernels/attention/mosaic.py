@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import common
-from pallas_kernels.attention.buckets import band_shifts, band_tiles
+from pallas_kernels.attention.buckets import band_shifts, band_tiles, sum_into_buckets
 from pallas_kernels.attention.config import Config, T5Inputs, segment_block_ranges
 
 HEAD_DIMS = (64, 128)
@@ -225,6 +225,16 @@ def _matmul(plgpu, pl, a, b, shape, while_running=None):
     return acc_ref[...]
 
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def _matmuls(plgpu, pl, products, shape):
+  """[a @ b for a, b in products], the wgmma's issued together into fresh float32 accumulators: one wait for all."""
+  def body(*acc_refs):
+    for acc_ref, (a, b) in zip(acc_refs, products):
+      plgpu.wgmma(acc_ref, a, b)
+    return tuple(acc_ref[...] for acc_ref in acc_refs)
+
+  return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for _ in products))
 
 
 def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start, q_seg, k_seg):
@@ -612,17 +622,23 @@ def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, head_di
   """Refuse, when `backward` is traced, blocks whose compiled `kernel` (scratch without the interpreter's staging
   tiles) overflows shared memory: the lowering's own error comes at compilation and names no block. Interpreted
   too, so that CPU runs refuse what the GPU would."""
-  used = sum(_MBARRIER_BYTES * int(np.prod(x.num_barriers)) if isinstance(x, plgpu.Barrier)
-             else -(-int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
-             for x in scratch.values())
+  def size(x, itemsize=None):
+    if isinstance(x, plgpu.Barrier):
+      return _MBARRIER_BYTES * int(np.prod(x.num_barriers))
+    itemsize = itemsize or jnp.dtype(x.dtype).itemsize
+    return -(-int(np.prod(x.shape)) * itemsize // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
+
+  used = sum(size(x) for x in scratch.values())
   available = getattr(jax.local_devices()[0], "shared_memory_per_block_optin", _SMEM_LIMIT)
   if used > available:
     table = "no bias" if table_dtype is None else f"a {jnp.dtype(table_dtype).name} T5 table"
     setting = f"head_dim {head_dim}, {table}" + (", segment ids" if segments else "")
+    band = scratch.get("band_smem")
+    bf16_fits = band is not None and band.dtype == jnp.float32 and used - size(band) + size(band, 2) <= available
     raise ValueError(f"the Mosaic GPU backward's {kernel} kernel needs {used:,} bytes of shared memory at "
                      f"block_q_bwd={cfg.blocks.block_q_bwd}, block_k_bwd={cfg.blocks.block_k_bwd} ({setting}), more "
                      f"than the {available:,} available: use smaller backward blocks (64 is the smallest)"
-                     + (" or a bfloat16 T5 table" if table_dtype == jnp.float32 else ""))
+                     + (" or a bfloat16 T5 table" if bf16_fits else ""))
 
 
 def _launch(plgpu, cfg: Config, name: str, kernel, scratch, heads: int, programs: int, batch: int, block_axis: str,
@@ -688,8 +704,8 @@ def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, 
 
 
 def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
-               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ids_ref, ranges_ref, ends_ref, q_seg_ref,
-               kv_seg_ref, kv_range_ref, dq_ref, parts_ref, **scratch):
+               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref,
+               kv_range_ref, dq_ref, band_ds_ref, far_ref, **scratch):
   """dq of two q blocks of one (batch, head) over the kv loop of the forward (triton._attention_dq_kernel), warp
   specialized as the forward (`_kernel`): consumer warpgroup c < _CONSUMERS owns q block _CONSUMERS * program + c
   (q, do, lse, delta, query segment ids copied once) and walks its kv loop (`_kv_loop`: far left, band, far
@@ -714,7 +730,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
   bq, bk = s.block_q, s.block_k
   program, head, batch, wg = (lax.axis_index(name) for name in ("q", "heads", "batch", "wg"))
   q_blocks = s.q_len // bq
-  band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
+  band_first, band_step, band_count = band_shifts(cfg.max_distance, bq, bk)
   consumed = scratch["consumed_barriers"]
   streamed = ("k", "v") + (("kv_seg",) if segments else ())
 
@@ -734,8 +750,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
           @pl.when((kv_block >= band_lo) & (kv_block < band_hi))
           def _():
             tile = pl.ds(lax.div(kv_block * bk - (_CONSUMERS * program + c) * bq - band_first, band_step) * bq, bq)
-            for name, src in (("band", band_ref.at[head, tile]), ("ids", ids_ref.at[tile])):
-              _copy_in(plgpu, scratch, name, src, _STAGES * c + slot)
+            _copy_in(plgpu, scratch, "band", band_ref.at[head, tile], _STAGES * c + slot)
 
     _produce(plgpu, pl, u_lo, u_hi, ((fetch, consumed),))
 
@@ -749,9 +764,9 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
     lo, hi, first_masked, band_lo, band_hi = _this_loop(wg, loops, u_hi)
     q_tile, do_tile = scratch["q_smem"].at[wg], scratch["do_smem"].at[wg]
     p_tile = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
-    t_tile = scratch["t_smem"].at[wg] if "t_smem" in scratch else None
-    rows_smem = scratch["rows_smem"].at[wg]  # lse, delta; then the table gradient's rows (parts)
-    take_turn = functools.partial(_take_turn, plgpu, None)  # no turns: slower here (the note under _STAGES)
+    # (interpreted: k and v transposed into two staging tiles, both read by the products issued together)
+    t_k, t_v = (scratch["t_smem"].at[wg, i] for i in range(2)) if "t_smem" in scratch else (None, None)
+    rows_smem = scratch["rows_smem"].at[wg]  # lse, delta
     resident = (("q", q_ref.at[batch, rows, head], None), ("do", do_ref.at[batch, rows, head], None),
                 ("lse", lse_ref.at[batch, head, rows], rows_smem.at[0]),
                 ("delta", delta_ref.at[batch, head, rows], rows_smem.at[1]),
@@ -762,74 +777,53 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
     # (unread garbage without a q block: nothing uses it)
     lse, delta = target.load(rows_smem.at[0], target.row), target.load(rows_smem.at[1], target.row)
     q_seg = target.load(scratch["q_seg_smem"].at[wg], target.row) if segments else None
-    parts_smem = rows_smem if t5 else None  # lse and delta are in registers: the rows take the row sums
 
-    def tiles(kv_block, carry, far_bias, band: bool, masked: bool, bucket):
-      """One kv block: dq += ds.k, and the table gradient's row sums (`bucket`: a far region's bucket, whose sum is
-      carried, or None)."""
+    def tiles(kv_block, carry, far_bias, band: bool, masked: bool, side):
+      """One kv block: dq += ds.k, and the table gradient's parts: a band tile's ds, or a far tile's row sums (side
+      0 or 1: far left or right, carried), or nothing (side None)."""
       dq, far = carry
       slot = lax.rem(kv_block, jnp.int32(_STAGES))
       plgpu.barrier_wait(scratch["k_barriers"].at[slot])
       k_tile = scratch["k_smem"].at[slot]
-      raw = _matmul(plgpu, pl, q_tile, target.transposed(k_tile, t_tile), (bq, bk), take_turn)
+      plgpu.barrier_wait(scratch["v_barriers"].at[slot])
+      # q.k^T and do.v^T issued together, one wait for both (measured 3.41 -> 3.26 ms at S=4,096, H200, D=64).
+      raw, dp = _matmuls(plgpu, pl, ((q_tile, target.transposed(k_tile, t_k)),
+                                     (do_tile, target.transposed(scratch["v_smem"].at[slot], t_v))), (bq, bk))
       p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 0, q_start,
                                   kv_block * bk, (q_seg, "kv_seg") if segments else None,
                                   band_slot=_STAGES * wg + slot)
-      take_turn(lambda: plgpu.barrier_wait(scratch["v_barriers"].at[slot]))  # p is done: the products' turn
-      dp = _matmul(plgpu, pl, do_tile, target.transposed(scratch["v_smem"].at[slot], t_tile), (bq, bk))
       ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # gradient of the natural-log logits and bias
       dq = target.accumulate(pl, dq, target.p_operand(ds.astype(q_ref.dtype), p_tile), k_tile)
       if band:
-        # The tile of shift kv_block * bk - q_start holds only the distances shift - (bq - 1) ... shift + bk - 1,
-        # and buckets are monotone in the distance on each side of 0: its buckets are one or two ranges
-        # (ranges_ref [count, 4], from its tile of ids), not all num_buckets. One masked row sum per bucket of
-        # those ranges, added to that bucket's row of this consumer's parts_smem (read-modify-write, the bucket
-        # dynamic); the others would add exactly 0, so the sums are the same, in the same order. Masked sums per
-        # band tile: its number of buckets (max_distance 128, 64 x 64 tiles: 2, 15, 27, 15, 2 over the five
-        # shifts, 61 instead of 160; causal, over the three shifts it visits: 6, 31, 27, 64 instead of 96;
-        # max_distance 40: 61 / 96 bidirectional, 63 / 64 causal), each for 2 row accesses of shared memory (a
-        # few registers a thread), plus 4 scalar loads and one warpgroup barrier per tile; and a far row vector
-        # carried in registers instead of num_buckets row vectors (2 * num_buckets registers a thread at bq = 64).
-        plgpu.barrier_wait(scratch["ids_barriers"].at[_STAGES * wg + slot])
-        ids = target.load(scratch["ids_smem"].at[_STAGES * wg + slot], target.tile).astype(jnp.int32)
-        shift = lax.div(kv_block * bk - q_start - band_first, band_step)
-        plgpu.commit_smem()  # the rows' last writers (replicas of a row, other threads) are seen by their readers
-
-        def add(b, unused):
-          row = parts_smem.at[b]
-          row[...] = target.load(row, target.row) + jnp.where(ids == b, ds, 0.0).sum(axis=1)
-          return unused
-
-        for r in range(2):
-          lax.fori_loop(ranges_ref[shift, 2 * r], ranges_ref[shift, 2 * r + 1], add, ())
-      elif bucket is not None:
+        # The table gradient of a band tile is the sum of ds over each bucket's pairs, whose distances run along
+        # the tile's diagonals: no sum of Mosaic GPU's (along rows or columns) takes them apart, and one masked sum
+        # per bucket cost 0.7 ms of 3.3 at S=4,096 (benchmarks/notes_attention.md). So the tile goes out whole,
+        # from registers to band_ds_ref[batch, head, q_block, shift], and `backward` sums the tiles of all
+        # programs, then maps them to buckets with one matmul.
+        band_ds_ref.at[batch, head, q_block, lax.div(kv_block * bk - q_start - band_first, band_step)][...] = ds
+      elif side is not None:
         far = far + ds.sum(axis=1)
-      _release(plgpu, consumed, slot)  # the products' results and the ids are read: wgmma has read k and v
+      _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read k and v
       return dq, far
 
     def walk():
       dq = target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile)
-      if t5:  # the row sums accumulate in parts_smem [num_buckets, bq], copied out once
-        plgpu.commit_smem()  # (lse and delta, read from the rows, are in registers)
-        parts_smem[...] = jnp.zeros((cfg.num_buckets, bq), jnp.float32)
-        left, right = cfg.end_buckets()
-        regions = ((lo, band_lo, ends_ref[head, 0], False, left), (band_lo, band_hi, 0.0, True, None),
-                   (band_hi, hi, ends_ref[head, 1], False, right))
+      if t5:  # far regions: the row sums of their tiles (one bucket each: `backward` adds them to it)
+        regions = ((lo, band_lo, ends_ref[head, 0], False, 0), (band_lo, band_hi, 0.0, True, None),
+                   (band_hi, hi, ends_ref[head, 1], False, 1))
       else:
         regions = ((lo, hi, 0.0, False, None),)
-      for start, stop, far_bias, band, bucket in regions:
-        far = ()
-        if bucket is not None:  # a far region's bucket sum in registers, from and back to its row (same order)
-          plgpu.commit_smem()
-          far = target.load(parts_smem.at[bucket], target.row)
-        dq, far = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band, bucket=bucket), (dq, far),
+      fars = []
+      for start, stop, far_bias, band, side in regions:
+        far = () if side is None else target.cast(jnp.zeros((bq,), jnp.float32), target.row)
+        dq, far = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band, side=side), (dq, far),
                                start, stop, first_masked, cfg.causal, segments, masked_first=False)
-        if bucket is not None:
-          parts_smem.at[bucket][...] = far
-      return dq
+        if side is not None:
+          fars.append(far)
+      return dq, fars
 
     waits = ([scratch[name + "_barriers"] for name in streamed if name != "v"], [scratch["v_barriers"]])
-    dq = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), (consumed,), None, waits, walk)
+    dq, fars = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), (consumed,), None, waits, walk)
 
     @pl.when(exists)
     def _():
@@ -837,25 +831,18 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
       if t5:
-        plgpu.copy_smem_to_gmem(parts_smem, parts_ref.at[batch, head, q_block])
+        for side, far in enumerate(fars):
+          far_ref.at[batch, head, q_block, side][...] = far
+        zeros = target.cast(jnp.zeros((bq, bk), jnp.float32), target.tile)
+        for shift in range(band_count):  # the band tiles this q block did not visit are zeros (`backward` sums all)
+          key = q_start + band_first + shift * band_step  # the tile's first key, if a kv block starts there
+          visited = (key >= band_lo * bk) & (key < band_hi * bk) & (lax.rem(key - band_lo * bk, bk) == 0)
+
+          @pl.when(~visited)
+          def _():
+            band_ds_ref.at[batch, head, q_block, shift][...] = zeros
+
       plgpu.wait_smem_to_gmem(0)
-
-
-def _bucket_ranges(ids, bq: int):
-  """[count, 4] int32: per band shift, two bucket ranges [r0, r1), [r2, r3) that cover the bucket ids of its tile
-  (of ids [count * bq, bk]): the ids' runs of consecutive values, at most two (T5 buckets are monotone in the
-  distance on each side of 0); more runs would be covered by merging all but the last (still exact: the buckets
-  in between add 0)."""
-  ranges = []
-  for tile in ids.reshape(-1, bq, ids.shape[-1]):
-    present = np.unique(tile)
-    cut = np.flatnonzero(np.diff(present) > 1)
-    starts, stops = np.append(present[:1], present[cut + 1]), np.append(present[cut] + 1, present[-1:] + 1)
-    if len(starts) == 1:
-      ranges.append((starts[0], stops[0], stops[0], stops[0]))
-    else:
-      ranges.append((starts[0], stops[-2], starts[-1], stops[-1]))
-  return np.asarray(ranges, np.int32)
 
 
 def _q_band_bounds(k_start, lo, hi, s: Shape, max_distance: int):
@@ -1021,15 +1008,9 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   bq, bk = s.block_q, s.block_k
   placeholder = jnp.zeros((1, 1), jnp.float32)
   segments = q_seg is not None
-  band = band_t = ends = ids = ranges = placeholder
-  # 8-bit bucket ids: a quarter of an int32 tile's shared memory and copy bytes (a 64 x 64 tile per consumer and
-  # slot: 16 KiB instead of 64); widened to int32 in registers once per tile. 64-key rows take a 64-byte swizzle
-  # (`_smem_tile`).
-  ids_dtype = jnp.int8 if cfg.num_buckets <= 128 else jnp.int16
-  if t5 is not None:  # far biases [H, 2]; the bucket ids of the band tiles' pairs [count * bq, bk], their ranges
+  band = band_t = ends = placeholder
+  if t5 is not None:  # far biases [H, 2]
     ends = t5.vector[:, jnp.array([0, 2 * cfg.max_distance])]
-    bucket_ids = np.asarray(band_tiles(cfg.lut()[None], cfg.max_distance, bq, bk)[0])
-    ids, ranges = jnp.asarray(bucket_ids.astype(ids_dtype)), jnp.asarray(_bucket_ranges(bucket_ids, bq))
     band = t5.band
     band_t = band.reshape(heads, -1, bq, bk).swapaxes(2, 3).reshape(heads, -1, bq)  # [keys, queries] tiles
   kv_range = q_range = jnp.zeros((1, 1, 2), jnp.int32)
@@ -1055,25 +1036,26 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
                    kv_seg_smem=plgpu.SMEM((_STAGES, bk), jnp.int32), kv_seg_barriers=slots())
   if t5 is not None:
     scratch.update(band_smem=tile((_CONSUMERS * _STAGES, bq, bk), band.dtype),
-                   band_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES),
-                   ids_smem=tile((_CONSUMERS * _STAGES, bq, bk), ids_dtype),
-                   ids_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES))
-  # Per consumer, rows 0 and 1 take lse and delta, then (T5) the table gradient's [num_buckets, bq] row sums: Pallas
-  # aligns every scratch buffer to 1,024 bytes, and at D=128 (a float32 table, segment ids) separate lse and delta
-  # buffers would overflow shared memory.
-  scratch.update(rows_smem=plgpu.SMEM((_CONSUMERS, cfg.num_buckets if t5 is not None else 2, bq), jnp.float32))
+                   band_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES))
+  # Per consumer, rows 0 and 1 take lse and delta: Pallas aligns every scratch buffer to 1,024 bytes, and at D=128
+  # (a float32 table, segment ids) separate lse and delta buffers would overflow shared memory.
+  scratch.update(rows_smem=plgpu.SMEM((_CONSUMERS, 2, bq), jnp.float32))
   table_dtype = None if t5 is None else band.dtype
   _check_shared_memory(plgpu, cfg, scratch, "dq", head_dim, table_dtype, segments)
   if cfg.interpret:
-    scratch.update(t_smem=target.t_scratch(bk, head_dim, k.dtype, (_CONSUMERS,)),
+    scratch.update(t_smem=target.t_scratch(bk, head_dim, k.dtype, (_CONSUMERS, 2)),
                    p_smem=target.p_scratch(bq, bk, q.dtype, (_CONSUMERS,)))
-  parts_shape = (batch, heads, q_len // bq, cfg.num_buckets, bq) if t5 is not None else (1,)
+  _, _, band_count = band_shifts(cfg.max_distance, bq, bk)
+  q_blocks = q_len // bq
+  band_ds_shape, far_shape = (((batch, heads, q_blocks, band_count, bq, bk), (batch, heads, q_blocks, 2, bq))
+                              if t5 is not None else ((1,), (1,)))
   kernel = functools.partial(_dq_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
-  dq, bucket_rows = _launch(
-      plgpu, cfg, "attention_dq", kernel, scratch, heads, pl.cdiv(q_len // bq, _CONSUMERS), batch, "q",
-      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(parts_shape, jnp.float32)),
+  dq, band_ds, far_sums = _launch(
+      plgpu, cfg, "attention_dq", kernel, scratch, heads, pl.cdiv(q_blocks, _CONSUMERS), batch, "q",
+      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(band_ds_shape, jnp.float32),
+       jax.ShapeDtypeStruct(far_shape, jnp.float32)),
       num_threads=_CONSUMERS + 1, rows_only_reductions=True,
-  )(q, k, v, dout, lse2, delta, band, ids, ranges, ends, q_seg, kv_seg, kv_range)
+  )(q, k, v, dout, lse2, delta, band, ends, q_seg, kv_seg, kv_range)
 
   # dk/dv kernel, warp specialized: k, v (kv_seg) once per consumer; q, do, lse, delta (q_seg) in _STAGES slots, a
   # transposed band tile per consumer and slot.
@@ -1100,7 +1082,11 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
       num_threads=_CONSUMERS + 1,
   )(q, k, v, dout, lse2, delta, band_t, ends, q_seg, kv_seg, q_range)
 
-  parts = None
-  if t5 is not None:  # the row sums of each program, summed, and padded to buckets_padded
-    parts = jnp.pad(bucket_rows.sum(-1), ((0, 0),) * 3 + ((0, cfg.buckets_padded - cfg.num_buckets),))
-  return dq, dk, dv, parts
+  if t5 is None:
+    return dq, dk, dv, None
+  # The band tiles' ds and the far row sums of all programs, summed, then per bucket: each pair of a band tile
+  # holds its bucket id (`band_tiles` of the bucket table), the far sums the end buckets.
+  bucket_ids = np.asarray(band_tiles(cfg.lut()[None], cfg.max_distance, bq, bk)[0]).reshape(-1)
+  sums = jnp.concatenate([band_ds.sum((0, 2)).reshape(heads, -1), far_sums.sum((0, 2, 4))], axis=1)
+  dtable = sum_into_buckets(sums, np.concatenate([bucket_ids, cfg.end_buckets()]), cfg.buckets_padded)
+  return dq, dk, dv, dtable[None, :, None, :]

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from pallas_kernels import common
-from pallas_kernels.attention.buckets import band_shifts
+from pallas_kernels.attention.buckets import band_shifts, sum_into_buckets
 from pallas_kernels.attention.config import Config, segment_block_ranges
 
 _MASK = tl.constexpr(common.MASK)
@@ -593,7 +593,5 @@ def backward(cfg: Config, q, k, v, t5, slopes2, bias, q_seg, kv_seg, q_pos, kv_p
       grid=(k.shape[1] // bk, batch * heads), **launch)
   if not t5_bias:
     return dq, dk, dv, None
-  # Slots to buckets: a float32 matmul with a one-hot matrix, deterministic where a scatter-add is not on a GPU.
-  one_hot = (slot_buckets[:, None] == np.arange(cfg.buckets_padded)).astype(np.float32)
-  dtable = jnp.dot(jnp.sum(slots, axis=(0, 2)), one_hot, precision=jax.lax.Precision.HIGHEST)
+  dtable = sum_into_buckets(jnp.sum(slots, axis=(0, 2)), slot_buckets, cfg.buckets_padded)
   return dq, dk, dv, dtable[None, :, None, :]

@@ -23,7 +23,7 @@ pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params",
 
 # pylint: disable=wrong-import-position
 from pallas_kernels import common
-from pallas_kernels.attention import buckets, mosaic, reference, tuning
+from pallas_kernels.attention import mosaic, reference, tuning
 from pallas_kernels.attention.config import Config, kernel_inputs
 from pallas_kernels.attention.tuning import BlockSizes
 from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
@@ -51,9 +51,6 @@ CASES = {
     "packed": (128, False, None, 0, True, (64, 64)),
 }
 BATCH, HEADS, LENGTH = 1, 2, 256
-# The backward's 128-row or 128-key blocks with a float32 table overflow the compiled dq kernel's shared memory
-# (`test_backward_refuses_blocks_that_overflow_shared_memory`); with a bfloat16 one they fit at D=64.
-BACKWARD_TABLE_DTYPES = {"t5_wide_kv_blocks": jnp.bfloat16, "t5_tall_q_blocks": jnp.bfloat16}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -175,8 +172,7 @@ def test_forward_with_an_odd_number_of_q_blocks(case, monkeypatch):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward_matches_reference(case):
-  cfg, (q, k, v, table, ids), ref_kwargs = _case(case, seed=len(case), interpret=INTERPRETED,
-                                                 table_dtype=BACKWARD_TABLE_DTYPES.get(case))
+  cfg, (q, k, v, table, ids), ref_kwargs = _case(case, seed=len(case), interpret=INTERPRETED)
   wide = lambda x: x.astype(jnp.float32)
   reference_fn = lambda q, k, v, table: reference.attention(q, k, v, rpe_table=table, return_lse=True, **ref_kwargs)
   (ref_out, ref_lse), vjp = jax.vjp(reference_fn, wide(q), wide(k), wide(v), None if table is None else wide(table))
@@ -214,15 +210,14 @@ def test_backward_with_an_odd_number_of_blocks(case, monkeypatch):
   test_backward_matches_reference(case)
 
 
-@pytest.mark.parametrize("case, table_dtype", [("plain", None), ("t5_causal", None), ("t5_head_dim_128", None),
-                                               ("t5_bf16_table", None), ("t5_packed_causal", None),
-                                               ("t5_tall_q_blocks", jnp.bfloat16), ("t5_wide_kv_blocks", jnp.bfloat16)])
-def test_compiled_kernels_lower_for_cuda(case, table_dtype):
+@pytest.mark.parametrize("case", ["plain", "t5_causal", "t5_head_dim_128", "t5_bf16_table", "t5_packed_causal",
+                                  "t5_tall_q_blocks", "t5_wide_kv_blocks"])
+def test_compiled_kernels_lower_for_cuda(case):
   """The compiled variants of the three kernels (with what the interpreter cannot run: layouts, operands read
   transposed by wgmma, p and ds in registers) go through the Pallas -> Mosaic GPU lowering, down to NVVM
   operations (wgmma, TMA, mbarriers), on a CPU: this catches unsupported layouts, operands and shared memory
-  overflows without a GPU. 128-row and 128-key blocks with a bf16 table, as the backward test runs them."""
-  cfg, args, _ = _case(case, seed=0, interpret=False, table_dtype=table_dtype)
+  overflows without a GPU."""
+  cfg, args, _ = _case(case, seed=0, interpret=False)
   q = args[0]
   lse = jnp.zeros((BATCH, HEADS, LENGTH), jnp.float32)
 
@@ -266,17 +261,20 @@ def test_compiled_backward_fits_shared_memory_at_default_blocks(head_dim):
 
 
 @pytest.mark.parametrize("interpret", [False, True])
-@pytest.mark.parametrize("case, needed, blocks", [("t5_tall_q_blocks", "295,088", "block_q_bwd=128, block_k_bwd=64"),
-                                                  ("t5_wide_kv_blocks", "278,704", "block_q_bwd=64, block_k_bwd=128")])
-def test_backward_refuses_blocks_that_overflow_shared_memory(case, needed, blocks, interpret):
-  """128-row (128-key) backward blocks with a float32 table at D=64: the dq kernel's band and bucket-id tiles (one
-  per consumer and slot) overflow shared memory. `backward` says so, naming the blocks, when traced (Mosaic GPU's
-  own error comes at compilation), interpreted too; the bytes are those the H200 reported compiling them."""
-  cfg, args, _ = _case(case, seed=0, interpret=interpret)
+@pytest.mark.parametrize("blocks, needed", [((128, 64), "329,872"), ((64, 128), "328,848")])
+def test_backward_refuses_blocks_that_overflow_shared_memory(blocks, needed, interpret):
+  """128-row (128-key) backward blocks at D=128 with a float32 table: the dq kernel's resident q and do tiles, its
+  k and v slots and its band tiles (one per consumer and slot) overflow shared memory. `backward` says so, naming
+  the blocks, when traced (Mosaic GPU's own error comes at compilation), interpreted too."""
+  cfg, args, _ = _case("t5_head_dim_128", seed=0, interpret=interpret)
+  cfg = dataclasses.replace(cfg, blocks=BlockSizes(64, 64, *blocks))
   lse = jnp.zeros((BATCH, HEADS, LENGTH), jnp.float32)
-  message = f"dq kernel needs {needed} bytes of shared memory at {blocks} (head_dim 64, a float32 T5 table)"
-  with pytest.raises(ValueError, match=re.escape(message)):
+  message = (f"dq kernel needs {needed} bytes of shared memory at block_q_bwd={blocks[0]}, block_k_bwd={blocks[1]} "
+             "(head_dim 128, a float32 T5 table), more than the 232,448 available: use smaller backward blocks (64 "
+             "is the smallest)")
+  with pytest.raises(ValueError, match=re.escape(message)) as refused:
     _gradients(cfg).trace(*args, args[0], lse, args[0], lse)
+  assert "bfloat16" not in str(refused.value)  # a bfloat16 table would not fit either: not suggested
 
 
 def test_rejects_what_it_does_not_support():
@@ -295,20 +293,3 @@ def test_rejects_what_it_does_not_support():
     mosaic.check(jnp.zeros((1, 64, 1, 32), jnp.bfloat16), jnp.zeros((1, 64, 1, 32), jnp.bfloat16), plain)
   with pytest.raises(ValueError, match="16-bit"):
     mosaic.check(q.astype(jnp.float32), q.astype(jnp.float32), plain)
-
-
-@pytest.mark.parametrize("bidirectional", [True, False])
-@pytest.mark.parametrize("max_distance, blocks", [(40, (64, 64)), (128, (64, 64)), (128, (128, 64)), (128, (64, 128))])
-def test_band_bucket_ranges_are_the_tiles_buckets(bidirectional, max_distance, blocks):
-  """The dq kernel sums a band tile's ds only over the bucket ranges of its shift: they must hold every bucket id
-  of the tile (a missing one drops its gradient) and here, T5 buckets being monotone on each side of distance 0,
-  nothing else (at most two runs)."""
-  bq, bk = blocks
-  lut = buckets.padded_lut(bidirectional, 32, max_distance)
-  ids = np.asarray(buckets.band_tiles(lut[None], max_distance, bq, bk)[0])
-  ranges = mosaic._bucket_ranges(ids, bq)  # pylint: disable=protected-access
-  _, _, count = buckets.band_shifts(max_distance, bq, bk)
-  chex.assert_shape(ranges, (count, 4))
-  for tile, (r0, r1, r2, r3) in zip(ids.reshape(count, bq, bk), ranges):
-    assert r0 <= r1 <= r2 <= r3, (r0, r1, r2, r3)
-    np.testing.assert_array_equal(np.unique(tile), np.union1d(np.arange(r0, r1), np.arange(r2, r3)))
