@@ -798,9 +798,9 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
         # The table gradient of a band tile is the sum of ds over each bucket's pairs, whose distances run along
         # the tile's diagonals: no sum of Mosaic GPU's (along rows or columns) takes them apart, and one masked sum
         # per bucket cost 0.7 ms of 3.3 at S=4,096 (benchmarks/notes_attention.md). So the tile goes out whole,
-        # from registers to band_ds_ref[batch, head, q_block, shift], and `backward` sums the tiles of all
+        # from registers to band_ds_ref[batch, q_block, head, shift], and `backward` sums the tiles of all
         # programs, then maps them to buckets with one matmul.
-        band_ds_ref.at[batch, head, q_block, lax.div(kv_block * bk - q_start - band_first, band_step)][...] = ds
+        band_ds_ref.at[batch, q_block, head, lax.div(kv_block * bk - q_start - band_first, band_step)][...] = ds
       elif side is not None:
         far = far + ds.sum(axis=1)
       _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read k and v
@@ -832,7 +832,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
       plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
       if t5:
         for side, far in enumerate(fars):
-          far_ref.at[batch, head, q_block, side][...] = far
+          far_ref.at[batch, q_block, head, side][...] = far
         zeros = target.cast(jnp.zeros((bq, bk), jnp.float32), target.tile)
         for shift in range(band_count):  # the band tiles this q block did not visit are zeros (`backward` sums all)
           key = q_start + band_first + shift * band_step  # the tile's first key, if a kv block starts there
@@ -840,7 +840,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
 
           @pl.when(~visited)
           def _():
-            band_ds_ref.at[batch, head, q_block, shift][...] = zeros
+            band_ds_ref.at[batch, q_block, head, shift][...] = zeros
 
       plgpu.wait_smem_to_gmem(0)
 
@@ -1047,7 +1047,8 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
                    p_smem=target.p_scratch(bq, bk, q.dtype, (_CONSUMERS,)))
   _, _, band_count = band_shifts(cfg.max_distance, bq, bk)
   q_blocks = q_len // bq
-  band_ds_shape, far_shape = (((batch, heads, q_blocks, band_count, bq, bk), (batch, heads, q_blocks, 2, bq))
+  # Batch and q blocks lead: `backward` sums them as one reduction of the leading dimensions.
+  band_ds_shape, far_shape = (((batch, q_blocks, heads, band_count, bq, bk), (batch, q_blocks, heads, 2, bq))
                               if t5 is not None else ((1,), (1,)))
   kernel = functools.partial(_dq_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   dq, band_ds, far_sums = _launch(
@@ -1087,6 +1088,6 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   # The band tiles' ds and the far row sums of all programs, summed, then per bucket: each pair of a band tile
   # holds its bucket id (`band_tiles` of the bucket table), the far sums the end buckets.
   bucket_ids = np.asarray(band_tiles(cfg.lut()[None], cfg.max_distance, bq, bk)[0]).reshape(-1)
-  sums = jnp.concatenate([band_ds.sum((0, 2)).reshape(heads, -1), far_sums.sum((0, 2, 4))], axis=1)
+  sums = jnp.concatenate([band_ds.sum((0, 1)).reshape(heads, -1), far_sums.sum((0, 1, 4))], axis=1)
   dtable = sum_into_buckets(sums, np.concatenate([bucket_ids, cfg.end_buckets()]), cfg.buckets_padded)
   return dq, dk, dv, dtable[None, :, None, :]
