@@ -793,14 +793,16 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
                                   kv_block * bk, (q_seg, "kv_seg") if segments else None,
                                   band_slot=_STAGES * wg + slot)
       ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # gradient of the natural-log logits and bias
-      dq = target.accumulate(pl, dq, target.p_operand(ds.astype(q_ref.dtype), p_tile), k_tile)
+      ds16 = ds.astype(q_ref.dtype)  # what the products take
+      dq = target.accumulate(pl, dq, target.p_operand(ds16, p_tile), k_tile)
       if band:
         # The table gradient of a band tile is the sum of ds over each bucket's pairs, whose distances run along
         # the tile's diagonals: no sum of Mosaic GPU's (along rows or columns) takes them apart, and one masked sum
         # per bucket cost 0.7 ms of 3.3 at S=4,096 (benchmarks/notes_attention.md). So the tile goes out whole,
-        # from registers to band_ds_ref[batch, q_block, head, shift], and `backward` sums the tiles of all
-        # programs, then maps them to buckets with one matmul.
-        band_ds_ref.at[batch, q_block, head, lax.div(kv_block * bk - q_start - band_first, band_step)][...] = ds
+        # from registers to band_ds_ref[batch, q_block, head, shift], in the 16-bit dtype the products take
+        # (half the bytes of float32 to write and to sum), and `backward` sums the tiles of all programs in
+        # float32, then maps them to buckets with one matmul.
+        band_ds_ref.at[batch, q_block, head, lax.div(kv_block * bk - q_start - band_first, band_step)][...] = ds16
       elif side is not None:
         far = far + ds.sum(axis=1)
       _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read k and v
@@ -833,7 +835,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
       if t5:
         for side, far in enumerate(fars):
           far_ref.at[batch, q_block, head, side][...] = far
-        zeros = target.cast(jnp.zeros((bq, bk), jnp.float32), target.tile)
+        zeros = target.cast(jnp.zeros((bq, bk), q_ref.dtype), target.tile)
         for shift in range(band_count):  # the band tiles this q block did not visit are zeros (`backward` sums all)
           key = q_start + band_first + shift * band_step  # the tile's first key, if a kv block starts there
           visited = (key >= band_lo * bk) & (key < band_hi * bk) & (lax.rem(key - band_lo * bk, bk) == 0)
@@ -1053,7 +1055,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   kernel = functools.partial(_dq_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
   dq, band_ds, far_sums = _launch(
       plgpu, cfg, "attention_dq", kernel, scratch, heads, pl.cdiv(q_blocks, _CONSUMERS), batch, "q",
-      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(band_ds_shape, jnp.float32),
+      (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(band_ds_shape, q.dtype),
        jax.ShapeDtypeStruct(far_shape, jnp.float32)),
       num_threads=_CONSUMERS + 1, rows_only_reductions=True,
   )(q, k, v, dout, lse2, delta, band, ends, q_seg, kv_seg, kv_range)
@@ -1088,6 +1090,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   # The band tiles' ds and the far row sums of all programs, summed, then per bucket: each pair of a band tile
   # holds its bucket id (`band_tiles` of the bucket table), the far sums the end buckets.
   bucket_ids = np.asarray(band_tiles(cfg.lut()[None], cfg.max_distance, bq, bk)[0]).reshape(-1)
-  sums = jnp.concatenate([band_ds.sum((0, 1)).reshape(heads, -1), far_sums.sum((0, 1, 4))], axis=1)
+  band_sums = band_ds.astype(jnp.float32).sum((0, 1)).reshape(heads, -1)
+  sums = jnp.concatenate([band_sums, far_sums.sum((0, 1, 4))], axis=1)
   dtable = sum_into_buckets(sums, np.concatenate([bucket_ids, cfg.end_buckets()]), cfg.buckets_padded)
   return dq, dk, dv, dtable[None, :, None, :]
