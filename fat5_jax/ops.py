@@ -39,9 +39,9 @@ from pallas_kernels.rms_norm import (reference as rms_norm_reference, rms_norm a
 
 FASTEST_ON_GPU = "triton"
 # Where `auto` runs the Mosaic GPU attention instead (Hopper, 16-bit inputs, the cases Triton runs): on the H200 at
-# head_dim 128 and 2,048 tokens it took forward + backward 1.22x (not causal) and 1.29x (causal) faster than the
-# Triton kernels; at head_dim 64 it was level or slower (0.91x at 1,024 tokens, 0.98x at 4,096;
-# benchmarks/notes_attention.md). Shorter rows at head_dim 128 were not measured.
+# head_dim 128 its forward + backward ran 1.22-1.35x as fast as the Triton kernels (1,024 to 4,096 tokens, causal or
+# not); at head_dim 64 1.00-1.07x, too little to switch (benchmarks/notes_attention.md). From 2,048 tokens: shorter
+# rows were measured at 1,024 only, in the kernel benchmark, not in the model.
 MOSAIC_HEAD_DIM, MOSAIC_FROM_LENGTH = 128, 2048
 ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
 

@@ -15,15 +15,15 @@ for rows that see no key, partial table gradients per q block), written with Mos
   float32 band tile per consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks. The skeleton
   (`_own_loops`, `_this_loop`, `_produce`, `_consume`) is shared with both backward kernels.
 - backward, dq kernel, warp specialized as the forward: two q blocks per program, one per consumer warpgroup (q, do,
-  lse, delta once), a producer streaming k, v (key segment ids, each consumer's band tile and tile of bucket ids) of the
-  union of their kv loops through two slots; q.k^T, do.v^T and ds.k are wgmma's, dq accumulated in place; no ping-pong
-  turns (slower there). The table gradient needs per-bucket sums of ds: far tiles add their row sums to one bucket
-  (carried in registers); band tiles take, for each bucket their shift can hold (one or two ranges of bucket ids,
-  precomputed per shift), the row sums of ds masked by the precomputed int8 tile of the bucket ids of its shift, added
-  to that bucket's row of the consumer's own [num_buckets, bq] shared memory tile (which first stages its lse and
-  delta), written once per q block and summed by `backward`. Its shared memory fits the default 64 x 64 backward blocks
-  (D=128, a float32 table and segment ids: with no cross-warp reduction scratch, `_launch`); 128-row or 128-key blocks
-  with a float32 table overflow at D=64 (295,088 and 278,704 bytes of the H200's 232,448), a bfloat16 one fits.
+  lse, delta once), a producer streaming k, v (key segment ids, each consumer's band tile) of the union of their kv
+  loops through two slots; q.k^T and do.v^T issued together (one wait), then ds.k, all wgmma's, dq accumulated in
+  place; no ping-pong turns (slower there). The table gradient needs per-bucket sums of ds: far tiles add their row
+  sums to one bucket (carried in registers, written once per q block); a band tile's pairs of one bucket lie along
+  diagonals, which no row or column sum takes apart, so its ds goes out whole in the products' 16-bit dtype
+  ([B, q blocks, H, shifts, bq, bk], zeros for the shifts a q block does not visit) and `backward` sums all programs'
+  tiles in float32 and maps them to buckets with one one-hot matmul (`buckets.sum_into_buckets`, as the Triton
+  backward's diagonal sums). Its shared memory fits the default 64 x 64 backward blocks (D=128, a float32 table and
+  segment ids: with no cross-warp reduction scratch, `_launch`) and, at D=64, 128-row or 128-key blocks.
 - backward, dk/dv kernel, warp specialized as the forward with the sides swapped: two kv blocks per program, one per
   consumer warpgroup (k, v once), a producer streaming q, do, lse, delta (query segment ids, each consumer's band tile,
   pre-transposed) of the union of their q loops through two slots; on [keys, queries] tiles k.q^T, then p^T.do and
@@ -45,15 +45,12 @@ and `pl.run_state`: compiled, the forward's p.v and the backward's dq, dk and dv
 `attention_mgpu.py`; interpreted, a product goes to a fresh accumulator and is added to the running one in
 registers.
 
-Speed (H200, T5 bias, benchmarks/notes_attention.md): at D=64 the forward at 0.83-0.93x cuDNN without bias and
-1.05-1.08x the Triton forward (S=1,024 to 4,096), forward + backward 0.91-0.98x the Triton kernels; at D=128 (S=2,048)
-forward + backward 1.22x (not causal) and 1.29x (causal) the Triton kernels. The table gradient's
-band sums are still one masked row sum of the tile per bucket the tile holds (only those since the bucket ranges per
-shift: e.g. 61 instead of 160 over the five band shifts of max_distance 128 in 64 x 64 tiles, bidirectional; little
-fewer where one tile holds nearly every bucket, as the diagonal tile of a causal max_distance 40), not a cheaper
-contraction; no tuning. The interpreter runs each kernel's three warpgroups as concurrent XLA:CPU executions:
-tests/conftest.py widens XLA's CPU thread pool for them. `flash_attention(..., backend="mosaic")` runs it, and the
-model's `kernel_backend=auto` where it measured faster (head_dim 128 on Hopper: fat5_jax/ops.py).
+Speed (H200, T5 bias, float32 table, benchmarks/notes_attention.md): at D=64 the forward at 0.76-0.93x cuDNN
+without bias and 1.04-1.12x the Triton forward (S=1,024 to 4,096), forward + backward 1.00-1.07x the Triton kernels
+and 0.73-0.80x cuDNN; at D=128 forward + backward 1.22-1.35x the Triton kernels (0.82-0.86x cuDNN). No tuning. The
+interpreter runs each kernel's three warpgroups as concurrent XLA:CPU executions: tests/conftest.py widens XLA's CPU
+thread pool for them. `flash_attention(..., backend="mosaic")` runs it, and the model's `kernel_backend=auto` where
+it measured faster (head_dim 128 on Hopper: fat5_jax/ops.py).
 
 Mosaic GPU is imported when a kernel is built, so importing this module needs no GPU.
 """
