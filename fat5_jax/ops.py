@@ -10,7 +10,7 @@ and every kernel call goes through here.
 
 `auto` follows what measured fastest on the H100 and H200 (benchmarks/README.md): the Triton kernels for attention
 and the fused lm_head loss, and for RMSNorm too, where Pallas measured slightly faster at width 512 but runs on
-JAX's deprecated Pallas-Triton lowering; for attention at head_dim 128 on Hopper, from 2,048 tokens, the Mosaic GPU
+JAX's deprecated Pallas-Triton lowering; for attention at head_dim 128 on Hopper, from 1,024 tokens, the Mosaic GPU
 kernels (`_auto_attention_backend`). Flash attention runs only with `attention_impl=flash`; `xla` and `cudnn`
 materialize the bias. The kernels' jnp references are the `xla` path, so there is one definition of each op.
 """
@@ -40,9 +40,9 @@ from pallas_kernels.rms_norm import (reference as rms_norm_reference, rms_norm a
 FASTEST_ON_GPU = "triton"
 # Where `auto` runs the Mosaic GPU attention instead (Hopper, 16-bit inputs, the cases Triton runs): on the H200 at
 # head_dim 128 its forward + backward ran 1.22-1.35x as fast as the Triton kernels (1,024 to 4,096 tokens, causal or
-# not); at head_dim 64 1.00-1.07x, too little to switch (benchmarks/notes_attention.md). From 2,048 tokens: shorter
-# rows were measured at 1,024 only, in the kernel benchmark, not in the model.
-MOSAIC_HEAD_DIM, MOSAIC_FROM_LENGTH = 128, 2048
+# not); at head_dim 64 1.00-1.07x, too little to switch (benchmarks/notes_attention.md). Shorter rows were not
+# measured.
+MOSAIC_HEAD_DIM, MOSAIC_FROM_LENGTH = 128, 1024
 ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
 
 

@@ -79,11 +79,11 @@ def test_auto_falls_back_to_pallas_for_attention_triton_lacks():
 
 @pytest.mark.parametrize("capability,head_dim,length,dtype,bias,expected", [
     ((9, 0), 128, 2048, jnp.bfloat16, "t5", "mosaic"), ((9, 0), 128, 4096, jnp.float16, None, "mosaic"),
-    ((9, 0), 64, 4096, jnp.bfloat16, "t5", "triton"), ((9, 0), 128, 1024, jnp.bfloat16, "t5", "triton"),
+    ((9, 0), 64, 4096, jnp.bfloat16, "t5", "triton"), ((9, 0), 128, 512, jnp.bfloat16, "t5", "triton"),
     ((9, 0), 128, 2048, jnp.float32, "t5", "triton"), ((8, 0), 128, 2048, jnp.bfloat16, "t5", "triton"),
     ((9, 0), 128, 2048, jnp.bfloat16, "alibi", "pallas")])
 def test_auto_attention_kernel_per_call(monkeypatch, capability, head_dim, length, dtype, bias, expected):
-  """`auto` on a GPU: Mosaic GPU on Hopper at head_dim 128 from 2,048 tokens (16-bit), Triton otherwise, Pallas
+  """`auto` on a GPU: Mosaic GPU on Hopper at head_dim 128 from 1,024 tokens (16-bit), Triton otherwise, Pallas
   where Triton lacks the case."""
   monkeypatch.setattr(ops.common, "device_capability", lambda: capability)
   q = jax.ShapeDtypeStruct((2, length, 4, head_dim), dtype)
