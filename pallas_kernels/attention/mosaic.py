@@ -706,21 +706,20 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
   """dq of two q blocks of one (batch, head) over the kv loop of the forward (triton._attention_dq_kernel), warp
   specialized as the forward (`_kernel`): consumer warpgroup c < _CONSUMERS owns q block _CONSUMERS * program + c
   (q, do, lse, delta, query segment ids copied once) and walks its kv loop (`_kv_loop`: far left, band, far
-  right); the producer warpgroup streams k, v (key segment ids, each consumer's band tile and tile of bucket ids)
-  of the union of their kv loops through _STAGES slots. Both consumers walk the whole union (`_consume`). A tile:
-  q.k^T; p; dp = do.v^T; ds; dq += ds.k in place. With the T5 bias each consumer also sums its block's table
-  gradient: per bucket, a [bq] vector of row sums of ds (far tiles add theirs to one bucket, carried in registers;
-  band tiles one masked sum per bucket in the ranges_ref [count, 4] ranges of their shift, with its tile of bucket
-  ids), accumulated in its own rows_smem[c] [num_buckets, bq] (whose rows 0 and 1 first stage its lse and
-  delta) and written as parts_ref[batch, head, q_block].
+  right); the producer warpgroup streams k, v (key segment ids, each consumer's band tile) of the union of their
+  kv loops through _STAGES slots. Both consumers walk the whole union (`_consume`). A tile: q.k^T and dp = do.v^T
+  issued together; p; ds; dq += ds.k in place. With the T5 bias each consumer also writes its block's parts of the
+  table gradient: each far region's row sums of ds (carried in registers) to far_ref[batch, q_block, head, side],
+  each band tile's ds (16-bit) to band_ds_ref[batch, q_block, head, shift], zeros for the shifts it does not visit;
+  `backward` sums them per bucket.
   scratch: shared memory tiles (`*_smem`) and barriers (`*_barriers`) by name, without those of absent features.
 
   Barrier counts, per kv block j of the union [u_lo, u_hi) in slot j % _STAGES:
   - k, v (kv_seg) slots: one TMA arrival (the producer's copy); waited once by each consumer.
-  - band and ids slots of consumer c (_STAGES * c + slot): one TMA arrival each for j in c's band; waited once
-    each by c for j in its band.
-  - consumed slot: one arrival by each consumer once it has read the slot (its wgmma results and its band and ids
-    tiles read; num_arrivals=_CONSUMERS); waited once by the producer: before copying block j + _STAGES into the
+  - band slot of consumer c (_STAGES * c + slot): one TMA arrival for j in c's band; waited once by c for j in
+    its band.
+  - consumed slot: one arrival by each consumer once it has read the slot (its wgmma results and its band tile
+    read; num_arrivals=_CONSUMERS); waited once by the producer: before copying block j + _STAGES into the
     slot, or at the end (the last _STAGES blocks).
   - q, do, lse, delta (q_seg) of consumer c: one TMA arrival, one wait by c (none without a q block).
   No schedule barrier: no ping-pong turns."""
@@ -1037,8 +1036,7 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   if t5 is not None:
     scratch.update(band_smem=tile((_CONSUMERS * _STAGES, bq, bk), band.dtype),
                    band_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES))
-  # Per consumer, rows 0 and 1 take lse and delta: Pallas aligns every scratch buffer to 1,024 bytes, and at D=128
-  # (a float32 table, segment ids) separate lse and delta buffers would overflow shared memory.
+  # Per consumer, rows 0 and 1 take lse and delta (one buffer: Pallas aligns each to 1,024 bytes).
   scratch.update(rows_smem=plgpu.SMEM((_CONSUMERS, 2, bq), jnp.float32))
   table_dtype = None if t5 is None else band.dtype
   _check_shared_memory(plgpu, cfg, scratch, "dq", head_dim, table_dtype, segments)
