@@ -212,26 +212,23 @@ class _Target:
     return t_smem
 
 
-def _matmul(plgpu, pl, a, b, shape, while_running=None):
-  """a @ b as a wgmma into a fresh float32 accumulator (the interpreter lacks pl.run_state to accumulate in place);
-  while_running() (if given) runs between the wgmma's issue and the read of its result."""
-  def body(acc_ref):
-    plgpu.wgmma(acc_ref, a, b)
-    if while_running is not None:
-      while_running()
-    return acc_ref[...]
-
-  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def _matmuls(plgpu, pl, products, shape):
-  """[a @ b for a, b in products], the wgmma's issued together into fresh float32 accumulators: one wait for all."""
+def _matmuls(plgpu, pl, products, shape, while_running=None):
+  """[a @ b for a, b in products], the wgmma's issued together into fresh float32 accumulators (the interpreter lacks
+  pl.run_state to accumulate in place): one wait for all. while_running() (if given) runs between their issue and
+  the read of their results."""
   def body(*acc_refs):
     for acc_ref, (a, b) in zip(acc_refs, products):
       plgpu.wgmma(acc_ref, a, b)
+    if while_running is not None:
+      while_running()
     return tuple(acc_ref[...] for acc_ref in acc_refs)
 
   return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for _ in products))
+
+
+def _matmul(plgpu, pl, a, b, shape, while_running=None):
+  """a @ b: `_matmuls` of one product."""
+  return _matmuls(plgpu, pl, ((a, b),), shape, while_running)[0]
 
 
 def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start, q_seg, k_seg):
@@ -931,8 +928,8 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
     k_tile, v_tile = scratch["k_smem"].at[wg], scratch["v_smem"].at[wg]
     # (interpreted: two staging tiles each for the transposed operands and for p and ds, read by products issued
     # together)
-    p_a, p_b = (scratch["p_smem"].at[wg, i] for i in range(2)) if "p_smem" in scratch else (None, None)
-    t_a, t_b = (scratch["t_smem"].at[wg, i] for i in range(2)) if "t_smem" in scratch else (None, None)
+    p_stage, ds_stage = (scratch["p_smem"].at[wg, i] for i in range(2)) if "p_smem" in scratch else (None, None)
+    t_q, t_do = (scratch["t_smem"].at[wg, i] for i in range(2)) if "t_smem" in scratch else (None, None)
     resident = (("k", k_ref.at[batch, keys, head], None), ("v", v_ref.at[batch, keys, head], None),
                 ("kv_seg", kv_seg_ref.at[batch, keys], None))[:3 if segments else 2]
 
@@ -950,8 +947,8 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       plgpu.barrier_wait(scratch["do_barriers"].at[slot])
       # The products in two pairs, one wait each: k.q^T with dp^T = v.do^T, then dv and dk (measured 3.34 -> 3.14
       # ms at S=4,096, D=64, H200; level at D=128), where dv's product was issued with dp^T and dk's alone.
-      raw, dp = _matmuls(plgpu, pl, ((k_tile, target.transposed(q_tile, t_a)),
-                                     (v_tile, target.transposed(do_tile, t_b))), (bk, bq))
+      raw, dp = _matmuls(plgpu, pl, ((k_tile, target.transposed(q_tile, t_q)),
+                                     (v_tile, target.transposed(do_tile, t_do))), (bk, bq))
       plgpu.barrier_wait(scratch["lse_barriers"].at[slot])
       lse = target.load(scratch["lse_smem"].at[slot], target.col)
       p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 1,
@@ -960,8 +957,8 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       plgpu.barrier_wait(scratch["delta_barriers"].at[slot])
       delta = target.load(scratch["delta_smem"].at[slot], target.col)
       ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))
-      dv, dk = target.accumulate_together(pl, ((dv, target.p_operand(p.astype(q_ref.dtype), p_a), do_tile),
-                                               (dk, target.p_operand(ds.astype(q_ref.dtype), p_b), q_tile)))
+      dv, dk = target.accumulate_together(pl, ((dv, target.p_operand(p.astype(q_ref.dtype), p_stage), do_tile),
+                                               (dk, target.p_operand(ds.astype(q_ref.dtype), ds_stage), q_tile)))
       _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read q and do
       return dk, dv
 
