@@ -39,9 +39,9 @@ from pallas_kernels.rms_norm import (reference as rms_norm_reference, rms_norm a
 
 FASTEST_ON_GPU = "triton"
 # Where `auto` runs the Mosaic GPU attention instead (Hopper, 16-bit inputs, the cases Triton runs): on the H200 at
-# head_dim 128 its forward + backward ran 1.22-1.35x as fast as the Triton kernels (1,024 to 4,096 tokens, causal or
-# not); at head_dim 64 1.00-1.07x, too little to switch (benchmarks/notes_attention.md). Shorter rows were not
-# measured.
+# head_dim 128 its forward + backward ran 1.22-1.39x as fast as the Triton kernels (1,024 to 4,096 tokens, causal or
+# not); at head_dim 64 1.03-1.08x, and slower in the 8,192-token step, whose key mask only the Triton kernels take
+# as such (benchmarks/notes_attention.md). Shorter rows were not measured.
 MOSAIC_HEAD_DIM, MOSAIC_FROM_LENGTH = 128, 1024
 ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
 

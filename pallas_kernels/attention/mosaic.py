@@ -45,9 +45,10 @@ and `pl.run_state`: compiled, the forward's p.v and the backward's dq, dk and dv
 `attention_mgpu.py`; interpreted, a product goes to a fresh accumulator and is added to the running one in
 registers.
 
-Speed (H200, T5 bias, float32 table, benchmarks/notes_attention.md): at D=64 the forward at 0.76-0.93x cuDNN
-without bias and 1.04-1.12x the Triton forward (S=1,024 to 4,096), forward + backward 1.00-1.07x the Triton kernels
-and 0.73-0.80x cuDNN; at D=128 forward + backward 1.22-1.35x the Triton kernels (0.82-0.86x cuDNN). No tuning. The
+Speed (H200, T5 bias, float32 table, benchmarks/notes_attention.md): at D=64 the forward at 0.84-0.92x cuDNN
+without bias and 1.02-1.18x the Triton forward (S=1,024 to 4,096, causal or not), forward + backward 1.03-1.08x the
+Triton kernels and 0.76-0.82x cuDNN; at D=128 forward + backward 1.22-1.39x the Triton kernels (0.82-0.88x cuDNN).
+Blocks: tuning.py. The
 interpreter runs each kernel's three warpgroups as concurrent XLA:CPU executions: tests/conftest.py widens XLA's CPU
 thread pool for them. `flash_attention(..., backend="mosaic")` runs it, and the model's `kernel_backend=auto` where
 it measured faster (head_dim 128 on Hopper: fat5_jax/ops.py).
@@ -663,29 +664,39 @@ def _launch(plgpu, cfg: Config, name: str, kernel, scratch, heads: int, programs
 # ---------------------------------------------------------------------------------------------- backward
 
 
-def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, bias, visible):
+def _tile_products(plgpu, pl, target: _Target, cfg: Config, scratch, products, shape, band_slot):
+  """A backward tile's two products, q.k^T (k.q^T) and dp = do.v^T (v.do^T), issued together (one wait). On band
+  tiles (band_slot: the consumer's slot of band tiles, else None) the first accumulates onto the tile's table entries
+  divided by the scale, so that raw * scale takes the bias with it and the tile's bias is never held in registers
+  beside raw and dp."""
+  if band_slot is None:
+    return _matmuls(plgpu, pl, products, shape)
+  plgpu.barrier_wait(scratch["band_barriers"].at[band_slot])
+  bias = target.load(scratch["band_smem"].at[band_slot], target.tile).astype(jnp.float32)
+  if cfg.scale != 1.0:
+    bias = bias * (1.0 / cfg.scale)
+  (raw_a, raw_b), (dp_a, dp_b) = products
+  zeros = target.cast(jnp.zeros(shape, jnp.float32), target.tile)
+  return target.accumulate_together(pl, ((bias, raw_a, raw_b), (zeros, dp_a, dp_b)))
+
+
+def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, visible):
   """The backward's p of a tile (triton._tile_probabilities): its base-2 logits against the forward's lse (+inf
-  gives p = 0). bias: the band tile's table entries in float32, else None (far_bias applies); visible: the mask of
-  a masked tile, else None."""
+  gives p = 0). raw: the tile's q.k^T, plus the bias / scale on band tiles (`_tile_products`; far_bias 0 there);
+  visible: the mask of a masked tile, else None."""
   scale2 = cfg.scale * common.LOG2E
-  if bias is None and visible is None:  # scale and scalar bias kept apart: one multiply-add per element
+  if visible is None:  # scale and scalar bias kept apart: one multiply-add per element
     return jnp.exp2(raw * scale2 + lax.broadcast_in_dim(far_bias - lse, raw.shape, [q_axis]))
-  logits = raw * scale2 + (far_bias if bias is None else bias * common.LOG2E)  # exact entries, as in the forward
-  if visible is not None:
-    logits = jnp.where(visible, logits, common.MASK)
+  logits = jnp.where(visible, raw * scale2 + far_bias, common.MASK)
   return jnp.exp2(logits - lax.broadcast_in_dim(lse, raw.shape, [q_axis]))
 
 
-def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, raw, lse, far_bias, band: bool,
-                            masked: bool, q_axis: int, q_start, k_start, ids, band_slot):
-  """_probabilities of a backward tile with what streams through `slot` beside its operands: the band tile (band
-  tiles; in band_slot: per consumer and slot), and with segments (`ids`: the resident
-  side's ids and the scratch name of the walked side's, "kv_seg" in the dq kernel, "q_seg" in the dk/dv kernel)
-  the walked blocks' segment ids (masked tiles)."""
-  bias = visible = None
-  if band:
-    plgpu.barrier_wait(scratch["band_barriers"].at[band_slot])
-    bias = target.load(scratch["band_smem"].at[band_slot], target.tile).astype(jnp.float32)
+def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, raw, lse, far_bias, masked: bool,
+                            q_axis: int, q_start, k_start, ids):
+  """_probabilities of a backward tile, with segments (`ids`: the resident side's ids and the scratch name of the
+  walked side's, "kv_seg" in the dq kernel, "q_seg" in the dk/dv kernel) the walked blocks' segment ids that stream
+  through `slot` beside its operands (masked tiles)."""
+  visible = None
   if masked:
     q_seg = k_seg = None
     if ids is not None:
@@ -694,7 +705,7 @@ def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, 
       walked = target.load(scratch[f"{walked_name}_smem"].at[slot], target.col)
       q_seg, k_seg = (resident, walked) if q_axis == 0 else (walked, resident)
     visible = _visible(target, cfg, raw.shape, q_axis, q_start, k_start, q_seg, k_seg)
-  return _probabilities(cfg, raw, lse, q_axis, far_bias, bias, visible)
+  return _probabilities(cfg, raw, lse, q_axis, far_bias, visible)
 
 
 def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
@@ -780,11 +791,12 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
       k_tile = scratch["k_smem"].at[slot]
       plgpu.barrier_wait(scratch["v_barriers"].at[slot])
       # q.k^T and do.v^T issued together, one wait for both (measured 3.41 -> 3.26 ms at S=4,096, H200, D=64).
-      raw, dp = _matmuls(plgpu, pl, ((q_tile, target.transposed(k_tile, t_k)),
-                                     (do_tile, target.transposed(scratch["v_smem"].at[slot], t_v))), (bq, bk))
-      p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 0, q_start,
-                                  kv_block * bk, (q_seg, "kv_seg") if segments else None,
-                                  band_slot=_STAGES * wg + slot)
+      raw, dp = _tile_products(plgpu, pl, target, cfg, scratch,
+                               ((q_tile, target.transposed(k_tile, t_k)),
+                                (do_tile, target.transposed(scratch["v_smem"].at[slot], t_v))), (bq, bk),
+                               _STAGES * wg + slot if band else None)
+      p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, masked, 0, q_start,
+                                  kv_block * bk, (q_seg, "kv_seg") if segments else None)
       ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # gradient of the natural-log logits and bias
       ds16 = ds.astype(q_ref.dtype)  # what the products take
       dq = target.accumulate(pl, dq, target.p_operand(ds16, p_tile), k_tile)
@@ -947,13 +959,13 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       plgpu.barrier_wait(scratch["do_barriers"].at[slot])
       # The products in two pairs, one wait each: k.q^T with dp^T = v.do^T, then dv and dk (measured 3.34 -> 3.14
       # ms at S=4,096, D=64, H200; level at D=128), where dv's product was issued with dp^T and dk's alone.
-      raw, dp = _matmuls(plgpu, pl, ((k_tile, target.transposed(q_tile, t_q)),
-                                     (v_tile, target.transposed(do_tile, t_do))), (bk, bq))
+      raw, dp = _tile_products(plgpu, pl, target, cfg, scratch,
+                               ((k_tile, target.transposed(q_tile, t_q)), (v_tile, target.transposed(do_tile, t_do))),
+                               (bk, bq), _STAGES * wg + slot if band else None)
       plgpu.barrier_wait(scratch["lse_barriers"].at[slot])
       lse = target.load(scratch["lse_smem"].at[slot], target.col)
-      p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, band, masked, 1,
-                                  q_block * bq, k_start, (kv_seg, "q_seg") if segments else None,
-                                  band_slot=_STAGES * wg + slot)
+      p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, masked, 1, q_block * bq,
+                                  k_start, (kv_seg, "q_seg") if segments else None)
       plgpu.barrier_wait(scratch["delta_barriers"].at[slot])
       delta = target.load(scratch["delta_smem"].at[slot], target.col)
       ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))

@@ -60,13 +60,15 @@ SHORT_ROWS, SHORT_ROWS_BLOCK_Q = 512, 64
 # Mosaic GPU (mosaic.py), compiled or interpreted: every block a multiple of 64, a warpgroup's wgmma rows; forward
 # 64-row q blocks (one per consumer warpgroup) and 128-key blocks as JAX's attention_mgpu takes them. At head_dim
 # 128, 64-key blocks: the forward's two slots of k, v and of a float32 band tile per consumer took 291 KiB of
-# shared memory at 128 keys (the limit is 227). On the H200 the forward measured 0.76-0.93x cuDNN's forward without
-# bias at D=64 (S=1,024 to 4,096) and 1.04-1.12x the Triton forward; forward + backward 1.00-1.07x the Triton
-# kernels' at D=64, 1.22-1.35x at D=128 (benchmarks/notes_attention.md). Backward blocks 64 x 64 at both head dims:
+# shared memory at 128 keys (the limit is 227). On the H200 the forward measured 0.84-0.92x cuDNN's forward without
+# bias at D=64 (S=1,024 to 4,096) and 1.02-1.18x the Triton forward; forward + backward 1.03-1.08x the Triton
+# kernels' at D=64, 1.22-1.39x at D=128 (benchmarks/notes_attention.md). Backward blocks 64 x 64 at both head dims:
 # the dk/dv kernel (two kv blocks per program, a band tile per consumer and slot) overflows shared memory with
 # 128-row or 128-key blocks at D=128, and at D=64 with a float32 table and segment ids; the dq kernel fits them at
 # D=64 but not at D=128 (329,872 and 328,848 bytes with a float32 table; `mosaic._check_shared_memory` refuses
-# them). Larger dq blocks were not measured.
+# them). At D=64, 128 x 64 backward blocks (128-query tiles streamed through the dk/dv kernel) ran the T5 forward +
+# backward 4% faster at S=4,096 and level at 1,024 (H200); not the default, as with a float32 table and segment ids
+# the dq kernel overflows there (233,648 bytes). 64 x 128 ones were slower (benchmarks/notes_attention.md).
 _MOSAIC_BLOCKS = BlockSizes(64, 128, 64, 64)
 _MOSAIC_WIDE_HEAD_BLOCKS = BlockSizes(64, 64, 64, 64)
 _MOSAIC_INTERPRET_BLOCKS = BlockSizes(64, 64, 64, 64)
