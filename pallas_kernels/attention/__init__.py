@@ -35,6 +35,8 @@ Numerics: q.k and p.v accumulate in float32 (tf32 for float32 inputs on a GPU), 
 ds are cast to the inputs' dtype for their matmuls. The T5 bias of every pair, near the diagonal (band tiles) or
 far from it, is float32(table entry) * log2(e) in float32: within 2**-23 relative of the exact bias, whatever the
 table's dtype (a 16-bit table is read exactly; tests/kernels/test_attention.py measures <= 1e-7 near and far).
+The Mosaic GPU kernels start q.k's float32 accumulator at the entry divided by the scale near the diagonal, so
+there the bias is rounded with the logit (float32), not apart.
 Bias gradients (table, slopes) accumulate in float32 over every tile and row, per program and then across
 programs, and are cast to the table's (slopes') dtype once.
 """
