@@ -4,7 +4,7 @@ with the T5 bias.
 A first step towards a FlashAttention-3 style backend: the algorithm of `triton.py` (base-2 online softmax in
 float32, the T5 bias as far scalars plus precomputed band tiles, causal and segment masks, lse in base 2 with +inf
 for rows that see no key, partial table gradients per q block), written with Mosaic GPU constructs; `forward` and
-`backward` have triton.py's contracts.
+`backward` have triton.py's contracts. A band tile's bias is the initial accumulator of its q.k^T (`_band_onset`).
 - forward, warp specialized as JAX's `attention_mgpu.py`: two q blocks of one (batch, head) per program, one per
   consumer warpgroup, which copies its q once by TMA into swizzled shared memory; a producer warpgroup streams k, v
   (the key segment ids with segments, each consumer's bias tile in its band) through two shared memory slots,
@@ -48,10 +48,9 @@ registers.
 Speed (H200, T5 bias, float32 table, benchmarks/notes_attention.md): at D=64 the forward at 0.84-0.92x cuDNN
 without bias and 1.02-1.18x the Triton forward (S=1,024 to 4,096, causal or not), forward + backward 1.03-1.08x the
 Triton kernels and 0.76-0.82x cuDNN; at D=128 forward + backward 1.22-1.39x the Triton kernels (0.82-0.88x cuDNN).
-Blocks: tuning.py. The
-interpreter runs each kernel's three warpgroups as concurrent XLA:CPU executions: tests/conftest.py widens XLA's CPU
-thread pool for them. `flash_attention(..., backend="mosaic")` runs it, and the model's `kernel_backend=auto` where
-it measured faster (head_dim 128 on Hopper: fat5_jax/ops.py).
+Blocks: tuning.py. The interpreter runs each kernel's three warpgroups as concurrent XLA:CPU executions:
+tests/conftest.py widens XLA's CPU thread pool for them. `flash_attention(..., backend="mosaic")` runs it, and the
+model's `kernel_backend=auto` where it measured faster (head_dim 128 on Hopper: fat5_jax/ops.py).
 
 Mosaic GPU is imported when a kernel is built, so importing this module needs no GPU.
 """
