@@ -17,18 +17,14 @@ DEVICES = local_job.Devices(processes=2, cpu_devices_each=4)
 TIMEOUT_S = 240  # a run that takes longer has hung (a process waiting for another): fail, do not block CI
 
 
-def arguments(workdir, tokenizer_path=None, *extra) -> list[str]:
+def arguments(workdir, tokenizer_path=None) -> list[str]:
   shared = [f"--config.data.tokenizer_path={tokenizer_path}"] if tokenizer_path else []
-  return ["--config=configs/tiny_fr.py", f"--config.workdir={workdir}", *OVERRIDES, *shared, *extra]
-
-
-def run_processes(workdir, tokenizer_path=None, *extra):
-  return local_job.run_processes(arguments(workdir, tokenizer_path, *extra), DEVICES, tempfile.mkdtemp(), TIMEOUT_S)
+  return ["--config=configs/tiny_fr.py", f"--config.workdir={workdir}", *OVERRIDES, *shared]
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-  """One process with 8 devices training on both shards' rows; its tokenizer serves the other runs."""
+  """One process with 8 devices training on both shards' rows; its tokenizer serves the two processes."""
   workdir = str(tmp_path_factory.mktemp("one_process"))
   local_job.run_one_process(arguments(workdir), DEVICES, TIMEOUT_S)
   return workdir, os.path.join(workdir, "tokenizer", "spm.model")
@@ -48,7 +44,7 @@ def test_two_processes_stop_together_on_one_sigterm_and_resume_to_train_as_one_p
   assert saved_steps(workdir)[-1] == stops[0]
   assert not [name for name in os.listdir(os.path.join(workdir, "checkpoints")) if not name.isdigit()]
 
-  resumed = run_processes(workdir, tokenizer_path)
+  resumed = local_job.run_processes(arguments(workdir, tokenizer_path), DEVICES, tempfile.mkdtemp(), TIMEOUT_S)
   ours, theirs = last_value_per_step(workdir), last_value_per_step(reference)
   assert sorted(ours) == list(range(1, 17))
   # The same rows on the same devices, before and after the stop; only the order in which gloo and the in-process
