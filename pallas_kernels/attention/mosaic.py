@@ -4,7 +4,7 @@ with the T5 bias.
 A first step towards a FlashAttention-3 style backend: the algorithm of `triton.py` (base-2 online softmax in
 float32, the T5 bias as far scalars plus precomputed band tiles, causal and segment masks, lse in base 2 with +inf
 for rows that see no key, partial table gradients per q block), written with Mosaic GPU constructs; `forward` and
-`backward` have triton.py's contracts. A band tile's bias is the initial accumulator of its q.k^T (`_band_onset`).
+`backward` have triton.py's contracts. A band tile's bias is the initial accumulator of its q.k^T (`_tile_products`).
 - forward, warp specialized as JAX's `attention_mgpu.py`: two q blocks of one (batch, head) per program, one per
   consumer warpgroup, which copies its q once by TMA into swizzled shared memory; a producer warpgroup streams k, v
   (the key segment ids with segments, each consumer's bias tile in its band) through two shared memory slots,
@@ -231,9 +231,9 @@ def _matmuls(plgpu, pl, products, shape, while_running=None):
   return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for _ in products))
 
 
-def _matmul(plgpu, pl, a, b, shape, while_running=None):
+def _matmul(plgpu, pl, a, b, shape):
   """a @ b: `_matmuls` of one product."""
-  return _matmuls(plgpu, pl, ((a, b),), shape, while_running)[0]
+  return _matmuls(plgpu, pl, ((a, b),), shape)[0]
 
 
 def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start, q_seg, k_seg):
@@ -251,12 +251,21 @@ def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start,
   return visible
 
 
-def _band_onset(target: _Target, cfg: Config, band_tile):
-  """A band tile's table entries divided by the scale, float32: the initial accumulator of its q.k^T (k.q^T), so
-  that raw * scale holds the bias and no bias tile is held in registers beside the tile's products (a float32 [64,
-  128] one took the backward's dk/dv kernel at 128 x 64 blocks from 2.90 to 3.26 ms at S=4,096, H200)."""
+def _tile_products(plgpu, pl, target: _Target, cfg: Config, products, shape, band=None, while_running=None):
+  """A tile's products [a @ b for a, b in products] (all of one shape), issued together: one wait. On band tiles
+  (band: the band tile's shared memory tile and barrier) the first, the tile's q.k^T (k.q^T), accumulates onto the
+  tile's table entries divided by the scale, so that raw * scale holds the bias and no bias tile is held in
+  registers beside the tile's products (a float32 [64, 128] one took the backward's dk/dv kernel at 128 x 64 blocks
+  from 2.90 to 3.26 ms at S=4,096, H200). while_running() (if given) runs between their issue and the read of their
+  results."""
+  if band is None:
+    return _matmuls(plgpu, pl, products, shape, while_running)
+  band_tile, band_barrier = band
+  plgpu.barrier_wait(band_barrier)
   bias = target.load(band_tile, target.tile).astype(jnp.float32)
-  return bias if cfg.scale == 1.0 else bias * (1.0 / cfg.scale)
+  onset = bias if cfg.scale == 1.0 else bias * (1.0 / cfg.scale)
+  inits = (onset,) + tuple(target.cast(jnp.zeros(shape, jnp.float32), target.tile) for _ in products[1:])
+  return target.accumulate_together(pl, [(init, a, b) for init, (a, b) in zip(inits, products)], while_running)
 
 
 _CONSUMERS = 2  # every kernel: warpgroups that each own one block of a program; one more issues the copies
@@ -484,13 +493,9 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
       if segments:  # every block of the loop is masked with segments; its ids are awaited first
         plgpu.barrier_wait(kv_seg_barriers.at[slot])
 
-      k_t = target.transposed(k_smem.at[slot], t_tile)
-      if band:  # q.k^T onto the table entries: raw holds the bias
-        plgpu.barrier_wait(band_barriers.at[_STAGES * wg + slot])
-        onset = _band_onset(target, cfg, band_smem.at[_STAGES * wg + slot])
-        raw, = target.accumulate_together(pl, ((onset, q_tile, k_t),), take_turn)
-      else:
-        raw = _matmul(plgpu, pl, q_tile, k_t, (bq, bk), take_turn)
+      band_slot = _STAGES * wg + slot
+      raw, = _tile_products(plgpu, pl, target, cfg, ((q_tile, target.transposed(k_smem.at[slot], t_tile)),), (bq, bk),
+                            (band_smem.at[band_slot], band_barriers.at[band_slot]) if band else None, take_turn)
       _release(plgpu, k_consumed_barriers, slot)  # q.k^T's result is read: wgmma has read k
       if band or masked:
         logits = raw * scale2 + far_bias  # far_bias 0 on band tiles
@@ -676,16 +681,9 @@ def _launch(plgpu, cfg: Config, name: str, kernel, scratch, heads: int, programs
 # ---------------------------------------------------------------------------------------------- backward
 
 
-def _tile_products(plgpu, pl, target: _Target, cfg: Config, scratch, products, shape, band_slot):
-  """A backward tile's two products, q.k^T (k.q^T) and dp = do.v^T (v.do^T), issued together (one wait); on band
-  tiles (band_slot: the consumer's slot of band tiles, else None) the first onto the tile's bias (`_band_onset`)."""
-  if band_slot is None:
-    return _matmuls(plgpu, pl, products, shape)
-  plgpu.barrier_wait(scratch["band_barriers"].at[band_slot])
-  (raw_a, raw_b), (dp_a, dp_b) = products
-  zeros = target.cast(jnp.zeros(shape, jnp.float32), target.tile)
-  return target.accumulate_together(
-      pl, ((_band_onset(target, cfg, scratch["band_smem"].at[band_slot]), raw_a, raw_b), (zeros, dp_a, dp_b)))
+def _band_slot(scratch, index):
+  """The backward kernels' band tile and barrier at `index` (per consumer and slot), as `_tile_products` takes them."""
+  return scratch["band_smem"].at[index], scratch["band_barriers"].at[index]
 
 
 def _probabilities(cfg: Config, raw, lse, q_axis: int, far_bias, visible):
@@ -799,10 +797,10 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
       k_tile = scratch["k_smem"].at[slot]
       plgpu.barrier_wait(scratch["v_barriers"].at[slot])
       # q.k^T and do.v^T issued together, one wait for both (measured 3.41 -> 3.26 ms at S=4,096, H200, D=64).
-      raw, dp = _tile_products(plgpu, pl, target, cfg, scratch,
+      raw, dp = _tile_products(plgpu, pl, target, cfg,
                                ((q_tile, target.transposed(k_tile, t_k)),
                                 (do_tile, target.transposed(scratch["v_smem"].at[slot], t_v))), (bq, bk),
-                               _STAGES * wg + slot if band else None)
+                               _band_slot(scratch, _STAGES * wg + slot) if band else None)
       p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, masked, 0, q_start,
                                   kv_block * bk, (q_seg, "kv_seg") if segments else None)
       ds = p * (dp - lax.broadcast_in_dim(delta, (bq, bk), [0]))  # gradient of the natural-log logits and bias
@@ -967,9 +965,9 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       plgpu.barrier_wait(scratch["do_barriers"].at[slot])
       # The products in two pairs, one wait each: k.q^T with dp^T = v.do^T, then dv and dk (measured 3.34 -> 3.14
       # ms at S=4,096, D=64, H200; level at D=128), where dv's product was issued with dp^T and dk's alone.
-      raw, dp = _tile_products(plgpu, pl, target, cfg, scratch,
+      raw, dp = _tile_products(plgpu, pl, target, cfg,
                                ((k_tile, target.transposed(q_tile, t_q)), (v_tile, target.transposed(do_tile, t_do))),
-                               (bk, bq), _STAGES * wg + slot if band else None)
+                               (bk, bq), _band_slot(scratch, _STAGES * wg + slot) if band else None)
       plgpu.barrier_wait(scratch["lse_barriers"].at[slot])
       lse = target.load(scratch["lse_smem"].at[slot], target.col)
       p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, masked, 1, q_block * bq,
