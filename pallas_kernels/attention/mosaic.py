@@ -13,7 +13,7 @@ for rows that see no key, partial table gradients per q block), written with Mos
   taking turns on the tensor cores (FlashAttention-3's ping-pong). Both consumers walk the union of their kv loops (the
   other's blocks only awaited and released: every barrier phase is observed by each of its waiters). Two slots only: a
   float32 band tile per consumer and slot already takes 128 KiB of shared memory at 64 x 128 blocks. The skeleton
-  (`_own_loops`, `_this_loop`, `_produce`, `_consume`) is shared with both backward kernels.
+  (`_own_loops`, `_this_loop`, `_produce`, `_consume`) is shared with the backward kernels.
 - backward, dq kernel, warp specialized as the forward: two q blocks per program, one per consumer warpgroup (q, do,
   lse, delta once), a producer streaming k, v (key segment ids, each consumer's band tile) of the union of their kv
   loops through two slots; q.k^T and do.v^T issued together (one wait), then ds.k, all wgmma's, dq accumulated in
@@ -32,6 +32,11 @@ for rows that see no key, partial table gradients per q block), written with Mos
   128-row or 128-key ones overflow at D=128, and at D=64 with a float32 table and segment ids. Blocks that overflow
   either kernel are refused when `backward` is traced, interpreted too, with one error naming them
   (`_check_shared_memory`).
+- backward, fused (FlashAttention-3's): where it fits in shared memory (D=64 at the default 64 x 64 blocks), the
+  dk/dv kernel also computes each tile's part of dq, ds.k (ds^T stored once to shared memory: dk's A operand and,
+  read transposed, dq's), and adds it by a TMA reduce-add to a float32 dq in global memory (`_Target.add_to_global`),
+  and takes the table gradient (band tiles of ds^T out whole, far sums per key): 5 products per tile instead of
+  the two kernels' 7, and no dq kernel. `backward` picks it from the shared memory it needs.
 
 Supports: no bias or the T5 bias (without positions), causal or not, segment ids (the loops narrowed to the blocks
 `segment_block_ranges` keeps). Restrictions (`check`): blocks multiples of 64, Sq and Sk multiples of them (the
@@ -45,9 +50,10 @@ and `pl.run_state`: compiled, the forward's p.v and the backward's dq, dk and dv
 `attention_mgpu.py`; interpreted, a product goes to a fresh accumulator and is added to the running one in
 registers.
 
-Speed (H200, T5 bias, float32 table, benchmarks/notes_attention.md): at D=64 the forward at 0.84-0.92x cuDNN
-without bias and 1.02-1.18x the Triton forward (S=1,024 to 4,096, causal or not), forward + backward 1.03-1.08x the
-Triton kernels and 0.76-0.82x cuDNN; at D=128 forward + backward 1.22-1.39x the Triton kernels (0.82-0.88x cuDNN).
+Speed (H200, T5 bias, float32 table, benchmarks/notes_attention.md): at D=64 the forward at 0.84-0.94x cuDNN
+without bias and 1.02-1.18x the Triton forward (S=1,024 to 4,096, causal or not), forward + backward (fused)
+1.01-1.09x the Triton kernels and 0.77-0.86x cuDNN; at D=128 forward + backward 1.22-1.39x the Triton kernels
+(0.82-0.88x cuDNN).
 Blocks: tuning.py. The interpreter runs each kernel's three warpgroups as concurrent XLA:CPU executions:
 tests/conftest.py widens XLA's CPU thread pool for them. `flash_attention(..., backend="mosaic")` runs it, and the
 model's `kernel_backend=auto` where it measured faster (head_dim 128 on Hopper: fat5_jax/ops.py).
@@ -187,12 +193,13 @@ class _Target:
     return pl.run_state(body)(self.plgpu.ACC.init(acc))
 
   def accumulate_together(self, pl, products, while_running=None):
-    """[acc + a @ b for acc, a, b in products] (all of one shape), the wgmma's issued together, so that one wait
+    """[acc + a @ b for acc, a, b in products], the wgmma's issued together, so that one wait
     covers them all (attention_mgpu.py's dv and dp^T), accumulating in place; interpreted, into fresh accumulators
     added to the accs in registers. while_running() (if given) runs between their issue and the read of their
     results."""
     if self.interpret:
-      fresh = _matmuls(self.plgpu, pl, [(a, b) for _, a, b in products], products[0][0].shape, while_running)
+      fresh = _matmuls(self.plgpu, pl, [(a, b) for _, a, b in products], [acc.shape for acc, _, _ in products],
+                       while_running)
       return [acc + product for (acc, _, _), product in zip(products, fresh)]
 
     def body(acc_refs):
@@ -202,6 +209,21 @@ class _Target:
         while_running()
 
     return list(pl.run_state(body)(tuple(self.plgpu.ACC.init(acc) for acc, _, _ in products)))
+
+  def add_to_global(self, tile, stage, dst):
+    """dst += tile (float32 [rows, D]) in global memory, where other programs add theirs: compiled, tile goes
+    through the shared memory tile `stage` and TMA adds it in L2 (a reduction, atomic against the other programs'
+    ones); interpreted (no TMA reductions), read, added in registers and written back: there dst is this
+    consumer's own accumulator and the programs run one after another (`backward`)."""
+    if self.interpret:
+      dst[...] = dst[...] + tile
+      return
+    # The previous reduction has read the stage (two stages in turn measured no faster: 5.56 against 5.38 ms at
+    # S=4,096, D=64, H200).
+    self.plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    stage[...] = tile
+    self.plgpu.commit_smem()
+    self.plgpu.copy_smem_to_gmem(stage, dst, reduction_op="add")
 
   def t_scratch(self, rows: int, head_dim: int, dtype, leading=()):
     """The staging tile of `transposed` (interpreted only), one per index of `leading`."""
@@ -217,10 +239,10 @@ class _Target:
     return t_smem
 
 
-def _matmuls(plgpu, pl, products, shape, while_running=None):
-  """[a @ b for a, b in products], the wgmma's issued together into fresh float32 accumulators (the interpreter lacks
-  pl.run_state to accumulate in place): one wait for all. while_running() (if given) runs between their issue and
-  the read of their results."""
+def _matmuls(plgpu, pl, products, shapes, while_running=None):
+  """[a @ b for a, b in products] (of the given shapes), the wgmma's issued together into fresh float32 accumulators
+  (the interpreter lacks pl.run_state to accumulate in place): one wait for all. while_running() (if given) runs
+  between their issue and the read of their results."""
   def body(*acc_refs):
     for acc_ref, (a, b) in zip(acc_refs, products):
       plgpu.wgmma(acc_ref, a, b)
@@ -228,12 +250,12 @@ def _matmuls(plgpu, pl, products, shape, while_running=None):
       while_running()
     return tuple(acc_ref[...] for acc_ref in acc_refs)
 
-  return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for _ in products))
+  return pl.run_scoped(body, *(plgpu.ACC(shape, jnp.float32) for shape in shapes))
 
 
 def _matmul(plgpu, pl, a, b, shape):
   """a @ b: `_matmuls` of one product."""
-  return _matmuls(plgpu, pl, ((a, b),), shape)[0]
+  return _matmuls(plgpu, pl, ((a, b),), (shape,))[0]
 
 
 def _visible(target: _Target, cfg: Config, shape, q_axis: int, q_start, k_start, q_seg, k_seg):
@@ -259,7 +281,7 @@ def _tile_products(plgpu, pl, target: _Target, cfg: Config, products, shape, ban
   from 2.90 to 3.26 ms at S=4,096, H200). while_running() (if given) runs between their issue and the read of their
   results."""
   if band is None:
-    return _matmuls(plgpu, pl, products, shape, while_running)
+    return _matmuls(plgpu, pl, products, [shape] * len(products), while_running)
   band_tile, band_barrier = band
   plgpu.barrier_wait(band_barrier)
   bias = target.load(band_tile, target.tile).astype(jnp.float32)
@@ -629,24 +651,31 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
 _SMEM_ALIGNMENT, _MBARRIER_BYTES, _SMEM_LIMIT = 1024, 8, 227 * 1024
 
 
-def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, head_dim: int, table_dtype,
-                         segments: bool) -> None:
-  """Refuse, when `backward` is traced, blocks whose compiled `kernel` (scratch without the interpreter's staging
-  tiles) overflows shared memory: the lowering's own error comes at compilation and names no block. Interpreted
-  too, so that CPU runs refuse what the GPU would."""
-  def size(x, itemsize=None):
+def _shared_memory_bytes(plgpu, scratch: dict, band_itemsize: int | None = None) -> int:
+  """The shared memory of a compiled kernel's scratch (without the interpreter's staging tiles), the band tiles
+  counted at band_itemsize bytes if given."""
+  def size(name, x):
     if isinstance(x, plgpu.Barrier):
       return _MBARRIER_BYTES * int(np.prod(x.num_barriers))
-    itemsize = itemsize or jnp.dtype(x.dtype).itemsize
+    itemsize = band_itemsize if name == "band_smem" and band_itemsize else jnp.dtype(x.dtype).itemsize
     return -(-int(np.prod(x.shape)) * itemsize // _SMEM_ALIGNMENT) * _SMEM_ALIGNMENT
 
-  used = sum(size(x) for x in scratch.values())
-  available = getattr(jax.local_devices()[0], "shared_memory_per_block_optin", _SMEM_LIMIT)
+  return sum(size(name, x) for name, x in scratch.items())
+
+
+def _shared_memory_available() -> int:
+  return getattr(jax.local_devices()[0], "shared_memory_per_block_optin", _SMEM_LIMIT)
+
+
+def _check_shared_memory(plgpu, cfg: Config, scratch: dict, kernel: str, head_dim: int, table_dtype,
+                         segments: bool) -> None:
+  """Refuse, when `backward` is traced, blocks whose compiled `kernel` overflows shared memory: the lowering's own
+  error comes at compilation and names no block. Interpreted too, so that CPU runs refuse what the GPU would."""
+  used, available = _shared_memory_bytes(plgpu, scratch), _shared_memory_available()
   if used > available:
     table = "no bias" if table_dtype is None else f"a {jnp.dtype(table_dtype).name} T5 table"
     setting = f"head_dim {head_dim}, {table}" + (", segment ids" if segments else "")
-    band = scratch.get("band_smem")
-    bf16_fits = band is not None and band.dtype == jnp.float32 and used - size(band) + size(band, 2) <= available
+    bf16_fits = table_dtype == jnp.float32 and _shared_memory_bytes(plgpu, scratch, 2) <= available
     raise ValueError(f"the Mosaic GPU backward's {kernel} kernel needs {used:,} bytes of shared memory at "
                      f"block_q_bwd={cfg.blocks.block_q_bwd}, block_k_bwd={cfg.blocks.block_k_bwd} ({setting}), more "
                      f"than the {available:,} available: use smaller backward blocks (64 is the smallest)"
@@ -662,8 +691,8 @@ def _launch(plgpu, cfg: Config, name: str, kernel, scratch, heads: int, programs
   forward) or a dict of keyword arguments (the backward's kernels); num_threads warpgroups (axis "wg") if given.
   rows_only_reductions: the kernel only reduces WGMMA tiles along their rows (within warps), so none of the shared
   memory Pallas reserves for cross-warp reductions (2 KiB by default, wherever a kernel reduces) is needed. `name`
-  names the compiled kernel (`{name}_mosaic_gpu_kernel` in profiles), which Mosaic GPU takes from `__name__`."""
-  kernel.__name__ = name
+  names the compiled kernel (`{name}_mosaic_gpu_kernel` in profiles), except with a Ref operand: jax 0.10.2's
+  discharge of Refs renames it `new_body`."""
   params = dict(approx_math=True)
   if rows_only_reductions:
     params.update(reduction_scratch_bytes=0)
@@ -672,10 +701,16 @@ def _launch(plgpu, cfg: Config, name: str, kernel, scratch, heads: int, programs
     from jax._src.pallas.mosaic_gpu.interpret.params import \
         InterpretGPUParams  # pylint: disable=import-outside-toplevel
     interpret = InterpretGPUParams()
-  return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=(heads, programs, batch),
-                      grid_names=("heads", block_axis, "batch"), num_threads=num_threads,
-                      thread_name=None if num_threads is None else "wg",
-                      compiler_params=plgpu.CompilerParams(**params), interpret=interpret)
+  import jax.experimental.pallas as pl  # pylint: disable=import-outside-toplevel
+  mesh = plgpu.Mesh(grid=(heads, programs, batch), grid_names=("heads", block_axis, "batch"),
+                    num_threads=num_threads, thread_name=None if num_threads is None else "wg")
+
+  def body(*refs):  # as plgpu.kernel, whose vmap rule takes no Ref operands (the backward's dq accumulator)
+    lists, dicts = (scratch, {}) if isinstance(scratch, (list, tuple)) else ((), scratch)
+    pl.run_scoped(functools.partial(kernel, *refs), *lists, collective_axes=mesh.thread_name or (), **dicts)
+
+  return pl.kernel(body, out_type=out_type, mesh=mesh, compiler_params=plgpu.CompilerParams(**params),
+                   interpret=interpret, name=name)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -888,7 +923,7 @@ def _q_loop(s: Shape, cfg: Config, t5: bool, segments: bool, q_range_ref, batch,
 
 def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
                 q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref,
-                q_range_ref, dk_ref, dv_ref, **scratch):
+                q_range_ref, dq_ref, dk_ref, dv_ref, band_ds_ref=None, far_ref=None, **scratch):
   """dk, dv of two kv blocks of one (batch, head) (triton._attention_dkv_kernel), warp specialized as the forward
   (`_kernel`) with the sides swapped: consumer warpgroup c < _CONSUMERS owns kv block _CONSUMERS * program + c (k,
   v, key segment ids copied once) and walks its q loop (`_q_loop`: far right, band, far left) on [keys, queries]
@@ -910,7 +945,8 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
   bq, bk = s.block_q, s.block_k
   program, head, batch, wg = (lax.axis_index(name) for name in ("kv", "heads", "batch", "wg"))
   kv_blocks = s.kv_len // bk
-  band_first, band_step, _ = band_shifts(cfg.max_distance, bq, bk)
+  fused = dq_ref is not None
+  band_first, band_step, band_count = band_shifts(cfg.max_distance, bq, bk)
   consumed = scratch["consumed_barriers"]
   streamed = ("q", "do", "lse", "delta") + (("q_seg",) if segments else ())
 
@@ -946,8 +982,19 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
     k_tile, v_tile = scratch["k_smem"].at[wg], scratch["v_smem"].at[wg]
     # (interpreted: two staging tiles each for the transposed operands and for p and ds, read by products issued
     # together)
-    p_stage, ds_stage = (scratch["p_smem"].at[wg, i] for i in range(2)) if "p_smem" in scratch else (None, None)
+    p_stage = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
     t_q, t_do = (scratch["t_smem"].at[wg, i] for i in range(2)) if "t_smem" in scratch else (None, None)
+    if fused:
+      ds_tile, dq_stage = scratch["ds_smem"].at[wg], scratch["dq_smem"].at[wg]
+      ds_t = scratch["ds_t_smem"].at[wg] if "ds_t_smem" in scratch else None
+      dq_acc = dq_ref.at[wg if target.interpret else 0, batch]  # interpreted: one accumulator per consumer
+    else:
+      ds_stage = scratch["ds_stage_smem"].at[wg] if "ds_stage_smem" in scratch else None
+
+    if fused and target.interpret:
+      @pl.when(program == 0)  # the first program of this (batch, head) to run
+      def _():
+        dq_acc.at[:, head][...] = jnp.zeros((s.q_len, s.head_dim), jnp.float32)
     resident = (("k", k_ref.at[batch, keys, head], None), ("v", v_ref.at[batch, keys, head], None),
                 ("kv_seg", kv_seg_ref.at[batch, keys], None))[:3 if segments else 2]
 
@@ -956,46 +1003,69 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
     # (unread garbage without a kv block: nothing uses it)
     kv_seg = target.load(scratch["kv_seg_smem"].at[wg], target.row) if segments else None
 
-    def tiles(q_block, carry, far_bias, band: bool, masked: bool):
-      """One q block: dv += p^T.do, dk += ds^T.q on [bk, bq] tiles."""
-      dk, dv = carry
+    def tiles(q_block, carry, far_bias, band: bool, masked: bool, side):
+      """One q block: dv += p^T.do, dk += ds^T.q on [bk, bq] tiles, ds.k added to dq in global memory, and the
+      table gradient's parts: a band tile's ds, or a far tile's sums per key (side 0 or 1: far left or right,
+      carried), or nothing (side None)."""
+      dk, dv, far = carry
       slot = lax.rem(q_block, jnp.int32(_STAGES))
+      q_start = q_block * bq
       plgpu.barrier_wait(scratch["q_barriers"].at[slot])
       q_tile, do_tile = scratch["q_smem"].at[slot], scratch["do_smem"].at[slot]
       plgpu.barrier_wait(scratch["do_barriers"].at[slot])
-      # The products in two pairs, one wait each: k.q^T with dp^T = v.do^T, then dv and dk (measured 3.34 -> 3.14
-      # ms at S=4,096, D=64, H200; level at D=128), where dv's product was issued with dp^T and dk's alone.
+      # The products in two groups, one wait each: k.q^T with dp^T = v.do^T, then dv, dk and dq's part (measured
+      # 3.34 -> 3.14 ms at S=4,096, D=64, H200, where dv's product was issued with dp^T and dk's alone).
       raw, dp = _tile_products(plgpu, pl, target, cfg,
                                ((k_tile, target.transposed(q_tile, t_q)), (v_tile, target.transposed(do_tile, t_do))),
                                (bk, bq), _band_slot(scratch, _STAGES * wg + slot) if band else None)
       plgpu.barrier_wait(scratch["lse_barriers"].at[slot])
       lse = target.load(scratch["lse_smem"].at[slot], target.col)
-      p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, masked, 1, q_block * bq,
+      p = _streamed_probabilities(plgpu, target, cfg, scratch, slot, raw, lse, far_bias, masked, 1, q_start,
                                   k_start, (kv_seg, "q_seg") if segments else None)
       plgpu.barrier_wait(scratch["delta_barriers"].at[slot])
       delta = target.load(scratch["delta_smem"].at[slot], target.col)
-      ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))
-      dv, dk = target.accumulate_together(pl, ((dv, target.p_operand(p.astype(q_ref.dtype), p_stage), do_tile),
-                                               (dk, target.p_operand(ds.astype(q_ref.dtype), ds_stage), q_tile)))
+      ds = p * (dp - lax.broadcast_in_dim(delta, (bk, bq), [1]))  # gradient of the natural-log logits and bias
+      ds16 = ds.astype(q_ref.dtype)  # what the products take
+      dv_product = (dv, target.p_operand(p.astype(q_ref.dtype), p_stage), do_tile)
+      if not fused:
+        dv, dk = target.accumulate_together(pl, (dv_product, (dk, target.p_operand(ds16, ds_stage), q_tile)))
+        _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read q and do
+        return dk, dv, far
+      ds_tile[...] = ds16  # dk's A operand, and read transposed, dq's
+      plgpu.commit_smem()
+      zero_dq = target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile)
+      dv, dk, dq = target.accumulate_together(pl, (dv_product, (dk, ds_tile, q_tile),
+                                                   (zero_dq, target.transposed(ds_tile, ds_t), k_tile)))
       _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read q and do
-      return dk, dv
+      target.add_to_global(dq, dq_stage, dq_acc.at[pl.ds(q_start, bq), head])
+      if band:  # as the Triton backward's band tiles: out whole, summed per bucket by `backward`
+        band_ds_ref.at[batch, kv_block, head, lax.div(k_start - q_start - band_first, band_step)][...] = ds16
+      elif side is not None:
+        far = far + ds.sum(axis=1)
+      return dk, dv, far
 
     def walk():
       zero = lambda: target.cast(jnp.zeros((bk, s.head_dim), jnp.float32), target.tile)
-      carry = (zero(), zero())
       # Regions in the order of the q blocks: far right (keys far after the queries), band, far left; or no bias.
+      # Far regions: the sums per key of their tiles (one bucket each: `backward` adds them to it).
       if t5:
-        regions = ((lo, band_lo, ends_ref[head, 1], False), (band_lo, band_hi, 0.0, True),
-                   (band_hi, hi, ends_ref[head, 0], False))
+        regions = ((lo, band_lo, ends_ref[head, 1], False, 1), (band_lo, band_hi, 0.0, True, None),
+                   (band_hi, hi, ends_ref[head, 0], False, 0))
       else:
-        regions = ((lo, hi, 0.0, False),)
-      for start, stop, far_bias, band in regions:
-        carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop,
-                             first_unmasked, cfg.causal, segments, masked_first=True)
-      return carry
+        regions = ((lo, hi, 0.0, False, None),)
+      dk, dv, fars = zero(), zero(), {}
+      for start, stop, far_bias, band, side in regions:
+        side = side if fused else None  # (the dq kernel takes the table gradient)
+        far = () if side is None else target.cast(jnp.zeros((bk,), jnp.float32), target.row)
+        dk, dv, far = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band, side=side),
+                                   (dk, dv, far), start, stop, first_unmasked, cfg.causal, segments,
+                                   masked_first=True)
+        if side is not None:
+          fars[side] = far
+      return dk, dv, fars
 
     waits = ([scratch[name + "_barriers"] for name in streamed if name != "do"], [scratch["do_barriers"]])
-    dk, dv = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), (consumed,), None, waits, walk)
+    dk, dv, fars = _consume(plgpu, pl, wg, (u_lo, u_hi), (lo, hi), (consumed,), None, waits, walk)
 
     @pl.when(exists)
     def _():
@@ -1004,38 +1074,34 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[batch, keys, head])
       plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[batch, keys, head])
+      if fused and t5:
+        for side, far in fars.items():
+          far_ref.at[batch, kv_block, head, side][...] = far
+        zeros = target.cast(jnp.zeros((bk, bq), q_ref.dtype), target.tile)
+        for shift in range(band_count):  # the band tiles this kv block did not visit are zeros (`backward` sums all)
+          q_start = k_start - band_first - shift * band_step  # the tile's first query, if a q block starts there
+          visited = (q_start >= band_lo * bq) & (q_start < band_hi * bq) & (lax.rem(q_start - band_lo * bq, bq) == 0)
+
+          @pl.when(~visited)
+          def _():
+            band_ds_ref.at[batch, kv_block, head, shift][...] = zeros
+
       plgpu.wait_smem_to_gmem(0)
 
 
-def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2,
-             delta):
-  """(dq, dk, dv, table gradients per q block [B, H, Sq / bq, buckets_padded] float32 or None): triton.backward's
-  contract, on block-padded inputs, blocks cfg.blocks.block_q_bwd x block_k_bwd and t5 built for them. lse2 is the
-  forward's (+inf for rows that see no key); delta [B, H, Sq] is rowsum(out * dout) minus the lse cotangent."""
-  del slopes2, bias, q_pos, kv_pos
-  check(q, k, cfg, backward=True)
-  import jax.experimental.pallas as pl  # pylint: disable=import-outside-toplevel
-  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
-
+def _dq_call(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: T5Inputs | None, q, k, v, dout, lse2, delta,
+             q_seg, kv_seg):
+  """(dq, band tiles' ds [B, q blocks, H, shifts, bq, bk], far row sums [B, q blocks, H, 2, bq]) by the dq kernel,
+  for the backward whose fused kernel overflows shared memory (`backward`'s arguments; q_seg, kv_seg placeholders
+  without segments)."""
   batch, q_len, heads, head_dim = q.shape
-  s = Shape(q_len, k.shape[1], head_dim, cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd)
   bq, bk = s.block_q, s.block_k
+  segments = q_seg.shape != (1, 1)
   placeholder = jnp.zeros((1, 1), jnp.float32)
-  segments = q_seg is not None
-  band = band_t = ends = placeholder
-  if t5 is not None:  # far biases [H, 2]
-    ends = t5.vector[:, jnp.array([0, 2 * cfg.max_distance])]
-    band = t5.band
-    band_t = band.reshape(heads, -1, bq, bk).swapaxes(2, 3).reshape(heads, -1, bq)  # [keys, queries] tiles
-  kv_range = q_range = jnp.zeros((1, 1, 2), jnp.int32)
-  if segments:
-    kv_range, q_range = segment_block_ranges(q_seg, kv_seg, bq, bk)
-  else:
-    q_seg = kv_seg = jnp.zeros((1, 1), jnp.int32)
-  target = _Target(plgpu, cfg.interpret)
+  band, ends = (placeholder, placeholder) if t5 is None else (t5.band, t5.vector[:, jnp.array([0, 2 * cfg.max_distance])])
+  kv_range = segment_block_ranges(q_seg, kv_seg, bq, bk)[0] if segments else jnp.zeros((1, 1, 2), jnp.int32)
   slots = lambda: plgpu.Barrier(num_barriers=_STAGES)
   tile = lambda shape, dtype: _smem_tile(plgpu, shape, dtype)
-
   # dq kernel, warp specialized: q, do, lse, delta (q_seg) once per consumer; k, v (kv_seg) in _STAGES slots, a
   # band tile and a tile of bucket ids per consumer and slot.
   consumers = lambda: plgpu.Barrier(num_barriers=_CONSUMERS)
@@ -1064,15 +1130,48 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   band_ds_shape, far_shape = (((batch, q_blocks, heads, band_count, bq, bk), (batch, q_blocks, heads, 2, bq))
                               if t5 is not None else ((1,), (1,)))
   kernel = functools.partial(_dq_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
-  dq, band_ds, far_sums = _launch(
+  return _launch(
       plgpu, cfg, "attention_dq", kernel, scratch, heads, pl.cdiv(q_blocks, _CONSUMERS), batch, "q",
       (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(band_ds_shape, q.dtype),
        jax.ShapeDtypeStruct(far_shape, jnp.float32)),
       num_threads=_CONSUMERS + 1, rows_only_reductions=True,
   )(q, k, v, dout, lse2, delta, band, ends, q_seg, kv_seg, kv_range)
 
-  # dk/dv kernel, warp specialized: k, v (kv_seg) once per consumer; q, do, lse, delta (q_seg) in _STAGES slots, a
-  # transposed band tile per consumer and slot.
+
+
+def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2,
+             delta):
+  """(dq, dk, dv, table gradients per q block [B, H, Sq / bq, buckets_padded] float32 or None): triton.backward's
+  contract, on block-padded inputs, blocks cfg.blocks.block_q_bwd x block_k_bwd and t5 built for them. lse2 is the
+  forward's (+inf for rows that see no key); delta [B, H, Sq] is rowsum(out * dout) minus the lse cotangent."""
+  del slopes2, bias, q_pos, kv_pos
+  check(q, k, cfg, backward=True)
+  import jax.experimental.pallas as pl  # pylint: disable=import-outside-toplevel
+  import jax.experimental.pallas.mosaic_gpu as plgpu  # pylint: disable=import-outside-toplevel
+
+  batch, q_len, heads, head_dim = q.shape
+  s = Shape(q_len, k.shape[1], head_dim, cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd)
+  bq, bk = s.block_q, s.block_k
+  placeholder = jnp.zeros((1, 1), jnp.float32)
+  segments = q_seg is not None
+  band = band_t = ends = placeholder
+  if t5 is not None:  # far biases [H, 2]
+    ends = t5.vector[:, jnp.array([0, 2 * cfg.max_distance])]
+    band = t5.band
+    band_t = band.reshape(heads, -1, bq, bk).swapaxes(2, 3).reshape(heads, -1, bq)  # [keys, queries] tiles
+  q_range = jnp.zeros((1, 1, 2), jnp.int32)
+  if segments:
+    _, q_range = segment_block_ranges(q_seg, kv_seg, bq, bk)
+  else:
+    q_seg = kv_seg = jnp.zeros((1, 1), jnp.int32)
+  target = _Target(plgpu, cfg.interpret)
+  slots = lambda: plgpu.Barrier(num_barriers=_STAGES)
+  tile = lambda shape, dtype: _smem_tile(plgpu, shape, dtype)
+
+  # The dk/dv kernel, warp specialized: k, v (kv_seg) once per consumer; q, do, lse, delta (q_seg) in _STAGES
+  # slots, a transposed band tile per consumer and slot. Fused (dq's parts added by TMA, and the table gradient),
+  # per consumer a tile of ds and the float32 stage of dq's part, where they fit in shared memory.
+  consumers = lambda: plgpu.Barrier(num_barriers=_CONSUMERS)
   scratch = dict(k_smem=tile((_CONSUMERS, bk, head_dim), k.dtype), v_smem=tile((_CONSUMERS, bk, head_dim), v.dtype),
                  q_smem=tile((_STAGES, bq, head_dim), q.dtype), do_smem=tile((_STAGES, bq, head_dim), dout.dtype),
                  lse_smem=plgpu.SMEM((_STAGES, bq), jnp.float32), delta_smem=plgpu.SMEM((_STAGES, bq), jnp.float32),
@@ -1085,23 +1184,59 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   if t5 is not None:
     scratch.update(band_smem=tile((_CONSUMERS * _STAGES, bk, bq), band.dtype),
                    band_barriers=plgpu.Barrier(num_barriers=_CONSUMERS * _STAGES))
-  _check_shared_memory(plgpu, cfg, scratch, "dk/dv", head_dim, table_dtype, segments)
-  if cfg.interpret:
-    scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype, (_CONSUMERS, 2)),
-                   p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS, 2)))
+  table_dtype = None if t5 is None else band.dtype
+  fused_scratch = dict(scratch, ds_smem=tile((_CONSUMERS, bk, bq), q.dtype),
+                       dq_smem=tile((_CONSUMERS, bq, head_dim), jnp.float32))
+  fused = _shared_memory_bytes(plgpu, fused_scratch) <= _shared_memory_available()
+  kv_blocks = k.shape[1] // bk
+  _, _, band_count = band_shifts(cfg.max_distance, bq, bk)
+  out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  operands = (q, k, v, dout, lse2, delta, band_t, ends, q_seg, kv_seg, q_range)
   kernel = functools.partial(_dkv_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
-  dk, dv = _launch(
-      plgpu, cfg, "attention_dkv", kernel, scratch, heads, pl.cdiv(k.shape[1] // bk, _CONSUMERS), batch, "kv",
-      (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-      num_threads=_CONSUMERS + 1,
-  )(q, k, v, dout, lse2, delta, band_t, ends, q_seg, kv_seg, q_range)
-
+  if fused:
+    scratch = fused_scratch
+    if cfg.interpret:
+      scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype, (_CONSUMERS, 2)),
+                     p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)),
+                     ds_t_smem=target.t_scratch(bk, bq, q.dtype, (_CONSUMERS,)))
+    if t5 is not None:  # batch and kv blocks lead: summed below as one reduction of the leading dimensions
+      out_type += [jax.ShapeDtypeStruct((batch, kv_blocks, heads, band_count, bk, bq), q.dtype),
+                   jax.ShapeDtypeStruct((batch, kv_blocks, heads, 2, bk), jnp.float32)]
+    # dq sums the parts of every kv block: a float32 accumulator in global memory, zeros to start. Compiled, a Ref
+    # that the kernel updates in place; the interpreter takes no Ref operands, so there it is an output, one per
+    # consumer, that each consumer of the first program clears (the interpreter runs the programs in order).
+    dq_type = jax.ShapeDtypeStruct((_CONSUMERS if cfg.interpret else 1, batch, q_len, heads, head_dim), jnp.float32)
+    if cfg.interpret:
+      launched = lambda *refs, **scratch: kernel(*refs[:len(operands)], refs[-1], *refs[len(operands):-1], **scratch)
+      out_type.append(dq_type)
+    else:
+      dq_acc = jax.new_ref(jnp.zeros(dq_type.shape, dq_type.dtype))
+      launched, operands = kernel, operands + (dq_acc,)
+  else:
+    _check_shared_memory(plgpu, cfg, scratch, "dk/dv", head_dim, table_dtype, segments)
+    if cfg.interpret:
+      scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype, (_CONSUMERS, 2)),
+                     p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)),
+                     ds_stage_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)))
+    launched = lambda *refs, **scratch: kernel(*refs[:len(operands)], None, *refs[len(operands):], **scratch)
+  outs = _launch(plgpu, cfg, "attention_bwd" if fused else "attention_dkv", launched, scratch, heads,
+                 pl.cdiv(kv_blocks, _CONSUMERS), batch, "kv", out_type, num_threads=_CONSUMERS + 1,
+                 rows_only_reductions=True)(*operands)
+  dk, dv = outs[:2]
+  if fused:
+    dq = (outs[-1] if cfg.interpret else jax.freeze(dq_acc)).sum(0)
+    dq = (dq * cfg.scale).astype(q.dtype)
+    if t5 is not None:  # [keys, queries] band tiles, sums per key
+      band_ds, far_sums = outs[2:4]
+  else:
+    dq, band_ds, far_sums = _dq_call(plgpu, pl, target, s, cfg, t5, q, k, v, dout, lse2, delta, q_seg, kv_seg)
   if t5 is None:
     return dq, dk, dv, None
-  # The band tiles' ds and the far row sums of all programs, summed, then per bucket: each pair of a band tile
-  # holds its bucket id (`band_tiles` of the bucket table), the far sums the end buckets.
+  # The band tiles' ds and the far sums of all programs, summed, then per bucket: each pair of a band tile holds its
+  # bucket id (`band_tiles` of the bucket table), the far sums the end buckets.
   bucket_ids = np.asarray(band_tiles(cfg.lut()[None], cfg.max_distance, bq, bk)[0]).reshape(-1)
-  band_sums = band_ds.astype(jnp.float32).sum((0, 1)).reshape(heads, -1)
+  band_sums = band_ds.astype(jnp.float32).sum((0, 1))
+  band_sums = (band_sums.swapaxes(2, 3) if fused else band_sums).reshape(heads, -1)
   sums = jnp.concatenate([band_sums, far_sums.sum((0, 1, 4))], axis=1)
   dtable = sum_into_buckets(sums, np.concatenate([bucket_ids, cfg.end_buckets()]), cfg.buckets_padded)
   return dq, dk, dv, dtable[None, :, None, :]

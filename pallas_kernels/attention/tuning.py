@@ -68,7 +68,8 @@ SHORT_ROWS, SHORT_ROWS_BLOCK_Q = 512, 64
 # D=64 but not at D=128 (329,872 and 328,848 bytes with a float32 table; `mosaic._check_shared_memory` refuses
 # them). At D=64, 128 x 64 backward blocks (128-query tiles streamed through the dk/dv kernel) ran the T5 forward +
 # backward 4% faster at S=4,096 and level at 1,024 (H200); not the default, as with a float32 table and segment ids
-# the dq kernel overflows there (233,648 bytes). 64 x 128 ones were slower (benchmarks/notes_attention.md).
+# the dq kernel overflows there (233,648 bytes). 64 x 128 ones were slower (benchmarks/notes_attention.md). At D=64
+# and 64 x 64 the backward runs fused (one kernel, 184,448 bytes), which no larger blocks fit.
 _MOSAIC_BLOCKS = BlockSizes(64, 128, 64, 64)
 _MOSAIC_WIDE_HEAD_BLOCKS = BlockSizes(64, 64, 64, 64)
 _MOSAIC_INTERPRET_BLOCKS = BlockSizes(64, 64, 64, 64)
