@@ -593,6 +593,18 @@ def check(q, k, cfg: Config, backward: bool = False) -> None:
     raise ValueError("the Mosaic GPU kernel takes no bias or the T5 bias, without positions")
 
 
+def _operands(cfg: Config, t5: T5Inputs | None, q_seg, kv_seg, bq: int, bk: int):
+  """The kernels' operands besides q, k, v: (band tiles, far biases [H, 2] (the vector's two ends), q_seg, kv_seg,
+  kv block ranges per q block, q block ranges per kv block), with (1, 1) placeholders for absent features."""
+  band = ends = jnp.zeros((1, 1), jnp.float32)
+  if t5 is not None:
+    band, ends = t5.band, t5.vector[:, jnp.array([0, 2 * cfg.max_distance])]
+  if q_seg is None:
+    no_ids, no_ranges = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1, 2), jnp.int32)
+    return band, ends, no_ids, no_ids, no_ranges, no_ranges
+  return band, ends, q_seg, kv_seg, *segment_block_ranges(q_seg, kv_seg, bq, bk)
+
+
 def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, q_seg=None, kv_seg=None,
             q_pos=None, kv_pos=None):
   """(out [B, Sq, H, D], lse in base 2 [B, H, Sq], +inf for rows that see no key) on block-padded inputs:
@@ -606,16 +618,9 @@ def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, 
   batch, q_len, heads, head_dim = q.shape
   s = Shape(q_len, k.shape[1], head_dim, cfg.blocks.block_q, cfg.blocks.block_k)
   bq, bk = s.block_q, s.block_k
-  placeholder = jnp.zeros((1, 1), jnp.float32)
   segments = q_seg is not None
-  band, ends, band_dtype = placeholder, placeholder, jnp.float32
-  if t5 is not None:  # the far biases [H, 2]: the vector's two ends
-    band, ends, band_dtype = t5.band, t5.vector[:, jnp.array([0, 2 * cfg.max_distance])], t5.band.dtype
-  kv_range = jnp.zeros((1, 1, 2), jnp.int32)
-  if segments:
-    kv_range, _ = segment_block_ranges(q_seg, kv_seg, bq, bk)
-  else:
-    q_seg = kv_seg = jnp.zeros((1, 1), jnp.int32)
+  band, ends, q_seg, kv_seg, kv_range, _ = _operands(cfg, t5, q_seg, kv_seg, bq, bk)
+  band_dtype = band.dtype
 
   target = _Target(plgpu, cfg.interpret)
   tile = lambda shape, dtype: _smem_tile(plgpu, shape, dtype)
@@ -1089,17 +1094,12 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_call(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: T5Inputs | None, q, k, v, dout, lse2, delta,
-             q_seg, kv_seg):
+def _dq_call(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: T5Inputs | None, segments: bool, q, k, v,
+             dout, lse2, delta, band, ends, q_seg, kv_seg, kv_range):
   """(dq, band tiles' ds [B, q blocks, H, shifts, bq, bk], far row sums [B, q blocks, H, 2, bq]) by the dq kernel,
-  for the backward whose fused kernel overflows shared memory (`backward`'s arguments; q_seg, kv_seg placeholders
-  without segments)."""
+  for the backward whose fused kernel overflows shared memory (`backward`'s arguments and `_operands`)."""
   batch, q_len, heads, head_dim = q.shape
   bq, bk = s.block_q, s.block_k
-  segments = q_seg.shape != (1, 1)
-  placeholder = jnp.zeros((1, 1), jnp.float32)
-  band, ends = (placeholder, placeholder) if t5 is None else (t5.band, t5.vector[:, jnp.array([0, 2 * cfg.max_distance])])
-  kv_range = segment_block_ranges(q_seg, kv_seg, bq, bk)[0] if segments else jnp.zeros((1, 1, 2), jnp.int32)
   slots = lambda: plgpu.Barrier(num_barriers=_STAGES)
   tile = lambda shape, dtype: _smem_tile(plgpu, shape, dtype)
   # dq kernel, warp specialized: q, do, lse, delta (q_seg) once per consumer; k, v (kv_seg) in _STAGES slots, a
@@ -1152,18 +1152,11 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   batch, q_len, heads, head_dim = q.shape
   s = Shape(q_len, k.shape[1], head_dim, cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd)
   bq, bk = s.block_q, s.block_k
-  placeholder = jnp.zeros((1, 1), jnp.float32)
   segments = q_seg is not None
-  band = band_t = ends = placeholder
-  if t5 is not None:  # far biases [H, 2]
-    ends = t5.vector[:, jnp.array([0, 2 * cfg.max_distance])]
-    band = t5.band
-    band_t = band.reshape(heads, -1, bq, bk).swapaxes(2, 3).reshape(heads, -1, bq)  # [keys, queries] tiles
-  q_range = jnp.zeros((1, 1, 2), jnp.int32)
-  if segments:
-    _, q_range = segment_block_ranges(q_seg, kv_seg, bq, bk)
-  else:
-    q_seg = kv_seg = jnp.zeros((1, 1), jnp.int32)
+  band, ends, q_seg, kv_seg, kv_range, q_range = _operands(cfg, t5, q_seg, kv_seg, bq, bk)
+  band_t = band  # [keys, queries] tiles
+  if t5 is not None:
+    band_t = band.reshape(heads, -1, bq, bk).swapaxes(2, 3).reshape(heads, -1, bq)
   target = _Target(plgpu, cfg.interpret)
   slots = lambda: plgpu.Barrier(num_barriers=_STAGES)
   tile = lambda shape, dtype: _smem_tile(plgpu, shape, dtype)
@@ -1229,7 +1222,8 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
     if t5 is not None:  # [keys, queries] band tiles, sums per key
       band_ds, far_sums = outs[2:4]
   else:
-    dq, band_ds, far_sums = _dq_call(plgpu, pl, target, s, cfg, t5, q, k, v, dout, lse2, delta, q_seg, kv_seg)
+    dq, band_ds, far_sums = _dq_call(plgpu, pl, target, s, cfg, t5, segments, q, k, v, dout, lse2, delta, band, ends,
+                                     q_seg, kv_seg, kv_range)
   if t5 is None:
     return dq, dk, dv, None
   # The band tiles' ds and the far sums of all programs, summed, then per bucket: each pair of a band tile holds its
