@@ -283,8 +283,7 @@ def plot(results, path):
   rows, memory = results["rows"], results.get("memory", [])
   device = results.get("environment", results).get("device", "")  # older results kept it at the top
   if rows:
-    head_dims = sorted({r["head_dim"] for r in rows})
-    panels = [(d, c) for d in head_dims for c in (False, True)]
+    panels = sorted({(r["head_dim"], r["causal"]) for r in rows})  # those measured
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7.5), squeeze=False)
     for col, (d, causal) in enumerate(panels):
       for row, mode in enumerate(("fwd", "fwd_bwd")):

@@ -48,11 +48,12 @@ Pallas -> Mosaic GPU lowering. The interpreter lacks a few constructs the compil
 them (and only them) when interpreting: layout hints, B operands read transposed by wgmma, A operands in registers,
 and `pl.run_state`: compiled, the forward's p.v and the backward's dq, dk and dv accumulate in place as in JAX's
 `attention_mgpu.py`; interpreted, a product goes to a fresh accumulator and is added to the running one in
-registers.
+registers. The fused backward's TMA reductions and Ref operand, which the interpreter lacks too, become one dq
+accumulator per consumer, read, added and written back (`_Target.add_to_global`).
 
 Speed (H200, T5 bias, float32 table, benchmarks/notes_attention.md): at D=64 the forward at 0.84-0.94x cuDNN
 without bias and 1.02-1.18x the Triton forward (S=1,024 to 4,096, causal or not), forward + backward (fused)
-1.01-1.09x the Triton kernels and 0.77-0.86x cuDNN; at D=128 forward + backward 1.22-1.39x the Triton kernels
+1.12-1.14x the Triton kernels and 0.83-0.88x cuDNN; at D=128 forward + backward 1.22-1.39x the Triton kernels
 (0.82-0.88x cuDNN).
 Blocks: tuning.py. The interpreter runs each kernel's three warpgroups as concurrent XLA:CPU executions:
 tests/conftest.py widens XLA's CPU thread pool for them. `flash_attention(..., backend="mosaic")` runs it, and the
@@ -142,7 +143,7 @@ def _walk_region(step, carry, start, stop, split, causal: bool, segments: bool, 
 class _Target:
   """What differs between the compiled kernel and Mosaic GPU's interpreter (jax 0.10 to 0.11), which implements
   neither layout hints (`plgpu.layout_cast`, `plgpu.load`) nor wgmma operands other than plain shared memory refs
-  (no transposed refs, no A operand in registers) nor `pl.run_state`.
+  (no transposed refs, no A operand in registers) nor `pl.run_state` nor TMA reductions (jax 0.10.2).
 
   Compiled: the FlashAttention-3 operands: k tiles [bk, D] read transposed by wgmma (K-major B; likewise the
   backward's v, q and do tiles), p (the backward's p and ds) fed to wgmma from registers, WGMMA fragment layouts.
@@ -196,15 +197,24 @@ class _Target:
     """[acc + a @ b for acc, a, b in products], the wgmma's issued together, so that one wait
     covers them all (attention_mgpu.py's dv and dp^T), accumulating in place; interpreted, into fresh accumulators
     added to the accs in registers. while_running() (if given) runs between their issue and the read of their
-    results."""
+    results. A callable among the products runs where it stands in the issue order (interpreted: first), while
+    the products before it run."""
+    steps, products = products, [x for x in products if not callable(x)]
     if self.interpret:
+      for step in steps:
+        if callable(step):
+          step()
       fresh = _matmuls(self.plgpu, pl, [(a, b) for _, a, b in products], [acc.shape for acc, _, _ in products],
                        while_running)
       return [acc + product for (acc, _, _), product in zip(products, fresh)]
 
     def body(acc_refs):
-      for acc_ref, (_, a, b) in zip(acc_refs, products):
-        self.plgpu.wgmma(acc_ref, a, b)
+      acc_refs = iter(acc_refs)
+      for step in steps:
+        if callable(step):
+          step()
+        else:
+          self.plgpu.wgmma(next(acc_refs), *step[1:])
       if while_running is not None:
         while_running()
 
@@ -1036,15 +1046,22 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
         dv, dk = target.accumulate_together(pl, (dv_product, (dk, target.p_operand(ds16, ds_stage), q_tile)))
         _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read q and do
         return dk, dv, far
-      ds_tile[...] = ds16  # dk's A operand, and read transposed, dq's
-      plgpu.commit_smem()
+
+      def stage_ds():  # dq's A operand, read transposed; stored while dv's and dk's products run
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous band tile's copy has read ds_tile
+        ds_tile[...] = ds16
+        plgpu.commit_smem()
+
       zero_dq = target.cast(jnp.zeros((bq, s.head_dim), jnp.float32), target.tile)
-      dv, dk, dq = target.accumulate_together(pl, (dv_product, (dk, ds_tile, q_tile),
+      # (interpreted, dk's operand is staged in ds_tile too, before dq's is read from it)
+      dv, dk, dq = target.accumulate_together(pl, (dv_product, (dk, target.p_operand(ds16, ds_tile), q_tile), stage_ds,
                                                    (zero_dq, target.transposed(ds_tile, ds_t), k_tile)))
       _release(plgpu, consumed, slot)  # the products' results are read: wgmma has read q and do
       target.add_to_global(dq, dq_stage, dq_acc.at[pl.ds(q_start, bq), head])
-      if band:  # as the Triton backward's band tiles: out whole, summed per bucket by `backward`
-        band_ds_ref.at[batch, kv_block, head, lax.div(k_start - q_start - band_first, band_step)][...] = ds16
+      if band:  # as the Triton backward's band tiles: out whole, summed per bucket by `backward`; copied from
+        # ds_tile by TMA (stored from registers, the band tiles took 0.48 ms of 5.50 at S=4,096, D=64, H200)
+        plgpu.copy_smem_to_gmem(ds_tile, band_ds_ref.at[batch, kv_block, head,
+                                                        lax.div(k_start - q_start - band_first, band_step)])
       elif side is not None:
         far = far + ds.sum(axis=1)
       return dk, dv, far
