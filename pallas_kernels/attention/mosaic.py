@@ -948,6 +948,11 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
   k.q^T and dp^T = v.do^T issued together (one wgmma wait); p; ds; dv += p^T.do and dk += ds^T.q together. scratch:
   shared memory tiles (`*_smem`) and barriers (`*_barriers`) by name, without those of absent
   features.
+  Fused (dq_ref given, the float32 dq accumulator: `backward`), each tile's dq part ds.k is issued with dv's and
+  dk's products (ds staged in `ds_smem`, read transposed) and added to dq_ref by TMA; with the T5 bias the kernel
+  also writes the table gradient's parts: each band tile's ds^T to band_ds_ref[batch, kv_block, head, shift] (by
+  TMA from `ds_smem`; zeros for the shifts its block does not visit) and each far region's sums per key to
+  far_ref[batch, kv_block, head, side]. Else (dq_ref None) the dq kernel computes those.
 
   Barrier counts, per q block i of the union [u_lo, u_hi) in slot i % _STAGES:
   - q, do, lse, delta (q_seg) slots: one TMA arrival (the producer's copy); waited once by each consumer.
@@ -995,8 +1000,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
     keys = pl.ds(k_start, bk)
     lo, hi, first_unmasked, band_lo, band_hi = _this_loop(wg, loops, u_hi)
     k_tile, v_tile = scratch["k_smem"].at[wg], scratch["v_smem"].at[wg]
-    # (interpreted: two staging tiles each for the transposed operands and for p and ds, read by products issued
-    # together)
+    # (interpreted: staging tiles for the transposed operands and for p and ds, read by products issued together)
     p_stage = scratch["p_smem"].at[wg] if "p_smem" in scratch else None
     t_q, t_do = (scratch["t_smem"].at[wg, i] for i in range(2)) if "t_smem" in scratch else (None, None)
     if fused:
