@@ -233,6 +233,25 @@ def test_compiled_kernels_lower_for_cuda(case):
     assert (name in text) == two_kernels, (name, two_kernels)
 
 
+def test_fused_backward_lowers_inside_a_scan_a_checkpoint_and_a_shard_map():
+  """The fused backward's dq accumulator is a Ref the kernel updates in place: it lowers for CUDA where the training
+  step runs it, inside the micro-batch `lax.scan`, under `jax.checkpoint` (`train.remat`) and in the seam's
+  `shard_map`."""
+  cfg, (q, k, v, table, ids), _ = _case("t5", seed=0, interpret=False)
+  lse = jnp.zeros((BATCH, HEADS, LENGTH), jnp.float32)
+  dq = jax.checkpoint(lambda x: _gradients(cfg)(x, k, v, table, ids, x, lse, x, lse)[0])
+
+  def micro_batches(qs):
+    return jax.lax.scan(lambda total, x: (total + dq(x).astype(jnp.float32).sum(), None), 0.0, qs)[0]
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  spec = jax.sharding.PartitionSpec("data")
+  sharded = jax.shard_map(micro_batches, mesh=mesh, in_specs=spec, out_specs=jax.sharding.PartitionSpec(),
+                          check_vma=False)
+  text = jax.jit(sharded).trace(jnp.stack([q, q])).lower(lowering_platforms=("cuda",)).as_text()
+  assert "attention_dkv" not in text and text.count("mosaic_gpu") >= 1  # the fused kernel, not the two
+
+
 @pytest.mark.parametrize("head_dim", mosaic.HEAD_DIMS)
 def test_compiled_forward_fits_shared_memory_at_default_blocks(head_dim):
   """The compiled forward at the blocks `tuning` gives it, with a float32 table (a band tile per consumer
