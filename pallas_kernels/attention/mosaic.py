@@ -764,6 +764,21 @@ def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, 
   return _probabilities(cfg, raw, lse, q_axis, far_bias, visible)
 
 
+def _clear_unvisited_band_tiles(pl, target: _Target, tiles_ref, walked_start, band_lo, band_hi, block: int,
+                                count: int, dtype):
+  """Zeros to the band tiles [count, rows, cols] of `tiles_ref` that a resident block's walk did not visit
+  (`backward` sums every program's tiles): shift's tile starts at walked_start(shift) on the walked side, visited
+  if a walked block of `block` rows in the band [band_lo, band_hi) starts there."""
+  zeros = target.cast(jnp.zeros(tiles_ref.shape[1:], dtype), target.tile)
+  for shift in range(count):
+    start = walked_start(shift)
+    visited = (start >= band_lo * block) & (start < band_hi * block) & (lax.rem(start - band_lo * block, block) == 0)
+
+    @pl.when(~visited)
+    def _():
+      tiles_ref.at[shift][...] = zeros
+
+
 def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segments: bool,
                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, band_ref, ends_ref, q_seg_ref, kv_seg_ref,
                kv_range_ref, dq_ref, band_ds_ref, far_ref, **scratch):
@@ -896,14 +911,9 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
       if t5:
         for side, far in enumerate(fars):
           far_ref.at[batch, q_block, head, side][...] = far
-        zeros = target.cast(jnp.zeros((bq, bk), q_ref.dtype), target.tile)
-        for shift in range(band_count):  # the band tiles this q block did not visit are zeros (`backward` sums all)
-          key = q_start + band_first + shift * band_step  # the tile's first key, if a kv block starts there
-          visited = (key >= band_lo * bk) & (key < band_hi * bk) & (lax.rem(key - band_lo * bk, bk) == 0)
-
-          @pl.when(~visited)
-          def _():
-            band_ds_ref.at[batch, q_block, head, shift][...] = zeros
+        _clear_unvisited_band_tiles(pl, target, band_ds_ref.at[batch, q_block, head],
+                                    lambda shift: q_start + band_first + shift * band_step, band_lo, band_hi, bk,
+                                    band_count, q_ref.dtype)
 
       plgpu.wait_smem_to_gmem(0)
 
@@ -1103,14 +1113,9 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
       if fused and t5:
         for side, far in fars.items():
           far_ref.at[batch, kv_block, head, side][...] = far
-        zeros = target.cast(jnp.zeros((bk, bq), q_ref.dtype), target.tile)
-        for shift in range(band_count):  # the band tiles this kv block did not visit are zeros (`backward` sums all)
-          q_start = k_start - band_first - shift * band_step  # the tile's first query, if a q block starts there
-          visited = (q_start >= band_lo * bq) & (q_start < band_hi * bq) & (lax.rem(q_start - band_lo * bq, bq) == 0)
-
-          @pl.when(~visited)
-          def _():
-            band_ds_ref.at[batch, kv_block, head, shift][...] = zeros
+        _clear_unvisited_band_tiles(pl, target, band_ds_ref.at[batch, kv_block, head],
+                                    lambda shift: k_start - band_first - shift * band_step, band_lo, band_hi, bq,
+                                    band_count, q_ref.dtype)
 
       plgpu.wait_smem_to_gmem(0)
 
@@ -1157,7 +1162,6 @@ def _dq_call(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: T5Inputs | N
        jax.ShapeDtypeStruct(far_shape, jnp.float32)),
       num_threads=_CONSUMERS + 1, rows_only_reductions=True,
   )(q, k, v, dout, lse2, delta, band, ends, q_seg, kv_seg, kv_range)
-
 
 
 def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv_seg, q_pos, kv_pos, dout, lse2,
@@ -1207,12 +1211,15 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
   out_type = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   operands = (q, k, v, dout, lse2, delta, band_t, ends, q_seg, kv_seg, q_range)
   kernel = functools.partial(_dkv_kernel, plgpu, pl, target, s, cfg, t5 is not None, segments)
+  if not fused:
+    _check_shared_memory(plgpu, cfg, scratch, "dk/dv", head_dim, table_dtype, segments)
+  scratch = fused_scratch if fused else scratch
+  if cfg.interpret:  # staging tiles: the transposed q and do, p, and ds (fused: ds^T for dq's product)
+    scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype, (_CONSUMERS, 2)),
+                   p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)),
+                   **({"ds_t_smem": target.t_scratch(bk, bq, q.dtype, (_CONSUMERS,))} if fused else
+                      {"ds_stage_smem": target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,))}))
   if fused:
-    scratch = fused_scratch
-    if cfg.interpret:
-      scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype, (_CONSUMERS, 2)),
-                     p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)),
-                     ds_t_smem=target.t_scratch(bk, bq, q.dtype, (_CONSUMERS,)))
     if t5 is not None:  # batch and kv blocks lead: summed below as one reduction of the leading dimensions
       out_type += [jax.ShapeDtypeStruct((batch, kv_blocks, heads, band_count, bk, bq), q.dtype),
                    jax.ShapeDtypeStruct((batch, kv_blocks, heads, 2, bk), jnp.float32)]
@@ -1227,11 +1234,6 @@ def backward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2, bias, q_seg, kv
       dq_acc = jax.new_ref(jnp.zeros(dq_type.shape, dq_type.dtype))
       launched, operands = kernel, operands + (dq_acc,)
   else:
-    _check_shared_memory(plgpu, cfg, scratch, "dk/dv", head_dim, table_dtype, segments)
-    if cfg.interpret:
-      scratch.update(t_smem=target.t_scratch(bq, head_dim, q.dtype, (_CONSUMERS, 2)),
-                     p_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)),
-                     ds_stage_smem=target.p_scratch(bk, bq, q.dtype, (_CONSUMERS,)))
     launched = lambda *refs, **scratch: kernel(*refs[:len(operands)], None, *refs[len(operands):], **scratch)
   outs = _launch(plgpu, cfg, "attention_bwd" if fused else "attention_dkv", launched, scratch, heads,
                  pl.cdiv(kv_blocks, _CONSUMERS), batch, "kv", out_type, num_threads=_CONSUMERS + 1,
