@@ -1,16 +1,13 @@
 """scripts/length_generalization.py's table on a fake run directory (no training)."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "length_generalization", os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts",
-                                          "length_generalization.py"))
-length_generalization = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(length_generalization)
+from tests import scripts
+
+length_generalization = scripts.load("length_generalization")
 
 
 def _fake_run(out_dir) -> dict:

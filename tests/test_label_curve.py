@@ -1,0 +1,39 @@
+"""scripts/label_curve.py's table and plot on a fake run directory (no training)."""
+
+import json
+
+import pytest
+
+from tests import scripts
+
+label_curve = scripts.load("label_curve")
+
+# (labels, head, start, seed) -> (test, validation) accuracy.
+_ACCURACIES = {
+    (250, "seq2seq", "pretrained", 0): (0.50, 0.40), (250, "seq2seq", "scratch", 0): (0.40, 0.45),
+    (250, "seq2seq", "pretrained", 1): (0.60, 0.50), (250, "seq2seq", "scratch", 1): (0.50, 0.40),
+    (1000, "seq2seq", "pretrained", 0): (0.70, 0.60), (1000, "seq2seq", "scratch", 0): (0.80, 0.70),
+}
+
+
+def _fake_runs(out_dir):
+  for (labels, head, start, seed), (test, validation) in _ACCURACIES.items():
+    run = out_dir / label_curve.run_name(labels, head, start, seed)
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({
+        "steps": 400, "best_step": 300, "test": {"accuracy": test}, "validation": {"accuracy": validation}}))
+  (out_dir / label_curve.run_name(500, "seq2seq", "scratch", 0)).mkdir()  # unfinished: no results.json
+
+
+def test_table_averages_the_seeds_and_counts_the_pairs_pretraining_wins(tmp_path, capsys):
+  _fake_runs(tmp_path / "runs")
+  label_curve.table(str(tmp_path / "runs"), str(tmp_path / "curve.json"), str(tmp_path / "curve.png"))
+  rows = capsys.readouterr().out.splitlines()[2:]
+  assert rows == ["| 250 | seq2seq | pretrained | 2 | 55.0% | 45.0% | 2 / 1 of 2 |",
+                  "| 250 | seq2seq | scratch | 2 | 45.0% | 42.5% |  |",
+                  "| 1,000 | seq2seq | pretrained | 1 | 70.0% | 60.0% | 0 / 0 of 1 |",
+                  "| 1,000 | seq2seq | scratch | 1 | 80.0% | 70.0% |  |"]
+  saved = json.loads((tmp_path / "curve.json").read_text())["runs"]
+  assert list(saved) == ["250", "1000"]  # in increasing label counts, the unfinished run left out
+  assert saved["250"]["seq2seq"]["scratch"]["1"]["validation"] == pytest.approx(0.40)
+  assert (tmp_path / "curve.png").stat().st_size > 0
