@@ -103,15 +103,16 @@ def _plot(runs: dict, path: str):
   heads = sorted({head for by_head in runs.values() for head in by_head})
   figure, axes = plt.subplots(1, len(heads), figsize=(5 * len(heads), 4), squeeze=False)
   for axis, head in zip(axes[0], heads):
-    for start, color in zip(STARTS, ("tab:blue", "tab:gray")):
-      for split, style in (("test", "-"), ("validation", "--")):
+    for start, color, shift in zip(STARTS, ("tab:blue", "tab:gray"), (0.97, 1.03)):  # apart, so bars don't hide
+      for split, style, marker in (("test", "-", "o"), ("validation", "--", "s")):
         counts = [c for c in runs if start in runs[c].get(head, {})]
         values = [[100 * r[split] for r in runs[c][head][start].values()] for c in counts]
         means = [statistics.mean(v) for v in values]
         spread = [[m - min(v) for m, v in zip(means, values)], [max(v) - m for m, v in zip(means, values)]]
-        axis.errorbar(counts, means, yerr=spread, color=color, linestyle=style, marker="o", capsize=3,
-                      label=f"{start}, {split}")
+        axis.errorbar([c * shift for c in counts], means, yerr=spread, color=color, linestyle=style, marker=marker,
+                      capsize=3, label=f"{start}, {split}")
     axis.set_xscale("log")
+    axis.minorticks_off()
     axis.set_xticks(list(runs), [f"{c:,}" for c in runs])
     axis.set_xlabel("labelled training documents")
     axis.set_ylabel("accuracy (%), mean and range over seeds")
