@@ -13,8 +13,10 @@ an interrupted `run` continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -88,8 +90,12 @@ def table(out_dir: str, results_json: str, plot: str | None):
           ahead = f"{wins('test')} / {wins('validation')} of {len(paired)}"
         lines.append(f"| {count:,} | {head} | {start} | {len(seeds)} | {100 * mean('test'):.1f}% | "
                      f"{100 * mean('validation'):.1f}% | {ahead} |")
+  import jax
+
   with open(results_json, "w") as f:
-    json.dump({"out_dir": os.path.abspath(out_dir), "runs": runs}, f, indent=1)
+    json.dump({"command": " ".join(["python", "scripts/label_curve.py", *sys.argv[1:]]),
+               "date": datetime.date.today().isoformat(), "host": f"{os.cpu_count()} CPU cores, {platform.machine()}",
+               "jax": jax.__version__, "recipe": RECIPE, "runs": runs}, f, indent=1)
   print("\n".join(lines))
   if plot:
     _plot(runs, plot)

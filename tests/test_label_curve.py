@@ -33,7 +33,9 @@ def test_table_averages_the_seeds_and_counts_the_pairs_pretraining_wins(tmp_path
                   "| 250 | seq2seq | scratch | 2 | 45.0% | 42.5% |  |",
                   "| 1,000 | seq2seq | pretrained | 1 | 70.0% | 60.0% | 0 / 0 of 1 |",
                   "| 1,000 | seq2seq | scratch | 1 | 80.0% | 70.0% |  |"]
-  saved = json.loads((tmp_path / "curve.json").read_text())["runs"]
+  saved = json.loads((tmp_path / "curve.json").read_text())
+  assert saved["recipe"] == list(label_curve.RECIPE) and saved["jax"]
+  saved = saved["runs"]
   assert list(saved) == ["250", "1000"]  # in increasing label counts, the unfinished run left out
   assert saved["250"]["seq2seq"]["scratch"]["1"]["validation"] == pytest.approx(0.40)
   assert (tmp_path / "curve.png").stat().st_size > 0
