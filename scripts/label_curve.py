@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -42,14 +43,14 @@ def run(out_dir: str, pretrained: str, config: str, labels: list[int], steps: li
           workdir = os.path.join(out_dir, run_name(count, head, start, seed))
           if os.path.exists(os.path.join(workdir, "results.json")):
             continue
-          log = open(f"{workdir}.log", "w")
-          running.append((workdir, subprocess.Popen([
-              sys.executable, "main.py", f"--config={config}", f"--config.workdir={pretrained}", "--mode=finetune",
-              *RECIPE, f"--config.finetune.head={head}", f"--config.finetune.seed={seed}",
-              f"--config.finetune.train_examples={count}", f"--config.finetune.steps={count_steps}",
-              f"--config.finetune.eval_every={count_steps // 4}", f"--config.finetune.workdir={workdir}",
-              f"--config.finetune.init_from={pretrained if start == 'pretrained' else ''}"],
-              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
+          with open(f"{workdir}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            running.append((workdir, subprocess.Popen([
+                sys.executable, "main.py", f"--config={config}", f"--config.workdir={pretrained}", "--mode=finetune",
+                *RECIPE, f"--config.finetune.head={head}", f"--config.finetune.seed={seed}",
+                f"--config.finetune.train_examples={count}", f"--config.finetune.steps={count_steps}",
+                f"--config.finetune.eval_every={count_steps // 4}", f"--config.finetune.workdir={workdir}",
+                f"--config.finetune.init_from={pretrained if start == 'pretrained' else ''}"],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
         for workdir, process in running:
           if process.wait():
             sys.exit(f"{workdir} failed (exit {process.returncode}): see {workdir}.log")
@@ -90,12 +91,10 @@ def table(out_dir: str, results_json: str, plot: str | None):
           ahead = f"{wins('test')} / {wins('validation')} of {len(paired)}"
         lines.append(f"| {count:,} | {head} | {start} | {len(seeds)} | {100 * mean('test'):.1f}% | "
                      f"{100 * mean('validation'):.1f}% | {ahead} |")
-  import jax
-
   with open(results_json, "w") as f:
     json.dump({"command": " ".join(["python", "scripts/label_curve.py", *sys.argv[1:]]),
                "date": datetime.date.today().isoformat(), "host": f"{os.cpu_count()} CPU cores, {platform.machine()}",
-               "jax": jax.__version__, "recipe": RECIPE, "runs": runs}, f, indent=1)
+               "jax": importlib.metadata.version("jax"), "recipe": RECIPE, "runs": runs}, f, indent=1)
   print("\n".join(lines))
   if plot:
     _plot(runs, plot)
