@@ -39,3 +39,13 @@ def test_table_averages_the_seeds_and_counts_the_pairs_pretraining_wins(tmp_path
   assert list(saved) == ["250", "1000"]  # in increasing label counts, the unfinished run left out
   assert saved["250"]["seq2seq"]["scratch"]["1"]["validation"] == pytest.approx(0.40)
   assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_run_refuses_label_counts_without_a_step_count_each(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr("sys.argv", ["label_curve.py", "run", str(tmp_path / "runs"), "--pretrained", str(tmp_path),
+                                   "--labels", "250,500", "--steps", "400"])
+  with pytest.raises(SystemExit) as stopped:
+    label_curve.main()
+  assert stopped.value.code == 2
+  assert "--labels has 2 counts and --steps 1" in capsys.readouterr().err
+  assert not (tmp_path / "runs").exists()  # nothing started, nothing written
