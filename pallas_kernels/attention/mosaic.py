@@ -123,21 +123,25 @@ def _kv_loop(s: Shape, cfg: Config, t5: bool, segments: bool, kv_range_ref, batc
   if segments:
     hi = jnp.minimum(hi, kv_range_ref[batch, q_block, 1])
     lo = jnp.minimum(jnp.maximum(lo, kv_range_ref[batch, q_block, 0]), hi)
+  if cfg.key_mask:  # masked from the row's first kv block with a hidden key on (`_operands`)
+    first_masked = jnp.minimum(first_masked, kv_range_ref[batch, q_block, 2])
   band_lo = band_hi = hi
   if t5:
     band_lo, band_hi = _band_bounds(q_start, lo, hi, s, cfg.max_distance)
   return lo, hi, first_masked, band_lo, band_hi
 
 
-def _walk_region(step, carry, start, stop, split, causal: bool, segments: bool, masked_first: bool):
-  """step(block, carry, masked=) over the blocks [start, stop) of one region. Causal, the blocks on one side of
-  `split` cross the diagonal and are masked: those before it if masked_first (the dk/dv kernel's q blocks), else
-  those from it on (the forward's and the dq kernel's kv blocks). Segment ids mask every block."""
-  if not causal:
-    return lax.fori_loop(start, stop, functools.partial(step, masked=segments), carry)
+def _walk_region(step, carry, start, stop, split, cfg: Config, segments: bool, masked_first: bool):
+  """step(block, carry, masked=) over the blocks [start, stop) of one region. Causal or with a key mask, the blocks
+  on one side of `split` are masked (they cross the diagonal, or may hold a hidden key): those before it if
+  masked_first (the dk/dv kernel's q blocks), else those from it on (the forward's and the dq kernel's kv blocks).
+  Other segment ids mask every block."""
+  every = segments and not cfg.key_mask
+  if not (cfg.causal or cfg.key_mask):
+    return lax.fori_loop(start, stop, functools.partial(step, masked=every), carry)
   end, resume = jnp.minimum(stop, jnp.maximum(split, start)), jnp.maximum(start, jnp.minimum(split, stop))
-  carry = lax.fori_loop(start, end, functools.partial(step, masked=masked_first or segments), carry)
-  return lax.fori_loop(resume, stop, functools.partial(step, masked=not masked_first or segments), carry)
+  carry = lax.fori_loop(start, end, functools.partial(step, masked=masked_first or every), carry)
+  return lax.fori_loop(resume, stop, functools.partial(step, masked=not masked_first or every), carry)
 
 
 class _Target:
@@ -564,7 +568,7 @@ def _kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segment
         regions = ((lo, hi, 0.0, False),)
       for start, stop, far_bias, band in regions:
         carry = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band), carry, start, stop,
-                             first_masked, cfg.causal, segments, masked_first=False)
+                             first_masked, cfg, segments, masked_first=False)
       return carry
 
     waits = ([k_barriers] + ([kv_seg_barriers] if segments else []), [v_barriers])
@@ -605,14 +609,22 @@ def check(q, k, cfg: Config, backward: bool = False) -> None:
 
 def _operands(cfg: Config, t5: T5Inputs | None, q_seg, kv_seg, bq: int, bk: int):
   """The kernels' operands besides q, k, v: (band tiles, far biases [H, 2] (the vector's two ends), q_seg, kv_seg,
-  kv block ranges per q block, q block ranges per kv block), with (1, 1) placeholders for absent features."""
+  kv block ranges per q block, q block ranges per kv block: `segment_block_ranges`, with a key mask the row's first
+  kv block with a hidden key beside them), with (1, 1) placeholders for absent features."""
   band = ends = jnp.zeros((1, 1), jnp.float32)
   if t5 is not None:
     band, ends = t5.band, t5.vector[:, jnp.array([0, 2 * cfg.max_distance])]
   if q_seg is None:
     no_ids, no_ranges = jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1, 2), jnp.int32)
     return band, ends, no_ids, no_ids, no_ranges, no_ranges
-  return band, ends, q_seg, kv_seg, *segment_block_ranges(q_seg, kv_seg, bq, bk)
+  kv_range, q_range = segment_block_ranges(q_seg, kv_seg, bq, bk)
+  if cfg.key_mask:  # a third column: the row's first kv block holding a hidden key (all visible: the block count)
+    hidden = (kv_seg.reshape(kv_seg.shape[0], -1, bk) == 0).any(-1)
+    split = jnp.where(hidden.any(-1), jnp.argmax(hidden, -1), hidden.shape[1]).astype(jnp.int32)
+    with_split = lambda ranges: jnp.concatenate(
+        [ranges, jnp.broadcast_to(split[:, None, None], (*ranges.shape[:2], 1))], axis=-1)
+    kv_range, q_range = with_split(kv_range), with_split(q_range)
+  return band, ends, q_seg, kv_seg, kv_range, q_range
 
 
 def forward(cfg: Config, q, k, v, t5: T5Inputs | None, slopes2=None, bias=None, q_seg=None, kv_seg=None,
@@ -753,11 +765,12 @@ def _streamed_probabilities(plgpu, target: _Target, cfg: Config, scratch, slot, 
   walked side's, "kv_seg" in the dq kernel, "q_seg" in the dk/dv kernel) the walked blocks' segment ids that stream
   through `slot` beside its operands (masked tiles)."""
   visible = None
+  if ids is not None:  # awaited on every tile, masked or not (a key mask leaves some unmasked): each phase observed
+    plgpu.barrier_wait(scratch[f"{ids[1]}_barriers"].at[slot])
   if masked:
     q_seg = k_seg = None
     if ids is not None:
       resident, walked_name = ids
-      plgpu.barrier_wait(scratch[f"{walked_name}_barriers"].at[slot])
       walked = target.load(scratch[f"{walked_name}_smem"].at[slot], target.col)
       q_seg, k_seg = (resident, walked) if q_axis == 0 else (walked, resident)
     visible = _visible(target, cfg, raw.shape, q_axis, q_start, k_start, q_seg, k_seg)
@@ -895,7 +908,7 @@ def _dq_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, segm
       for start, stop, far_bias, band, side in regions:
         far = () if side is None else target.cast(jnp.zeros((bq,), jnp.float32), target.row)
         dq, far = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band, side=side), (dq, far),
-                               start, stop, first_masked, cfg.causal, segments, masked_first=False)
+                               start, stop, first_masked, cfg, segments, masked_first=False)
         if side is not None:
           fars.append(far)
       return dq, fars
@@ -940,6 +953,8 @@ def _q_loop(s: Shape, cfg: Config, t5: bool, segments: bool, q_range_ref, batch,
   if segments:
     hi = jnp.minimum(hi, q_range_ref[batch, kv_block, 1])
     lo = jnp.minimum(jnp.maximum(lo, q_range_ref[batch, kv_block, 0]), hi)
+  if cfg.key_mask:  # every q block masked from the row's first kv block with a hidden key on (`_operands`)
+    first_unmasked = jnp.where(kv_block >= q_range_ref[batch, kv_block, 2], hi, first_unmasked)
   band_lo = band_hi = hi
   if t5:
     band_lo, band_hi = _q_band_bounds(k_start, lo, hi, s, cfg.max_distance)
@@ -1094,7 +1109,7 @@ def _dkv_kernel(plgpu, pl, target: _Target, s: Shape, cfg: Config, t5: bool, seg
         side = side if fused else None  # (the dq kernel takes the table gradient)
         far = () if side is None else target.cast(jnp.zeros((bk,), jnp.float32), target.row)
         dk, dv, far = _walk_region(functools.partial(tiles, far_bias=far_bias, band=band, side=side),
-                                   (dk, dv, far), start, stop, first_unmasked, cfg.causal, segments,
+                                   (dk, dv, far), start, stop, first_unmasked, cfg, segments,
                                    masked_first=True)
         if side is not None:
           fars[side] = far

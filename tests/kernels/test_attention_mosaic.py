@@ -49,6 +49,10 @@ CASES = {
     "t5_packed": (64, False, jnp.float32, 40, True, (64, 64)),
     "t5_packed_causal": (64, True, jnp.float32, 40, True, (64, 64)),
     "packed": (128, False, None, 0, True, (64, 64)),
+    # a key mask (Hugging Face's attention_mask: query ids of 1, key ids of the mask): tiles before the row's first
+    # block with a hidden key unmasked
+    "t5_key_mask": (64, False, jnp.float32, 40, "key_mask", (64, 64)),
+    "t5_key_mask_causal": (64, True, jnp.float32, 40, "key_mask", (64, 64)),
 }
 BATCH, HEADS, LENGTH = 1, 2, 256
 
@@ -101,7 +105,12 @@ def _case(case, seed, interpret, table_dtype=None):
   table_dtype = case_table_dtype if table_dtype is None or case_table_dtype is None else table_dtype
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   q, k, v = (jax.random.normal(key, (BATCH, LENGTH, HEADS, head_dim)).astype(jnp.bfloat16) for key in keys[:3])
-  ids = _segment_ids(np.random.default_rng(seed), LENGTH) if segments else None
+  ids = None  # (query ids, key ids)
+  if segments == "key_mask":  # keys hidden from a point inside a block on
+    visible = int(np.random.default_rng(seed).integers(LENGTH // 2, LENGTH - 8))
+    ids = (jnp.ones((1, LENGTH), jnp.int32), jnp.asarray(np.arange(LENGTH)[None] < visible, jnp.int32))
+  elif segments:
+    ids = (_segment_ids(np.random.default_rng(seed), LENGTH),) * 2
   bias, t5_kwargs, ref_kwargs = "none", {}, {}
   table = None
   if table_dtype is not None:
@@ -109,15 +118,18 @@ def _case(case, seed, interpret, table_dtype=None):
     table = jax.random.normal(keys[3], (32, HEADS)).astype(table_dtype)
     t5_kwargs = dict(num_buckets=32, bidirectional=not causal, max_distance=max_distance)
     ref_kwargs = dict(rpe_bidirectional=not causal, rpe_max_distance=max_distance)
-  cfg = Config(bias_mode=bias, causal=causal, scale=1.0, has_segments=segments, has_positions=False,
-               blocks=BlockSizes(bq, bk, bq, bk), interpret=interpret, backend="mosaic", **t5_kwargs)
-  return cfg, (q, k, v, table, ids), dict(causal=causal, q_segment_ids=ids, kv_segment_ids=ids, **ref_kwargs)
+  cfg = Config(bias_mode=bias, causal=causal, scale=1.0, has_segments=bool(segments), has_positions=False,
+               blocks=BlockSizes(bq, bk, bq, bk), interpret=interpret, backend="mosaic",
+               key_mask=segments == "key_mask", **t5_kwargs)
+  q_ids, kv_ids = (None, None) if ids is None else ids
+  return cfg, (q, k, v, table, ids), dict(causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids, **ref_kwargs)
 
 
 def _forward(cfg):
   def kernel(q, k, v, table, ids):
     t5, _ = kernel_inputs(cfg, table, None, cfg.blocks.block_q, cfg.blocks.block_k)
-    return mosaic.forward(cfg, q, k, v, t5, q_seg=ids, kv_seg=ids)
+    q_seg, kv_seg = (None, None) if ids is None else ids
+    return mosaic.forward(cfg, q, k, v, t5, q_seg=q_seg, kv_seg=kv_seg)
 
   return jax.jit(kernel)
 
@@ -127,7 +139,8 @@ def _gradients(cfg):
   def kernel(q, k, v, table, ids, out, lse2, dout, dlse2):
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32)) - dlse2 * common.LOG2E
     t5, _ = kernel_inputs(cfg, table, None, cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd)
-    dq, dk, dv, parts = mosaic.backward(cfg, q, k, v, t5, None, None, ids, ids, None, None, dout, lse2, delta)
+    q_seg, kv_seg = (None, None) if ids is None else ids
+    dq, dk, dv, parts = mosaic.backward(cfg, q, k, v, t5, None, None, q_seg, kv_seg, None, None, dout, lse2, delta)
     return dq, dk, dv, None if parts is None else jnp.sum(parts, axis=(0, 2))[:, :cfg.num_buckets].T
 
   return jax.jit(kernel)
@@ -152,9 +165,9 @@ def test_forward_matches_reference(case):
   # A query that sees no key (padding): lse +inf (the Triton backward's convention), out 0.
   empty = np.isneginf(ref_lse)
   np.testing.assert_array_equal(np.isposinf(lse2), empty)
-  if ids is not None:
+  if ids is not None and not case.startswith("t5_key_mask"):  # packed rows end with padding
     assert empty.any()
-    np.testing.assert_array_equal(out[np.asarray(ids) == 0], 0.0)
+    np.testing.assert_array_equal(out[np.asarray(ids[0]) == 0], 0.0)
   assert np.isfinite(lse2[~empty]).all()
   lse_error = relative_error(lse2[~empty] * common.LN2, ref_lse[~empty])
   assert lse_error < LSE_TOL, lse_error
@@ -196,7 +209,7 @@ def test_backward_matches_reference(case):
     chex.assert_shape(grad, ref.shape)
     chex.assert_tree_all_finite(grad)
     if ids is not None and name != "dtable":  # padding: no query, no key, no gradient
-      np.testing.assert_array_equal(grad[np.asarray(ids) == 0], 0.0)
+      np.testing.assert_array_equal(grad[np.asarray(ids[0 if name == "dq" else 1]) == 0], 0.0)
     error = relative_error(grad, ref)
     assert error < GRAD_TOL, (name, error)
 
@@ -211,7 +224,7 @@ def test_backward_with_an_odd_number_of_blocks(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["plain", "t5_causal", "t5_head_dim_128", "t5_bf16_table", "t5_packed_causal",
-                                  "t5_tall_q_blocks", "t5_wide_kv_blocks"])
+                                  "t5_key_mask_causal", "t5_tall_q_blocks", "t5_wide_kv_blocks"])
 def test_compiled_kernels_lower_for_cuda(case):
   """The compiled variants of the kernels (with what the interpreter cannot run: layouts, operands read transposed
   by wgmma, p and ds in registers, TMA reductions, the dq Ref) go through the Pallas -> Mosaic GPU lowering, down to
@@ -274,7 +287,7 @@ def test_compiled_backward_fits_shared_memory_at_default_blocks(head_dim):
                interpret=False, backend="mosaic", num_buckets=32, bidirectional=True, max_distance=128)
   q = jnp.zeros((BATCH, 2 * LENGTH, HEADS, head_dim), jnp.bfloat16)
   table = jnp.zeros((32, HEADS), jnp.float32)
-  ids = jnp.ones((BATCH, 2 * LENGTH), jnp.int32)
+  ids = (jnp.ones((BATCH, 2 * LENGTH), jnp.int32),) * 2
   lse = jnp.zeros((BATCH, HEADS, 2 * LENGTH), jnp.float32)
   text = _gradients(cfg).trace(q, q, q, table, ids, q, lse, q, lse).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 2, text.count("mosaic_gpu")
