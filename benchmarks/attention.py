@@ -28,7 +28,8 @@ Methods, all measured in one run on the same random inputs (bf16, B x S x H x D)
                   counted as for unpacked rows, and `tiles_run` records the fraction of tiles the ranges keep.
 - ours_t5_key_mask: ours with a key mask of ones (kv_mask, as the model passes unpacked rows): the keys alone are
                   masked, against ours_t5_one_segment's per-pair ids; ours_t5_key_mask_padded: the last tenth of
-                  each row's keys hidden (TFLOP/s counted as for full rows). Only when named in --methods
+                  each row's keys hidden (TFLOP/s counted as for full rows). ours_t5_mosaic_key_mask[_padded]: the
+                  same on the Mosaic GPU kernels. Only when named in --methods
 
 Forward and forward+backward (jax.vjp with a random cotangent; gradients of q, k, v and the table). Times are
 `common.time_ms` medians over three input sets in rotation. TFLOP/s: forward 4*B*S^2*H*D (halved when causal),
@@ -119,7 +120,11 @@ def methods(causal, block_sizes=None):
       ours_t5_documents=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, document_ids(q.shape[1]))),
       ours_t5_one_segment=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, jnp.ones(q.shape[1], jnp.int32))),
       ours_t5_key_mask=lambda q, k, v, t: ours_t5(q, k, v, t, kv_mask=jnp.ones(q.shape[:2], bool)),
-      ours_t5_key_mask_padded=lambda q, k, v, t: ours_t5(q, k, v, t, kv_mask=right_padded(q.shape[:2])))
+      ours_t5_key_mask_padded=lambda q, k, v, t: ours_t5(q, k, v, t, kv_mask=right_padded(q.shape[:2])),
+      ours_t5_mosaic_key_mask=lambda q, k, v, t: ours_t5(q, k, v, t, backend="mosaic",
+                                                         kv_mask=jnp.ones(q.shape[:2], bool)),
+      ours_t5_mosaic_key_mask_padded=lambda q, k, v, t: ours_t5(q, k, v, t, backend="mosaic",
+                                                                kv_mask=right_padded(q.shape[:2])))
 
 
 def right_padded(shape):

@@ -4,13 +4,13 @@ and every kernel call goes through here.
 
 | kernel_backend | on a GPU | off a GPU |
 |---|---|---|
-| auto | Triton kernels (attention: Pallas where Triton lacks the case, Mosaic GPU at head_dim 128 on Hopper) | xla |
+| auto | Triton kernels (attention: Pallas where Triton lacks the case, Mosaic GPU at head_dim 64 and 128 on Hopper) | xla |
 | pallas / triton | those kernels, compiled | their interpreters: exact, slow (said once) |
 | xla | the jnp references | the jnp references |
 
 `auto` follows what measured fastest on the H100 and H200 (benchmarks/README.md): the Triton kernels for attention
 and the fused lm_head loss, and for RMSNorm too, where Pallas measured slightly faster at width 512 but runs on
-JAX's deprecated Pallas-Triton lowering; for attention at head_dim 128 on Hopper, from 1,024 tokens, the Mosaic GPU
+JAX's deprecated Pallas-Triton lowering; for attention at head_dim 64 and 128 on Hopper, from 1,024 tokens, the Mosaic GPU
 kernels (`_auto_attention_backend`). Flash attention runs only with `attention_impl=flash`; `xla` and `cudnn`
 materialize the bias. The kernels' jnp references are the `xla` path, so there is one definition of each op.
 """
@@ -38,11 +38,11 @@ from pallas_kernels.rms_norm import (reference as rms_norm_reference, rms_norm a
                                      rms_norm_with_residual)
 
 FASTEST_ON_GPU = "triton"
-# Where `auto` runs the Mosaic GPU attention instead (Hopper, 16-bit inputs, the cases Triton runs): on the H200 at
-# head_dim 128 its forward + backward ran 1.22-1.39x as fast as the Triton kernels (1,024 to 4,096 tokens, causal or
-# not); at head_dim 64 1.03-1.08x, and slower in the 8,192-token step, whose key mask only the Triton kernels take
-# as such (benchmarks/notes_attention.md). Shorter rows were not measured.
-MOSAIC_HEAD_DIM, MOSAIC_FROM_LENGTH = 128, 1024
+# Where `auto` runs the Mosaic GPU attention instead (Hopper, 16-bit inputs, the cases Triton runs). On the H200 its
+# forward + backward ran 1.22-1.39x as fast as the Triton kernels at head_dim 128 and 1.12-1.20x at head_dim 64
+# (1,024 to 8,192 tokens, with or without a key mask), and the small_fr step at 8,192 and 16,384 encoder tokens
+# 1.11x and 1.14x as fast (benchmarks/README.md). Shorter rows were not measured.
+MOSAIC_HEAD_DIMS, MOSAIC_FROM_LENGTH = (64, 128), 1024
 ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
 
 
@@ -217,11 +217,11 @@ def ops_for(config: ModelConfig) -> Ops:
 
 def _auto_attention_backend(q, k, kwargs: dict, fallback: str) -> str:
   """`auto`'s attention kernel for one call: Triton's where it runs the case, else `fallback`; on Hopper the Mosaic
-  GPU kernels for 16-bit inputs at MOSAIC_HEAD_DIM from MOSAIC_FROM_LENGTH tokens on both sides."""
+  GPU kernels for 16-bit inputs at MOSAIC_HEAD_DIMS from MOSAIC_FROM_LENGTH tokens on both sides."""
   if not triton_supports(alibi_slopes=kwargs.get("alibi_slopes"), bias=kwargs.get("bias"),
                          q_positions=kwargs.get("q_positions")):
     return fallback
-  if (common.device_capability()[0] == 9 and q.shape[3] == MOSAIC_HEAD_DIM and jnp.dtype(q.dtype).itemsize == 2
+  if (common.device_capability()[0] == 9 and q.shape[3] in MOSAIC_HEAD_DIMS and jnp.dtype(q.dtype).itemsize == 2
       and min(q.shape[1], k.shape[1]) >= MOSAIC_FROM_LENGTH):
     return "mosaic"
   return "triton"

@@ -79,11 +79,12 @@ def test_auto_falls_back_to_pallas_for_attention_triton_lacks():
 
 @pytest.mark.parametrize("capability,head_dim,length,dtype,bias,expected", [
     ((9, 0), 128, 2048, jnp.bfloat16, "t5", "mosaic"), ((9, 0), 128, 4096, jnp.float16, None, "mosaic"),
-    ((9, 0), 64, 4096, jnp.bfloat16, "t5", "triton"), ((9, 0), 128, 512, jnp.bfloat16, "t5", "triton"),
+    ((9, 0), 64, 4096, jnp.bfloat16, "t5", "mosaic"), ((9, 0), 96, 4096, jnp.bfloat16, "t5", "triton"),
+    ((9, 0), 128, 512, jnp.bfloat16, "t5", "triton"),
     ((9, 0), 128, 2048, jnp.float32, "t5", "triton"), ((8, 0), 128, 2048, jnp.bfloat16, "t5", "triton"),
     ((9, 0), 128, 2048, jnp.bfloat16, "alibi", "pallas")])
 def test_auto_attention_kernel_per_call(monkeypatch, capability, head_dim, length, dtype, bias, expected):
-  """`auto` on a GPU: Mosaic GPU on Hopper at head_dim 128 from 1,024 tokens (16-bit), Triton otherwise, Pallas
+  """`auto` on a GPU: Mosaic GPU on Hopper at head_dim 64 and 128 from 1,024 tokens (16-bit), Triton otherwise, Pallas
   where Triton lacks the case."""
   monkeypatch.setattr(ops.common, "device_capability", lambda: capability)
   q = jax.ShapeDtypeStruct((2, length, 4, head_dim), dtype)
@@ -93,11 +94,12 @@ def test_auto_attention_kernel_per_call(monkeypatch, capability, head_dim, lengt
 
 @pytest.mark.skipif(not ON_GPU, reason="compiles the Mosaic GPU kernels")
 @pytest.mark.skipif(ON_GPU and jax.devices()[0].compute_capability.split(".")[0] != "9", reason="Hopper only")
-def test_auto_attention_at_head_dim_128_on_hopper_matches_the_reference():
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_auto_attention_on_hopper_matches_the_reference(head_dim):
   """The model's attention as `auto` runs it where it picks the Mosaic GPU kernels (causal, a key mask with
   padding): values and gradients of q, k, v and the table against the reference."""
   rng = np.random.default_rng(5)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, 2048, 2, 128)), jnp.bfloat16) for _ in range(3))
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 2048, 2, head_dim)), jnp.bfloat16) for _ in range(3))
   table = jnp.asarray(rng.normal(size=(32, 2)), jnp.float32)
   mask = jnp.arange(2048)[None, :] < jnp.array([[2048], [1900]])
   cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)

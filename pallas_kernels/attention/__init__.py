@@ -25,7 +25,7 @@ bias or the T5 bias without positions). The caller chooses (`fat5_jax.ops`); `tr
 Triton can. Off a GPU both run in their interpreters. Each loads only when chosen, so importing this module loads
 neither Pallas' Triton lowering nor Triton. A third, `mosaic.py` (Pallas Mosaic GPU: TMA and wgmma, Hopper only;
 the cases Triton runs, with 16-bit inputs and head_dim 64 or 128), is chosen by name (the model's `auto` takes it at
-head_dim 128 on Hopper, where it measured faster).
+head_dim 64 and 128 on Hopper from 1,024 tokens, where it measured faster).
 
 Sequence lengths that are not multiples of the blocks are padded here and masked in the kernel. Softmax runs in
 base 2 (the logits and bias are scaled by log2(e) once), in float32, with the log-sum-exp saved for the backward.
