@@ -23,10 +23,20 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from configs import tiny_fr
 from fat5_jax import flops
 from fat5_jax.config import ModelConfig
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where main.py is: subprocesses run there
+TINY_CONFIG_NAME = "configs.tiny_fr, one layer each"
+
+
+def tiny_config():
+  """`--tiny`'s model, which checks a tool end to end on a CPU: tiny_fr with one encoder and one decoder layer (on 2
+  CPU cores a second layer nearly doubles a training step's compile time)."""
+  values = tiny_fr.get_config()
+  values.model.update(num_layers=1, num_decoder_layers=1)
+  return values
 
 
 def parse_args(parser: argparse.ArgumentParser, name: str,

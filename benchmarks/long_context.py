@@ -11,7 +11,7 @@ policy. Every run has a process of its own, so that its `peak_memory_gib` (the d
 started) is its own and a failure (out of memory, a kernel fault) ends only that run: ours re-run this module with
 `--one LENGTH`, which prints one JSON line. Recorded per run: rows/s, encoder tokens/s, TFLOP/s, MFU, peak memory,
 XLA's compiled memory, FAT5's figures at that length or how it failed, and our rows/s over FAT5's. Results are written
-after every run. `--tiny` runs tiny_fr at 128 and 256 encoder tokens (+ 64) on a CPU: a check of the tool, not a
+after every run. `--tiny` runs tiny_fr with one layer each at 128 and 256 encoder tokens (+ 64) on a CPU: a check of the tool, not a
 measurement.
 """
 
@@ -24,18 +24,18 @@ import sys
 import jax
 
 from benchmarks import common, fat5_peer, train_step
-from configs import small_fr, tiny_fr
+from configs import small_fr
 
-SMALL_FR = {"config": small_fr, "lengths": "1024,2048,4096,8192,16384", "decoder_length": 512,
+SMALL_FR = {"config": small_fr.get_config, "name": small_fr.__name__, "lengths": "1024,2048,4096,8192,16384", "decoder_length": 512,
             "tokens_per_batch": 65536, "variant": "flash/auto", "steps": 10}
-TINY = {"config": tiny_fr, "lengths": "128,256", "decoder_length": 64, "tokens_per_batch": 1024, "variant": "xla/auto",
+TINY = {"config": common.tiny_config, "name": common.TINY_CONFIG_NAME, "lengths": "128,256", "decoder_length": 64, "tokens_per_batch": 1024, "variant": "xla/auto",
         "steps": 2}
 
 
 def one_run(args: argparse.Namespace) -> dict:
   """Our step at encoder length `args.one` under remat policy `args.remat` (this module's --one), or {"error": ...}.
   On one device, as FAT5's step runs."""
-  values = args.preset["config"].get_config()
+  values = args.preset["config"]()
   values.train.update(remat=args.remat)
   values.data.update(pack=not args.unpacked)
   attention_impl, kernel_backend = args.variant.split("/")
@@ -119,7 +119,7 @@ def main():
   parser.add_argument("--remat", default="none", help="comma-separated train.remat policies, each run at every length")
   parser.add_argument("--steps", type=int, help=f"timed steps per run (default {SMALL_FR['steps']})")
   parser.add_argument("--tiny", action="store_true",
-                      help=f"tiny_fr at lengths {TINY['lengths']} + {TINY['decoder_length']} on a CPU: checks the tool")
+                      help=f"tiny_fr with one layer each at lengths {TINY['lengths']} + {TINY['decoder_length']} on a CPU: checks the tool")
   parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one run of ours: see the module docstring
   args = common.parse_args(parser, "long_context", plot)
   if args is None:
@@ -138,7 +138,7 @@ def main():
     parser.error(f"--tokens-per-batch {args.tokens_per_batch} is less than one row of {max(lengths)} tokens")
   environment = common.subprocess_environment()
 
-  results = {"config": args.preset["config"].__name__, "variant": args.variant, "tokens_per_batch":
+  results = {"config": args.preset["name"], "variant": args.variant, "tokens_per_batch":
              args.tokens_per_batch, "decoder_length": args.decoder_length, "pack": not args.unpacked,
              "results": []}
   rows = {length: args.tokens_per_batch // length for length in lengths}

@@ -2,7 +2,7 @@
 kernels sorted into categories, per step.
 
   python -m benchmarks.profile_step [--out DIR] [--steps 3] [--variant flash/auto]   # small_fr, on a GPU
-  python -m benchmarks.profile_step --tiny --out /tmp/profile                        # tiny_fr shapes, any CPU
+  python -m benchmarks.profile_step --tiny --out /tmp/profile                        # tiny_fr (one layer each), any CPU
   python -m benchmarks.profile_step --rows 8 --encoder-length 8192 [--remat block]   # long rows, a remat policy
 
 Prints the Markdown table of categories last (ms per step and % of the step's wall time), after the 15 kernels that
@@ -43,7 +43,7 @@ from typing import Any, Iterable
 import jax
 
 from benchmarks import common, train_step
-from configs import small_fr, tiny_fr
+from configs import small_fr
 from fat5_jax import config as config_lib
 
 IDLE_KERNELS = 10  # the kernels with the most idle device time before them, listed per kernel
@@ -269,7 +269,7 @@ def load_trace(trace_dir: str) -> dict:
 def profile(args: argparse.Namespace) -> tuple[dict, str, list[float], list[float]]:
   """Builds the step as train_step.py does, warms it up, times `steps` steps, then traces as many; returns (trace,
   the compiled step's HLO text, unprofiled and profiled step times in ms)."""
-  values = (tiny_fr if args.tiny else small_fr).get_config()
+  values = common.tiny_config() if args.tiny else small_fr.get_config()
   attention_impl, kernel_backend = args.variant.split("/")
   values.model.update(attention_impl=attention_impl, kernel_backend=kernel_backend)
   values.train.update(remat=args.remat)
@@ -315,10 +315,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--remat", default="none", choices=config_lib.REMAT_POLICIES, help="train.remat policy")
   parser.add_argument("--variant", default="flash/auto", help="model.attention_impl/model.kernel_backend")
   common.add_unpacked_flag(parser)
-  parser.add_argument("--tiny", action="store_true", help="tiny_fr shapes (16 rows of 128 + 64 tokens): checks the "
-                                                          "parsing on a CPU")
+  parser.add_argument("--tiny", action="store_true", help="tiny_fr with one layer each, 16 rows of 128 + 64 "
+                                                          "tokens: checks the parsing on a CPU")
   args = parser.parse_args(argv)
-  # A shape not given is tiny_fr's or small_fr's.
+  # A shape not given is --tiny's or small_fr's.
   args.rows = args.rows or (16 if args.tiny else 128)
   args.encoder_length = args.encoder_length or (128 if args.tiny else 512)
   args.decoder_length = args.decoder_length or (64 if args.tiny else 512)

@@ -29,7 +29,7 @@ import sys
 import jax
 
 from benchmarks import common, train_step
-from configs import small_fr, tiny_fr
+from configs import small_fr
 
 MESHES = ("data", "fsdp")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -37,7 +37,7 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.-]+) = (?P<result>.*?) (?P<op>[\w-]+)\((?P<operands>[^)]*)\)",
                           re.MULTILINE)
 _SHAPE = re.compile(r"\b([a-z]+)(\d*)[a-z0-9]*\[([\d,]*)\]")
-# --tiny: tiny_fr at profile_step.py --tiny's lengths; 6 rows a device, a number that no tiny_fr dimension equals.
+# --tiny: tiny_fr with one layer each (common.tiny_config) at profile_step.py --tiny's lengths; 6 rows a device, a number that no tiny_fr dimension equals.
 TINY_LENGTHS, TINY_ROWS_PER_DEVICE = (128, 64), 6
 
 
@@ -80,7 +80,7 @@ def collectives(hlo: str, *, parameter_sizes: set[int], batch_dimensions: set[in
 def run_one(devices: int, mesh: str, args) -> dict:
   """The step on the first `devices` devices, meshed `mesh` (data, fsdp, or for one device "one device"):
   train_step.measure's result, with the collectives of the compiled step."""
-  values = (tiny_fr if args.tiny else small_fr).get_config()
+  values = common.tiny_config() if args.tiny else small_fr.get_config()
   data, fsdp = (1, devices) if mesh == "fsdp" else (devices, 1)
   values.train.update(mesh_data=data, mesh_fsdp=fsdp)
   encoder_length, decoder_length = TINY_LENGTHS if args.tiny else (512, 512)
@@ -181,7 +181,7 @@ def main():
   parser.add_argument("--rows-per-device", type=int, help=f"rows per device per step (default 128; "
                                                            f"{TINY_ROWS_PER_DEVICE} with --tiny)")
   parser.add_argument("--steps", type=int, default=10, help="timed steps of each run")
-  parser.add_argument("--tiny", action="store_true", help=f"tiny_fr shapes ({TINY_LENGTHS[0]} + {TINY_LENGTHS[1]} "
+  parser.add_argument("--tiny", action="store_true", help=f"tiny_fr with one layer each ({TINY_LENGTHS[0]} + {TINY_LENGTHS[1]} "
                                                           "tokens): checks the tool on a CPU's simulated devices")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # "N,MESH": one run, its result as a JSON line
   args = common.parse_args(parser, "scaling", plot)
@@ -201,7 +201,7 @@ def main():
   except ValueError as error:
     parser.error(str(error))
   encoder_length, decoder_length = TINY_LENGTHS if args.tiny else (512, 512)
-  results = {"config": "tiny_fr" if args.tiny else "small_fr", "encoder_length": encoder_length,
+  results = {"config": common.TINY_CONFIG_NAME if args.tiny else small_fr.__name__, "encoder_length": encoder_length,
              "decoder_length": decoder_length, "rows_per_device": args.rows_per_device, "runs": []}
   for devices in counts:
     for mesh in meshes if devices > 1 else ["one device"]:  # one device: one run, the baseline of both meshes

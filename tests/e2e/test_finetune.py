@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from fat5_jax.train import finetune as finetune_lib
+from tests.shared import once_per_session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tiny_fr made smaller still (as test_main_job.py), with a small tokenizer: seconds per run.
@@ -38,12 +39,18 @@ def _write_task(directory, split, count, offset):
   return path
 
 
+def pretrain(workdir):
+  out = run(f"--config.workdir={workdir}", *PRETRAIN)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+  """(this worker's directory for tasks and fine-tunings, a pretrained workdir, the classification files' flags).
+  The pretraining is made once for all the session's workers: fine-tunings only read it."""
   root = tmp_path_factory.mktemp("finetune")
-  pretrained = str(root / "pretrained")
-  out = run(f"--config.workdir={pretrained}", *PRETRAIN)
-  assert out.returncode == 0, out.stderr[-3000:]
+  pretrained = once_per_session(tmp_path_factory, "pretrained", pretrain)
   files = [f"--config.finetune.{split}_file={_write_task(str(root), split, count, offset)}"
            for split, count, offset in (("train", 48, 0), ("validation", 12, 100), ("test", 12, 200))]
   return root, pretrained, files

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from fat5_jax.train.local_job import last_value_per_step, read_metrics, saved_steps
+from tests.shared import once_per_session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,9 +56,8 @@ def wait_for_checkpoint(workdir, step, process, timeout=300):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("straight"))
-  out = run(workdir)
-  return workdir, out.stdout
+  """(workdir, stdout) of one straight run, made once for all the session's workers: the tests only read it."""
+  return tuple(once_per_session(tmp_path_factory, "straight", lambda workdir: (workdir, run(workdir).stdout)))
 
 
 def test_straight_run_learns_and_exports_a_loadable_model(straight_run):
@@ -149,7 +150,12 @@ def test_a_second_run_on_a_busy_workdir_stops_in_one_line(tmp_path):
   workdir = str(tmp_path / "run")
   first = start(workdir)
   try:
-    wait_for_checkpoint(workdir, 4, first)
+    # The run takes the lock before it compiles anything, then names itself in the lock file.
+    lock, deadline = pathlib.Path(workdir, "run.lock"), time.time() + 300
+    while not (lock.exists() and f"process {first.pid} " in lock.read_text()):
+      assert first.poll() is None, f"the run ended before taking the lock: {first.stderr.read()[-3000:]}"
+      assert time.time() < deadline, "the run took no lock in 300 s"
+      time.sleep(0.05)
     out = run(workdir, check=False)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
     assert f"is in use by the run of process {first.pid} " in out.stderr

@@ -22,6 +22,11 @@ def arguments(workdir, tokenizer_path=None) -> list[str]:
   return ["--config=configs/tiny_fr.py", f"--config.workdir={workdir}", *OVERRIDES, *shared]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(shared_compilation_cache):
+  """The resume loads the programs that the first launch compiled (tests/conftest.py)."""
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
   """One process with 8 devices training on both shards' rows; its tokenizer serves the two processes."""
