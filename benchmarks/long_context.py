@@ -11,8 +11,8 @@ policy. Every run has a process of its own, so that its `peak_memory_gib` (the d
 started) is its own and a failure (out of memory, a kernel fault) ends only that run: ours re-run this module with
 `--one LENGTH`, which prints one JSON line. Recorded per run: rows/s, encoder tokens/s, TFLOP/s, MFU, peak memory,
 XLA's compiled memory, FAT5's figures at that length or how it failed, and our rows/s over FAT5's. Results are written
-after every run. `--tiny` runs tiny_fr with one layer each at 128 and 256 encoder tokens (+ 64) on a CPU: a check of the tool, not a
-measurement.
+after every run. `--tiny` runs tiny_fr with one layer each at 128 and 256 encoder tokens (+ 64) on a CPU: a check of
+the tool, not a measurement.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import jax
 from benchmarks import common, fat5_peer, train_step
 from configs import small_fr
 
-SMALL_FR = {"config": small_fr.get_config, "name": small_fr.__name__, "lengths": "1024,2048,4096,8192,16384", "decoder_length": 512,
-            "tokens_per_batch": 65536, "variant": "flash/auto", "steps": 10}
-TINY = {"config": common.tiny_config, "name": common.TINY_CONFIG_NAME, "lengths": "128,256", "decoder_length": 64, "tokens_per_batch": 1024, "variant": "xla/auto",
-        "steps": 2}
+SMALL_FR = {"config": small_fr.get_config, "name": small_fr.__name__, "lengths": "1024,2048,4096,8192,16384",
+            "decoder_length": 512, "tokens_per_batch": 65536, "variant": "flash/auto", "steps": 10}
+TINY = {"config": common.tiny_config, "name": common.TINY_CONFIG_NAME, "lengths": "128,256", "decoder_length": 64,
+        "tokens_per_batch": 1024, "variant": "xla/auto", "steps": 2}
 
 
 def one_run(args: argparse.Namespace) -> dict:
@@ -119,7 +119,8 @@ def main():
   parser.add_argument("--remat", default="none", help="comma-separated train.remat policies, each run at every length")
   parser.add_argument("--steps", type=int, help=f"timed steps per run (default {SMALL_FR['steps']})")
   parser.add_argument("--tiny", action="store_true",
-                      help=f"tiny_fr with one layer each at lengths {TINY['lengths']} + {TINY['decoder_length']} on a CPU: checks the tool")
+                      help=f"tiny_fr with one layer each at lengths {TINY['lengths']} + {TINY['decoder_length']} on a "
+                           "CPU: checks the tool")
   parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one run of ours: see the module docstring
   args = common.parse_args(parser, "long_context", plot)
   if args is None:

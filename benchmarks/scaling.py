@@ -37,7 +37,8 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.-]+) = (?P<result>.*?) (?P<op>[\w-]+)\((?P<operands>[^)]*)\)",
                           re.MULTILINE)
 _SHAPE = re.compile(r"\b([a-z]+)(\d*)[a-z0-9]*\[([\d,]*)\]")
-# --tiny: tiny_fr with one layer each (common.tiny_config) at profile_step.py --tiny's lengths; 6 rows a device, a number that no tiny_fr dimension equals.
+# --tiny: tiny_fr with one layer each (common.tiny_config) at profile_step.py --tiny's lengths; 6 rows a device, a
+# number that no tiny_fr dimension equals.
 TINY_LENGTHS, TINY_ROWS_PER_DEVICE = (128, 64), 6
 
 
@@ -181,8 +182,9 @@ def main():
   parser.add_argument("--rows-per-device", type=int, help=f"rows per device per step (default 128; "
                                                            f"{TINY_ROWS_PER_DEVICE} with --tiny)")
   parser.add_argument("--steps", type=int, default=10, help="timed steps of each run")
-  parser.add_argument("--tiny", action="store_true", help=f"tiny_fr with one layer each ({TINY_LENGTHS[0]} + {TINY_LENGTHS[1]} "
-                                                          "tokens): checks the tool on a CPU's simulated devices")
+  parser.add_argument("--tiny", action="store_true", help=f"tiny_fr with one layer each ({TINY_LENGTHS[0]} + "
+                                                          f"{TINY_LENGTHS[1]} tokens): checks the tool on a CPU's "
+                                                          "simulated devices")
   parser.add_argument("--one", help=argparse.SUPPRESS)  # "N,MESH": one run, its result as a JSON line
   args = common.parse_args(parser, "scaling", plot)
   if args is None:

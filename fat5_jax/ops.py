@@ -4,14 +4,14 @@ and every kernel call goes through here.
 
 | kernel_backend | on a GPU | off a GPU |
 |---|---|---|
-| auto | Triton kernels (attention: Pallas where Triton lacks the case, Mosaic GPU at head_dim 64 and 128 on Hopper) | xla |
+| auto | Triton kernels (attention: Pallas where Triton lacks it, Mosaic GPU at head_dim 64 and 128 on Hopper) | xla |
 | pallas / triton | those kernels, compiled | their interpreters: exact, slow (said once) |
 | xla | the jnp references | the jnp references |
 
 `auto` follows what measured fastest on the H100 and H200 (benchmarks/README.md): the Triton kernels for attention
 and the fused lm_head loss, and for RMSNorm too, where Pallas measured slightly faster at width 512 but runs on
-JAX's deprecated Pallas-Triton lowering; for attention at head_dim 64 and 128 on Hopper, from 1,024 tokens, the Mosaic GPU
-kernels (`_auto_attention_backend`). Flash attention runs only with `attention_impl=flash`; `xla` and `cudnn`
+JAX's deprecated Pallas-Triton lowering; for attention at head_dim 64 and 128 on Hopper, from 1,024 tokens, the
+Mosaic GPU kernels (`_auto_attention_backend`). Flash attention runs only with `attention_impl=flash`; `xla` and `cudnn`
 materialize the bias. The kernels' jnp references are the `xla` path, so there is one definition of each op.
 """
 
