@@ -45,13 +45,18 @@ def start(workdir):
   return subprocess.Popen(command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_checkpoint(workdir, step, process, timeout=300):
-  marker = os.path.join(workdir, "checkpoints", str(step), "commit_success.txt")
+def wait_until(ready, what, process, timeout=300):
+  """Returns once `ready()`; fails if the run (`process`) ends first or `timeout` seconds pass."""
   deadline = time.time() + timeout
-  while not os.path.exists(marker):
-    assert process.poll() is None, f"the run ended before checkpoint {step}: {process.stderr.read()[-3000:]}"
-    assert time.time() < deadline, f"no checkpoint {step} after {timeout} s"
+  while not ready():
+    assert process.poll() is None, f"the run ended before {what}: {process.stderr.read()[-3000:]}"
+    assert time.time() < deadline, f"no {what} after {timeout} s"
     time.sleep(0.05)
+
+
+def wait_for_checkpoint(workdir, step, process):
+  marker = os.path.join(workdir, "checkpoints", str(step), "commit_success.txt")
+  wait_until(lambda: os.path.exists(marker), f"checkpoint {step}", process)
 
 
 @pytest.fixture(scope="module")
@@ -151,11 +156,8 @@ def test_a_second_run_on_a_busy_workdir_stops_in_one_line(tmp_path):
   first = start(workdir)
   try:
     # The run takes the lock before it compiles anything, then names itself in the lock file.
-    lock, deadline = pathlib.Path(workdir, "run.lock"), time.time() + 300
-    while not (lock.exists() and f"process {first.pid} " in lock.read_text()):
-      assert first.poll() is None, f"the run ended before taking the lock: {first.stderr.read()[-3000:]}"
-      assert time.time() < deadline, "the run took no lock in 300 s"
-      time.sleep(0.05)
+    lock = pathlib.Path(workdir, "run.lock")
+    wait_until(lambda: lock.exists() and f"process {first.pid} " in lock.read_text(), "lock naming the run", first)
     out = run(workdir, check=False)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
     assert f"is in use by the run of process {first.pid} " in out.stderr

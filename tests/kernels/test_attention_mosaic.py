@@ -105,7 +105,7 @@ def _case(case, seed, interpret, table_dtype=None):
   table_dtype = case_table_dtype if table_dtype is None or case_table_dtype is None else table_dtype
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   q, k, v = (jax.random.normal(key, (BATCH, LENGTH, HEADS, head_dim)).astype(jnp.bfloat16) for key in keys[:3])
-  ids = None  # (query ids, key ids)
+  ids = (None, None)  # (query ids, key ids)
   if segments == "key_mask":  # keys hidden from a point inside a block on
     visible = int(np.random.default_rng(seed).integers(LENGTH // 2, LENGTH - 8))
     ids = (jnp.ones((1, LENGTH), jnp.int32), jnp.asarray(np.arange(LENGTH)[None] < visible, jnp.int32))
@@ -121,15 +121,13 @@ def _case(case, seed, interpret, table_dtype=None):
   cfg = Config(bias_mode=bias, causal=causal, scale=1.0, has_segments=bool(segments), has_positions=False,
                blocks=BlockSizes(bq, bk, bq, bk), interpret=interpret, backend="mosaic",
                key_mask=segments == "key_mask", **t5_kwargs)
-  q_ids, kv_ids = (None, None) if ids is None else ids
-  return cfg, (q, k, v, table, ids), dict(causal=causal, q_segment_ids=q_ids, kv_segment_ids=kv_ids, **ref_kwargs)
+  return cfg, (q, k, v, table, ids), dict(causal=causal, q_segment_ids=ids[0], kv_segment_ids=ids[1], **ref_kwargs)
 
 
 def _forward(cfg):
   def kernel(q, k, v, table, ids):
     t5, _ = kernel_inputs(cfg, table, None, cfg.blocks.block_q, cfg.blocks.block_k)
-    q_seg, kv_seg = (None, None) if ids is None else ids
-    return mosaic.forward(cfg, q, k, v, t5, q_seg=q_seg, kv_seg=kv_seg)
+    return mosaic.forward(cfg, q, k, v, t5, q_seg=ids[0], kv_seg=ids[1])
 
   return jax.jit(kernel)
 
@@ -139,8 +137,7 @@ def _gradients(cfg):
   def kernel(q, k, v, table, ids, out, lse2, dout, dlse2):
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), dout.astype(jnp.float32)) - dlse2 * common.LOG2E
     t5, _ = kernel_inputs(cfg, table, None, cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd)
-    q_seg, kv_seg = (None, None) if ids is None else ids
-    dq, dk, dv, parts = mosaic.backward(cfg, q, k, v, t5, None, None, q_seg, kv_seg, None, None, dout, lse2, delta)
+    dq, dk, dv, parts = mosaic.backward(cfg, q, k, v, t5, None, None, *ids, None, None, dout, lse2, delta)
     return dq, dk, dv, None if parts is None else jnp.sum(parts, axis=(0, 2))[:, :cfg.num_buckets].T
 
   return jax.jit(kernel)
@@ -165,7 +162,7 @@ def test_forward_matches_reference(case):
   # A query that sees no key (padding): lse +inf (the Triton backward's convention), out 0.
   empty = np.isneginf(ref_lse)
   np.testing.assert_array_equal(np.isposinf(lse2), empty)
-  if ids is not None and not case.startswith("t5_key_mask"):  # packed rows end with padding
+  if ids[0] is not None and not case.startswith("t5_key_mask"):  # packed rows end with padding
     assert empty.any()
     np.testing.assert_array_equal(out[np.asarray(ids[0]) == 0], 0.0)
   assert np.isfinite(lse2[~empty]).all()
@@ -208,7 +205,7 @@ def test_backward_matches_reference(case):
     grad = np.asarray(grad, np.float32)
     chex.assert_shape(grad, ref.shape)
     chex.assert_tree_all_finite(grad)
-    if ids is not None and name != "dtable":  # padding: no query, no key, no gradient
+    if ids[0] is not None and name != "dtable":  # padding: no query, no key, no gradient
       np.testing.assert_array_equal(grad[np.asarray(ids[0 if name == "dq" else 1]) == 0], 0.0)
     error = relative_error(grad, ref)
     assert error < GRAD_TOL, (name, error)
@@ -274,7 +271,7 @@ def test_compiled_forward_fits_shared_memory_at_default_blocks(head_dim):
                interpret=False, backend="mosaic", num_buckets=32, bidirectional=True, max_distance=128)
   q = jnp.zeros((BATCH, 2 * LENGTH, HEADS, head_dim), jnp.bfloat16)
   table = jnp.zeros((32, HEADS), jnp.float32)
-  text = _forward(cfg).trace(q, q, q, table, None).lower(lowering_platforms=("cuda",)).as_text()
+  text = _forward(cfg).trace(q, q, q, table, (None, None)).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
 
