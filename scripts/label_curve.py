@@ -81,8 +81,8 @@ def table(out_dir: str, results_json: str, plot: str | None):
            "|---|---|---|---|---|---|---|"]
   for count, by_head in runs.items():
     for head, by_start in by_head.items():
-      for start in STARTS:
-        seeds = by_start.get(start, {})
+      for start in (start for start in STARTS if start in by_start):  # an interrupted run may lack one
+        seeds = by_start[start]
         mean = lambda split: statistics.mean(r[split] for r in seeds.values())
         ahead = ""
         if start == "pretrained":

@@ -49,3 +49,12 @@ def test_run_refuses_label_counts_without_a_step_count_each(tmp_path, monkeypatc
   assert stopped.value.code == 2
   assert "--labels has 2 counts and --steps 1" in capsys.readouterr().err
   assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_table_shows_a_start_whose_partner_run_is_unfinished(tmp_path, capsys):
+  run = tmp_path / "runs" / label_curve.run_name(500, "seq2seq", "pretrained", 0)  # its scratch run: not finished
+  run.mkdir(parents=True)
+  (run / "results.json").write_text(json.dumps({"steps": 600, "best_step": 450, "test": {"accuracy": 0.5},
+                                                "validation": {"accuracy": 0.25}}))
+  label_curve.table(str(tmp_path / "runs"), str(tmp_path / "curve.json"), None)
+  assert capsys.readouterr().out.splitlines()[2:] == ["| 500 | seq2seq | pretrained | 1 | 50.0% | 25.0% | 0 / 0 of 0 |"]
