@@ -30,6 +30,11 @@ Methods, all measured in one run on the same random inputs (bf16, B x S x H x D)
                   masked, against ours_t5_one_segment's per-pair ids; ours_t5_key_mask_padded: the last tenth of
                   each row's keys hidden (TFLOP/s counted as for full rows). ours_t5_mosaic_key_mask[_padded]: the
                   same on the Mosaic GPU kernels. Only when named in --methods
+- ours_none_key_mask, ours_none_mosaic_key_mask: Triton and Mosaic GPU without bias, with a key mask of ones: the
+                  model's cross-attention on unpacked rows (T5 has no bias there). Only when named in --methods
+
+`--query-len Q` gives every row Q queries over its S keys (cross-attention: a decoder's tokens over the encoder's;
+not causal), counted 4*B*Q*S*H*D forward.
 
 Forward and forward+backward (jax.vjp with a random cotangent; gradients of q, k, v and the table). Times are
 `common.time_ms` medians over three input sets in rotation. TFLOP/s: forward 4*B*S^2*H*D (halved when causal),
@@ -70,9 +75,9 @@ def methods(causal, block_sizes=None):
   def ours_t5(q, k, v, table, backend="triton", **extra):
     return flash_attention(q, k, v, rpe_table=table, block_sizes=block_sizes, backend=backend, **t5, **extra)
 
-  def ours_none(q, k, v, table, backend="triton"):
+  def ours_none(q, k, v, table, backend="triton", **extra):
     del table
-    return flash_attention(q, k, v, causal=causal, block_sizes=block_sizes, backend=backend)
+    return flash_attention(q, k, v, causal=causal, block_sizes=block_sizes, backend=backend, **extra)
 
   def xla_t5(q, k, v, table):
     return reference.attention(q, k, v, rpe_table=table, **t5)
@@ -119,12 +124,18 @@ def methods(causal, block_sizes=None):
       ours_t5_packed_positions=lambda q, k, v, t: ours_t5(q, k, v, t, backend="pallas", **packed(q, True)),
       ours_t5_documents=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, document_ids(q.shape[1]))),
       ours_t5_one_segment=lambda q, k, v, t: ours_t5(q, k, v, t, **segments(q, jnp.ones(q.shape[1], jnp.int32))),
-      ours_t5_key_mask=lambda q, k, v, t: ours_t5(q, k, v, t, kv_mask=jnp.ones(q.shape[:2], bool)),
-      ours_t5_key_mask_padded=lambda q, k, v, t: ours_t5(q, k, v, t, kv_mask=right_padded(q.shape[:2])),
-      ours_t5_mosaic_key_mask=lambda q, k, v, t: ours_t5(q, k, v, t, backend="mosaic",
-                                                         kv_mask=jnp.ones(q.shape[:2], bool)),
+      ours_t5_key_mask=lambda q, k, v, t: ours_t5(q, k, v, t, kv_mask=ones(k)),
+      ours_t5_key_mask_padded=lambda q, k, v, t: ours_t5(q, k, v, t, kv_mask=right_padded(k.shape[:2])),
+      ours_t5_mosaic_key_mask=lambda q, k, v, t: ours_t5(q, k, v, t, backend="mosaic", kv_mask=ones(k)),
       ours_t5_mosaic_key_mask_padded=lambda q, k, v, t: ours_t5(q, k, v, t, backend="mosaic",
-                                                                kv_mask=right_padded(q.shape[:2])))
+                                                                kv_mask=right_padded(k.shape[:2])),
+      ours_none_key_mask=lambda q, k, v, t: ours_none(q, k, v, t, kv_mask=ones(k)),
+      ours_none_mosaic_key_mask=lambda q, k, v, t: ours_none(q, k, v, t, backend="mosaic", kv_mask=ones(k)))
+
+
+def ones(k):
+  """A key mask that hides nothing, for keys k [B, S, H, D]."""
+  return jnp.ones(k.shape[:2], bool)
 
 
 def right_padded(shape):
@@ -146,15 +157,15 @@ def tiles_run(seq_len, blocks):
                                                                 (seq_len // blocks.block_k)))
 
 
-def make_inputs(key, batch, seq_len, heads, head_dim, sets=3, table_dtype=jnp.float32):
+def make_inputs(key, batch, seq_len, heads, head_dim, sets=3, table_dtype=jnp.float32, q_len=None):
   out = []
   for key in jax.random.split(key, sets):
     kq, kk, kv, kt, kc = jax.random.split(key, 5)
-    shape = (batch, seq_len, heads, head_dim)
-    out.append(dict(q=jax.random.normal(kq, shape, jnp.bfloat16), k=jax.random.normal(kk, shape, jnp.bfloat16),
+    shape, q_shape = (batch, seq_len, heads, head_dim), (batch, q_len or seq_len, heads, head_dim)
+    out.append(dict(q=jax.random.normal(kq, q_shape, jnp.bfloat16), k=jax.random.normal(kk, shape, jnp.bfloat16),
                     v=jax.random.normal(kv, shape, jnp.bfloat16),
                     table=(0.5 * jax.random.normal(kt, (NUM_BUCKETS, heads))).astype(table_dtype),
-                    ct=jax.random.normal(kc, shape, jnp.bfloat16)))
+                    ct=jax.random.normal(kc, q_shape, jnp.bfloat16)))
   return out
 
 
@@ -181,16 +192,16 @@ def is_oom(err):
 
 
 def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=None, table_dtype=jnp.float32,
-                 kernel_times=False):
+                 kernel_times=False, q_len=None):
   sets = make_inputs(jax.random.PRNGKey(seq_len + head_dim + causal), batch, seq_len, heads, head_dim,
-                     table_dtype=table_dtype)
-  flops_fwd = 4 * batch * seq_len ** 2 * heads * head_dim / (2 if causal else 1)
+                     table_dtype=table_dtype, q_len=q_len)
+  flops_fwd = 4 * batch * (q_len or seq_len) * seq_len * heads * head_dim / (2 if causal else 1)
   rows = []
   for name, fn in methods(causal, block_sizes).items():
     if name not in names:
       continue
-    row = dict(method=name, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq_len, causal=causal,
-               blocks=blocks_label(block_sizes))
+    row = dict(method=name, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq_len, q_len=q_len or seq_len,
+               causal=causal, blocks=blocks_label(block_sizes))
     if name == "ours_t5_documents":
       row["tiles_run"] = tiles_run(seq_len, block_sizes or default_block_sizes(head_dim, interpret=False,
                                                                                q_len=seq_len))
@@ -340,6 +351,8 @@ def main():
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
   parser.add_argument("--causal", choices=["no", "yes", "both"], default="both")
+  parser.add_argument("--query-len", type=int, help="queries per row, over each --seq-lens keys (cross-attention; "
+                                                    "default: as many as keys)")
   parser.add_argument("--methods", nargs="+", default=list(METHODS))
   parser.add_argument("--blocks", nargs="+", default=["default"], metavar="BQ,BK,BQ_BWD,BK_BWD,W,S,W_BWD,S_BWD",
                       help="BlockSizes(block_q, block_k, block_q_bwd, block_k_bwd, warps, stages, warps_bwd, "
@@ -357,6 +370,8 @@ def main():
   args = common.parse_args(parser, "attention", plot)
   if args is None:
     return
+  if args.query_len and args.causal != "no":
+    parser.error("--query-len measures cross-attention, which is not causal: add --causal no")
   block_configs = [None if b == "default" else BlockSizes(*map(int, b.split(","))) for b in args.blocks]
   results = dict(block_sizes=args.blocks, table_dtype=args.table_dtype, rows=[])
   if not args.skip_accuracy:
@@ -366,7 +381,8 @@ def main():
     for causal in causals:
       for seq_len, block_sizes in itertools.product(args.seq_lens, block_configs):
         results["rows"] += bench_config(args.batch, args.heads, head_dim, seq_len, causal, args.methods,
-                                        block_sizes, jnp.dtype(args.table_dtype), args.kernel_times)
+                                        block_sizes, jnp.dtype(args.table_dtype), args.kernel_times,
+                                        args.query_len)
         common.write_results(args.out, results)  # keep what ran if a later configuration dies
   if args.memory:
     results["memory"] = memory_sweep(args.memory_seq_lens)
@@ -374,7 +390,7 @@ def main():
   plot(results, args.plot)
   if results["rows"]:
     common.print_table([dict(r, kernels=kernels_label(r)) for r in results["rows"]],
-                       ["head_dim", "seq_len", "causal", "method", "blocks", "fwd_tflops", "fwd_bwd_tflops", "fwd_ms",
+                       ["head_dim", "q_len", "seq_len", "causal", "method", "blocks", "fwd_tflops", "fwd_bwd_tflops", "fwd_ms",
                         "fwd_bwd_ms"] + (["kernels"] if args.kernel_times else []))
     common.print_table(ratios(results["rows"]), ["head_dim", "seq_len", "causal", "fwd_vs_cudnn_none",
                                                  "fwd_bwd_vs_pallas_none", "fwd_bwd_vs_cudnn_t5",

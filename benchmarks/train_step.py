@@ -6,7 +6,8 @@ recipe. A variant is `model.attention_impl/model.kernel_backend` (xla|cudnn|flas
 per optimizer step is the median over repeats after warm-up, each step waited for; throughput is rows/s, encoder
 tokens/s, TFLOP/s from `fat5_jax.flops` and MFU against the chip's dense bf16 peak. `step_s_pipelined` is the mean
 of as many steps dispatched back to back with one wait at the end, as the training loop runs them: the host's work
-between two steps (a few ms) then overlaps the device's, where the waited median counts it.
+between two steps (a few ms) then overlaps the device's, where the waited median counts it; `mfu_pipelined` is the
+MFU at that pace.
 
 `--remat` runs each variant under each `train.remat` policy, and `--encoder-length` / `--decoder-length` change the
 rows (e.g. 8 rows of 8,192 + 512 tokens). Memory of each run: `compiled_temp_gib` and `compiled_total_gib` from XLA's
@@ -105,6 +106,9 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
           "step_s_pipelined": pipelined_s, "rows_per_s_pipelined": rows * accum / pipelined_s,
           **common.training_throughput(rows_per_s, config.model, encoder_length, decoder_length,
                                        chip_peak and chip_peak * len(mesh_devices)),
+          "mfu_pipelined": None if chip_peak is None else common.training_throughput(
+              rows * accum / pipelined_s, config.model, encoder_length, decoder_length,
+              chip_peak * len(mesh_devices))["mfu"],
           "peak_memory_gib": peak_bytes / 2 ** 30,
           "compiled_temp_gib": analysis.temp_size_in_bytes / 2 ** 30, "compiled_total_gib": compiled_total / 2 ** 30,
           "loss": float(metrics["loss"]), **(inspect(train_step) if inspect else {})}

@@ -41,8 +41,10 @@ FASTEST_ON_GPU = "triton"
 # Where `auto` runs the Mosaic GPU attention instead (Hopper, 16-bit inputs, the cases Triton runs). On the H200 its
 # forward + backward ran 1.22-1.39x as fast as the Triton kernels at head_dim 128 and 1.12-1.20x at head_dim 64
 # (1,024 to 8,192 tokens, with or without a key mask), and the small_fr step at 8,192 and 16,384 encoder tokens
-# 1.11x and 1.14x as fast (benchmarks/README.md). Shorter rows were not measured.
-MOSAIC_HEAD_DIMS, MOSAIC_FROM_LENGTH = (64, 128), 1024
+# 1.11x and 1.14x as fast (benchmarks/README.md). The decoder's cross-attention (512 queries, no bias, a key mask)
+# 1.06x, 1.08x and 1.19x over 1,024, 2,048 and 8,192 keys; at 512 x 512 (the 512-token step) the two are level or
+# Triton leads, so fewer keys stay on Triton.
+MOSAIC_HEAD_DIMS, MOSAIC_FROM_QUERIES, MOSAIC_FROM_KEYS = (64, 128), 512, 1024
 ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
 
 
@@ -217,12 +219,12 @@ def ops_for(config: ModelConfig) -> Ops:
 
 def _auto_attention_backend(q, k, kwargs: dict, fallback: str) -> str:
   """`auto`'s attention kernel for one call: Triton's where it runs the case, else `fallback`; on Hopper the Mosaic
-  GPU kernels for 16-bit inputs at MOSAIC_HEAD_DIMS from MOSAIC_FROM_LENGTH tokens on both sides."""
+  GPU kernels for 16-bit inputs at MOSAIC_HEAD_DIMS from MOSAIC_FROM_QUERIES queries and MOSAIC_FROM_KEYS keys."""
   if not triton_supports(alibi_slopes=kwargs.get("alibi_slopes"), bias=kwargs.get("bias"),
                          q_positions=kwargs.get("q_positions")):
     return fallback
   if (common.device_capability()[0] == 9 and q.shape[3] in MOSAIC_HEAD_DIMS and jnp.dtype(q.dtype).itemsize == 2
-      and min(q.shape[1], k.shape[1]) >= MOSAIC_FROM_LENGTH):
+      and q.shape[1] >= MOSAIC_FROM_QUERIES and k.shape[1] >= MOSAIC_FROM_KEYS):
     return "mosaic"
   return "triton"
 

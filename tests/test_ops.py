@@ -77,42 +77,48 @@ def test_auto_falls_back_to_pallas_for_attention_triton_lacks():
     ops.Ops(attention_impl="flash", backend="triton").attention(q, k, v, **kwargs)
 
 
-@pytest.mark.parametrize("capability,head_dim,length,dtype,bias,expected", [
-    ((9, 0), 128, 2048, jnp.bfloat16, "t5", "mosaic"), ((9, 0), 128, 4096, jnp.float16, None, "mosaic"),
-    ((9, 0), 64, 4096, jnp.bfloat16, "t5", "mosaic"), ((9, 0), 96, 4096, jnp.bfloat16, "t5", "triton"),
-    ((9, 0), 128, 512, jnp.bfloat16, "t5", "triton"),
-    ((9, 0), 128, 2048, jnp.float32, "t5", "triton"), ((8, 0), 128, 2048, jnp.bfloat16, "t5", "triton"),
-    ((9, 0), 128, 2048, jnp.bfloat16, "alibi", "pallas")])
-def test_auto_attention_kernel_per_call(monkeypatch, capability, head_dim, length, dtype, bias, expected):
-  """`auto` on a GPU: Mosaic GPU on Hopper at head_dim 64 and 128 from 1,024 tokens (16-bit), Triton otherwise, Pallas
-  where Triton lacks the case."""
+@pytest.mark.parametrize("capability,head_dim,lengths,dtype,bias,expected", [
+    ((9, 0), 128, (2048, 2048), jnp.bfloat16, "t5", "mosaic"), ((9, 0), 128, (4096, 4096), jnp.float16, None, "mosaic"),
+    ((9, 0), 64, (4096, 4096), jnp.bfloat16, "t5", "mosaic"), ((9, 0), 96, (4096, 4096), jnp.bfloat16, "t5", "triton"),
+    ((9, 0), 64, (512, 1024), jnp.bfloat16, None, "mosaic"), ((9, 0), 64, (512, 512), jnp.bfloat16, "t5", "triton"),
+    ((9, 0), 64, (256, 8192), jnp.bfloat16, None, "triton"), ((9, 0), 64, (8192, 512), jnp.bfloat16, None, "triton"),
+    ((9, 0), 128, (2048, 2048), jnp.float32, "t5", "triton"), ((8, 0), 128, (2048, 2048), jnp.bfloat16, "t5", "triton"),
+    ((9, 0), 128, (2048, 2048), jnp.bfloat16, "alibi", "pallas")])
+def test_auto_attention_kernel_per_call(monkeypatch, capability, head_dim, lengths, dtype, bias, expected):
+  """`auto` on a GPU: Mosaic GPU on Hopper at head_dim 64 and 128 from 512 queries over 1,024 keys (16-bit), Triton
+  otherwise, Pallas where Triton lacks the case."""
   monkeypatch.setattr(ops.common, "device_capability", lambda: capability)
-  q = jax.ShapeDtypeStruct((2, length, 4, head_dim), dtype)
+  q, k = (jax.ShapeDtypeStruct((2, length, 4, head_dim), dtype) for length in lengths)
   kwargs = dict(q_positions=None, **({"alibi_slopes": jnp.ones((4,))} if bias == "alibi" else {}))
-  assert ops._auto_attention_backend(q, q, kwargs, "pallas") == expected
+  assert ops._auto_attention_backend(q, k, kwargs, "pallas") == expected
 
 
 @pytest.mark.skipif(not ON_GPU, reason="compiles the Mosaic GPU kernels")
 @pytest.mark.skipif(ON_GPU and jax.devices()[0].compute_capability.split(".")[0] != "9", reason="Hopper only")
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_auto_attention_on_hopper_matches_the_reference(head_dim):
-  """The model's attention as `auto` runs it where it picks the Mosaic GPU kernels (causal, a key mask with
-  padding): values and gradients of q, k, v and the table against the reference."""
+@pytest.mark.parametrize("head_dim,queries", [(64, 2048), (128, 2048), (64, 512)])
+def test_auto_attention_on_hopper_matches_the_reference(head_dim, queries):
+  """The model's attention as `auto` runs it where it picks the Mosaic GPU kernels: self-attention (causal, T5 bias,
+  a key mask with padding) and, at 512 queries, the decoder's cross-attention (no bias, the encoder's key mask).
+  Values and gradients of q, k, v (and of the table where there is one) against the reference."""
   rng = np.random.default_rng(5)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, 2048, 2, head_dim)), jnp.bfloat16) for _ in range(3))
+  self_attention = queries == 2048
+  q = jnp.asarray(rng.normal(size=(2, queries, 2, head_dim)), jnp.bfloat16)
+  k, v = (jnp.asarray(rng.normal(size=(2, 2048, 2, head_dim)), jnp.bfloat16) for _ in range(2))
   table = jnp.asarray(rng.normal(size=(32, 2)), jnp.float32)
-  mask = jnp.arange(2048)[None, :] < jnp.array([[2048], [1900]])
+  kv_mask = jnp.arange(2048)[None, :] < jnp.array([[2048], [1900]])
+  q_mask = kv_mask if self_attention else jnp.ones((2, queries), bool)
   cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
 
   def run(chosen):
     def loss(q, k, v, table):
-      bias = ops.AttentionBias(kind="t5", table=table, bidirectional=False)
-      out = chosen.attention(q, k, v, bias=bias, q_segment_ids=mask, kv_segment_ids=mask, q_positions=None,
-                             kv_positions=None, causal=True, scale=1.0)
-      return jnp.sum(jnp.where(mask[:, :, None, None], out.astype(jnp.float32), 0) * cotangent)
-    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, table)
+      bias = ops.AttentionBias(kind="t5", table=table, bidirectional=False) if self_attention else None
+      out = chosen.attention(q, k, v, bias=bias, q_segment_ids=q_mask, kv_segment_ids=kv_mask, q_positions=None,
+                             kv_positions=None, causal=self_attention, scale=1.0)
+      return jnp.sum(jnp.where(q_mask[:, :, None, None], out.astype(jnp.float32), 0) * cotangent)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3) if self_attention else (0, 1, 2))(q, k, v, table)
 
   auto = ops.Ops(attention_impl="flash", backend="triton", attention_fallback="pallas")
+  assert ops._auto_attention_backend(q, k, dict(q_positions=None), "pallas") == "mosaic"
   f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
   ours, reference = f32(run(auto)), f32(run(ops.REFERENCE))
   for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):

@@ -161,6 +161,9 @@ def flash_attention(q, k, v, *, rpe_table=None, rpe_bidirectional: bool = True, 
   interpret = common.resolve_interpret(interpret)
   if not interpret and jax.default_backend() != "gpu":
     raise ValueError("compiled attention kernels (interpret=False) need a GPU")
+  if interpret and backend == "triton" and q.dtype == jnp.bfloat16:
+    raise ValueError("Triton's interpreter multiplies bfloat16 as raw 16-bit integers, which gives wrong results: "
+                     "off a GPU, give backend='triton' float32 inputs or use backend='pallas'")
   batch, q_len, _, head_dim = q.shape
   kv_len = k.shape[1]
   blocks = _fit_blocks(block_sizes or default_block_sizes(head_dim, interpret, q.dtype, q_len=q_len, backend=backend),
