@@ -7,7 +7,8 @@ per optimizer step is the median over repeats after warm-up, each step waited fo
 tokens/s, TFLOP/s from `fat5_jax.flops` and MFU against the chip's dense bf16 peak. `step_s_pipelined` is the mean
 of as many steps dispatched back to back with one wait at the end, as the training loop runs them: the host's work
 between two steps (a few ms) then overlaps the device's, where the waited median counts it; `mfu_pipelined` is the
-MFU at that pace.
+MFU at that pace. `dispatch_s` is the median time a waited step's call takes to return to the host: the host's
+share of the gap between two waited steps.
 
 `--remat` runs each variant under each `train.remat` policy, and `--encoder-length` / `--decoder-length` change the
 rows (e.g. 8 rows of 8,192 + 512 tokens). Memory of each run: `compiled_temp_gib` and `compiled_total_gib` from XLA's
@@ -81,10 +82,11 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
   for i in range(3):  # warm up
     state, metrics = train_step(state, batches[i % 2])
   jax.block_until_ready(state)
-  times = []
+  times, dispatches = [], []
   for i in range(steps):
     start = time.perf_counter()
     state, metrics = train_step(state, batches[i % 2])
+    dispatches.append(time.perf_counter() - start)
     jax.block_until_ready(state)
     times.append(time.perf_counter() - start)
   start = time.perf_counter()  # then as the training loop runs them: dispatched back to back, one wait at the end
@@ -103,6 +105,7 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
           "pack": config.data.pack,
           "rows": rows, "grad_accum_steps": accum, "encoder_length": encoder_length, "decoder_length": decoder_length,
           "step_s": step_s, "step_s_spread": [min(times), max(times)], "rows_per_s": rows_per_s,
+          "dispatch_s": statistics.median(dispatches),
           "step_s_pipelined": pipelined_s, "rows_per_s_pipelined": rows * accum / pipelined_s,
           **common.training_throughput(rows_per_s, config.model, encoder_length, decoder_length,
                                        chip_peak and chip_peak * len(mesh_devices)),

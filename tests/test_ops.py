@@ -121,8 +121,8 @@ def test_auto_attention_on_hopper_matches_the_reference(head_dim, queries):
   assert ops._auto_attention_backend(q, k, dict(q_positions=None), "pallas") == "mosaic"
   f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
   ours, reference = f32(run(auto)), f32(run(ops.REFERENCE))
-  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
-    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 2e-2
+  for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):  # both in bf16: the kernel tests' bound
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 3e-2
 
 
 @pytest.mark.parametrize("field,value,message", [
