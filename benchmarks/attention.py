@@ -390,8 +390,8 @@ def main():
   plot(results, args.plot)
   if results["rows"]:
     common.print_table([dict(r, kernels=kernels_label(r)) for r in results["rows"]],
-                       ["head_dim", "q_len", "seq_len", "causal", "method", "blocks", "fwd_tflops", "fwd_bwd_tflops", "fwd_ms",
-                        "fwd_bwd_ms"] + (["kernels"] if args.kernel_times else []))
+                       ["head_dim", "q_len", "seq_len", "causal", "method", "blocks", "fwd_tflops", "fwd_bwd_tflops",
+                        "fwd_ms", "fwd_bwd_ms"] + (["kernels"] if args.kernel_times else []))
     common.print_table(ratios(results["rows"]), ["head_dim", "seq_len", "causal", "fwd_vs_cudnn_none",
                                                  "fwd_bwd_vs_pallas_none", "fwd_bwd_vs_cudnn_t5",
                                                  "fwd_bwd_vs_mgpu_none", "mosaic_fwd_vs_cudnn_none"])

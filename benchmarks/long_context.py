@@ -162,8 +162,8 @@ def main():
       common.write_results(args.out, results)
   common.print_table(table_rows(results),
                      ["encoder_length", "rows", "remat", "rows_per_s", "encoder_tokens_per_s", "tflops_per_s", "mfu",
-                      "step_s", "step_s_pipelined", "mfu_pipelined", "peak_memory_gib", "compiled_total_gib", "fat5_rows_per_s", "fat5_mfu", "fat5_peak_memory_gib",
-                      "vs_fat5", "error"])
+                      "step_s", "step_s_pipelined", "mfu_pipelined", "peak_memory_gib", "compiled_total_gib",
+                      "fat5_rows_per_s", "fat5_mfu", "fat5_peak_memory_gib", "vs_fat5", "error"])
   plot({"environment": common.environment(), **results}, args.plot)
 
 

@@ -77,8 +77,8 @@ class ModelConfig:
       "auto", "Our kernels (flash attention, cross-entropy with the lm_head, RMSNorm): pallas (Pallas kernels), "
       "triton (raw Triton kernels through jax-triton; attention without ALiBi or FIRE), xla (the jnp references, "
       "no kernel), or auto: on a GPU the fastest measured kernel of each op (Triton; Pallas for the attention cases "
-      "Triton lacks, Pallas Mosaic GPU for attention at head_dim 64 and 128 on Hopper from 1,024 tokens), off a GPU "
-      "xla. pallas or triton off a GPU run the kernels' interpreters: exact but slow.",
+      "Triton lacks, Pallas Mosaic GPU for attention at head_dim 64 and 128 on Hopper from 512 queries over 1,024 "
+      "keys), off a GPU xla. pallas or triton off a GPU run the kernels' interpreters: exact but slow.",
       KERNEL_BACKENDS)
   pad_token_id: int = _field(0, "Padding id; also the decoder start id in T5.")
   eos_token_id: int = _field(1, "End-of-sequence id.")
