@@ -42,8 +42,9 @@ FASTEST_ON_GPU = "triton"
 # forward + backward ran 1.22-1.39x as fast as the Triton kernels at head_dim 128 and 1.12-1.20x at head_dim 64
 # (1,024 to 8,192 tokens, with or without a key mask), and the small_fr step at 8,192 and 16,384 encoder tokens
 # 1.11x and 1.14x as fast (benchmarks/README.md). The decoder's cross-attention (512 queries, no bias, a key mask)
-# 1.06x, 1.08x and 1.19x over 1,024, 2,048 and 8,192 keys; at 512 x 512 (the 512-token step) the two are level or
-# Triton leads, so fewer keys stay on Triton.
+# 1.06x, 1.08x and 1.19x over 1,024, 2,048 and 8,192 keys. At 512 x 512 (the 512-token step) Triton leads on rows
+# without a mask (1.26 against 1.33 ms forward + backward, B=128, H=8) and packed rows are unmeasured, so fewer keys
+# stay on Triton.
 MOSAIC_HEAD_DIMS, MOSAIC_FROM_QUERIES, MOSAIC_FROM_KEYS = (64, 128), 512, 1024
 ROWS = P(BATCH_AXES)  # split by rows (the leading dimension) over every device of the mesh
 
