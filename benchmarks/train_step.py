@@ -8,7 +8,8 @@ tokens/s, TFLOP/s from `fat5_jax.flops` and MFU against the chip's dense bf16 pe
 of as many steps dispatched back to back with one wait at the end, as the training loop runs them: the host's work
 between two steps (a few ms) then overlaps the device's, where the waited median counts it; `mfu_pipelined` is the
 MFU at that pace. `dispatch_s` is the median time a waited step's call takes to return to the host: the host's
-share of the gap between two waited steps.
+share of the gap between two waited steps. `compile_s` is the step's lowering and compilation, `warmup_s` its first
+three steps.
 
 `--remat` runs each variant under each `train.remat` policy, and `--encoder-length` / `--decoder-length` change the
 rows (e.g. 8 rows of 8,192 + 512 tokens). Memory of each run: `compiled_temp_gib` and `compiled_total_gib` from XLA's
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -77,11 +79,16 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
   values.model.update(attention_impl=attention_impl, kernel_backend=kernel_backend)
   config, trainer, state, batches = build(values, rows=rows, accum=accum, encoder_length=encoder_length,
                                           decoder_length=decoder_length, devices=devices)
+  start = time.perf_counter()
   train_step = trainer.train_step.lower(state, batches[0]).compile()  # compiled once, for its memory analysis too
+  compile_s = time.perf_counter() - start
+  print(f"compiled in {compile_s:.0f} s", file=sys.stderr, flush=True)  # where a run cut short by a time limit got
   analysis = train_step.memory_analysis()
+  start = time.perf_counter()
   for i in range(3):  # warm up
     state, metrics = train_step(state, batches[i % 2])
   jax.block_until_ready(state)
+  warmup_s = time.perf_counter() - start
   times, dispatches = [], []
   for i in range(steps):
     start = time.perf_counter()
@@ -105,7 +112,7 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
           "pack": config.data.pack,
           "rows": rows, "grad_accum_steps": accum, "encoder_length": encoder_length, "decoder_length": decoder_length,
           "step_s": step_s, "step_s_spread": [min(times), max(times)], "rows_per_s": rows_per_s,
-          "dispatch_s": statistics.median(dispatches),
+          "dispatch_s": statistics.median(dispatches), "compile_s": compile_s, "warmup_s": warmup_s,
           "step_s_pipelined": pipelined_s, "rows_per_s_pipelined": rows * accum / pipelined_s,
           **common.training_throughput(rows_per_s, config.model, encoder_length, decoder_length,
                                        chip_peak and chip_peak * len(mesh_devices)),

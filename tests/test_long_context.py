@@ -21,6 +21,7 @@ def test_tiny_runs_each_length_in_its_own_process(tmp_path):
     assert run["rows_per_s"] > 0 and run["encoder_tokens_per_s"] == run["rows_per_s"] * run["encoder_length"]
     assert run["peak_memory_gib"] >= 0 and run["compiled_total_gib"] > run["compiled_temp_gib"] > 0
     assert 0 < run["dispatch_s"] <= run["step_s"] and run["step_s_pipelined"] > 0
+    assert run["compile_s"] > 0 and run["warmup_s"] > 0
     assert run["mfu"] is run["mfu_pipelined"] is None  # a CPU has no peak to divide by
   assert os.path.getsize(tmp_path / "long_context.png") > 0
 
