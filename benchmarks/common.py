@@ -17,6 +17,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -129,14 +130,22 @@ def training_throughput(rows_per_s: float, model: ModelConfig, encoder_length: i
 
 
 def json_line_of(command: Sequence[str], **kwargs) -> dict[str, Any]:
-  """Runs `command` (subprocess.run's `kwargs`) and returns the last JSON object it printed on a line of its own,
-  or {"error": its last line of stderr} when it printed none (a process killed by a CUDA fault cannot report)."""
-  run = subprocess.run(command, capture_output=True, text=True, check=False, **kwargs)
-  printed = [line for line in run.stdout.splitlines() if line.startswith("{")]
+  """Runs `command` (subprocess.Popen's `kwargs`) and returns the last JSON object it printed on a line of its own,
+  or {"error": its last line of stderr} when it printed none (a process killed by a CUDA fault cannot report). Its
+  stderr goes on to ours as it comes (progress such as `compiled in N s` shows even if a time limit ends the run)."""
+  with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as process:
+    stdout = []
+    reader = threading.Thread(target=lambda: stdout.extend(process.stdout))  # a full stdout pipe would block it
+    reader.start()
+    last_stderr = ""
+    for line in process.stderr:
+      sys.stderr.write(line)
+      last_stderr = line.strip() or last_stderr
+    reader.join()
+  printed = [line for line in stdout if line.startswith("{")]
   if printed:
     return json.loads(printed[-1])
-  stderr = run.stderr.strip().splitlines()
-  return {"error": stderr[-1][:500] if stderr else f"exited with {run.returncode}, printing nothing"}
+  return {"error": last_stderr[:500] or f"exited with {process.returncode}, printing nothing"}
 
 
 def subprocess_environment() -> dict[str, str]:

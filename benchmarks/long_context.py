@@ -9,9 +9,10 @@ Order: with `--fat5 PATH` (a checkout of catie-aq/flashT5, never committed here)
 length (`fat5_peer.py`), then ours, `train_step.measure` with `--variant` (default flash/auto) under each `--remat`
 policy. Every run has a process of its own, so that its `peak_memory_gib` (the device's peak since its process
 started) is its own and a failure (out of memory, a kernel fault) ends only that run: ours re-run this module with
-`--one LENGTH`, which prints one JSON line. Recorded per run: rows/s, encoder tokens/s, TFLOP/s, MFU, peak memory,
-XLA's compiled memory, FAT5's figures at that length or how it failed, and our rows/s over FAT5's. Results are written
-after every run. `--tiny` runs tiny_fr with one layer each at 128 and 256 encoder tokens (+ 64) on a CPU: a check of
+`--one LENGTH`, which prints one JSON line; each run's stderr (its `compiled in N s` among it) comes through as it
+goes. Recorded per run: rows/s, encoder tokens/s, TFLOP/s, MFU (waited and back to back), the host's dispatch and
+the compile time, peak memory, XLA's compiled memory, FAT5's figures at that length or how it failed, and our rows/s
+over FAT5's. Results are written after every run. `--tiny` runs tiny_fr with one layer each at 128 and 256 encoder tokens (+ 64) on a CPU: a check of
 the tool, not a measurement.
 """
 
@@ -162,8 +163,8 @@ def main():
       common.write_results(args.out, results)
   common.print_table(table_rows(results),
                      ["encoder_length", "rows", "remat", "rows_per_s", "encoder_tokens_per_s", "tflops_per_s", "mfu",
-                      "step_s", "step_s_pipelined", "mfu_pipelined", "peak_memory_gib", "compiled_total_gib",
-                      "fat5_rows_per_s", "fat5_mfu", "fat5_peak_memory_gib", "vs_fat5", "error"])
+                      "step_s", "step_s_pipelined", "mfu_pipelined", "dispatch_s", "compile_s", "peak_memory_gib",
+                      "compiled_total_gib", "fat5_rows_per_s", "fat5_mfu", "fat5_peak_memory_gib", "vs_fat5", "error"])
   plot({"environment": common.environment(), **results}, args.plot)
 
 
