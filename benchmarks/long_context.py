@@ -12,8 +12,8 @@ started) is its own and a failure (out of memory, a kernel fault) ends only that
 `--one LENGTH`, which prints one JSON line; each run's stderr (its `compiled in N s` among it) comes through as it
 goes. Recorded per run: rows/s, encoder tokens/s, TFLOP/s, MFU (waited and back to back), the host's dispatch and
 the compile time, peak memory, XLA's compiled memory, FAT5's figures at that length or how it failed, and our rows/s
-over FAT5's. Results are written after every run. `--tiny` runs tiny_fr with one layer each at 128 and 256 encoder tokens (+ 64) on a CPU: a check of
-the tool, not a measurement.
+over FAT5's. Results are written after every run. `--tiny` runs tiny_fr with one layer each at 128 and 256 encoder
+tokens (+ 64) on a CPU: a check of the tool, not a measurement.
 """
 
 from __future__ import annotations
