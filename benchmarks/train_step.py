@@ -82,7 +82,7 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
   start = time.perf_counter()
   train_step = trainer.train_step.lower(state, batches[0]).compile()  # compiled once, for its memory analysis too
   compile_s = time.perf_counter() - start
-  print(f"compiled in {compile_s:.0f} s", file=sys.stderr, flush=True)  # where a run cut short by a time limit got
+  print(f"compiled in {compile_s:.0f} s", file=sys.stderr, flush=True)  # how far a run a time limit cut got
   analysis = train_step.memory_analysis()
   start = time.perf_counter()
   for i in range(3):  # warm up
