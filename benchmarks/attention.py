@@ -158,10 +158,11 @@ def tiles_run(seq_len, blocks):
 
 
 def make_inputs(key, batch, seq_len, heads, head_dim, sets=3, table_dtype=jnp.float32, q_len=None):
+  q_len = q_len or seq_len
   out = []
   for key in jax.random.split(key, sets):
     kq, kk, kv, kt, kc = jax.random.split(key, 5)
-    shape, q_shape = (batch, seq_len, heads, head_dim), (batch, q_len or seq_len, heads, head_dim)
+    shape, q_shape = (batch, seq_len, heads, head_dim), (batch, q_len, heads, head_dim)
     out.append(dict(q=jax.random.normal(kq, q_shape, jnp.bfloat16), k=jax.random.normal(kk, shape, jnp.bfloat16),
                     v=jax.random.normal(kv, shape, jnp.bfloat16),
                     table=(0.5 * jax.random.normal(kt, (NUM_BUCKETS, heads))).astype(table_dtype),
@@ -193,14 +194,15 @@ def is_oom(err):
 
 def bench_config(batch, heads, head_dim, seq_len, causal, names, block_sizes=None, table_dtype=jnp.float32,
                  kernel_times=False, q_len=None):
+  q_len = q_len or seq_len
   sets = make_inputs(jax.random.PRNGKey(seq_len + head_dim + causal), batch, seq_len, heads, head_dim,
                      table_dtype=table_dtype, q_len=q_len)
-  flops_fwd = 4 * batch * (q_len or seq_len) * seq_len * heads * head_dim / (2 if causal else 1)
+  flops_fwd = 4 * batch * q_len * seq_len * heads * head_dim / (2 if causal else 1)
   rows = []
   for name, fn in methods(causal, block_sizes).items():
     if name not in names:
       continue
-    row = dict(method=name, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq_len, q_len=q_len or seq_len,
+    row = dict(method=name, batch=batch, heads=heads, head_dim=head_dim, seq_len=seq_len, q_len=q_len,
                causal=causal, blocks=blocks_label(block_sizes))
     if name == "ours_t5_documents":
       row["tiles_run"] = tiles_run(seq_len, block_sizes or default_block_sizes(head_dim, interpret=False,

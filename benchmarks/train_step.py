@@ -105,6 +105,8 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
   rows_per_s = rows * accum / step_s
   mesh_devices = list(trainer.mesh.devices.flat)
   chip_peak = flops.peak_flops(mesh_devices[0])
+  throughput = common.training_throughput(rows_per_s, config.model, encoder_length, decoder_length,
+                                          chip_peak and chip_peak * len(mesh_devices))
   peak_bytes = max((device.memory_stats() or {}).get("peak_bytes_in_use", 0) for device in mesh_devices)
   compiled_total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
                     - analysis.alias_size_in_bytes)
@@ -114,11 +116,7 @@ def measure(attention_impl: str, kernel_backend: str, *, rows: int, accum: int, 
           "step_s": step_s, "step_s_spread": [min(times), max(times)], "rows_per_s": rows_per_s,
           "dispatch_s": statistics.median(dispatches), "compile_s": compile_s, "warmup_s": warmup_s,
           "step_s_pipelined": pipelined_s, "rows_per_s_pipelined": rows * accum / pipelined_s,
-          **common.training_throughput(rows_per_s, config.model, encoder_length, decoder_length,
-                                       chip_peak and chip_peak * len(mesh_devices)),
-          "mfu_pipelined": None if chip_peak is None else common.training_throughput(
-              rows * accum / pipelined_s, config.model, encoder_length, decoder_length,
-              chip_peak * len(mesh_devices))["mfu"],
+          **throughput, "mfu_pipelined": throughput["mfu"] and throughput["mfu"] * step_s / pipelined_s,
           "peak_memory_gib": peak_bytes / 2 ** 30,
           "compiled_temp_gib": analysis.temp_size_in_bytes / 2 ** 30, "compiled_total_gib": compiled_total / 2 ** 30,
           "loss": float(metrics["loss"]), **(inspect(train_step) if inspect else {})}
