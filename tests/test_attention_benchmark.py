@@ -1,5 +1,5 @@
 """benchmarks/attention.py's cross-attention rows (--query-len) on a CPU: shapes and FLOP count, and the refusal of
-a causal cross-attention."""
+a causal cross-attention; benchmarks/attention_compile.py's run off a GPU (lowered for CUDA, not compiled)."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import sys
 import jax
 import pytest
 
-from benchmarks import attention, common
+from benchmarks import attention, attention_compile, common
 
 
 def test_cross_attention_rows_count_queries_times_keys(monkeypatch):
@@ -29,3 +29,8 @@ def test_causal_cross_attention_is_refused_in_one_line():
   run = subprocess.run([sys.executable, "-m", "benchmarks.attention", "--query-len", "64", "--causal", "both"],
                        cwd=common.CHECKOUT, capture_output=True, text=True, timeout=120, check=False)
   assert run.returncode == 2 and "add --causal no" in run.stderr.strip().splitlines()[-1]
+
+
+def test_compile_benchmark_off_a_gpu_lowers_two_layers_to_one_copy_of_the_kernels():
+  run = attention_compile.one_run(2, shared=True)
+  assert run["mosaic_calls"] == 2 and run["compile_s"] is None and run["lower_s"] > 0

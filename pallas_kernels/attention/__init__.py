@@ -118,6 +118,10 @@ def _attention_bwd(cfg, residuals, cotangents):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+# Jitted, so that a model's layers share one lowering of the kernels (one MLIR function, called once per layer)
+# rather than each lowering and compiling its own copy: a Mosaic GPU call carries its whole kernel module. Six
+# layers' Mosaic forward + backward on the H200: lowering 22.8 -> 3.4 s, XLA compile 36.8 -> 8.8 s.
+_attention = jax.jit(_attention, static_argnums=0)
 
 
 def _pad_axis(x, axis, length):

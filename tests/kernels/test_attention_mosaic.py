@@ -22,7 +22,7 @@ pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params",
                     reason="this jax has no Mosaic GPU interpreter (jax >= 0.10)")
 
 # pylint: disable=wrong-import-position
-from pallas_kernels import common
+from pallas_kernels import attention, common
 from pallas_kernels.attention import mosaic, reference, tuning
 from pallas_kernels.attention.config import Config, kernel_inputs
 from pallas_kernels.attention.tuning import BlockSizes
@@ -241,6 +241,23 @@ def test_compiled_kernels_lower_for_cuda(case):
   two_kernels = case in ("t5_head_dim_128", "t5_tall_q_blocks", "t5_wide_kv_blocks")
   for name in ("attention_dq", "attention_dkv"):
     assert (name in text) == two_kernels, (name, two_kernels)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_layers_share_one_lowering_of_the_kernels(shared):
+  """Three layers' attention (forward and backward, lowered for CUDA) call one copy of the kernels: a Mosaic call
+  carries its whole kernel module, and a copy per layer multiplied the training step's lowering and compile time
+  (benchmarks/README.md). Unshared (the custom_vjp itself, not its jitted call), every layer lowers its own."""
+  cfg, (q, k, v, table, ids), _ = _case("t5", seed=0, interpret=False)
+  call = attention._attention if shared else attention._attention.__wrapped__  # pylint: disable=protected-access
+
+  def loss(x, table):
+    for _ in range(3):
+      x = call(cfg, x, k, v, table, None, None, *ids, None, None)[0]
+    return x.astype(jnp.float32).sum()
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(q, table).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu_v2") == (2 if shared else 6)  # the forward and the fused backward
 
 
 def test_fused_backward_lowers_inside_a_scan_a_checkpoint_and_a_shard_map():
