@@ -63,7 +63,7 @@ def one_run(layers: int, shared: bool) -> dict:
 def plot(results: dict, path: str):
   """Trace + lowering and XLA compile seconds per configuration (compile only where measured)."""
   runs = [r for r in results["results"] if "error" not in r]
-  names = [f"{r['layers']} layers, {r['lowering']}" for r in runs]
+  names = [f"{r['layers']} layer{'s' * (r['layers'] > 1)}, {r['lowering']}" for r in runs]
   series = {"trace + lowering (s)": [r["trace_s"] + r["lower_s"] for r in runs],
             "XLA compile (s)": [r["compile_s"] or 0.0 for r in runs]}
   common.save_bar_chart(path, "Compile time of chained Mosaic attention (forward + backward)", names, series,
