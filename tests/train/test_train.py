@@ -80,6 +80,19 @@ def test_training_reduces_loss_on_a_repeated_batch():
   assert history[0]["learning_rate"] < history[2]["learning_rate"]  # warm-up
 
 
+def test_the_update_reduces_each_parameter_and_its_gradient_once():
+  """The optimizer's reductions in the compiled step: per parameter its gradient's squared sum (shared by the
+  non-finite guard, the clip and the logged norm) and its own RMS, no more. On a GPU each is a kernel launch of its
+  own, and the small_fr step's launches take host time (benchmarks/README.md, "Long context")."""
+  config = tiny_config()
+  trainer = Trainer(config, sharding.make_mesh(config.train))
+  state = trainer.init_state()
+  batch = trainer.put_batch(random_packed_batch(0, 16, 32, 16, 512), micro_batches=1)
+  hlo = trainer.train_step.lower(state, batch).compile().as_text()
+  reductions = [line for line in hlo.splitlines() if " reduce(" in line and "/optimizer/" in line]
+  assert len(reductions) == 2 * len(jax.tree.leaves(state["params"]))
+
+
 def test_parameter_specs_shard_large_tensors_only():
   assert sharding.parameter_spec((512, 2048), 2) == jax.sharding.PartitionSpec(None, "fsdp")
   assert sharding.parameter_spec((512,), 2) == jax.sharding.PartitionSpec()
