@@ -8,7 +8,7 @@ calls are only lowered for CUDA (no compile): the Mosaic calls and the size of t
 whether the layers share the kernels.
 
   python -m benchmarks.attention_compile --layers 1,6 --out $OUT/attention_compile.json   # H200, ~2 min
-  python -m benchmarks.attention_compile --layers 1,3 --out /tmp/attention_compile.json    # CPU, ~30 s
+  python -m benchmarks.attention_compile --layers 1,3 --out /tmp/attention_compile.json    # CPU, ~20 s
 """
 
 from __future__ import annotations
