@@ -1,0 +1,63 @@
+"""The gated feed-forward's hidden layer (`gated_activation`): the values and gradients of activation(gate) * linear,
+and a backward that keeps only the two matmul outputs it starts from."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals
+
+from fat5_jax.config import model_config
+from fat5_jax.model import ACTIVATIONS, FeedForward, gated_activation
+
+GATED = [name for name in ACTIVATIONS if name.startswith("gated-")]
+
+
+def _inputs(seed: int, shape=(3, 37, 50)):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  # Around zero, where the activations bend (and relu's kink is met by no input exactly).
+  return tuple(2.0 * jax.random.normal(key, shape, jnp.float32) for key in keys)
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_values_and_gradients_match_the_float64_product(name):
+  activation = ACTIVATIONS[name]
+  gate, linear, cotangent = _inputs(seed=len(name))
+  with jax.enable_x64():
+    reference = lambda g, l: activation(g) * l
+    expected, reference_vjp = jax.vjp(reference, gate.astype(jnp.float64), linear.astype(jnp.float64))
+    expected_grads = reference_vjp(cotangent.astype(jnp.float64))
+  out, vjp = jax.vjp(lambda g, l: gated_activation(activation, g, l), gate, linear)
+  grads = jax.jit(vjp)(cotangent)
+  chex.assert_trees_all_close(out, expected.astype(jnp.float32), rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(grads, jax.tree.map(lambda x: x.astype(jnp.float32), expected_grads), rtol=1e-5,
+                              atol=1e-5)
+
+
+@pytest.mark.parametrize("name", GATED)
+def test_bf16_inputs_are_rounded_once(name):
+  """bf16 in, bf16 out: within one bf16 rounding of the float32 result (an error per operation would exceed it)."""
+  activation = ACTIVATIONS[name]
+  gate, linear, cotangent = (x.astype(jnp.bfloat16) for x in _inputs(seed=7))
+  as32 = lambda x: x.astype(jnp.float32)
+  expected, reference_vjp = jax.vjp(lambda g, l: activation(g) * l, as32(gate), as32(linear))
+  expected_grads = reference_vjp(as32(cotangent))
+  out, vjp = jax.vjp(lambda g, l: gated_activation(activation, g, l), gate, linear)
+  grads = vjp(cotangent)
+  assert out.dtype == grads[0].dtype == grads[1].dtype == jnp.bfloat16
+  ulp = 2.0 ** -8  # bf16's relative rounding step
+  for ours, exact in zip((out, *grads), (expected, *expected_grads)):
+    np.testing.assert_array_less(np.abs(as32(ours) - exact), ulp * np.abs(exact) + 1e-30)
+
+
+def test_the_backward_keeps_only_the_matmul_outputs_and_the_hidden_layer():
+  """Residuals of [tokens, d_ff]: the two matmul outputs (the activation's inputs) and the hidden layer (wo's
+  input). Differentiating tanh-GELU(gate) * linear as written keeps eight."""
+  config = model_config(d_model=32, d_ff=48, feed_forward_proj="gated-gelu", dtype="bfloat16")
+  graphdef, params = nnx.split(FeedForward(config, rngs=nnx.Rngs(0)))
+  x = jnp.ones((2, 5, 32), jnp.bfloat16)
+  residuals = saved_residuals(lambda p, x: nnx.merge(graphdef, p)(x).astype(jnp.float32).sum(), params, x)
+  hidden_sized = [aval.shape for aval, _ in residuals if aval.shape[-1] == 48 and aval.ndim == 3]
+  assert hidden_sized == [(2, 5, 48)] * 3, residuals
