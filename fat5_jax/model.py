@@ -174,7 +174,7 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x):
     dense = lambda w: x @ w.astype(self.dtype)
-    if self.gated:  # wi_0 and wi_1 as one matmul
+    if self.gated:  # wi_0 and wi_1 as one matmul (XLA hoists the weights' concatenation out of decoding loops)
       hidden = gated_activation(self.activation, dense(jnp.concatenate([self.wi_0[...], self.wi_1[...]], axis=1)))
     else:
       hidden = self.activation(dense(self.wi[...]))
