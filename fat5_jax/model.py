@@ -48,7 +48,9 @@ def _gated_activation_forward(activation, gate_and_linear):
 
 
 def _gated_activation_backward(activation, gate_and_linear, cotangent):
-  gate, linear = jnp.split(gate_and_linear.astype(jnp.float32), 2, axis=-1)
+  # The barrier keeps XLA from merging this recomputation with the forward's (a common subexpression), which would
+  # keep the forward's intermediates alive until here; jax.checkpoint guards its recomputations the same way.
+  gate, linear = jnp.split(jax.lax.optimization_barrier(gate_and_linear).astype(jnp.float32), 2, axis=-1)
   cotangent = cotangent.astype(jnp.float32)
   activated, activation_vjp = jax.vjp(activation, gate)
   (dgate,) = activation_vjp(cotangent * linear)

@@ -31,9 +31,10 @@ def test_values_and_gradients_match_the_float64_product(name):
     expected_grads = reference_vjp(cotangent.astype(jnp.float64))
   out, vjp = jax.vjp(lambda g, l: gated_activation(activation, jnp.concatenate([g, l], -1)), gate, linear)
   grads = jax.jit(vjp)(cotangent)
+  # atol: float32's tanh reaches -1 for gates below about -5.5, where the derivative is still ~1e-5 (values ~10).
   chex.assert_trees_all_close(out, expected.astype(jnp.float32), rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(grads, jax.tree.map(lambda x: x.astype(jnp.float32), expected_grads), rtol=1e-5,
-                              atol=1e-5)
+                              atol=5e-5)
 
 
 @pytest.mark.parametrize("name", GATED)
@@ -72,3 +73,30 @@ def test_the_input_gradient_is_one_matmul():
   input_sized = [eqn.primitive.name for eqn in jaxpr.eqns if eqn.outvars[0].aval.shape == x.shape]
   # wo's product in the forward, then x's gradient: one product, nothing added (as written: two, and their sum).
   assert input_sized.count("dot_general") == 2 and "add_any" not in input_sized, input_sized
+
+
+def test_compiled_stack_holds_less_per_layer_than_the_product_as_written():
+  """Compiled (XLA:CPU, float32), each layer of a stack of gated feed-forwards holds about one [tokens, d_ff] buffer
+  less than the product differentiated as written (4.4 against 5.25 at these shapes). Without the backward's
+  barrier XLA merges the recomputation with the forward's and holds more than as written (5.4)."""
+  tokens, width, hidden = 1024, 64, 256
+  activation = ACTIVATIONS["gated-gelu"]
+  products = {"ours": lambda x, w0, w1: gated_activation(activation, x @ jnp.concatenate([w0, w1], 1)),
+              "as written": lambda x, w0, w1: activation(x @ w0) * (x @ w1)}
+
+  def bytes_per_layer(product) -> float:
+    def loss(weights, x):
+      for w0, w1, wo in weights:
+        x = x + product(x, w0, w1) @ wo
+      return jnp.sum(x ** 2)
+
+    def temp_bytes(layers: int) -> int:
+      weights = [tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in
+                       ((width, hidden), (width, hidden), (hidden, width))) for _ in range(layers)]
+      x = jax.ShapeDtypeStruct((tokens, width), jnp.float32)
+      return jax.jit(jax.grad(loss)).lower(weights, x).compile().memory_analysis().temp_size_in_bytes
+
+    return (temp_bytes(4) - temp_bytes(2)) / 2
+
+  hidden_buffer = tokens * hidden * 4
+  assert bytes_per_layer(products["ours"]) <= bytes_per_layer(products["as written"]) - hidden_buffer / 2
