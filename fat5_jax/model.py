@@ -48,10 +48,12 @@ def _gated_activation_forward(activation, gate_and_linear):
 
 
 def _gated_activation_backward(activation, gate_and_linear, cotangent):
-  # The barrier keeps XLA from merging this recomputation with the forward's (a common subexpression), which would
-  # keep the forward's intermediates alive until here; jax.checkpoint guards its recomputations the same way.
-  gate, linear = jnp.split(jax.lax.optimization_barrier(gate_and_linear).astype(jnp.float32), 2, axis=-1)
+  # The recomputation reads the cotangent (times zero: exact for finite values; a row whose first cotangent is not
+  # finite gets NaNs, as the step's non-finite guard skips anyway). Else XLA merges it with the forward's as a common
+  # subexpression, or schedules it in the forward beside the matmul it reads (an optimization barrier, as
+  # jax.checkpoint puts on its recomputations, stops only the first), and holds its intermediates until here.
   cotangent = cotangent.astype(jnp.float32)
+  gate, linear = jnp.split(gate_and_linear.astype(jnp.float32) + 0 * cotangent[..., :1], 2, axis=-1)
   activated, activation_vjp = jax.vjp(activation, gate)
   (dgate,) = activation_vjp(cotangent * linear)
   return (jnp.concatenate([dgate, cotangent * activated], axis=-1).astype(gate_and_linear.dtype),)

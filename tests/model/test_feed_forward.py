@@ -76,9 +76,10 @@ def test_the_input_gradient_is_one_matmul():
 
 
 def test_compiled_stack_holds_less_per_layer_than_the_product_as_written():
-  """Compiled (XLA:CPU, float32), each layer of a stack of gated feed-forwards holds about one [tokens, d_ff] buffer
-  less than the product differentiated as written (4.4 against 5.25 at these shapes). Without the backward's
-  barrier XLA merges the recomputation with the forward's and holds more than as written (5.4)."""
+  """Compiled (XLA:CPU, float32), each layer of a stack of gated feed-forwards holds about two [tokens, d_ff] buffers
+  fewer than the product differentiated as written (3.4 against 5.25 at these shapes): the product and the hidden
+  layer, and x. Were the backward's recomputation free of the cotangent, XLA would merge it with the forward's
+  (5.4), or with a barrier against that schedule it in the forward and hold its tanh (4.4)."""
   tokens, width, hidden = 1024, 64, 256
   activation = ACTIVATIONS["gated-gelu"]
   products = {"ours": lambda x, w0, w1: gated_activation(activation, x @ jnp.concatenate([w0, w1], 1)),
@@ -99,4 +100,4 @@ def test_compiled_stack_holds_less_per_layer_than_the_product_as_written():
     return (temp_bytes(4) - temp_bytes(2)) / 2
 
   hidden_buffer = tokens * hidden * 4
-  assert bytes_per_layer(products["ours"]) <= bytes_per_layer(products["as written"]) - hidden_buffer / 2
+  assert bytes_per_layer(products["ours"]) <= bytes_per_layer(products["as written"]) - 1.5 * hidden_buffer
