@@ -15,6 +15,18 @@ from fat5_jax.model import ACTIVATIONS, FeedForward, gated_activation
 GATED = [name for name in ACTIVATIONS if name.startswith("gated-")]
 
 
+def _ours(activation):
+  """gated_activation on the two halves given apart, as the reference takes them."""
+  return lambda gate, linear: gated_activation(activation, jnp.concatenate([gate, linear], -1))
+
+
+def _feed_forward(dtype: str):
+  """(FeedForward as a function of (params, x), its params, an x [2, 5, d_model]): d_model 32, d_ff 48, GEGLU."""
+  config = model_config(d_model=32, d_ff=48, feed_forward_proj="gated-gelu", dtype=dtype)
+  graphdef, params = nnx.split(FeedForward(config, rngs=nnx.Rngs(0)))
+  return lambda p, x: nnx.merge(graphdef, p)(x), params, jnp.ones((2, 5, 32), dtype)
+
+
 def _inputs(seed: int, shape=(3, 37, 50)):
   keys = jax.random.split(jax.random.key(seed), 3)
   # Around zero, where the activations bend (and relu's kink is met by no input exactly).
@@ -29,7 +41,7 @@ def test_values_and_gradients_match_the_float64_product(name):
     reference = lambda g, l: activation(g) * l
     expected, reference_vjp = jax.vjp(reference, gate.astype(jnp.float64), linear.astype(jnp.float64))
     expected_grads = reference_vjp(cotangent.astype(jnp.float64))
-  out, vjp = jax.vjp(lambda g, l: gated_activation(activation, jnp.concatenate([g, l], -1)), gate, linear)
+  out, vjp = jax.vjp(_ours(activation), gate, linear)
   grads = jax.jit(vjp)(cotangent)
   # atol: float32's tanh reaches -1 for gates below about -5.5, where the derivative is still ~1e-5 (values ~10).
   chex.assert_trees_all_close(out, expected.astype(jnp.float32), rtol=1e-5, atol=1e-5)
@@ -45,7 +57,7 @@ def test_bf16_inputs_are_rounded_once(name):
   as32 = lambda x: x.astype(jnp.float32)
   expected, reference_vjp = jax.vjp(lambda g, l: activation(g) * l, as32(gate), as32(linear))
   expected_grads = reference_vjp(as32(cotangent))
-  out, vjp = jax.vjp(lambda g, l: gated_activation(activation, jnp.concatenate([g, l], -1)), gate, linear)
+  out, vjp = jax.vjp(_ours(activation), gate, linear)
   grads = vjp(cotangent)
   assert out.dtype == grads[0].dtype == grads[1].dtype == jnp.bfloat16
   ulp = 2.0 ** -8  # bf16's relative rounding step
@@ -56,20 +68,16 @@ def test_bf16_inputs_are_rounded_once(name):
 def test_the_backward_keeps_only_the_matmul_output_and_the_hidden_layer():
   """Residuals of d_ff or more features: wi_0 and wi_1's one matmul output (the activation's input) and the hidden
   layer (wo's input). Two matmuls and tanh-GELU(gate) * linear differentiated as written keep eight of d_ff."""
-  config = model_config(d_model=32, d_ff=48, feed_forward_proj="gated-gelu", dtype="bfloat16")
-  graphdef, params = nnx.split(FeedForward(config, rngs=nnx.Rngs(0)))
-  x = jnp.ones((2, 5, 32), jnp.bfloat16)
-  residuals = saved_residuals(lambda p, x: nnx.merge(graphdef, p)(x).astype(jnp.float32).sum(), params, x)
+  apply, params, x = _feed_forward("bfloat16")
+  residuals = saved_residuals(lambda p, x: apply(p, x).astype(jnp.float32).sum(), params, x)
   hidden_sized = sorted(aval.shape for aval, _ in residuals if aval.ndim == 3 and aval.shape[-1] >= 48)
   assert hidden_sized == [(2, 5, 48), (2, 5, 96)], residuals
 
 
 def test_the_input_gradient_is_one_matmul():
   """wi_0 and wi_1 as one matmul: x's gradient through them is one dot, not two dots and their sum."""
-  config = model_config(d_model=32, d_ff=48, feed_forward_proj="gated-gelu", dtype="float32")
-  graphdef, params = nnx.split(FeedForward(config, rngs=nnx.Rngs(0)))
-  x = jnp.ones((2, 5, 32), jnp.float32)
-  jaxpr = jax.make_jaxpr(jax.grad(lambda x: nnx.merge(graphdef, params)(x).sum()))(x).jaxpr
+  apply, params, x = _feed_forward("float32")
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x: apply(params, x).sum()))(x).jaxpr
   input_sized = [eqn.primitive.name for eqn in jaxpr.eqns if eqn.outvars[0].aval.shape == x.shape]
   # wo's product in the forward, then x's gradient: one product, nothing added (as written: two, and their sum).
   assert input_sized.count("dot_general") == 2 and "add_any" not in input_sized, input_sized
