@@ -82,10 +82,10 @@ def test_the_gradient_writes_nothing_wider_than_d_ff():
 
 
 def test_compiled_stack_holds_less_per_layer_than_the_product_as_written():
-  """Compiled (XLA:CPU, float32), each layer of a stack of gated feed-forwards holds about two [tokens, d_ff] buffers
-  fewer than the product differentiated as written (3.25 against 5.25 at these shapes): gate, linear, the hidden
-  layer and x. Were the backward's recomputation free of the cotangent, XLA would merge it with the forward's and
-  hold as much as the product as written (measured: 5.25)."""
+  """Compiled (float32), each layer of a stack of gated feed-forwards holds gate, linear, the hidden layer and x:
+  3.25 [tokens, d_ff] buffers at these shapes, on XLA:CPU and XLA:GPU alike (H200, 2026-12-01), against 5.25 and 4.25
+  for the product differentiated as written. Were the backward's recomputation free of the cotangent, XLA would merge
+  it with the forward's and hold as much as the product as written (measured on XLA:CPU: 5.25)."""
   tokens, width, hidden = 1024, 64, 256
   activation = ACTIVATIONS["gated-gelu"]
   products = {"ours": lambda x, w0, w1: gated_activation(activation, x @ w0, x @ w1),
@@ -106,4 +106,5 @@ def test_compiled_stack_holds_less_per_layer_than_the_product_as_written():
     return (temp_bytes(4) - temp_bytes(2)) / 2
 
   per_layer = {name: bytes_per_layer(product) / (tokens * hidden * 4) for name, product in products.items()}
-  assert per_layer["ours"] <= per_layer["as written"] - 1.5, per_layer  # in [tokens, d_ff] float32 buffers
+  assert per_layer["ours"] <= 3.5, per_layer  # in [tokens, d_ff] float32 buffers
+  assert per_layer["ours"] <= per_layer["as written"] - 0.75, per_layer
