@@ -10,7 +10,6 @@ kernel needs a Hopper GPU).
 
 import dataclasses
 import re
-import threading
 
 import chex
 import jax
@@ -26,7 +25,8 @@ from pallas_kernels import attention, common
 from pallas_kernels.attention import mosaic, reference, tuning
 from pallas_kernels.attention.config import Config, kernel_inputs
 from pallas_kernels.attention.tuning import BlockSizes
-from tests.kernels.checks import INTERPRET, ON_GPU, poison_device_memory, relative_error
+from tests.kernels.checks import (INTERPRET, ON_GPU, compile_each_interpreted_kernel_once, poison_device_memory,
+                                 relative_error)
 
 INTERPRETED = INTERPRET is True or (INTERPRET is None and not ON_GPU)
 # bf16 inputs: p is rounded to bf16 for the p.v product and out is bf16 (2**-9 relative each); the lse is float32.
@@ -59,31 +59,8 @@ BATCH, HEADS, LENGTH = 1, 2, 256
 
 @pytest.fixture(autouse=True, scope="module")
 def _compile_each_interpreted_kernel_once():
-  """The interpreter (jax 0.10.2) runs a kernel of several warpgroups (the forward, the dk/dv kernel) by compiling
-  its jaxpr with XLA:CPU again for every warpgroup of every program (`thread_map._run_jaxpr`), about 1 s each on
-  the CPU runners: most of such a test's time. The executable depends on the jaxpr and the argument shapes only
-  (`_run_jaxpr` passes everything else as arguments), so here it is compiled once per jaxpr and shapes; the
-  execution is unchanged. Only this module; skipped where the interpreter has no such function."""
-  from jax._src.pallas.mosaic.interpret import thread_map  # pylint: disable=import-outside-toplevel
-  if not hasattr(thread_map, "_run_jaxpr") or not hasattr(thread_map, "jax_core"):
-    yield
-    return
-  cache, lock = {}, threading.Lock()
-
-  def run_jaxpr(jaxpr, consts, *args):
-    def run(jaxpr, consts, *args):
-      thread_map.jax_core.eval_jaxpr(jaxpr, consts, *args)
-
-    shapes = jax.tree.map(lambda x: (np.shape(x), str(getattr(x, "dtype", type(x)))), (consts, args))
-    key = (id(jaxpr), str(shapes))
-    with lock:  # the other warpgroups of the first program wait for the first one's compilation
-      if key not in cache:
-        cache[key] = (jaxpr, jax.jit(run, static_argnums=(0,)).trace(jaxpr, consts, *args).lower().compile())
-      compiled = cache[key][1]  # (the jaxpr kept alive: its id stays unique)
-    compiled(consts, *args)
-
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(thread_map, "_run_jaxpr", run_jaxpr)
+  """Each interpreted kernel compiled once for the whole module (`checks.compile_each_interpreted_kernel_once`)."""
+  with compile_each_interpreted_kernel_once():
     yield
 
 
