@@ -52,40 +52,49 @@ def random_packed_batch(seed, rows, encoder_length, decoder_length, vocab):
               decoder_positions=dec_pos, decoder_loss_weights=(dec_ids > 0).astype(np.float32))
 
 
-def run_steps(config, batches, devices=None):
-  trainer = Trainer(config, sharding.make_mesh(config.train, devices))
+def make_trainer(config, devices=None):
+  return Trainer(config, sharding.make_mesh(config.train, devices))
+
+
+@pytest.fixture(scope="module")
+def trainer():
+  """tiny_config()'s Trainer, shared: the tests that run its train step compile it once (8 s on 2 cores)."""
+  return make_trainer(tiny_config())
+
+
+def run_steps(trainer, batches):
   state = trainer.init_state()
   history = []
+  micro_batches = trainer.config.train.grad_accum_steps
   for batch in batches:
-    state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=config.train.grad_accum_steps))
+    state, metrics = trainer.train_step(state, trainer.put_batch(batch, micro_batches=micro_batches))
     history.append({k: float(v) for k, v in metrics.items()})
   return jax.device_get(state["params"]), history
 
 
-def test_accumulating_four_micro_batches_equals_one_concatenated_step():
+def test_accumulating_four_micro_batches_equals_one_concatenated_step(trainer):
   batch = random_packed_batch(0, 16, 32, 16, 512)
-  params_one, metrics_one = run_steps(tiny_config(grad_accum_steps=1), [batch])
-  params_four, metrics_four = run_steps(tiny_config(grad_accum_steps=4), [batch])
+  assert trainer.config.train.grad_accum_steps == 1
+  params_one, metrics_one = run_steps(trainer, [batch])
+  params_four, metrics_four = run_steps(make_trainer(tiny_config(grad_accum_steps=4)), [batch])
   chex.assert_trees_all_close(params_four, params_one, atol=2e-6, rtol=1e-5)
   for key in ("loss", "accuracy", "tokens", "grad_norm", "z_loss"):
     np.testing.assert_allclose(metrics_four[0][key], metrics_one[0][key], rtol=1e-5)
   assert metrics_one[0]["tokens"] == batch["decoder_loss_weights"].sum()
 
 
-def test_training_reduces_loss_on_a_repeated_batch():
+def test_training_reduces_loss_on_a_repeated_batch(trainer):
   batch = random_packed_batch(1, 16, 32, 16, 512)
-  _, history = run_steps(tiny_config(), [batch] * 12)
+  _, history = run_steps(trainer, [batch] * 12)
   assert history[-1]["loss"] < 0.7 * history[0]["loss"], [h["loss"] for h in history]
   assert all(h["skipped_steps"] == 0 for h in history)
   assert history[0]["learning_rate"] < history[2]["learning_rate"]  # warm-up
 
 
-def test_the_update_reduces_each_parameter_and_its_gradient_once():
+def test_the_update_reduces_each_parameter_and_its_gradient_once(trainer):
   """The optimizer's reductions in the compiled step: per parameter its gradient's squared sum (shared by the
   non-finite guard, the clip and the logged norm) and its own RMS, no more. On a GPU each is a kernel launch of its
   own, and the small_fr step's launches take host time (benchmarks/README.md, "Long context")."""
-  config = tiny_config()
-  trainer = Trainer(config, sharding.make_mesh(config.train))
   state = trainer.init_state()
   batch = trainer.put_batch(random_packed_batch(0, 16, 32, 16, 512), micro_batches=1)
   hlo = trainer.train_step.lower(state, batch).compile().as_text()
@@ -125,16 +134,16 @@ def _sharded_run(mesh_data, mesh_fsdp, workdir):
   from fat5_jax import checkpoint
 
   batches = [random_packed_batch(seed, 16, 32, 16, 512) for seed in (3, 4)]
-  reference, ref_history = run_steps(tiny_config(grad_accum_steps=2), batches, devices=jax.devices()[:1])
+  single = make_trainer(tiny_config(grad_accum_steps=2), jax.devices()[:1])
+  reference, ref_history = run_steps(single, batches)
   config = tiny_config(grad_accum_steps=2, mesh_data=mesh_data, mesh_fsdp=mesh_fsdp)
-  sharded, history = run_steps(config, batches)
+  mesh_trainer = make_trainer(config)
+  sharded, history = run_steps(mesh_trainer, batches)
 
-  single = Trainer(config, sharding.make_mesh(tiny_config().train, jax.devices()[:1]))
   saved = single.init_state()
   checkpointer = checkpoint.Checkpointer(workdir)
   checkpointer.save(0, saved, config=config, force=True)
   checkpointer.wait()
-  mesh_trainer = Trainer(config, sharding.make_mesh(config.train))
   _, restored = checkpointer.restore(mesh_trainer.abstract_state)
   head = restored["params"]["lm_head"]  # large enough to be sharded
   return {"max_param_error": _max_error(reference, sharded), "loss": [h["loss"] for h in history],
@@ -157,12 +166,12 @@ def test_sharded_step_matches_single_device_and_restores_resharded(mesh_data, me
 
 
 def test_dropout_trains_stochastically_and_evaluates_deterministically():
-  config = tiny_config({"dropout_rate": 0.3})
-  trainer = Trainer(config, sharding.make_mesh(config.train))
+  trainer = make_trainer(tiny_config({"dropout_rate": 0.3}))
   params = trainer.init_state()["params"]
   batch = trainer.put_batch(random_packed_batch(5, 16, 32, 16, 512))
-  deterministic = [float(trainer._loss(params, batch)[0]) for _ in range(2)]
-  keyed = [float(trainer._loss(params, batch, jax.random.key(i))[0]) for i in range(2)]
+  loss = jax.jit(trainer._loss)  # as the train and eval steps run it (eagerly: 12 s of op-by-op compiles, 5 s jitted)
+  deterministic = [float(loss(params, batch)[0]) for _ in range(2)]
+  keyed = [float(loss(params, batch, jax.random.key(i))[0]) for i in range(2)]
   assert deterministic[0] == deterministic[1]
   assert len({keyed[0], keyed[1], deterministic[0]}) == 3
 
