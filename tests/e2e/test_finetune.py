@@ -10,16 +10,12 @@ import sys
 import pytest
 
 from fat5_jax.train import finetune as finetune_lib
-from tests.shared import once_per_session
+from tests.e2e.test_main_job import straight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# tiny_fr made smaller still (as test_main_job.py), with a small tokenizer: seconds per run.
+# test_main_job.py's model (tiny_fr made smaller still): seconds per run.
 MODEL = ["--config.model.d_model=64", "--config.model.d_kv=16", "--config.model.d_ff=128",
          "--config.model.num_heads=4", "--config.model.num_layers=1", "--config.model.num_decoder_layers=1"]
-TOKENIZER = ["--config.data.tokenizer_vocab_size=2048", "--config.data.tokenizer_max_sentences=5000"]
-PRETRAIN = [*MODEL, *TOKENIZER, "--config.data.encoder_length=64", "--config.data.decoder_length=32",
-            "--config.data.decoder_length_buckets=(16,32)", "--config.train.batch_size=8", "--config.train.steps=4",
-            "--config.train.eval_every=4", "--config.train.eval_steps=1", "--config.train.warmup_steps=2"]
 LABELS = ("sport", "cuisine", "musique")
 TEMPLATES = {"sport": "Le match de {} a fini tard au stade.", "cuisine": "La recette de {} demande du beurre.",
              "musique": "Le concert de {} a rempli la salle."}
@@ -39,18 +35,12 @@ def _write_task(directory, split, count, offset):
   return path
 
 
-def pretrain(workdir):
-  out = run(f"--config.workdir={workdir}", *PRETRAIN)
-  assert out.returncode == 0, out.stderr[-3000:]
-  return workdir
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """(this worker's directory for tasks and fine-tunings, a pretrained workdir, the classification files' flags).
-  The pretraining is made once for all the session's workers: fine-tunings only read it."""
+  The pretraining is test_main_job.py's straight run, made once for the session: fine-tunings only read it."""
   root = tmp_path_factory.mktemp("finetune")
-  pretrained = once_per_session(tmp_path_factory, "pretrained", pretrain)
+  pretrained = straight(tmp_path_factory)[0]
   files = [f"--config.finetune.{split}_file={_write_task(str(root), split, count, offset)}"
            for split, count, offset in (("train", 48, 0), ("validation", 12, 100), ("test", 12, 200))]
   return root, pretrained, files
@@ -59,7 +49,7 @@ def setup(tmp_path_factory):
 def finetune(setup, workdir, *extra, files=None):
   """A fine-tuning of the classification files, or of `files` (their --config.finetune.*_file flags)."""
   root, pretrained, classification_files = setup
-  return run(f"--config.workdir={pretrained}", *MODEL, *TOKENIZER, "--mode=finetune", "--config.finetune.task=files",
+  return run(f"--config.workdir={pretrained}", *MODEL, "--mode=finetune", "--config.finetune.task=files",
              *(files or classification_files), f"--config.finetune.workdir={root / workdir}",
              "--config.finetune.batch_size=8",
              "--config.finetune.input_length=32", "--config.finetune.target_length=8",

@@ -31,7 +31,11 @@ OVERRIDES = [
 
 
 def command(workdir, *extra):
-  return [sys.executable, "main.py", "--config=configs/tiny_fr.py", f"--config.workdir={workdir}", *OVERRIDES, *extra]
+  """main.py's command line; a flag of `extra` replaces OVERRIDES' flag of that name (a tuple given twice would be
+  merged, not replaced)."""
+  names = {flag.split("=")[0] for flag in extra}
+  overrides = [flag for flag in OVERRIDES if flag.split("=")[0] not in names]
+  return [sys.executable, "main.py", "--config=configs/tiny_fr.py", f"--config.workdir={workdir}", *overrides, *extra]
 
 
 def run(workdir, *extra, check=True):
@@ -59,10 +63,15 @@ def wait_for_checkpoint(workdir, step, process):
   wait_until(lambda: os.path.exists(marker), f"checkpoint {step}", process)
 
 
+def straight(tmp_path_factory) -> tuple[str, str]:
+  """(workdir, stdout) of one straight run, made once for all the session's workers (test_finetune.py fine-tunes
+  it too): the tests only read it."""
+  return tuple(once_per_session(tmp_path_factory, "straight", lambda workdir: (workdir, run(workdir).stdout)))
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-  """(workdir, stdout) of one straight run, made once for all the session's workers: the tests only read it."""
-  return tuple(once_per_session(tmp_path_factory, "straight", lambda workdir: (workdir, run(workdir).stdout)))
+  return straight(tmp_path_factory)
 
 
 def test_straight_run_learns_and_exports_a_loadable_model(straight_run):
@@ -143,9 +152,11 @@ def test_missing_corpus_file_is_a_one_line_error(tmp_path):
 
 
 def test_divergence_stops_the_run_and_exports_nothing(tmp_path):
-  """At learning rate 1e4 every update after the first is non-finite: the run must say so and fail, not finish."""
+  """At learning rate 1e4 every update after the first is non-finite: the run must say so and fail, not finish. One
+  decoder bucket: the rate makes new programs, and one train step compiles in half the time of two."""
   workdir = str(tmp_path / "run")
-  out = run(workdir, "--config.train.learning_rate=1e4", "--config.train.max_nonfinite_steps=3", check=False)
+  out = run(workdir, "--config.train.learning_rate=1e4", "--config.train.max_nonfinite_steps=3",
+            "--config.data.decoder_length_buckets=(32,)", check=False)
   assert out.returncode != 0, out.stdout[-2000:]
   assert out.stderr.strip().splitlines()[-1].startswith("diverged: "), out.stderr[-2000:]
   assert not os.path.exists(os.path.join(workdir, "hf"))
