@@ -350,8 +350,9 @@ def _validate_data(d: DataConfig, m: ModelConfig):
   _require(0 < d.num_sentinels < d.tokenizer_vocab_size, "data.num_sentinels must be in (0, tokenizer_vocab_size)")
   _require(d.encoder_length >= 8 and d.decoder_length >= 8, "data.encoder_length/decoder_length must be >= 8")
   buckets = tuple(d.decoder_length_buckets)
-  _require(bool(buckets) and all(isinstance(b, int) and b > 0 for b in buckets) and list(buckets) == sorted(buckets),
-           f"data.decoder_length_buckets must be increasing positive ints, got {buckets}")
+  _require(bool(buckets) and all(isinstance(b, int) and b > 0 for b in buckets)
+           and all(a < b for a, b in zip(buckets, buckets[1:])),
+           f"data.decoder_length_buckets must be strictly increasing positive ints, got {buckets}")
   _require(buckets[-1] == d.decoder_length,
            f"data.decoder_length_buckets must end at data.decoder_length={d.decoder_length}, got {buckets}")
   _require(len(d.denoisers) == len(d.denoiser_proportions) and len(d.denoisers) > 0,

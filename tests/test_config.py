@@ -28,6 +28,7 @@ def test_small_fr_matches_fat5_recipe():
     ("model", "d_model", "512", "must be int"),
     ("model", "num_heads", 0, "must be positive"),
     ("data", "decoder_length_buckets", (128, 256), "must end at data.decoder_length"),
+    ("data", "decoder_length_buckets", (256, 512, 512), "strictly increasing"),
     ("data", "denoiser_proportions", (0.5, 0.5), "same, non-zero length"),
     ("data", "tokenizer_vocab_size", 40000, "exceeds model.vocab_size"),
     ("train", "warmup_init_fraction", 0.0, "warmup_init_fraction"),
