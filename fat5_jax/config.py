@@ -438,7 +438,8 @@ def markdown_reference() -> str:
   lines = ["# Configuration reference", "",
            "Generated from `fat5_jax/config.py` by `python -m fat5_jax.config > docs/configuration.md`. A config "
            "file (`configs/*.py`) starts from these defaults and changes what it needs; any field can also be set on "
-           "the command line, e.g. `--config.train.steps=1000`.", "",
+           "the command line, e.g. `--config.train.steps=1000`, once: a tuple field given twice is merged, not "
+           "replaced (`--config.data.decoder_length_buckets='(32,)'` after `'(16,32)'` gives `(16, 32, 32)`).", "",
            "| field | default | meaning |", "|---|---|---|",
            f"| `workdir` | `{Config.workdir}` | {dataclasses.fields(Config)[0].metadata['doc']} |"]
   for section, cls in SECTIONS.items():
