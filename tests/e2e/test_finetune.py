@@ -10,12 +10,11 @@ import sys
 import pytest
 
 from fat5_jax.train import finetune as finetune_lib
-from tests.e2e.test_main_job import straight
+from tests.e2e.test_main_job import OVERRIDES, straight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# test_main_job.py's model (tiny_fr made smaller still): seconds per run.
-MODEL = ["--config.model.d_model=64", "--config.model.d_kv=16", "--config.model.d_ff=128",
-         "--config.model.num_heads=4", "--config.model.num_layers=1", "--config.model.num_decoder_layers=1"]
+# test_main_job.py's model (tiny_fr made smaller still), which the pretrained run has: seconds per run.
+MODEL = [flag for flag in OVERRIDES if flag.startswith("--config.model.")]
 LABELS = ("sport", "cuisine", "musique")
 TEMPLATES = {"sport": "Le match de {} a fini tard au stade.", "cuisine": "La recette de {} demande du beurre.",
              "musique": "Le concert de {} a rempli la salle."}
