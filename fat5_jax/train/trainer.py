@@ -24,9 +24,9 @@ class Trainer:
 
   def __init__(self, config: Config, mesh: jax.sharding.Mesh):
     tc = config.train
-    if tc.batch_size % (tc.grad_accum_steps * mesh.size):
-      raise ConfigError(f"train.batch_size={tc.batch_size} is not a multiple of train.grad_accum_steps x devices = "
-                        f"{tc.grad_accum_steps} x {mesh.size}: every device takes as many rows of each micro-batch")
+    if tc.batch_size % mesh.size:
+      raise ConfigError(f"train.batch_size={tc.batch_size} rows per micro-batch do not split over the {mesh.size} "
+                        f"devices: make it a multiple of {mesh.size}")
     self.config, self.mesh = config, mesh
     self.tx = optim.make_optimizer(config.train, config.model.param_dtype)
     self.ops = ops_for(config.model)  # runs the lm_head loss: the seam picks its kernel, as for the model

@@ -118,6 +118,13 @@ def test_mesh_must_cover_the_devices_and_the_hint_fits_the_case():
     sharding.make_mesh(tiny_config(mesh_data=-1, mesh_fsdp=3).train, devices)
 
 
+def test_each_micro_batch_splits_over_the_devices_whatever_the_accumulation():
+  make_trainer(tiny_config(batch_size=6, grad_accum_steps=4))  # 6 rows a micro-batch, 4 micro-batches a step
+  devices = [jax.devices()[0]] * 4  # the mesh is only shaped: the check comes before anything runs on it
+  with pytest.raises(ConfigError, match=r"^train\.batch_size=6 rows per micro-batch do not split over the 4 devices"):
+    make_trainer(tiny_config(batch_size=6), devices)
+
+
 def test_flops_per_row_of_small_fr_matches_the_reference():
   config = config_lib.from_config_dict(importlib.import_module("configs.small_fr").get_config())
   assert flops.training_flops_per_row(config.model, 512, 512) == pytest.approx(448e9, rel=1e-3)
