@@ -275,16 +275,21 @@ def _check_renamed(section: str, values) -> None:
 
 def check_override_names(argv: list[str], flag: str = "config") -> None:
   """Raise ConfigError for a command-line override `--config.SECTION.FIELD=...` of a field the schema lacks, before
-  ml_collections meets it (it would fail with a traceback)."""
-  known = {"workdir", *(f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls))}
+  ml_collections meets it (it would fail with a traceback), or of a tuple field given twice (ml_collections would
+  merge the two tuples, not take the last)."""
+  fields = {f"{name}.{f.name}": f for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+  seen = set()
   for arg in argv:
     if not arg.startswith(f"--{flag}."):
       continue
     path, _, value = arg[len(flag) + 3:].partition("=")
     section, _, key = path.partition(".")
     _check_renamed(section, {key: value})
-    if path not in known:
+    if path != "workdir" and path not in fields:
       raise ConfigError(f"unknown field {path!r} in {arg!r}; the fields are listed in docs/configuration.md")
+    if path in seen and isinstance(getattr(fields.get(path), "default", None), tuple):
+      raise ConfigError(f"--{flag}.{path} is given twice: give it once (ml_collections would merge the two tuples)")
+    seen.add(path)
 
 
 def _build_section(section: str, cls, values) -> Any:
@@ -438,8 +443,8 @@ def markdown_reference() -> str:
   lines = ["# Configuration reference", "",
            "Generated from `fat5_jax/config.py` by `python -m fat5_jax.config > docs/configuration.md`. A config "
            "file (`configs/*.py`) starts from these defaults and changes what it needs; any field can also be set on "
-           "the command line, e.g. `--config.train.steps=1000`, once: a tuple field given twice is merged, not "
-           "replaced (`--config.data.decoder_length_buckets='(32,)'` after `'(16,32)'` gives `(16, 32, 32)`).", "",
+           "the command line, e.g. `--config.train.steps=1000` (a tuple field once: ml_collections would merge two, so "
+           "`main.py` refuses them).", "",
            "| field | default | meaning |", "|---|---|---|",
            f"| `workdir` | `{Config.workdir}` | {dataclasses.fields(Config)[0].metadata['doc']} |"]
   for section, cls in SECTIONS.items():

@@ -67,3 +67,10 @@ def test_finetune_workdir_defaults_under_the_run():
 def test_configuration_doc_is_current():
   doc = pathlib.Path(__file__).parents[1].joinpath("docs", "configuration.md").read_text()
   assert doc == config_lib.markdown_reference(), "regenerate: python -m fat5_jax.config > docs/configuration.md"
+
+
+def test_a_tuple_field_given_twice_on_the_command_line_is_refused_in_one_line():
+  buckets = ["--config.data.decoder_length_buckets=(16,32)", "--config.data.decoder_length_buckets=(32,)"]
+  with pytest.raises(config_lib.ConfigError, match=r"^--config\.data\.decoder_length_buckets is given twice: give it once"):
+    config_lib.check_override_names(["main.py", *buckets])
+  config_lib.check_override_names(["main.py", "--config.train.steps=2", "--config.train.steps=3", buckets[1]])

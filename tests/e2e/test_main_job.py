@@ -31,8 +31,8 @@ OVERRIDES = [
 
 
 def command(workdir, *extra):
-  """main.py's command line; a flag of `extra` replaces OVERRIDES' flag of that name (a tuple given twice would be
-  merged, not replaced)."""
+  """main.py's command line; a flag of `extra` replaces OVERRIDES' flag of that name (main.py refuses a tuple field
+  given twice)."""
   names = {flag.split("=")[0] for flag in extra}
   overrides = [flag for flag in OVERRIDES if flag.split("=")[0] not in names]
   return [sys.executable, "main.py", "--config=configs/tiny_fr.py", f"--config.workdir={workdir}", *overrides, *extra]
