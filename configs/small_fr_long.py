@@ -18,8 +18,8 @@ def get_config():
   # 32 rows of 8,192 encoder positions per optimizer step: small_fr's 128 x 4 rows of 512 (262,144 positions), so
   # its learning rate and schedule carry over.
   config.train.update(batch_size=8, grad_accum_steps=4, remat="none")
-  # remat: this config's 8 rows of 8,192 + 2,048 take 29.1 GiB without remat on the H200 (1.04 s per step of 4 x 8
-  # full rows, 31% MFU); remat=block takes 8 rows of 8,192 + 512 in 4.8 GiB instead of 23.5 for 22% more time per
-  # step (benchmarks/README.md, "Rematerialization"). Whether 32 rows in one micro-batch under block beat 4
-  # accumulated steps of 8 without it is not measured yet.
+  # remat: this config's 8 rows of 8,192 + 2,048 take 27.5 GiB without remat on the H200 (0.915 s per step of 4 x 8
+  # full rows, 35.4% MFU); remat=block takes 8 rows of 8,192 + 512 in 4.8 GiB instead of 23.5 for 22% more time per
+  # step (benchmarks/README.md, "Rematerialization"), and 32 rows in one micro-batch under block ran 23% slower than
+  # 4 accumulated micro-batches of 8 without it (1.055 against 0.860 s at 8,192 + 512).
   return config
