@@ -19,6 +19,12 @@ def _model(kind, seed=0, **overrides):
   return T5(config, rngs=nnx.Rngs(seed))
 
 
+@nnx.jit
+def _full_decoder(model, inputs, decoder_inputs, mask):
+  """The model's logits in one compiled call: running it op by op on a CPU takes seconds per new shape."""
+  return model(inputs, decoder_inputs, attention_mask=mask)
+
+
 def _inputs(seed):
   rng = np.random.default_rng(seed)
   inputs = jnp.asarray(rng.integers(2, 50, (2, 9)), jnp.int32)
@@ -31,11 +37,14 @@ def test_decode_steps_match_the_full_decoder(kind):
   model = _model(kind)
   rng, inputs, mask = _inputs(1)
   decoder_inputs = jnp.asarray(rng.integers(2, 50, (2, 7)), jnp.int32)
-  full = model(inputs, decoder_inputs, attention_mask=mask)
-  cache = model.init_cache(model.encode(inputs, mask), mask, max_length=10)  # longer than used: unwritten slots
+  full = _full_decoder(model, inputs, decoder_inputs, mask)
+  # max_length longer than used: unwritten slots.
+  cache = nnx.jit(lambda model: model.init_cache(model.encode(inputs, mask), mask, max_length=10))(model)
+  # The step index is traced: one compilation for every step.
+  decode_step = nnx.jit(lambda model, token, i, cache: model.decode_step(token, i, cache, mask))
   steps = []
   for i in range(decoder_inputs.shape[1]):
-    logits, cache = model.decode_step(decoder_inputs[:, i], i, cache, mask)
+    logits, cache = decode_step(model, decoder_inputs[:, i], i, cache)
     steps.append(logits)
   np.testing.assert_allclose(jnp.stack(steps, axis=1), full, atol=5e-5, rtol=5e-5)
 
@@ -48,7 +57,7 @@ def test_greedy_decode_matches_argmax_of_the_full_decoder(kind):
   # Reference: re-run the whole decoder on the prefix at every step, as FAT5 does.
   prefix = jnp.zeros((2, 1), jnp.int32)
   for _ in range(6):
-    next_token = jnp.argmax(model(inputs, prefix, attention_mask=mask)[:, -1], axis=-1).astype(jnp.int32)
+    next_token = jnp.argmax(_full_decoder(model, inputs, prefix, mask)[:, -1], axis=-1).astype(jnp.int32)
     prefix = jnp.concatenate([prefix, next_token[:, None]], axis=1)
   expected = np.asarray(prefix[:, 1:])
   for row in range(2):  # after an EOS the reference keeps going; greedy_decode pads
@@ -161,7 +170,7 @@ def test_samples_stay_in_the_top_k_and_follow_the_key(peaky):
   # The full decoder on each sampled prefix: every token (up to EOS) is among its step's 3 most likely.
   rows = np.repeat(ids, 4, axis=0), np.repeat(mask, 4, axis=0)
   prefixes = np.concatenate([np.zeros((first.shape[0], 1), first.dtype), first[:, :-1]], axis=1)
-  logits = np.asarray(model(rows[0], prefixes, attention_mask=rows[1]))
+  logits = np.asarray(_full_decoder(model, rows[0], prefixes, rows[1]))
   third_best = np.sort(logits, axis=-1)[..., -3]
   chosen = np.take_along_axis(logits, first[..., None], axis=-1)[..., 0]
   generated = np.cumsum(first == config.eos_token_id, axis=1) - (first == config.eos_token_id) == 0
@@ -175,7 +184,7 @@ def test_first_token_frequencies_follow_the_tempered_nucleus(temperature, top_p,
   draws = 4000
   first = np.asarray(generate(model, ids[:1], mask[:1], max_length=1, do_sample=True, temperature=temperature,
                               top_p=top_p, num_return_sequences=draws, rng=jax.random.key(7)))[:, 0]
-  logits = np.asarray(model(ids[:1], np.zeros((1, 1), np.int32), attention_mask=mask[:1]))[0, 0] / temperature
+  logits = np.asarray(_full_decoder(model, ids[:1], np.zeros((1, 1), np.int32), mask[:1]))[0, 0] / temperature
   probs = np.exp(logits - logits.max())
   probs /= probs.sum()
   descending = np.sort(probs)[::-1]

@@ -108,7 +108,7 @@ def test_tied_head_rescales_decoder_output():
   assert not hasattr(model, "lm_head")
   rng = np.random.default_rng(5)
   ids, dec = _tokens(rng, 2, 8), _tokens(rng, 2, 5)
-  hidden = model.decode(dec, model.encode(ids))
+  hidden = nnx.jit(lambda model: model.decode(dec, model.encode(ids)))(model)
   expected = hidden @ model.shared.embedding[...].T * config.d_model ** -0.5
   np.testing.assert_allclose(_run(model, ids, dec), expected, atol=1e-5, rtol=1e-5)
 
@@ -143,7 +143,7 @@ def test_flash_kernels_match_xla_in_the_model(kind, backend):
           encoder_positions=enc_pos if positions else None, decoder_positions=dec_pos if positions else None)
       return jnp.sum(logits * cotangent), logits
 
-    (_, logits), grads = jax.value_and_grad(projected, has_aux=True)(params)
+    (_, logits), grads = jax.jit(jax.value_and_grad(projected, has_aux=True))(params)
     return logits * (dec_ids > 0)[..., None], nnx.to_pure_dict(grads)
 
   flash, xla = logits_and_grads(make("flash", backend)), logits_and_grads(make("xla", "xla"))
