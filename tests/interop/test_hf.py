@@ -53,7 +53,8 @@ def _hf_logits(model, inputs):
 
 def _our_logits(model, inputs):
   ids, mask, dec, dec_mask = (jnp.asarray(x) for x in inputs)
-  return np.asarray(model(ids, dec, mask, dec_mask))
+  # One compiled call: op by op, a forward pass takes seconds on a CPU.
+  return np.asarray(nnx.jit(lambda model: model(ids, dec, mask, dec_mask))(model))
 
 
 def _assert_logits_match(hf_model, model, vocab_size, atol=1e-4):
