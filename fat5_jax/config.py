@@ -287,7 +287,7 @@ def check_override_names(argv: list[str], flag: str = "config") -> None:
     _check_renamed(section, {key: value})
     if path != "workdir" and path not in fields:
       raise ConfigError(f"unknown field {path!r} in {arg!r}; the fields are listed in docs/configuration.md")
-    if path in seen and isinstance(getattr(fields.get(path), "default", None), tuple):
+    if path in seen and path in fields and isinstance(fields[path].default, tuple):
       raise ConfigError(f"--{flag}.{path} is given twice: give it once (ml_collections would merge the two tuples)")
     seen.add(path)
 
