@@ -94,12 +94,15 @@ def plot(results: dict, path: str):
     ax.minorticks_off()
     ax.set_xlabel(f"encoder tokens per row (+ {results['decoder_length']} decoder)")
     ax.set_ylabel(label)
+  axes[0].set_ylim(bottom=0)
   axes[1].set_yscale("log")
   axes[0].legend(fontsize=7)
   failed = [f"{r['encoder_length']} ({r['error'].split(':')[0]})" for r in results.get("fat5", []) if "error" in r]
   config = results["config"].rsplit(".", 1)[-1]
-  fig.suptitle(f"{config} training, {results['tokens_per_batch']:,} encoder tokens per step, one "
-               f"{results['environment']['device']}" + (f"; FAT5 failed at {', '.join(failed)}" if failed else ""),
+  tokens = sorted({r["rows"] * r["encoder_length"] for r in results["results"]})
+  batch = f"{tokens[0]:,}" if len(tokens) == 1 else f"{tokens[0]:,} to {tokens[-1]:,}"
+  fig.suptitle(f"{config} training, {batch} encoder tokens per step, one "
+               f"{results['environment']['device']}" + (f"\nFAT5 failed at {', '.join(failed)}" if failed else ""),
                fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
