@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from benchmarks import scaling
+from fat5_jax.train import local_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,7 @@ def test_collectives_are_counted_once_with_their_whole_tensors_and_activation_ga
 
 
 def test_tiny_run_on_two_simulated_devices(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, **local_job.simulated_cpu_devices(2))
   out = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--tiny", "--devices", "2", "--steps", "2",
                         "--out", str(tmp_path / "scaling.json"), "--plot", str(tmp_path / "scaling.png")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -60,6 +60,13 @@ runpy.run_path("main.py", run_name="__main__")
 _PREEMPTION_STOP = re.compile(r"stopped by a preemption notice .* at step (\d+);")
 
 
+def simulated_cpu_devices(count: int) -> dict[str, str]:
+  """The environment variables that give a new process `count` simulated CPU devices, after the XLA flags that this
+  process has."""
+  flags = [os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={count}"]
+  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(filter(None, flags))}
+
+
 @dataclasses.dataclass(frozen=True)
 class Devices:
   """The job's devices: `processes` processes, each with one GPU, or with `cpu_devices_each` simulated CPU devices."""
@@ -72,8 +79,7 @@ class Devices:
     env = dict(os.environ)
     if self.cpu_devices_each:
       devices = self.cpu_devices_each * (self.processes if process is None else 1)
-      env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                 JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+      env.update(simulated_cpu_devices(devices), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
     else:
       gpus = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(self.processes)))).split(",")
       if len(gpus) < self.processes:

@@ -40,10 +40,12 @@ def test_values_and_gradients_match_the_float64_product(name):
     expected_grads = reference_vjp(cotangent.astype(jnp.float64))
   out, vjp = jax.vjp(functools.partial(gated_activation, activation), gate, linear)
   grads = jax.jit(vjp)(cotangent)
-  # atol: float32's tanh reaches -1 for gates below about -5.5, where the derivative is still ~1e-5 (values ~10).
+  # atol: float32's tanh reaches -1 for gates below about -5.5, where the derivative is still ~1e-5 (values ~10);
+  # the gradients' rounding there, times linear and the cotangent, reaches 7e-5 where XLA:CPU fuses no multiply-adds
+  # (LLVM at -O0, as tests/conftest.py compiles).
   chex.assert_trees_all_close(out, expected.astype(jnp.float32), rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(grads, jax.tree.map(lambda x: x.astype(jnp.float32), expected_grads), rtol=1e-5,
-                              atol=5e-5)
+                              atol=1e-4)
 
 
 @pytest.mark.parametrize("name", GATED)

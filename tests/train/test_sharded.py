@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from fat5_jax.train import local_job
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The kernels' shard_map splits rows over both mesh axes, so one mesh that has both (4x2) covers its code; XLA's own
 # partitioning is tried where it gathered activations, fsdp alone (1x8). One mesh with interpreted kernels: 29 s alone
@@ -16,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def sharded_results(attention_impl, kernel_backend, meshes):
   """tests/train/sharded_step.py under 8 devices (the device count is fixed when jax starts: a fresh process)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, **local_job.simulated_cpu_devices(8))
   out = subprocess.run([sys.executable, "-m", "tests.train.sharded_step", attention_impl, kernel_backend, *meshes],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-4000:]

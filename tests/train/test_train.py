@@ -14,7 +14,7 @@ import pytest
 
 from fat5_jax import config as config_lib, flops, sharding
 from fat5_jax.config import ConfigError
-from fat5_jax.train import Trainer, distributed
+from fat5_jax.train import Trainer, distributed, local_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -160,7 +160,7 @@ def _sharded_run(mesh_data, mesh_fsdp, workdir):
 
 @pytest.mark.parametrize("mesh_data,mesh_fsdp", [(4, 2)])  # both axes; tests/train/test_sharded.py runs 1x8 too
 def test_sharded_step_matches_single_device_and_restores_resharded(mesh_data, mesh_fsdp, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, **local_job.simulated_cpu_devices(8))
   code = ("import json; from tests.train import test_train as t; "
           f"print(json.dumps(t._sharded_run({mesh_data}, {mesh_fsdp}, {str(tmp_path)!r})))")
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
