@@ -1,4 +1,3 @@
-import importlib
 import importlib.util
 import os
 import pkgutil
@@ -6,6 +5,7 @@ import pkgutil
 import pytest
 from absl import flags
 
+from fat5_jax.train.local_job import xla_flags_with
 from tests.shared import session_directory
 
 # Mosaic GPU's interpreter runs each warpgroup of a kernel as its own XLA:CPU execution on the PJRT client's
@@ -17,10 +17,10 @@ os.environ.setdefault("PJRT_NPROC", str(max(8, os.cpu_count() or 1)))
 # The tests compile far more than they compute: XLA:CPU with LLVM at -O0 compiles about twice as fast (a tiny
 # training step: 15 -> 8 s), which takes a fifth off the suite. Only where no accelerator plugin is installed, so that
 # the compiled GPU runs of the same tests build what users run. Set before jax makes its client, and inherited by the
-# subprocesses (tests.shared.simulated_devices keeps it).
+# subprocesses (local_job.simulated_cpu_devices keeps it).
 if importlib.util.find_spec("jax_plugins") is None or not list(
     pkgutil.iter_modules(importlib.import_module("jax_plugins").__path__)):
-  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+  os.environ["XLA_FLAGS"] = xla_flags_with("--xla_backend_optimization_level=0")
 
 # Grain's worker processes read absl flags, which only absl.app (main.py) parses.
 flags.FLAGS.mark_as_parsed()

@@ -60,11 +60,15 @@ runpy.run_path("main.py", run_name="__main__")
 _PREEMPTION_STOP = re.compile(r"stopped by a preemption notice .* at step (\d+);")
 
 
+def xla_flags_with(flag: str) -> str:
+  """XLA_FLAGS for a new process: this process's flags, then `flag` (the later of two settings wins)."""
+  return " ".join(filter(None, [os.environ.get("XLA_FLAGS"), flag]))
+
+
 def simulated_cpu_devices(count: int) -> dict[str, str]:
-  """The environment variables that give a new process `count` simulated CPU devices, after the XLA flags that this
-  process has."""
-  flags = [os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={count}"]
-  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(filter(None, flags))}
+  """The environment variables that give a new process `count` simulated CPU devices, keeping this process's XLA
+  flags."""
+  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags_with(f"--xla_force_host_platform_device_count={count}")}
 
 
 @dataclasses.dataclass(frozen=True)
